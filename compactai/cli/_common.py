@@ -1,0 +1,151 @@
+"""Shared CLI pieces: the typer app, error handling, JSON output, progress and tables."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from compactai.errors import CompactAIError
+
+app = typer.Typer(
+    name="compactai",
+    help="Scale trained models down to run locally within a measured budget "
+    "(pruning, quantization, distillation), measured on this machine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@dataclass
+class Output:
+    """Where a command writes: JSON on stdout with --json, people-facing text on stderr."""
+
+    json_mode: bool
+    debug: bool = False
+
+    @property
+    def console(self) -> Console:
+        return Console(stderr=True) if self.json_mode else Console()
+
+    def emit(self, data: dict[str, Any]) -> None:
+        if self.json_mode:
+            sys.stdout.write(json.dumps(to_jsonable(data)) + "\n")
+            sys.stdout.flush()
+
+    @contextmanager
+    def progress(self, what: str) -> Iterator[Any]:
+        """A spinner on stderr whose text the callback updates: ``with out.progress("x") as say: say("y")``."""
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            console.print(f"[dim]{what}...[/dim]")
+
+            def say(message: str) -> None:
+                console.print(f"[dim]  {message}[/dim]")
+
+            yield say
+            return
+        with console.status(what) as status:
+            yield lambda message: status.update(f"{what}: {message}")
+
+
+def to_jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, int) and abs(value) >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    result = Table(title=title, title_justify="left")
+    for i, column in enumerate(columns):
+        result.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        result.add_row(*[fmt(v) for v in row])
+    return result
+
+
+def run_app(argv: list[str]) -> int:
+    """Run the typer app, turning compactai errors into one line and an exit code."""
+    debug = "--debug" in argv or os.environ.get("COMPACTAI_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(argv, standalone_mode=False)
+    except CompactAIError as exc:
+        if debug:
+            raise
+        Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        return 130
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        return int(code or 0)
+    except Exception as exc:  # click usage errors and anything unexpected
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return 2
+        if isinstance(exc, click.exceptions.Abort):
+            return 130
+        if debug:
+            raise
+        Console(stderr=True).print(
+            f"[bold red]internal error:[/bold red] {type(exc).__name__}: {exc} (re-run with --debug for the traceback)",
+            highlight=False, soft_wrap=True,
+        )
+        return 1
+    return 0
+
+
+def resolve_model(path: str | None, example: str | None, progress: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+    """(handle, task or None, info) from a model path or a built-in example name."""
+    from compactai.errors import BadInputError
+
+    if (path is None) == (example is None):
+        raise BadInputError("Give either a model PATH or --example NAME (digits, minilm), not both or neither.")
+    if example is not None:
+        from compactai.examples import load_example
+
+        loaded = load_example(example, progress=progress)
+        info = {k: v for k, v in loaded.info.items() if k != "texts"}
+        return loaded.handle, loaded.task, {"example": example, "description": loaded.description, **info}
+    from compactai.models import load_model
+
+    return load_model(path), None, {"path": str(path)}
+
+
+@app.callback()
+def _root() -> None:
+    """compactai: scale models down to run locally. Add --debug to any command for tracebacks."""

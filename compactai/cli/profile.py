@@ -1,0 +1,88 @@
+"""`compactai profile`: every figure of one model, on torch and ONNX Runtime."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import typer
+
+from compactai.cli._common import Output, app, resolve_model, table
+from compactai.errors import UnknownNameError
+
+
+@app.command()
+def profile(
+    path: Optional[str] = typer.Argument(None, help="Model: .onnx file, .pt2 file or Hugging Face directory."),
+    example: Optional[str] = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
+    runtime: str = typer.Option("all", "--runtime", "-r", help="onnxruntime, torch, or all."),
+    threads: Optional[int] = typer.Option(None, help="Intra-op threads (default: all CPUs of this process)."),
+    queries: int = typer.Option(200, help="Minimum timed batch-1 queries (after warm-up)."),
+    seconds: float = typer.Option(1.0, help="Minimum seconds of timed batch-1 queries."),
+    batch: int = typer.Option(32, help="Batch size for offline throughput."),
+    core_watts: float = typer.Option(10.0, help="Watts per busy core, for the energy estimate without RAPL."),
+    no_memory: bool = typer.Option(False, "--no-memory", help="Skip the peak-memory subprocess."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Measure a model: quality vs baseline, size, params, MACs, p50/p90/p99 latency, throughput,
+    peak memory and energy, on PyTorch eager and ONNX Runtime (with an export parity check)."""
+    from compactai.profile import profile_model
+    from compactai.measure import MeasureConfig, RUNTIMES
+
+    out = Output(json_output)
+    wanted = list(RUNTIMES) if runtime == "all" else [runtime]
+    for name in wanted:
+        if name not in RUNTIMES:
+            raise UnknownNameError(f"Unknown runtime '{name}'; choose onnxruntime, torch or all.")
+    config = MeasureConfig(min_queries=queries, min_seconds=seconds, throughput_batch=batch,
+                           core_watts=core_watts, memory=not no_memory, threads=threads)
+    with out.progress("Profiling") as say:
+        handle, task, info = resolve_model(path, example, progress=lambda e, n, acc: say(f"training example, epoch {e}/{n}"))
+        result = profile_model(handle, task, runtimes=wanted, config=config, progress=say)
+    result["source"] = info
+    print_profile(out, result)
+    out.emit(result)
+
+
+def print_profile(out: Output, result: dict[str, Any]) -> None:
+    measurements = result["measurements"]
+    names = list(measurements)
+    rows: list[list[Any]] = []
+
+    def row(label: str, key: str, scale: float = 1.0) -> None:
+        values = [measurements[n].get(key) for n in names]
+        rows.append([label] + [v * scale if isinstance(v, (int, float)) and scale != 1.0 else v for v in values])
+
+    quality = {n: measurements[n].get("quality") for n in names}
+    if any(quality.values()):
+        metric = next(q for q in quality.values() if q)["metric"]
+        rows.append([f"quality ({metric})"] + [q and q["value"] for q in quality.values()])
+        rows.append(["quality baseline"] + [q and q["baseline"] for q in quality.values()])
+    row("size (MB)", "size_mb")
+    row("parameters", "params")
+    row("MACs (batch 1)", "macs")
+    row("latency p50 (ms)", "latency_p50_ms")
+    row("latency p90 (ms)", "latency_p90_ms")
+    row("latency p99 (ms)", "latency_p99_ms")
+    row("timed queries", "latency_queries")
+    row("throughput (items/s)", "throughput_items_per_s")
+    row("peak memory (MB)", "peak_memory_mb")
+    row("energy (mJ/inference)", "energy_mj")
+    row("energy method", "energy_method")
+    row("threads", "threads")
+    model = result["model"]
+    out.console.print(table(f"Profile of {model['name']} ({model['kind']}, {model['framework']})", ["figure"] + names, rows))
+    parity = result.get("parity")
+    if parity:
+        diffs = ", ".join(f"{k} {v:.2e}" for k, v in parity["max_abs_diff"].items())
+        line = f"ONNX export parity on {parity['samples']} real inputs: max abs diff {diffs}"
+        if parity.get("metric_diff") is not None:
+            line += f"; quality diff {parity['metric_diff']:+.5f}"
+        for key in ("cosine_min", "cosine_mean"):
+            if key in parity:
+                line += f"; {key} {parity[key]:.6f}"
+        out.console.print(line)
+    for n in names:
+        if measurements[n].get("energy_formula"):
+            out.console.print(f"[dim]energy on {n} ({measurements[n]['energy_method']}): {measurements[n]['energy_formula']}[/dim]")
+        for note in measurements[n].get("notes", []):
+            out.console.print(f"[yellow]note:[/yellow] {note}")

@@ -1,0 +1,159 @@
+"""Measurement: the one place every size, speed, memory and energy figure comes from.
+
+``measure(handle, runtime=...)`` returns a :class:`Measurement` with every figure and
+how it was obtained (runtime, threads, batch sizes, query counts, energy method).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from compactai.measure.energy import measure_energy
+from compactai.measure.environment import environment
+from compactai.measure.latency import LatencyStats, measure_latency, measure_throughput
+from compactai.measure.memory import measure_peak_memory
+from compactai.measure.runtime import RUNTIMES, OnnxRuntimeRunner, Runner, TorchRunner, default_threads, make_runner
+from compactai.measure.stats import count_macs, parameter_count, size_on_disk
+from compactai.models.handle import ModelHandle
+
+__all__ = [
+    "RUNTIMES", "LatencyStats", "MeasureConfig", "Measurement", "OnnxRuntimeRunner", "Runner", "TorchRunner",
+    "batch_feeds", "count_macs", "default_threads", "environment", "make_runner", "measure", "measure_latency",
+    "measure_throughput", "parameter_count", "size_on_disk",
+]
+
+
+@dataclass
+class MeasureConfig:
+    """How hard to measure. Defaults follow MLPerf's single-stream spirit at a small scale."""
+
+    min_queries: int = 200
+    min_seconds: float = 1.0
+    warmup: int = 20
+    throughput_batch: int = 32
+    throughput_min_batches: int = 10
+    memory: bool = True
+    energy: bool = True
+    core_watts: float = 10.0
+    threads: int | None = None
+    quality: bool = True
+
+    @classmethod
+    def quick(cls) -> MeasureConfig:
+        """Fewer queries: for tests and for screening search trials."""
+        return cls(min_queries=30, min_seconds=0.2, warmup=5, throughput_min_batches=3, memory=False)
+
+
+@dataclass
+class Measurement:
+    """Every figure for one model on one runtime, and how it was obtained."""
+
+    runtime: str
+    threads: int
+    size_bytes: int | None
+    params: int | None
+    macs: int | None
+    latency_p50_ms: float
+    latency_p90_ms: float
+    latency_p99_ms: float
+    latency_mean_ms: float
+    latency_queries: int
+    latency_batch: int
+    throughput_batch: int
+    throughput_items_per_s: float
+    peak_memory_mb: float | None = None
+    model_memory_mb: float | None = None
+    energy_mj: float | None = None
+    energy_method: str | None = None
+    energy_formula: str | None = None
+    quality: dict[str, Any] | None = None
+    latency_samples_ms: list[float] = field(default_factory=list, repr=False)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def size_mb(self) -> float | None:
+        return None if self.size_bytes is None else self.size_bytes / 1e6
+
+    def to_dict(self, samples: bool = False) -> dict[str, Any]:
+        data = asdict(self)
+        data["size_mb"] = self.size_mb
+        if not samples:
+            data.pop("latency_samples_ms")
+        return data
+
+
+def batch_feeds(example: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """The example inputs repeated (tiled) to ``batch`` rows."""
+    out = {}
+    for name, value in example.items():
+        reps = int(np.ceil(batch / len(value)))
+        out[name] = np.concatenate([value] * reps)[:batch]
+    return out
+
+
+def measure(
+    handle: ModelHandle,
+    task: Any = None,
+    *,
+    runtime: str = "onnxruntime",
+    config: MeasureConfig | None = None,
+    feeds: dict[str, np.ndarray] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Measurement:
+    """Measure ``handle`` on ``runtime``: size, params, MACs, batch-1 latency, batch-B throughput,
+    peak memory (subprocess), energy and, with a task, quality next to the task's baseline."""
+    config = config or MeasureConfig()
+    threads = config.threads or default_threads()
+    say = progress or (lambda message: None)
+    runner = make_runner(handle, runtime, threads)
+    onnx_handle = handle.to_onnx() if runtime == "onnxruntime" else (handle._onnx_cache or None)
+    single = {k: v[:1] for k, v in (feeds or handle.example_inputs).items()}
+    say(f"{runtime}: latency at batch 1")
+    latency = measure_latency(
+        runner, single, min_queries=config.min_queries, min_seconds=config.min_seconds, warmup=config.warmup
+    )
+    say(f"{runtime}: throughput at batch {config.throughput_batch}")
+    throughput, _ = measure_throughput(
+        runner, batch_feeds(single, config.throughput_batch), min_batches=config.throughput_min_batches,
+        min_seconds=config.min_seconds / 2,
+    )
+    size = size_on_disk(onnx_handle.path) if onnx_handle is not None and onnx_handle.path else None
+    result = Measurement(
+        runtime=runtime,
+        threads=threads,
+        size_bytes=size,
+        params=parameter_count(handle if runtime == "torch" else onnx_handle or handle),
+        macs=count_macs(handle if handle.module is not None else onnx_handle or handle),
+        latency_p50_ms=latency.p50_ms,
+        latency_p90_ms=latency.p90_ms,
+        latency_p99_ms=latency.p99_ms,
+        latency_mean_ms=latency.mean_ms,
+        latency_queries=latency.queries,
+        latency_batch=1,
+        throughput_batch=config.throughput_batch,
+        throughput_items_per_s=throughput,
+        latency_samples_ms=latency.samples_ms,
+    )
+    if config.energy:
+        def rerun() -> tuple[int, float]:
+            again = measure_latency(runner, single, min_queries=50, min_seconds=0.3, warmup=0)
+            return again.queries, again.cpu_seconds
+
+        energy = measure_energy(rerun, latency.cpu_seconds, latency.queries, config.core_watts)
+        result.energy_mj, result.energy_method, result.energy_formula = (
+            energy.millijoules_per_inference, energy.method, energy.formula)
+    if config.memory:
+        say(f"{runtime}: peak memory in a subprocess")
+        memory = measure_peak_memory(handle, runtime, threads)
+        if memory is None:
+            result.notes.append(f"peak memory not measured on {runtime}: the model could not be saved for a subprocess")
+        else:
+            result.peak_memory_mb, result.model_memory_mb = memory.peak_mb, memory.model_mb
+    if task is not None and config.quality:
+        say(f"{runtime}: quality on the {task.eval_split} split")
+        result.quality = task.evaluate(runner).to_dict()
+    return result

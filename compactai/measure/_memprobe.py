@@ -1,0 +1,74 @@
+"""Subprocess half of the peak-memory measurement. Imports only numpy and one runtime.
+
+usage: python _memprobe.py onnxruntime|torch MODEL INPUTS.npz --threads N --runs R
+Prints {"peak_mb": ..., "base_mb": ...}: peak RSS (VmHWM), and RSS after importing the runtime.
+"""
+
+import argparse
+import json
+import os
+import resource
+
+import numpy as np
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    """VmHWM of this process. Not ru_maxrss: Linux carries that over from the forking parent
+    across exec, so a child of a large process would report the parent's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("runtime")
+    parser.add_argument("model")
+    parser.add_argument("inputs")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    with np.load(args.inputs, allow_pickle=False) as data:
+        feeds = {k: data[k] for k in data.files}
+    if args.runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        base = rss_mb()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(args.model, options, providers=["CPUExecutionProvider"])
+        for _ in range(args.runs):
+            session.run(None, feeds)
+    else:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        base = rss_mb()
+        original = torch.load
+
+        def weights_only_load(*a, **k):  # never unpickle code, whatever torch.export asks for
+            k["weights_only"] = True
+            return original(*a, **k)
+
+        torch.load = weights_only_load
+        module = torch.export.load(args.model).module()
+        torch.load = original
+        tensors = [torch.from_numpy(v) for v in feeds.values()]
+        with torch.inference_mode():
+            for _ in range(args.runs):
+                module(*tensors)
+    peak = peak_rss_mb()
+    print(json.dumps({"peak_mb": peak, "base_mb": base}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Size, parameter count and MACs of a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compactai.models.handle import ModelHandle, onnx_files
+
+
+def size_on_disk(path: Path) -> int:
+    """Bytes of the ONNX file plus its external data."""
+    return sum(f.stat().st_size for f in onnx_files(path))
+
+
+def parameter_count(handle: ModelHandle) -> int:
+    """Parameters of the torch module, or elements of the ONNX initializers (weights and biases)."""
+    if handle.module is not None:
+        return int(sum(p.numel() for p in handle.module.parameters()))
+    import onnx
+
+    model = onnx.load(str(handle.path))
+    return int(sum(int(np.prod(init.dims)) for init in model.graph.initializer if len(init.dims) >= 1))
+
+
+def count_macs(handle: ModelHandle) -> int | None:
+    """Multiply-accumulates of one forward pass at batch 1 on the example inputs.
+
+    Torch modules use torch's FLOP counter (MACs = FLOPs / 2); ONNX files count Conv,
+    Gemm and MatMul (and their quantized forms) from inferred shapes. None when unknown.
+    """
+    if handle.module is not None:
+        return _torch_macs(handle)
+    return _onnx_macs(handle)
+
+
+def _batch_one(handle: ModelHandle) -> dict[str, np.ndarray]:
+    return {k: v[:1] for k, v in handle.example_inputs.items()}
+
+
+def _torch_macs(handle: ModelHandle) -> int | None:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    feeds = _batch_one(handle)
+    args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in handle.input_names]
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            handle.module(*args)  # type: ignore[misc]
+    except Exception:  # some custom modules cannot be traced by the counter
+        return None
+    return int(counter.get_total_flops() // 2)
+
+
+_MAC_OPS = {"Conv", "ConvInteger", "QLinearConv", "Gemm", "MatMul", "MatMulInteger", "QLinearMatMul",
+            "FusedMatMul", "MatMulNBits", "ConvTranspose"}
+
+
+def _onnx_macs(handle: ModelHandle) -> int | None:
+    import onnx
+    from onnx import shape_inference
+
+    try:
+        model = onnx.load(str(handle.path))
+        feeds = _batch_one(handle)
+        for value in model.graph.input:  # pin dynamic axes to the example's sizes
+            if value.name in feeds:
+                for dim, size in zip(value.type.tensor_type.shape.dim, feeds[value.name].shape):
+                    dim.Clear()
+                    dim.dim_value = int(size)
+        model = shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        return None
+    shapes: dict[str, list[int]] = {}
+    for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+        shapes[value.name] = dims
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    total = 0
+    for node in model.graph.node:
+        if node.op_type not in _MAC_OPS or not node.output:
+            continue
+        out = shapes.get(node.output[0])
+        if not out or any(d < 0 for d in out):
+            continue
+        total += _node_macs(node, shapes, out)
+    return int(total)
+
+
+def _node_macs(node: Any, shapes: dict[str, list[int]], out: list[int]) -> int:
+    op = node.op_type
+    inputs = list(node.input)
+    if op in ("Conv", "ConvInteger", "QLinearConv", "ConvTranspose"):
+        weight = shapes.get(inputs[3] if op == "QLinearConv" else inputs[1])
+        if not weight:
+            return 0
+        # out elements x (input channels per group x kernel area)
+        return int(np.prod(out)) * int(np.prod(weight[1:]))
+    if op == "MatMulNBits":
+        attrs = {a.name: a for a in node.attribute}
+        k = attrs["K"].i if "K" in attrs else 0
+        return int(np.prod(out)) * int(k)
+    a_name = inputs[0]
+    a = shapes.get(a_name)
+    if not a:
+        return 0
+    k = a[-1]
+    if op == "Gemm":
+        trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
+        k = a[0] if trans_a else a[-1]
+    return int(np.prod(out)) * int(k)

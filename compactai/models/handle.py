@@ -1,0 +1,168 @@
+"""ModelHandle: a model plus everything needed to run, export and measure it."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from compactai.errors import InputSignatureError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of one model input or output. Dynamic axes are named strings."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
+        return cls(data["name"], tuple(data["shape"]), data["dtype"])
+
+
+@dataclass
+class ModelHandle:
+    """A loaded model: a torch module or an ONNX file, with its signature and example inputs.
+
+    ``kind`` ("cnn", "mlp", "transformer", "generic") lets the search pick sensible defaults.
+    ``metadata`` carries plain data: lineage, technique decisions, the ONNX export settings.
+    """
+
+    framework: str  # "torch" | "onnx"
+    name: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    example_inputs: dict[str, np.ndarray]
+    module: torch.nn.Module | None = None
+    path: Path | None = None
+    kind: str = "generic"
+    metadata: dict[str, Any] = field(default_factory=dict)
+    _onnx_cache: ModelHandle | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [spec.name for spec in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [spec.name for spec in self.outputs]
+
+    def derive(self, **changes: Any) -> ModelHandle:
+        """A copy with some fields changed (the ONNX cache is dropped, since the model changed)."""
+        changes.setdefault("_onnx_cache", None)
+        changes.setdefault("metadata", dict(self.metadata))
+        return replace(self, **changes)
+
+    def fingerprint(self) -> str:
+        """Content hash of the model's weights and signature (sha256 hex, 16 chars)."""
+        digest = hashlib.sha256()
+        digest.update(repr([s.to_dict() for s in self.inputs + self.outputs]).encode())
+        if self.module is not None:
+            digest.update(type(self.module).__name__.encode())
+            for key, value in self.module.state_dict().items():
+                digest.update(key.encode())
+                digest.update(str(tuple(value.shape)).encode())
+                digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        elif self.path is not None:
+            for file in onnx_files(self.path):
+                digest.update(file.read_bytes())
+        return digest.hexdigest()[:16]
+
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
+        """Raise InputSignatureError when ``feeds`` do not match the input signature."""
+        check_feeds(self.inputs, feeds)
+
+    def run_torch(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the torch module on numpy inputs; returns one array per output."""
+        import torch
+
+        if self.module is None:
+            raise InputSignatureError(f"Model '{self.name}' is an ONNX model; run it with onnxruntime.")
+        self.check_feeds(feeds)
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in self.input_names]
+        with torch.inference_mode():
+            result = self.module(*args)
+        return [t.detach().cpu().numpy() for t in flatten_outputs(result)]
+
+    def to_onnx(self, path: str | Path | None = None, *, parity: bool = True) -> ModelHandle:
+        """This model as an ONNX handle; torch models are exported (with a parity check) and cached."""
+        if self.framework == "onnx":
+            return self
+        if self._onnx_cache is not None and (path is None or Path(path) == self._onnx_cache.path):
+            return self._onnx_cache
+        from compactai.export import export_onnx
+
+        if path is None:
+            path = Path(tempfile.mkdtemp(prefix="compactai-")) / f"{self.name}.onnx"
+        onnx_handle = export_onnx(self, path, check_parity=parity)
+        self._onnx_cache = onnx_handle
+        return onnx_handle
+
+
+def set_eval(module: Any) -> None:
+    """Put a module in eval mode; modules from torch.export are already frozen and refuse eval()."""
+    try:
+        module.eval()
+    except NotImplementedError:
+        pass
+
+
+def flatten_outputs(result: Any) -> list[Any]:
+    """Model outputs (tensor, tuple, list, dict or HF ModelOutput) as a flat list of tensors."""
+    if hasattr(result, "to_tuple"):
+        result = result.to_tuple()
+    if isinstance(result, dict):
+        result = list(result.values())
+    if isinstance(result, (list, tuple)):
+        flat: list[Any] = []
+        for item in result:
+            flat.extend(flatten_outputs(item))
+        return flat
+    return [result]
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """The ONNX file and its external-data files, if any (they sit next to it)."""
+    files = [path]
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        files.append(data)
+    return files
+
+
+def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray]) -> None:
+    """Check names, rank, fixed dimensions and dtype kind of ``feeds`` against ``specs``."""
+    expected = [s.name for s in specs]
+    missing = [n for n in expected if n not in feeds]
+    if missing:
+        raise InputSignatureError(
+            f"Missing input(s) {missing}; the model expects inputs named {expected}."
+        )
+    for spec in specs:
+        array = np.asarray(feeds[spec.name])
+        shape_text = "(" + ", ".join(str(d) for d in spec.shape) + ")"
+        if array.ndim != len(spec.shape) or any(
+            isinstance(d, int) and d > 0 and d != actual for d, actual in zip(spec.shape, array.shape)
+        ):
+            raise InputSignatureError(
+                f"Input '{spec.name}' has shape {tuple(array.shape)} but the model expects {shape_text}; "
+                "reshape the data to match."
+            )
+        want = np.dtype(spec.dtype)
+        if array.dtype != want:
+            raise InputSignatureError(
+                f"Input '{spec.name}' has dtype {array.dtype} but the model expects {want}; "
+                f"convert it with .astype('{want}')."
+            )
