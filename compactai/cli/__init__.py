@@ -11,7 +11,13 @@ import sys
 
 from compactai.cli._common import app
 
-COMMAND_MODULES = ["compactai.cli.profile"]
+COMMAND_MODULES = [
+    "compactai.cli.profile",
+    "compactai.cli.quantize",
+    "compactai.cli.prune",
+    "compactai.cli.distill",
+    "compactai.cli.bundle",
+]
 
 
 def _load_commands() -> None:

@@ -65,6 +65,11 @@ class ModelHandle:
         changes.setdefault("metadata", dict(self.metadata))
         return replace(self, **changes)
 
+    def as_onnx(self, path: Path, **metadata: Any) -> ModelHandle:
+        """A handle for the ONNX file ``path`` with this model's signature (e.g. after quantizing)."""
+        return self.derive(framework="onnx", path=Path(path), module=None,
+                           metadata={**self.metadata, **metadata})
+
     def fingerprint(self) -> str:
         """Content hash of the model's weights and signature (sha256 hex, 16 chars)."""
         digest = hashlib.sha256()

@@ -18,7 +18,11 @@ from compactai.techniques.base import (
 )
 
 # Modules holding technique families; each registers its techniques on import.
-FAMILIES: list[str] = []
+FAMILIES: list[str] = [
+    "compactai.techniques.quantize",
+    "compactai.techniques.prune",
+    "compactai.techniques.distill",
+]
 
 
 def load_all() -> None:

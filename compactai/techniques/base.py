@@ -116,6 +116,7 @@ class Technique(ABC):
     accepts: ClassVar[tuple[str, ...]] = ("torch",)
     kinds: ClassVar[tuple[str, ...]] = ("cnn", "mlp", "transformer", "generic")
     searchable: ClassVar[tuple[str, ...]] = ()  # parameters the search tunes by default
+    quick: ClassVar[dict[str, Any]] = {}  # parameters for a fast run (contract test, smoke runs)
 
     def __init__(self, **params: Any) -> None:
         self.params = params

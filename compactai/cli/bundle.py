@@ -1,0 +1,1 @@
+"""`compactai bundle`, `keygen`, `verify`, `update` (being built)."""

@@ -1,0 +1,1 @@
+"""`compactai distill` (being built)."""

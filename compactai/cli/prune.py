@@ -1,0 +1,1 @@
+"""`compactai prune` (being built)."""

@@ -1,0 +1,1 @@
+"""`compactai quantize` (being built)."""

@@ -1,0 +1,1 @@
+"""The distill technique family (being built)."""

@@ -1,0 +1,1 @@
+"""The prune technique family (being built)."""

@@ -1,0 +1,1 @@
+"""The quantize technique family (being built)."""
