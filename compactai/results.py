@@ -1,0 +1,96 @@
+"""The output directory every command writes: ``model.onnx`` and ``results.json``.
+
+results.json schema (plain data; other commands and ``compactai bundle`` read it)::
+
+    {
+      "command": "quantize" | "prune" | "distill" | "optimize" | ...,
+      "created": ISO time, "seed": int, "environment": {...},
+      "model": {"name", "kind", "path": "model.onnx", "inputs": [...], "outputs": [...], "fingerprint"},
+      "recipe": [{"technique": name, "params": {...}}, ...],      # replay to reproduce
+      "lineage": [{"technique", "params", "decisions"}, ...],     # what each step decided
+      "baseline": {"onnxruntime": Measurement, "torch": Measurement},
+      "measurements": {"onnxruntime": Measurement, ...},          # of the written model
+      "quality": Quality dict of the written model (vs baseline),
+      ...command-specific keys
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from compactai.measure.environment import environment
+from compactai.models.handle import ModelHandle
+
+MODEL_FILE = "model.onnx"
+RESULTS_FILE = "results.json"
+
+
+def save_model(handle: ModelHandle, out_dir: str | Path) -> Path:
+    """Write ``handle`` as ``out_dir/model.onnx`` (exporting torch models, with parity); returns the path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / MODEL_FILE
+    if handle.framework == "torch":
+        handle.to_onnx(target)
+        return target
+    assert handle.path is not None
+    if Path(handle.path).resolve() != target.resolve():
+        tmp = target.with_suffix(".onnx.tmp")
+        shutil.copyfile(handle.path, tmp)
+        os.replace(tmp, target)
+        data = Path(str(handle.path) + ".data")
+        if data.exists():
+            shutil.copyfile(data, out / (MODEL_FILE + ".data"))
+    return target
+
+
+def recipe_of(handle: ModelHandle) -> list[dict[str, Any]]:
+    """The ordered technique steps (name + params) that produced ``handle``."""
+    return [{"technique": step["technique"], "params": step["params"]} for step in handle.metadata.get("history", [])]
+
+
+def to_jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "to_dict"):
+        return to_jsonable(value.to_dict())
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+def write_results(out_dir: str | Path, command: str, handle: ModelHandle, *, seed: int = 0, **sections: Any) -> Path:
+    """Write ``results.json`` atomically (temp file + rename) and return its path."""
+    from compactai.profile import model_summary
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = model_summary(handle)
+    summary["path"] = MODEL_FILE
+    data = {
+        "command": command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seed": seed,
+        "environment": environment(),
+        "model": summary,
+        "recipe": recipe_of(handle),
+        "lineage": handle.metadata.get("history", []),
+        **sections,
+    }
+    path = out / RESULTS_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(to_jsonable(data), indent=2))
+    os.replace(tmp, path)
+    return path
