@@ -1,1 +1,161 @@
-"""`compactai bundle`, `keygen`, `verify`, `update` (being built)."""
+"""`compactai keygen`, `bundle`, `verify` and `update`: signed bundles and secure over-the-air updates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from compactai.cli._common import Output, app, fmt, table
+
+
+def _trusted(paths: list[str]) -> list[Any]:
+    from compactai.bundle import load_public_key
+    from compactai.errors import BadInputError
+
+    if not paths:
+        raise BadInputError("Give at least one --trusted-key PUB (the .pub file from compactai keygen).")
+    return [load_public_key(p) for p in paths]
+
+
+def _refused(out: Output, data: dict[str, Any], reason: str, message: str) -> None:
+    """Emit the JSON object, then raise: the CLI prints the one line and exits 1 (SecurityError)."""
+    from compactai.bundle import BundleRefused
+
+    out.emit({**data, "ok": False, "reason": reason, "message": message})
+    raise BundleRefused(reason, f"refused ({reason}): {message}")
+
+
+@app.command()
+def keygen(
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Directory for bundle-signing.key (0600) and .pub."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing key pair in OUT."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Create an Ed25519 signing key pair: keep the .key secret, give the .pub to devices."""
+    from compactai.bundle import generate_keypair, key_id, load_public_key
+
+    out = Output(json_output)
+    private, public = generate_keypair(out_dir, overwrite=force)
+    kid = key_id(load_public_key(public))
+    out.console.print(f"Signing key {kid}: private {private} (mode 0600, keep it secret), public {public}")
+    out.emit({"key_id": kid, "private_key": private, "public_key": public})
+
+
+@app.command("bundle")
+def bundle_command(
+    source: str = typer.Argument(..., help="An .onnx file or a compactai output directory (model.onnx + results.json)."),
+    out_path: Path = typer.Option(..., "--out", "-o", help="Bundle to write: a directory, or a .tar/.tar.gz archive."),
+    key: Path = typer.Option(..., "--key", "-k", help="Private signing key (from compactai keygen)."),
+    version: int = typer.Option(..., "--version", "-v", help="Monotonic integer version (devices refuse older)."),
+    semver: Optional[str] = typer.Option(None, "--semver", help="Semantic version label (default 0.VERSION.0)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name (default: from results.json or the file)."),
+    expires_days: float = typer.Option(365.0, "--expires-days", help="Days until devices refuse this bundle."),
+    golden: Optional[Path] = typer.Option(None, "--golden-inputs", help=".npz of self-test inputs (default: "
+                                          "synthesized from the model's signature)."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Package a model as a signed bundle: model, manifest (hashes, figures, recipe, golden I/O), signature."""
+    from compactai.bundle import build_bundle, load_private_key
+    from compactai.bundle.verify import load_arrays
+
+    out = Output(json_output)
+    golden_inputs = load_arrays(golden) if golden is not None else None
+    with out.progress("Bundling") as say:
+        say("computing golden outputs and hashes")
+        manifest = build_bundle(source, out_path, load_private_key(key), version, semver=semver, name=name,
+                                expires_days=expires_days, golden_inputs=golden_inputs)
+    print_manifest(out, manifest, f"Signed bundle {out_path}")
+    out.emit({"bundle": out_path, "manifest": manifest})
+
+
+def print_manifest(out: Output, manifest: dict[str, Any], title: str) -> None:
+    rows: list[list[Any]] = [
+        ["name", manifest["name"]], ["version", f"{manifest['version']} ({manifest['semver']})"],
+        ["created", manifest["created"]], ["expires", manifest["expires"]],
+        ["signed by key", manifest.get("signed_by")],
+        ["files", ", ".join(f"{f['path']} ({f['size']:,} B)" for f in manifest["files"])],
+        ["recipe", " -> ".join(step["technique"] for step in manifest.get("recipe") or []) or "-"],
+    ]
+    quality = manifest.get("quality")
+    if quality:
+        rows.append([f"quality ({quality.get('metric')})", f"{fmt(quality.get('value'), 4)} "
+                                                          f"(baseline {fmt(quality.get('baseline'), 4)})"])
+    for runtime, figures in (manifest.get("measurements") or {}).items():
+        base = (manifest.get("baseline") or {}).get(runtime) or {}
+        p50, base_p50 = figures.get("latency_p50_ms"), base.get("latency_p50_ms")
+        speedup = f", {base_p50 / p50:.2f}x vs baseline" if p50 and base_p50 else ""
+        rows.append([f"{runtime} p50 / p90 (ms)", f"{fmt(p50)} / {fmt(figures.get('latency_p90_ms'))}{speedup}"])
+        if figures.get("size_bytes") is not None:
+            rows.append([f"{runtime} size (MB)", fmt(figures["size_bytes"] / 1e6)])
+    out.console.print(table(title, ["field", "value"], rows))
+
+
+@app.command()
+def verify(
+    bundle: Path = typer.Argument(..., help="Bundle directory or .tar archive."),
+    trusted_key: list[str] = typer.Option([], "--trusted-key", "-t", help="Trusted public key (repeatable)."),
+    min_version: int = typer.Option(0, "--newer-than", help="Also refuse versions <= this (rollback check)."),
+    no_self_test: bool = typer.Option(False, "--no-self-test", help="Skip loading the model and the golden check."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Check a bundle: signature, expiry, version, paths, file set, hashes, external data, no pickle, self-test.
+    Exit 0 if it passes, 1 with a one-line reason if refused."""
+    import tempfile
+
+    from compactai.bundle import BundleRefused, VerifyPolicy, verify_bundle
+
+    out = Output(json_output)
+    keys = _trusted(trusted_key)
+    with tempfile.TemporaryDirectory(prefix="compactai-verify-") as work:
+        try:
+            verified = verify_bundle(bundle, VerifyPolicy(keys, highest_trusted=min_version),
+                                     validate=not no_self_test, workdir=Path(work) / "bundle")
+        except BundleRefused as refusal:
+            _refused(out, {"bundle": bundle}, refusal.reason, str(refusal))
+    manifest = verified.manifest
+    out.console.print(f"[green]ok:[/green] {manifest['name']} v{manifest['version']} ({manifest['semver']}) "
+                      f"signed by {verified.key_id}; passed {', '.join(verified.steps)}", highlight=False)
+    out.emit({"bundle": bundle, "ok": True, "key_id": verified.key_id, "steps": verified.steps,
+              "version": manifest["version"], "name": manifest["name"], "validation": verified.validation})
+
+
+@app.command()
+def update(
+    source: Optional[str] = typer.Option(None, "--source", "-s", help="Bundle directory, .tar, or http(s) URL "
+                                         "of a served bundle directory. Omit to only recover and show status."),
+    install_dir: Path = typer.Option(..., "--install-dir", "-d", help="Where versions live (state.json, versions/)."),
+    trusted_key: list[str] = typer.Option([], "--trusted-key", "-t", help="Trusted public key (repeatable)."),
+    probation_queries: int = typer.Option(20, "--probation-queries", help="Synthesized requests in probation."),
+    max_latency_ratio: float = typer.Option(5.0, "--max-latency-ratio", help="Roll back if the median latency in "
+                                            "probation exceeds this multiple of the previous version's (0 = off)."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Install a signed update atomically, watch it on probation, commit or roll back. Exit 1 if refused."""
+    from compactai.errors import ParameterError
+    from compactai.runtime import ProbationPolicy, UpdateAgent
+
+    out = Output(json_output)
+    if probation_queries < 0:
+        raise ParameterError(f"--probation-queries must be >= 0. Got {probation_queries} instead.")
+    policy = ProbationPolicy(queries=probation_queries, max_latency_ratio=max_latency_ratio or None)
+    agent = UpdateAgent(install_dir, _trusted(trusted_key), probation=policy)
+    data: dict[str, Any] = {}
+    if source is not None:
+        with out.progress("Updating") as say:
+            say(f"fetching and verifying {source}")
+            result = agent.update(source)
+        data["result"] = result.to_dict()
+    status = agent.status()
+    data.update({"status": status, "counters": agent.counters()})
+    rows = [[k, status.get(k)] for k in ("active", "active_semver", "previous", "highest_trusted")]
+    rows.append(["blocked", ", ".join(f"{v}" for v in status["blocked"]) or "-"])
+    out.console.print(table(f"Install directory {install_dir}", ["field", "value"], rows))
+    if source is None:
+        out.emit({**data, "ok": True})
+        return
+    if result.status in ("refused", "rolled_back"):
+        _refused(out, data, result.reason or result.status, result.message)
+    out.console.print(f"[green]{result.status}:[/green] {result.message}", highlight=False)
+    out.emit({**data, "ok": True})

@@ -1,0 +1,211 @@
+"""Build a signed bundle from an ONNX file or a compactai output directory.
+
+An output directory (from ``compactai quantize/prune/distill/optimize``) holds ``model.onnx``
+and ``results.json``; its recipe, lineage, measured figures and quality travel into the
+manifest, so a device knows what it runs and how it was made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compactai.bundle.manifest import (
+    FORMAT,
+    GOLDEN_INPUTS_FILE,
+    GOLDEN_OUTPUTS_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    SIGNATURE_FILE,
+    canonical_bytes,
+    check_semver,
+    file_entry,
+    format_time,
+    unsafe_path_reason,
+)
+from compactai.bundle.signing import Ed25519PrivateKey, key_id, sign
+from compactai.errors import BadInputError, CorruptModelError, ModelNotFoundError, ParameterError
+
+RESULTS_FILE = "results.json"
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# results.json sections that describe the model and travel into the manifest as they are
+CARRIED_SECTIONS = ("recipe", "lineage", "baseline", "measurements", "quality")
+
+
+def find_source(source: str | Path) -> tuple[Path, dict[str, Any] | None]:
+    """(model.onnx path, results.json data or None) for an ONNX file or an output directory."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(f"Not found: {path}. Pass an .onnx file or a compactai output directory.")
+    if path.is_dir():
+        model = path / MODEL_FILE
+        if not model.is_file():
+            raise BadInputError(f"{path} has no {MODEL_FILE}; pass an .onnx file or the output directory of "
+                                "compactai quantize/prune/distill/optimize.")
+        results_path = path / RESULTS_FILE
+        results = json.loads(results_path.read_text()) if results_path.is_file() else None
+        return model, results
+    if path.suffix.lower() != ".onnx":
+        raise BadInputError(f"{path.name} is not an ONNX file. Bundles hold ONNX models: export yours first "
+                            "(compactai profile exports with a parity check), or pass an output directory.")
+    return path, None
+
+
+def _model_files(model: Path) -> list[tuple[Path, str]]:
+    """(source file, name in the bundle) for the model and its external-data files."""
+    from compactai.bundle.verify import external_data_locations
+
+    try:
+        locations = sorted(set(external_data_locations(model)))
+    except Exception as exc:
+        raise CorruptModelError(f"{model} is not a valid ONNX file ({str(exc).splitlines()[0][:200]}).") from exc
+    files = [(model, MODEL_FILE)]
+    for location in locations:
+        reason = unsafe_path_reason(location)
+        if reason:
+            raise BadInputError(f"{model.name} keeps external data at {location!r}, which cannot be bundled: {reason}. "
+                                "Re-save it with the data next to the model.")
+        files.append((model.parent / location, location))
+    return files
+
+
+def golden_pair(model: Path, inputs: dict[str, np.ndarray] | None, samples: int = 2) -> tuple[dict, dict]:
+    """Golden inputs (given, or synthesized from the signature) and the model's outputs on them in ONNX Runtime."""
+    import onnxruntime as ort
+
+    from compactai.models.load import load_onnx, synthesize_inputs
+
+    handle = load_onnx(model)
+    feeds = inputs if inputs is not None else synthesize_inputs(handle.inputs, batch=samples, seed=0)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+    handle.check_feeds(feeds)
+    names = [o.name for o in session.get_outputs()]
+    outputs = dict(zip(names, session.run(names, {n: feeds[n] for n in handle.input_names})))
+    for name, value in outputs.items():
+        if not np.all(np.isfinite(value)):
+            raise BadInputError(f"The model returns NaN/Inf for output {name!r} on its golden inputs; pass other "
+                                "golden inputs or fix the model before bundling it.")
+    return {n: np.asarray(feeds[n]) for n in handle.input_names}, outputs
+
+
+def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    for name, value in arrays.items():
+        if value.dtype == object:
+            raise BadInputError(f"Golden array {name!r} has dtype object; only numeric arrays are stored (no pickle).")
+    with path.open("wb") as stream:
+        np.savez(stream, **arrays)
+
+
+def write_signed_manifest(root: Path, manifest: dict[str, Any], private_key: Ed25519PrivateKey) -> dict[str, Any]:
+    """List every file under ``root`` in ``manifest['files']``, write manifest.json and its signature."""
+    from compactai.bundle.verify import list_files
+
+    manifest = dict(manifest)
+    manifest["files"] = [file_entry(root, name) for name in sorted(list_files(root))]
+    raw = canonical_bytes(manifest)
+    (root / MANIFEST_FILE).write_bytes(raw)
+    (root / SIGNATURE_FILE).write_bytes(sign(private_key, raw))
+    return manifest
+
+
+def build_bundle(
+    source: str | Path,
+    out: str | Path,
+    private_key: Ed25519PrivateKey,
+    version: int,
+    *,
+    semver: str | None = None,
+    name: str | None = None,
+    expires_days: float = 365.0,
+    golden_inputs: dict[str, np.ndarray] | None = None,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """Write a signed bundle (a directory, or a tar archive if ``out`` ends in .tar/.tar.gz); returns the manifest."""
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ParameterError(f"The 'version' of a bundle must be an integer >= 1. Got {version!r} instead.")
+    if not expires_days > 0:
+        raise ParameterError(f"The 'expires_days' of a bundle must be > 0. Got {expires_days!r} instead.")
+    semver = check_semver(semver or f"0.{version}.0")
+    model, results = find_source(source)
+    out_path = Path(out)
+    if out_path.exists():
+        raise BadInputError(f"{out_path} already exists; bundles are never overwritten. Choose a new -o path.")
+    archive = out_path.name.endswith(ARCHIVE_SUFFIXES)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out_path.parent))
+    try:
+        for src, rel in _model_files(model):
+            shutil.copyfile(src, work / rel)
+        inputs, outputs = golden_pair(work / MODEL_FILE, golden_inputs)
+        save_arrays(work / GOLDEN_INPUTS_FILE, inputs)
+        save_arrays(work / GOLDEN_OUTPUTS_FILE, outputs)
+        created = time.time() if now is None else now
+        manifest = {
+            "format": FORMAT,
+            "name": name or (results or {}).get("model", {}).get("name") or model.stem,
+            "version": version,
+            "semver": semver,
+            "created": format_time(created),
+            "expires": format_time(created + expires_days * 86400),
+            "model": MODEL_FILE,
+            "inputs": _signature(work / MODEL_FILE)[0],
+            "outputs": _signature(work / MODEL_FILE)[1],
+            "golden": {"inputs": GOLDEN_INPUTS_FILE, "outputs": GOLDEN_OUTPUTS_FILE, "rtol": rtol, "atol": atol},
+            "signed_by": key_id(private_key.public_key()),
+            "source": _source_info(model, results),
+            **{key: (results or {}).get(key) for key in CARRIED_SECTIONS if (results or {}).get(key) is not None},
+        }
+        manifest = write_signed_manifest(work, manifest, private_key)
+        if archive:
+            _write_archive(work, out_path)
+        else:
+            os.replace(work, out_path)
+        return manifest
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _signature(model: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    from compactai.models.load import load_onnx
+
+    handle = load_onnx(model)
+    return [s.to_dict() for s in handle.inputs], [s.to_dict() for s in handle.outputs]
+
+
+def _source_info(model: Path, results: dict[str, Any] | None) -> dict[str, Any]:
+    info: dict[str, Any] = {"model_file": model.name}
+    if results:
+        info.update({k: results.get(k) for k in ("command", "created", "seed") if k in results})
+        info["fingerprint"] = results.get("model", {}).get("fingerprint")
+        env = results.get("environment") or {}
+        info["environment"] = {k: env[k] for k in ("cpu", "versions", "python") if k in env}
+    return info
+
+
+def _write_archive(root: Path, out: Path) -> None:
+    """A reproducible tar of the bundle: sorted names, no owner, fixed mode, written via a temp file."""
+    mode = "w:gz" if out.name.endswith((".tar.gz", ".tgz")) else "w"
+    tmp = out.with_name(out.name + ".tmp")
+    with tarfile.open(tmp, mode) as tar:
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            info = tar.gettarinfo(str(path), arcname=path.relative_to(root).as_posix())
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mode = 0o644
+            with path.open("rb") as stream:
+                tar.addfile(info, stream)
+    os.replace(tmp, out)

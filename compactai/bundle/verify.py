@@ -1,0 +1,358 @@
+"""Verify a bundle: TUF-style checks in a fixed order, then a model self-test.
+
+The checks run in this order, and the first failure refuses the bundle with a short
+reason code (``BundleRefused.reason``) and a one-line message:
+
+1. ``signature``  the detached Ed25519 signature over manifest.json, by a trusted key
+2. ``expiry``     the manifest has not expired (freeze attack)
+3. ``version``    not block-listed and strictly newer than the highest version ever trusted (rollback)
+4. ``paths``      manifest names are relative without ``..``; no symlinks or special files on disk
+5. ``file set``   exactly the files the manifest lists, no more, no fewer (mix-and-match)
+6. ``hashes``     every file's size and SHA-256
+7. ``external data``  ONNX external-data locations stay inside the bundle and are listed files
+8. ``pickle``     no pickle-based file anywhere (refused by content, never opened by pickle)
+
+Path names are checked before any listed file is opened, so a hostile name cannot make the
+verifier read outside the bundle. Only then does :func:`validate_model` load the model: ONNX
+checker, ONNX Runtime session, golden outputs within the signed tolerance.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compactai.bundle.manifest import (
+    MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
+    METADATA_FILES,
+    SIGNATURE_FILE,
+    BundleRefused,
+    parse_manifest,
+    parse_time,
+    sha256_file,
+    unsafe_path_reason,
+)
+from compactai.bundle.signing import Ed25519PublicKey, verify_signature
+from compactai.models.load import PICKLE_SUFFIXES, is_pickle_file
+
+MAX_ARCHIVE_BYTES = 16 * 1024**3
+
+
+@dataclass
+class VerifyPolicy:
+    """What a verifier trusts: its keys, the clock, the highest version seen, the block-list."""
+
+    trusted_keys: list[Ed25519PublicKey]
+    now: float | None = None
+    highest_trusted: int = 0  # a bundle must be strictly newer than this
+    blocked: dict[int, str] = field(default_factory=dict)
+
+    def clock(self) -> float:
+        return time.time() if self.now is None else self.now
+
+
+@dataclass
+class VerifiedBundle:
+    """A bundle that passed every check: its directory, manifest and which steps ran."""
+
+    root: Path
+    manifest: dict[str, Any]
+    key_id: str
+    steps: list[str] = field(default_factory=list)
+    validation: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest["version"])
+
+    @property
+    def model_path(self) -> Path:
+        return self.root / self.manifest["model"]
+
+
+def read_metadata(root: Path) -> tuple[bytes, bytes | None]:
+    """manifest.json and manifest.json.sig bytes of a bundle directory (sig None if absent)."""
+    manifest_path, signature_path = root / MANIFEST_FILE, root / SIGNATURE_FILE
+    for path in (manifest_path, signature_path):
+        if path.is_symlink():
+            raise BundleRefused("symlink", f"{path.name} is a symlink; bundles may not contain symlinks.")
+    if not manifest_path.is_file():
+        raise BundleRefused("missing-manifest", f"{root} has no manifest.json; it is not a compactai bundle.")
+    if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleRefused("oversize", f"manifest.json is over {MAX_MANIFEST_BYTES} bytes; refusing to parse it.")
+    signature = signature_path.read_bytes()[:4096] if signature_path.is_file() else None
+    return manifest_path.read_bytes(), signature
+
+
+def verify_metadata(manifest_bytes: bytes, signature: bytes | None, policy: VerifyPolicy,
+                    steps: list[str] | None = None) -> tuple[dict[str, Any], str]:
+    """Checks 1-3 (signature, expiry, version) on the metadata alone; returns (manifest, key id).
+
+    The update agent runs these before fetching any model file, so an unsigned, stale or old
+    manifest costs no download.
+    """
+    steps = [] if steps is None else steps
+    signer = verify_signature(manifest_bytes, signature, policy.trusted_keys)
+    manifest = parse_manifest(manifest_bytes)
+    steps.append("signature")
+    expires = parse_time(manifest["expires"], "expires")
+    if policy.clock() > expires:
+        raise BundleRefused("expired", f"The manifest of {manifest['name']} v{manifest['version']} expired at "
+                                       f"{manifest['expires']}; ask the publisher for a freshly signed bundle.")
+    steps.append("expiry")
+    version = int(manifest["version"])
+    if version in policy.blocked:
+        raise BundleRefused("blocked", f"Version {version} is block-listed on this device "
+                                       f"({policy.blocked[version]}).")
+    if version <= policy.highest_trusted:
+        raise BundleRefused("rollback", f"Version {version} is not newer than version {policy.highest_trusted}, "
+                                        "the highest this device has trusted; older bundles are refused.")
+    steps.append("version")
+    return manifest, signer
+
+
+def check_manifest_paths(manifest: dict[str, Any]) -> None:
+    """Every name the manifest lists is a safe relative path (checked before it is used as one)."""
+    for entry in manifest["files"]:
+        reason = unsafe_path_reason(entry["path"])
+        if reason or entry["path"] in METADATA_FILES:
+            raise BundleRefused("unsafe-path", f"The manifest lists the path {entry['path']!r}, which is not "
+                                               f"allowed: {reason or 'it names a metadata file'}.")
+
+
+def check_paths(root: Path, manifest: dict[str, Any]) -> None:
+    check_manifest_paths(manifest)
+    for directory, dirs, files in os.walk(root, followlinks=False):
+        for name in dirs + files:
+            path = Path(directory) / name
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise BundleRefused("symlink", f"{path.relative_to(root)} is a symlink; bundles may not "
+                                               "contain symlinks.")
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise BundleRefused("unsafe-path", f"{path.relative_to(root)} is not a regular file.")
+
+
+def list_files(root: Path) -> set[str]:
+    """Every regular file under ``root`` as a relative POSIX path, metadata files excluded."""
+    found = set()
+    for directory, _dirs, files in os.walk(root, followlinks=False):
+        for name in files:
+            found.add((Path(directory) / name).relative_to(root).as_posix())
+    return found - set(METADATA_FILES)
+
+
+def check_file_set(root: Path, manifest: dict[str, Any]) -> None:
+    listed = [entry["path"] for entry in manifest["files"]]
+    if len(listed) != len(set(listed)):
+        raise BundleRefused("bad-manifest", "The manifest lists a file twice.")
+    present = list_files(root)
+    extra, missing = sorted(present - set(listed)), sorted(set(listed) - present)
+    if missing:
+        raise BundleRefused("missing-file", f"The bundle lacks file(s) the manifest lists: {missing}.")
+    if extra:
+        raise BundleRefused("extra-file", f"The bundle holds file(s) the manifest does not list: {extra}.")
+    if manifest["model"] not in listed:
+        raise BundleRefused("bad-manifest", f"The manifest's model {manifest['model']!r} is not among its files.")
+
+
+def check_hashes(root: Path, manifest: dict[str, Any]) -> None:
+    for entry in manifest["files"]:
+        path = root / entry["path"]
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise BundleRefused("hash-mismatch", f"{entry['path']} is {size} bytes; the manifest signs "
+                                                 f"{entry['size']} bytes.")
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            raise BundleRefused("hash-mismatch", f"{entry['path']} has SHA-256 {digest[:16]}..., the manifest signs "
+                                                 f"{entry['sha256'][:16]}...: the file was altered.")
+
+
+def external_data_locations(model_path: Path) -> list[str]:
+    """The external-data ``location`` of every tensor of an ONNX file, read without loading the data."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    locations = []
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {item.key: item.value for item in tensor.external_data}
+            locations.append(info.get("location", ""))
+    return locations
+
+
+def check_external_data(root: Path, manifest: dict[str, Any]) -> None:
+    listed = {entry["path"] for entry in manifest["files"]}
+    for onnx_file in sorted(p for p in listed if p.endswith(".onnx")):
+        try:
+            locations = external_data_locations(root / onnx_file)
+        except Exception as exc:  # a protobuf DecodeError; the file was signed, so the publisher erred
+            raise BundleRefused("invalid-model", f"{onnx_file} is not a valid ONNX file "
+                                                 f"({str(exc).splitlines()[0][:200]}).") from exc
+        base = Path(onnx_file).parent
+        for location in locations:
+            reason = unsafe_path_reason(location)
+            target = (base / location).as_posix() if not reason else location
+            if reason or target not in listed:
+                raise BundleRefused("external-data", f"{onnx_file} references external data at {location!r}, "
+                                                     f"outside the bundle's signed files"
+                                                     f"{': ' + reason if reason else ''}.")
+
+
+def check_no_pickle(root: Path, manifest: dict[str, Any]) -> None:
+    for entry in manifest["files"]:
+        path = root / entry["path"]
+        if path.suffix.lower() in PICKLE_SUFFIXES or is_pickle_file(path):
+            raise BundleRefused("pickle", f"{entry['path']} is a pickle-based file; unpickling runs code, so "
+                                          "bundles may hold only ONNX, safetensors and .npy/.npz arrays.")
+
+
+FILE_CHECKS: list[tuple[str, Callable[[Path, dict[str, Any]], None]]] = [
+    ("paths", check_paths),
+    ("file set", check_file_set),
+    ("hashes", check_hashes),
+    ("external data", check_external_data),
+    ("pickle", check_no_pickle),
+]
+
+
+def verify_bundle(source: str | Path, policy: VerifyPolicy, *, validate: bool = True,
+                  workdir: str | Path | None = None) -> VerifiedBundle:
+    """Run every check on a bundle directory or tar archive; returns the VerifiedBundle or raises BundleRefused.
+
+    Archives are extracted safely into ``workdir`` (a temporary directory by default).
+    """
+    root = Path(source)
+    if not root.exists():
+        from compactai.errors import ModelNotFoundError
+
+        raise ModelNotFoundError(f"Bundle not found: {root}.")
+    if root.is_file():
+        import tempfile
+
+        target = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="compactai-bundle-"))
+        root = extract_archive(root, target)
+    steps: list[str] = []
+    manifest, signer = verify_metadata(*read_metadata(root), policy, steps)
+    for name, check in FILE_CHECKS:
+        check(root, manifest)
+        steps.append(name)
+    verified = VerifiedBundle(root, manifest, signer, steps)
+    if validate:
+        verified.validation = validate_model(root, manifest)
+        steps.append("self-test")
+    return verified
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Arrays of an .npz file, refusing object arrays (which would need pickle)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except ValueError as exc:
+        raise BundleRefused("pickle", f"{path.name} holds object arrays, which need pickle; refused.") from exc
+
+
+def validate_model(root: Path, manifest: dict[str, Any], threads: int = 1) -> dict[str, Any]:
+    """ONNX checker, ONNX Runtime session, golden outputs within the signed tolerance.
+
+    Returns {"max_abs_diff": {output: float}, "golden_samples": n}. Raises BundleRefused with
+    reason ``invalid-model`` or ``golden-mismatch``.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    model_path = root / manifest["model"]
+    try:
+        onnx.checker.check_model(str(model_path))
+    except Exception as exc:
+        raise BundleRefused("invalid-model", f"{manifest['model']} fails the ONNX checker "
+                                             f"({str(exc).splitlines()[0][:200]}).") from exc
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise BundleRefused("invalid-model", f"ONNX Runtime cannot load {manifest['model']} "
+                                             f"({str(exc).splitlines()[0][:200]}).") from exc
+    golden = manifest["golden"]
+    inputs = load_arrays(root / golden["inputs"])
+    expected = load_arrays(root / golden["outputs"])
+    output_names = [o.name for o in session.get_outputs()]
+    try:
+        actual = dict(zip(output_names, session.run(output_names, inputs)))
+    except Exception as exc:
+        raise BundleRefused("golden-mismatch", f"The model fails on its golden inputs "
+                                               f"({str(exc).splitlines()[0][:200]}).") from exc
+    rtol, atol = float(golden.get("rtol", 1e-3)), float(golden.get("atol", 1e-4))
+    diffs: dict[str, float] = {}
+    for name, want in expected.items():
+        got = actual.get(name)
+        if got is None or got.shape != want.shape:
+            raise BundleRefused("golden-mismatch", f"Golden output {name!r} is missing or has shape "
+                                                   f"{None if got is None else got.shape}, expected {want.shape}.")
+        if not np.all(np.isfinite(got)):
+            raise BundleRefused("golden-mismatch", f"The model returns NaN/Inf for golden output {name!r}.")
+        diffs[name] = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) if got.size else 0.0
+        if not np.allclose(got, want, rtol=rtol, atol=atol):
+            raise BundleRefused("golden-mismatch", f"Golden output {name!r} differs by up to {diffs[name]:.3g}, "
+                                                   f"beyond the signed tolerance (rtol {rtol}, atol {atol}).")
+    samples = next(iter(inputs.values())).shape[0] if inputs else 0
+    return {"max_abs_diff": diffs, "golden_samples": int(samples)}
+
+
+def extract_archive(archive: Path, target: Path, max_bytes: int = MAX_ARCHIVE_BYTES) -> Path:
+    """Extract a bundle tar archive safely into ``target``; returns ``target``.
+
+    Only regular files and directories with safe relative names are extracted; links, devices,
+    absolute or ``..`` names refuse the whole archive, as do archives over ``max_bytes``.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        tar = tarfile.open(archive, "r:*")
+    except tarfile.TarError as exc:
+        raise BundleRefused("bad-archive", f"{archive.name} is not a tar archive ({exc}).") from exc
+    total = 0
+    with tar:
+        for member in tar:
+            name = member.name[2:] if member.name.startswith("./") else member.name
+            name = name.rstrip("/")
+            if not name or name == ".":
+                continue
+            reason = unsafe_path_reason(name)
+            if reason:
+                raise BundleRefused("unsafe-path", f"Archive entry {member.name!r} is not allowed: {reason}.")
+            if member.issym() or member.islnk():
+                raise BundleRefused("symlink", f"Archive entry {member.name!r} is a link; bundles may not "
+                                               "contain links.")
+            if member.isdir():
+                (target / name).mkdir(parents=True, exist_ok=True)
+                continue
+            if not member.isfile():
+                raise BundleRefused("unsafe-path", f"Archive entry {member.name!r} is not a regular file.")
+            total += member.size
+            if total > max_bytes:
+                raise BundleRefused("oversize", f"{archive.name} unpacks to over {max_bytes} bytes; refused.")
+            path = target / name
+            if path.exists():
+                raise BundleRefused("bad-archive", f"Archive entry {member.name!r} appears twice.")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            source = tar.extractfile(member)
+            assert source is not None  # isfile() members always have data
+            with source, path.open("xb") as out:
+                while block := source.read(1 << 20):
+                    out.write(block)
+    return target

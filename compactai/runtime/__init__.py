@@ -1,0 +1,11 @@
+"""Running bundles on a device: the secure over-the-air update agent (see docs/bundle.md)."""
+
+from compactai.runtime.agent import ACTIVATION_STEPS, UpdateAgent, UpdateResult
+from compactai.runtime.events import UpdateEvents
+from compactai.runtime.probation import HealthMonitor, ProbationPolicy
+from compactai.runtime.state import InstallState, load_state
+
+__all__ = [
+    "ACTIVATION_STEPS", "HealthMonitor", "InstallState", "ProbationPolicy", "UpdateAgent", "UpdateEvents",
+    "UpdateResult", "load_state",
+]

@@ -1,0 +1,332 @@
+"""The update agent: fetch, verify, validate, activate atomically, watch on probation, commit or roll back.
+
+It follows The Update Framework's threat model (signatures, freeze, rollback, mix-and-match,
+endless data) and the A/B practice of embedded updaters: versions side by side, one atomic
+pointer switch (``state.json``, see :mod:`compactai.runtime.state`), a trial that must be
+committed, and an automatic roll back, with the bad version block-listed, when it is not.
+
+    agent = UpdateAgent("/var/lib/model", [load_public_key("publisher.pub")])
+    result = agent.update("https://updates.example/model/v7/")   # or a directory / .tar
+    agent.active_dir()                                            # what to serve
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compactai.bundle.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, BundleRefused, parse_manifest
+from compactai.bundle.signing import Ed25519PublicKey, verify_signature
+from compactai.bundle.verify import FILE_CHECKS, VerifyPolicy, load_arrays, read_metadata, validate_model, verify_bundle
+from compactai.runtime.events import UpdateEvents
+from compactai.runtime.fetch import fetch
+from compactai.runtime.probation import (
+    HealthMonitor,
+    OnnxModel,
+    ProbationPolicy,
+    median_latency_ms,
+    probation_requests,
+)
+from compactai.runtime.state import (
+    EVENTS_FILE,
+    STAGING_DIR,
+    STATE_FILE,
+    VERSIONS_DIR,
+    InstallState,
+    crash_point,
+    fsync_path,
+    fsync_tree,
+    load_state,
+    save_state,
+)
+
+# steps of one update at which the crash hook (COMPACTAI_UPDATE_CRASH_AT) can kill the agent, in order
+ACTIVATION_STEPS = (
+    "fetched", "verified", "synced", "moved", "activate-state-written", "activate-switched",
+    "probation", "commit-state-written", "commit-switched",
+)
+# refusals of an authentic (correctly signed) bundle that is broken: block-list its version for good
+BROKEN_MODEL_REASONS = ("golden-mismatch", "invalid-model")
+
+
+@dataclass
+class UpdateResult:
+    """What one update attempt did: ``status`` is committed, trial, refused or rolled_back."""
+
+    status: str
+    version: int | None
+    active: int | None
+    reason: str | None = None
+    message: str = ""
+    steps: list[str] = field(default_factory=list)
+    validation: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("committed", "trial")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class UpdateAgent:
+    """Installs signed bundles into ``install_dir`` for the holders of ``trusted_keys``."""
+
+    def __init__(self, install_dir: str | Path, trusted_keys: list[Ed25519PublicKey], *,
+                 probation: ProbationPolicy | None = None, now: float | None = None) -> None:
+        self.install_dir = Path(install_dir)
+        self.trusted_keys = list(trusted_keys)
+        self.probation = probation or ProbationPolicy()
+        self.now = now
+        self.events = UpdateEvents(self.install_dir / EVENTS_FILE)
+        self._recovered = False
+        self._lock_depth = 0
+
+    # ---- state -------------------------------------------------------------------------------------------
+    @property
+    def state(self) -> InstallState:
+        return load_state(self.install_dir)
+
+    def version_dir(self, version: int) -> Path:
+        return self.install_dir / VERSIONS_DIR / str(version)
+
+    def active_dir(self) -> Path | None:
+        """The directory of the version to serve (None before the first install)."""
+        self.recover()
+        active = self.state.active
+        return None if active is None else self.version_dir(active)
+
+    def counters(self) -> dict[str, dict[str, float]]:
+        return self.events.counters()
+
+    def status(self) -> dict[str, Any]:
+        self.recover()
+        state = self.state
+        info: dict[str, Any] = {"install_dir": str(self.install_dir), **state.to_dict()}
+        if state.active is not None:
+            manifest = parse_manifest(read_metadata(self.version_dir(state.active))[0])
+            info["active_name"], info["active_semver"] = manifest["name"], manifest["semver"]
+            info["active_dir"] = str(self.version_dir(state.active))
+        return info
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One agent at a time per install directory (an flock, released by the kernel if we die)."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        self.install_dir.mkdir(parents=True, exist_ok=True)
+        with (self.install_dir / ".lock").open("w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # ---- start-up ----------------------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Bring the install directory to a clean state after a crash (run once, before any other work).
+
+        Drops a half-written state file and staging leftovers, rolls back an uncommitted trial,
+        falls back to the previous version if the active one no longer verifies, and removes
+        versions that nothing points to.
+        """
+        if self._recovered:
+            return
+        with self._locked():
+            for sub in (VERSIONS_DIR, STAGING_DIR):
+                (self.install_dir / sub).mkdir(parents=True, exist_ok=True)
+            (self.install_dir / (STATE_FILE + ".tmp")).unlink(missing_ok=True)
+            for leftover in (self.install_dir / STAGING_DIR).iterdir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            self._recovered = True
+            state = self.state
+            if state.trial:
+                self._rollback(state, "uncommitted trial found at start-up: the agent stopped during probation")
+                state = self.state
+            if state.active is not None and not self._installed_ok(state.active):
+                fallback = state.previous if state.previous is not None and self._installed_ok(state.previous) else None
+                self.events.record("refused", reason="corrupt-install", version=state.active,
+                                   message=f"installed version {state.active} no longer verifies; "
+                                           f"falling back to {fallback}")
+                state.blocked[state.active] = "installed files no longer verify"
+                state.active, state.previous = fallback, None
+                save_state(self.install_dir, state)
+            self._collect_garbage()
+
+    def _installed_ok(self, version: int) -> bool:
+        root = self.version_dir(version)
+        try:
+            manifest_bytes, signature = read_metadata(root)
+            verify_signature(manifest_bytes, signature, self.trusted_keys)
+            manifest = parse_manifest(manifest_bytes)
+            for _name, check in FILE_CHECKS:
+                check(root, manifest)
+        except (BundleRefused, OSError):
+            return False
+        return True
+
+    def _collect_garbage(self) -> None:
+        state = self.state
+        keep = {str(v) for v in (state.active, state.previous) if v is not None}
+        for path in (self.install_dir / VERSIONS_DIR).iterdir():
+            if path.name not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # ---- update ------------------------------------------------------------------------------------------
+    def update(self, source: str | Path, *, watch: bool = True) -> UpdateResult:
+        """Install the bundle at ``source`` (directory, .tar or URL) if it passes every check.
+
+        With ``watch`` the new version runs its probation at once (golden inputs plus synthesized
+        requests) and is committed or rolled back; without, it stays a trial until the caller
+        feeds :meth:`begin_probation`'s monitor with real requests and calls :meth:`finish_probation`.
+        """
+        self.recover()
+        with self._locked():
+            state = self.state
+            policy = VerifyPolicy(self.trusted_keys, now=self.now, highest_trusted=state.highest_trusted,
+                                  blocked=dict(state.blocked))
+            staging = Path(tempfile.mkdtemp(prefix="update-", dir=self.install_dir / STAGING_DIR))
+            steps: list[str] = []
+            manifest: dict[str, Any] | None = None
+            try:
+                fetch(source, staging, policy)
+                steps.append("fetch")
+                crash_point("fetched")
+                verified = verify_bundle(staging, policy, validate=False)
+                manifest = verified.manifest
+                steps += verified.steps
+                validation = validate_model(staging, manifest)
+                steps.append("self-test")
+                crash_point("verified")
+            except BundleRefused as refusal:
+                claimed = _claimed_version(staging)
+                shutil.rmtree(staging, ignore_errors=True)
+                return self._refused(refusal, manifest, steps, state, claimed)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            version = verified.version
+            self._activate(staging, version, state)
+            steps.append("activate")
+            self.events.record("activated", version=version, previous=state.active, name=manifest["name"],
+                               semver=manifest["semver"])
+            result = UpdateResult("trial", version, version, steps=steps, validation=validation,
+                                  message=f"version {version} is active on probation")
+            if not watch:
+                return result
+            monitor = self.begin_probation()
+            self._probe(monitor, version)
+            steps.append("probation")
+            final = self.finish_probation(monitor)
+            final.steps, final.validation = steps, validation
+            return final
+
+    def _refused(self, refusal: BundleRefused, manifest: dict[str, Any] | None, steps: list[str],
+                 state: InstallState, claimed: int | None = None) -> UpdateResult:
+        version = int(manifest["version"]) if manifest else None
+        self.events.record("refused", reason=refusal.reason, version=version, claimed_version=claimed,
+                           message=str(refusal), active=state.active)
+        if manifest is not None and refusal.reason in BROKEN_MODEL_REASONS and version is not None:
+            state.blocked[version] = f"{refusal.reason}: {refusal}"
+            state.highest_trusted = max(state.highest_trusted, version)
+            save_state(self.install_dir, state)
+            self.events.record("blocked", version=version, reason=refusal.reason)
+        return UpdateResult("refused", version, state.active, refusal.reason, str(refusal), steps)
+
+    def _activate(self, staging: Path, version: int, state: InstallState) -> None:
+        fsync_tree(staging)
+        crash_point("synced")
+        target = self.version_dir(version)
+        if target.exists():  # a leftover of an interrupted attempt at this very version
+            shutil.rmtree(target)
+        staging.rename(target)  # same filesystem: atomic
+        fsync_path(target.parent)
+        fsync_path(staging.parent)
+        crash_point("moved")
+        new_state = InstallState(active=version, previous=state.active, trial=True,
+                                 highest_trusted=max(state.highest_trusted, version), blocked=dict(state.blocked))
+        save_state(self.install_dir, new_state, crash_prefix="activate")
+
+    # ---- probation ---------------------------------------------------------------------------------------
+    def begin_probation(self) -> HealthMonitor:
+        """A monitor for the active trial version; the latency yardstick is the previous version's median."""
+        state = self.state
+        if not state.trial or state.active is None:
+            raise BundleRefused("no-trial", "No version is on probation.")
+        monitor = HealthMonitor(self.probation)
+        if state.previous is not None and self.probation.max_latency_ratio is not None:
+            requests = self._requests(state.active)
+            previous = OnnxModel(self.version_dir(state.previous) / "model.onnx")
+            monitor.baseline_latency_ms = median_latency_ms(previous, requests)
+        return monitor
+
+    def _requests(self, version: int) -> list[dict[str, Any]]:
+        root = self.version_dir(version)
+        manifest = parse_manifest(read_metadata(root)[0])
+        golden = load_arrays(root / manifest["golden"]["inputs"])
+        return probation_requests(root / manifest["model"], golden, self.probation.queries)
+
+    def _probe(self, monitor: HealthMonitor, version: int) -> None:
+        root = self.version_dir(version)
+        try:
+            model = OnnxModel(root / parse_manifest(read_metadata(root)[0])["model"])
+        except Exception as exc:
+            monitor.record(error=exc)
+            return
+        for i, feeds in enumerate(self._requests(version)):
+            try:
+                latency, outputs = model.timed_run(feeds)
+                monitor.record(latency, outputs)
+            except Exception as exc:
+                monitor.record(error=exc)
+            if i == 0:
+                crash_point("probation")
+
+    def finish_probation(self, monitor: HealthMonitor) -> UpdateResult:
+        """Commit the trial if the monitor is healthy, else roll back and block-list it."""
+        with self._locked():
+            state = self.state
+            version = state.active
+            healthy, why = monitor.verdict()
+            if healthy:
+                state.trial = False
+                save_state(self.install_dir, state, crash_prefix="commit")
+                self.events.record("committed", version=version, detail=why)
+                self._collect_garbage()
+                return UpdateResult("committed", version, version, message=f"version {version} committed: {why}")
+            self._rollback(state, f"probation failed: {why}")
+            active = self.state.active
+            return UpdateResult("rolled_back", version, active, "probation-failed",
+                                f"version {version} rolled back to {active}: probation failed: {why}")
+
+    def _rollback(self, state: InstallState, reason: str) -> None:
+        bad = state.active
+        if bad is not None:
+            state.blocked[bad] = reason
+        state.active, state.previous, state.trial = state.previous, None, False
+        save_state(self.install_dir, state)
+        self.events.record("rolled_back", version=bad, active=state.active, reason=reason)
+        self._collect_garbage()
+
+
+def _claimed_version(staging: Path) -> int | None:
+    """The version an unverified manifest claims, for the event log only (never trusted)."""
+    try:
+        value = json.loads((staging / MANIFEST_FILE).read_bytes()[:MAX_MANIFEST_BYTES]).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
