@@ -1,0 +1,144 @@
+"""`compactai optimize`: the main job — the best model within a budget, measured on this machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from compactai.cli._common import Output, app, fmt, resolve_model, table
+
+
+@app.command()
+def optimize(
+    path: Optional[str] = typer.Argument(None, help="Model: .onnx, .pt2 or Hugging Face directory."),
+    example: Optional[str] = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
+    budget: Optional[str] = typer.Option(
+        None, "--budget", "-b",
+        help="Constraints, e.g. 'latency_p90_ms<=2,size_mb<=10,memory_mb<=200'. A limit ending in x is a multiple "
+             "of the original's figure ('latency_p90_ms<=0.5x'). Default: 'latency_p90_ms<=0.5x,size_mb<=0.25x'."),
+    min_quality: Optional[str] = typer.Option(
+        None, "--min-quality", "-q",
+        help="Quality to keep: a fraction of the original's (0.99), or 'abs:VALUE' on the metric. Default 0.99."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML/JSON recipe file (model, budget, space, seed...)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output directory (default: out/optimize-NAME)."),
+    max_trials: Optional[int] = typer.Option(None, "--max-trials", help="Stop after this many trials (default 20)."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop starting trials after this long."),
+    techniques: Optional[str] = typer.Option(None, "--techniques", help="Comma list to search (default: all that fit)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the sampler and the techniques (default 0)."),
+    executor: str = typer.Option("local", "--executor", help="local, or ray (needs compactai[distributed])."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (default: start one)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL shared by workers "
+                                          "(default: SQLite in the output directory)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the study in the output directory."),
+    threads: Optional[int] = typer.Option(None, help="Intra-op threads for measuring (default: all CPUs)."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer timed queries per trial (noisier, faster)."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Search pipelines of the registered techniques (prune -> distill -> quantize) for the best model
+    within the budget: every trial measured on ONNX Runtime, Pareto front, resumable, report.html.
+    Exit code 3 when no candidate fits (the closest ones are written)."""
+    from compactai.budget import DEFAULT_BUDGET, DEFAULT_MIN_QUALITY, parse_budget
+    from compactai.errors import BudgetNotMetError
+    from compactai.measure import MeasureConfig
+    from compactai.search import SearchConfig
+    from compactai.search.optimize import optimize as run_optimize
+    from compactai.search.recipe import load_recipe
+    from compactai.search.space import default_space, space_from_config
+
+    out = Output(json_output)
+    spec = load_recipe(recipe) if recipe else None
+    if spec is not None:
+        path = path or spec.model
+        example = example or spec.example
+        budget = budget if budget is not None else spec.budget
+        min_quality = min_quality if min_quality is not None else (None if spec.min_quality is None else str(spec.min_quality))
+    parsed = parse_budget(DEFAULT_BUDGET if budget is None else budget,
+                          DEFAULT_MIN_QUALITY if min_quality is None else min_quality)
+    measure = MeasureConfig.quick() if quick else SearchConfig().measure
+    measure.threads = threads or (spec.threads if spec else None)
+    config = SearchConfig(
+        max_trials=max_trials or (spec.max_trials if spec else 20),
+        max_minutes=max_minutes if max_minutes is not None else (spec.max_minutes if spec else None),
+        seed=seed if seed is not None else (spec.seed if spec else 0),
+        executor=executor if executor != "local" or spec is None else spec.executor,
+        ray_address=ray_address, storage=storage, resume=resume, measure=measure,
+    )
+    if config.executor not in ("local", "ray"):
+        from compactai.errors import BadInputError
+
+        raise BadInputError(f"Unknown executor '{config.executor}'; choose local or ray.")
+    with out.progress("Optimizing") as say:
+        handle, task, info = resolve_model(path, example, progress=lambda e, n, acc: say(f"training example {e}/{n}"))
+        if task is None:
+            from compactai.errors import BadInputError
+
+            raise BadInputError("optimize needs task data to keep quality; use --example NAME (data for your own "
+                                "models: see the README's 'Your own model' section).")
+        if spec is not None and spec.search_space:
+            space = space_from_config([s.model_dump() for s in spec.search_space])
+        else:
+            space = default_space(handle.kind, handle.framework, techniques.split(",") if techniques else None)
+        target = output or Path("out") / f"optimize-{info.get('example') or Path(str(path)).stem}"
+
+        def on_trial(result: Any) -> None:
+            from compactai.search.engine import describe
+
+            if result.status == "ok":
+                f = result.figures
+                mark = "within budget" if result.feasible else "outside budget"
+                say(f"trial {result.number}: {describe(result.recipe)} -> quality {f['quality']:.4f}, "
+                    f"p90 {f['latency_p90_ms']:.3f} ms, {f['size_mb']:.2f} MB ({mark})")
+            else:
+                say(f"trial {result.number}: {describe(result.recipe)} failed: {result.error}")
+
+        try:
+            results = run_optimize(handle, task, parsed, target, config, space=space, source=info,
+                                   progress=say, on_trial=on_trial)
+        except BudgetNotMetError:
+            import json
+
+            results_path = target / "results.json"
+            if results_path.exists():
+                data = json.loads(results_path.read_text())
+                data["paths"] = _paths(target, chosen=False)
+                print_summary(out, data)
+                out.emit(data)
+            raise
+    results["paths"] = _paths(target, chosen=True)
+    print_summary(out, results)
+    out.emit({k: v for k, v in results.items() if k != "latency_samples_ms"})
+
+
+def _paths(target: Path, chosen: bool) -> dict[str, str]:
+    paths = {"output_dir": str(target), "results": str(target / "results.json"), "report": str(target / "report.html"),
+             "study": str(target / "study.db")}
+    if chosen:
+        paths["model"] = str(target / "model.onnx")
+    else:
+        paths["candidates"] = str(target / "candidates")
+    return paths
+
+
+def print_summary(out: Output, results: dict[str, Any]) -> None:
+    base = results["baseline"]
+    chosen = (results.get("chosen") or {}).get("figures")
+    rows = []
+    for label, key in (("quality", "quality"), ("size (MB)", "size_mb"), ("params", "params"), ("MACs", "macs"),
+                       ("latency p50 (ms)", "latency_p50_ms"), ("latency p90 (ms)", "latency_p90_ms"),
+                       ("throughput (items/s)", "throughput_items_per_s"), ("peak memory (MB)", "peak_memory_mb"),
+                       ("energy (mJ/inf, " + str(base.get("energy_method")) + ")", "energy_mj")):
+        before, after = base.get(key), (chosen or {}).get(key)
+        ratio = f"{before / after:.2f}x" if isinstance(before, (int, float)) and isinstance(after, (int, float)) and after else "-"
+        rows.append([label, before, after, ratio])
+    if chosen:
+        rows.append(["test-split quality", results["task"]["baseline_test"], chosen["test_quality"]["value"], "-"])
+    out.console.print(table(f"Original vs chosen ({results['model']['name']})", ["figure", "original", "chosen",
+                                                                                  "original/chosen"], rows))
+    out.console.print(results["selection"]["explanation"])
+    if results.get("chosen"):
+        out.console.print(f"chosen pipeline: {results['chosen']['label']}")
+    out.console.print(f"trials: {results['search']['trials_finished']} (stopped by {results['search']['stopped_by']})"
+                      f"; report: {results['paths']['report']}")
+    _ = fmt

@@ -1,0 +1,215 @@
+"""The budget-driven search: Optuna ask/tell over pipelines, every trial measured on the runtime.
+
+Objectives: maximize quality, minimize measured p90 latency, minimize size. Budget
+constraints go to the sampler (TPE with ``constraints_func``). The study lives in SQLite in
+the output directory (or any RDB URL), so ``resume`` continues it without repeating finished
+trials; each trial's full result is stored in its user attributes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compactai.budget import Budget
+from compactai.errors import BadInputError
+from compactai.measure import MeasureConfig
+from compactai.models.handle import ModelHandle
+from compactai.search.executors import make_executor
+from compactai.search.space import SearchSpace
+from compactai.search.trial import TrialResult
+from compactai.tasks import Task
+
+log = logging.getLogger(__name__)
+STUDY_NAME = "compactai"
+RESULT_ATTR = "compactai_result"
+
+
+@dataclass
+class SearchConfig:
+    max_trials: int = 20
+    max_minutes: float | None = None
+    seed: int = 0
+    executor: str = "local"
+    ray_address: str | None = None
+    storage: str | None = None  # default: sqlite in the output directory
+    resume: bool = False
+    selection_split: str = "validation"
+    measure: MeasureConfig = field(default_factory=lambda: MeasureConfig(
+        min_queries=100, min_seconds=0.5, warmup=10, throughput_min_batches=5, memory=False))
+    enqueue_singles: bool = True
+
+
+@dataclass
+class SearchOutcome:
+    trials: list[TrialResult]
+    interrupted: bool
+    stopped_by: str  # "max_trials" | "time" | "interrupt" | "exhausted"
+    storage: str
+
+
+def storage_url(out_dir: Path, storage: str | None) -> str:
+    return storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
+
+
+def check_study(out_dir: Path, config: SearchConfig) -> None:
+    """Refuse to silently mix with an old study, or to resume nothing (before any work starts)."""
+    url = storage_url(out_dir, config.storage)
+    exists = (out_dir / "study.db").exists() if config.storage is None else _study_exists(url)
+    if exists and not config.resume:
+        raise BadInputError(
+            f"{out_dir} already holds a search study; pass --resume to continue it, or choose a new -o directory."
+        )
+    if config.resume and not exists:
+        raise BadInputError(f"Nothing to resume in {out_dir}: no study found. Run without --resume first.")
+
+
+def open_study(out_dir: Path, config: SearchConfig) -> Any:
+    """Create the study, or load it when resuming. Budget violations reach the sampler as
+    constraints (``trial.set_constraint``), so TPE learns where the feasible region is."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    check_study(out_dir, config)
+    url = storage_url(out_dir, config.storage)
+    sampler = optuna.samplers.TPESampler(seed=config.seed, multivariate=True, n_startup_trials=6)
+    return optuna.create_study(study_name=STUDY_NAME, storage=url, load_if_exists=True, sampler=sampler,
+                               directions=["maximize", "minimize", "minimize"])
+
+
+def _study_exists(url: str) -> bool:
+    import optuna
+
+    try:
+        return any(s.study_name == STUDY_NAME for s in optuna.get_all_study_summaries(storage=url))
+    except Exception:
+        return False
+
+
+def finished_results(study: Any) -> list[TrialResult]:
+    """Results of every finished trial in the study (from its stored user attributes)."""
+    results = []
+    for trial in study.get_trials(deepcopy=False):
+        data = trial.user_attrs.get(RESULT_ATTR)
+        if data and trial.state.is_finished():
+            results.append(TrialResult.from_dict(json.loads(data) if isinstance(data, str) else data))
+    return sorted(results, key=lambda r: r.number)
+
+
+def _fail_abandoned(study: Any) -> int:
+    """Trials left RUNNING by a killed process are marked failed (they are not re-run)."""
+    from optuna.trial import TrialState
+
+    count = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(trial._trial_id, "abandoned", True)
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        count += 1
+    return count
+
+
+def objective_values(result: TrialResult) -> list[float]:
+    f = result.figures
+    return [float(f.get("quality", 0.0)), float(f.get("latency_p90_ms", 1e9)), float(f.get("size_mb") or 1e9)]
+
+
+def run_search(
+    handle: ModelHandle,
+    task: Task,
+    budget: Budget,
+    space: SearchSpace,
+    out_dir: Path,
+    config: SearchConfig,
+    *,
+    source: dict[str, Any] | None = None,
+    selection_baseline: float | None = None,
+    on_trial: Callable[[TrialResult], None] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> SearchOutcome:
+    """Run trials until max_trials (counting resumed ones), the time limit or Ctrl-C."""
+    import optuna
+
+    study = open_study(out_dir, config)
+    abandoned = _fail_abandoned(study)
+    if abandoned:
+        log.warning("marked %d trial(s) interrupted in the previous run as failed", abandoned)
+    say = progress or (lambda message: None)
+    if config.enqueue_singles and not study.trials:
+        for params in space.single_technique_trials():
+            study.enqueue_trial(params, skip_if_exists=True)
+    deadline = None if config.max_minutes is None else time.monotonic() + config.max_minutes * 60
+    executor = make_executor(config, handle, task, budget, out_dir, source=source,
+                             selection_baseline=selection_baseline)
+    seen: dict[str, TrialResult] = {json.dumps(r.recipe, sort_keys=True): r for r in finished_results(study)}
+    stopped_by, interrupted = "max_trials", False
+    previous_handler = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        while True:
+            done = len([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
+            if done >= config.max_trials:
+                stopped_by = "max_trials"
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                stopped_by = "time"
+                break
+            batch = min(executor.parallel, config.max_trials - done)
+            asked = []
+            for _ in range(batch):
+                trial = study.ask()
+                recipe = space.sample(trial)
+                asked.append((trial, recipe))
+                say(f"trial {trial.number + 1}/{config.max_trials}: {describe(recipe)}")
+            results: dict[int, TrialResult] = {}
+            jobs = []
+            for trial, recipe in asked:
+                key = json.dumps(recipe, sort_keys=True)
+                if key in seen:  # identical recipe: reuse the measured result (content-addressed)
+                    previous = seen[key]
+                    results[trial.number] = TrialResult.from_dict(
+                        {**previous.to_dict(), "number": trial.number, "seconds": 0.0, "cached_steps": len(recipe)})
+                else:
+                    jobs.append((trial.number, recipe))
+            for result in executor.run_many(jobs, deadline):
+                results[result.number] = result
+            for trial, recipe in asked:
+                result = results[trial.number]
+                trial.set_user_attr(RESULT_ATTR, json.dumps(result.to_dict()))
+                trial.set_user_attr("recipe", describe(recipe))
+                if result.status == "ok":
+                    seen[json.dumps(recipe, sort_keys=True)] = result
+                    trial.set_constraint("budget_violation", result.violation)
+                    study.tell(trial, objective_values(result))
+                else:
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                if on_trial is not None:
+                    on_trial(result)
+    except KeyboardInterrupt:
+        interrupted, stopped_by = True, "interrupt"
+        for running in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study._storage.set_trial_state_values(running._trial_id, optuna.trial.TrialState.FAIL)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        executor.close()
+    return SearchOutcome(finished_results(study), interrupted, stopped_by, storage_url(out_dir, config.storage))
+
+
+def describe(recipe: list[dict[str, Any]]) -> str:
+    """A short human label: ``prune(ratio=0.5) -> quantize(mode=static)``."""
+    if not recipe:
+        return "(original)"
+    parts = []
+    for step in recipe:
+        params = ", ".join(f"{k}={_short(v)}" for k, v in step["params"].items())
+        parts.append(f"{step['technique']}({params})")
+    return " -> ".join(parts)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,230 @@
+"""`optimize`: baseline -> search -> select -> final measurement -> model.onnx, results.json, report.html."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from compactai.budget import Budget
+from compactai.errors import BudgetNotMetError
+from compactai.measure import MeasureConfig, environment, make_runner, measure
+from compactai.models.handle import ModelHandle
+from compactai.results import save_model, to_jsonable
+from compactai.search.engine import SearchConfig, describe, run_search
+from compactai.search.select import Selection, select
+from compactai.search.space import SearchSpace, default_space
+from compactai.search.trial import StepCache, TrialResult, apply_recipe, figures_for
+from compactai.tasks import Task
+
+FINAL_MEASURE = MeasureConfig(min_queries=300, min_seconds=1.5, warmup=30, throughput_batch=32,
+                              throughput_min_batches=10, memory=True)
+
+
+def measure_candidate(handle: ModelHandle, task: Task, config: MeasureConfig, selection_split: str,
+                      selection_baseline: float | None = None) -> dict[str, Any]:
+    """Measurement on ONNX Runtime + quality on the selection split (and test quality)."""
+    onnx_handle = handle.to_onnx() if handle.framework == "torch" else handle
+    measured = measure(onnx_handle, None, runtime="onnxruntime", config=config).to_dict(samples=True)
+    runner = make_runner(onnx_handle, "onnxruntime", config.threads)
+    quality = task.evaluate(runner, split=selection_split)
+    if selection_baseline is not None:
+        quality.baseline = selection_baseline
+    figures = figures_for(measured, quality.to_dict())
+    figures["test_quality"] = task.evaluate(runner).to_dict()
+    return figures
+
+
+def optimize(
+    handle: ModelHandle,
+    task: Task,
+    budget: Budget,
+    out_dir: str | Path,
+    config: SearchConfig | None = None,
+    *,
+    space: SearchSpace | None = None,
+    source: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+    on_trial: Callable[[TrialResult], None] | None = None,
+    write_report: bool = True,
+) -> dict[str, Any]:
+    """Find the best model within ``budget``; writes the output directory and returns results.json's data.
+
+    Raises BudgetNotMetError (after writing results, report and the closest candidates) when no
+    candidate fits.
+    """
+    config = config or SearchConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    say = progress or (lambda message: None)
+    started = time.monotonic()
+    space = space or default_space(handle.kind, handle.framework)
+    if not space.stages:
+        from compactai.errors import BadInputError
+
+        raise BadInputError(f"No registered technique applies to a {handle.kind} {handle.framework} model.")
+    selection_split = config.selection_split if config.selection_split in task.splits else task.eval_split
+    config.selection_split = selection_split
+    from compactai.search.engine import check_study  # fail fast on an existing study before any work
+
+    check_study(out, config)
+    say("measuring the original model")
+    baseline_path = out / "baseline" / "model.onnx"
+    baseline_handle = handle.to_onnx(baseline_path) if handle.framework == "torch" else handle
+    runner = make_runner(baseline_handle, "onnxruntime", config.measure.threads)
+    selection_baseline = task.evaluate(runner, split=selection_split).value
+    baseline_quick = measure_candidate(baseline_handle, task, config.measure, selection_split, selection_baseline)
+    requested = str(budget)
+    budget = budget.resolve(baseline_quick)
+    say(f"budget: {budget}")
+    outcome = run_search(handle, task, budget, space, out, config, source=source,
+                         selection_baseline=selection_baseline, on_trial=on_trial, progress=say)
+    selection = select(outcome.trials, budget)
+    say("final measurement of the original and the chosen model")
+    baseline_final = measure_candidate(baseline_handle, task, FINAL_MEASURE_with(config), selection_split,
+                                       selection_baseline)
+    chosen_final = None
+    waterfall: list[dict[str, Any]] = []
+    if selection.chosen is not None:
+        chosen_handle = _load_artifact(handle, selection.chosen)
+        chosen_final = measure_candidate(chosen_handle, task, FINAL_MEASURE_with(config), selection_split,
+                                         selection_baseline)
+        save_model(chosen_handle, out)
+        say("per-technique contribution of the chosen pipeline")
+        waterfall = build_waterfall(handle, task, selection.chosen, outcome.trials, baseline_quick, out, config,
+                                    selection_baseline)
+    else:
+        _write_closest(out, selection)
+    results = {
+        "command": "optimize",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seed": config.seed,
+        "environment": environment(),
+        "source": source or {},
+        "model": {"name": handle.name, "kind": handle.kind, "framework": handle.framework,
+                  "inputs": [s.to_dict() for s in handle.inputs], "outputs": [s.to_dict() for s in handle.outputs],
+                  "fingerprint": handle.fingerprint(), "path": "model.onnx" if selection.chosen else None},
+        "task": {"name": task.name, "metric": task.metric.name, "selection_split": selection_split,
+                 "test_split": task.eval_split, "baseline_test": task.baseline, "baseline_selection": selection_baseline},
+        "budget": {**budget.to_dict(), "requested": requested},
+        "search": {"space": space.to_dict(), "max_trials": config.max_trials, "max_minutes": config.max_minutes,
+                   "executor": config.executor, "storage": outcome.storage, "stopped_by": outcome.stopped_by,
+                   "interrupted": outcome.interrupted, "seconds": time.monotonic() - started,
+                   "trials_finished": len(outcome.trials)},
+        "baseline": _strip(baseline_final),
+        "chosen": None if selection.chosen is None else {
+            "trial": selection.chosen.number, "recipe": selection.chosen.recipe,
+            "label": describe(selection.chosen.recipe), "lineage": selection.chosen.lineage,
+            "figures": _strip(chosen_final), "search_figures": selection.chosen.figures},
+        "recipe": selection.chosen.recipe if selection.chosen else [],
+        "lineage": selection.chosen.lineage if selection.chosen else [],
+        "measurements": {"onnxruntime": _strip(chosen_final)} if chosen_final else {},
+        "quality": chosen_final["test_quality"] if chosen_final else None,
+        "selection": {"explanation": selection.explain(budget), "pareto_front": [r.number for r in selection.front],
+                      "closest": [r.number for r in selection.closest],
+                      "checks": [{"constraint": str(c.constraint), "actual": c.actual, "ok": c.ok, "slack": c.slack,
+                                  "text": c.describe()} for c in
+                                 (budget.check(chosen_final) if chosen_final else selection.failed_checks)]},
+        "waterfall": waterfall,
+        "trials": [r.to_dict() for r in outcome.trials],
+        "latency_samples_ms": {"original": baseline_final.get("latency_samples_ms", []),
+                               "chosen": (chosen_final or {}).get("latency_samples_ms", [])},
+    }
+    _write_json(out / "results.json", results)
+    if write_report:
+        from compactai.report import write_report as render
+
+        render(results, out / "report.html")
+    _cleanup_trials(out, selection)
+    if selection.chosen is None:
+        raise BudgetNotMetError(
+            f"{selection.explain(budget)}. Closest candidates written to {out / 'candidates'}; report: "
+            f"{out / 'report.html'}. Relax the budget or allow more trials/minutes."
+        )
+    return results
+
+
+def FINAL_MEASURE_with(config: SearchConfig) -> MeasureConfig:  # noqa: N802 - reads like the constant it extends
+    final = MeasureConfig(**{**FINAL_MEASURE.__dict__})
+    final.threads = config.measure.threads
+    final.memory = config.measure.memory or FINAL_MEASURE.memory
+    if config.measure.min_queries < 50:  # a quick (test) run stays quick at the end too
+        final.min_queries, final.min_seconds, final.warmup = 50, 0.2, 5
+    return final
+
+
+def _load_artifact(handle: ModelHandle, result: TrialResult) -> ModelHandle:
+    from compactai.models.load import load_onnx
+
+    loaded = load_onnx(Path(result.artifact), name=handle.name, kind=handle.kind)  # type: ignore[arg-type]
+    loaded.example_inputs = dict(handle.example_inputs)
+    loaded.metadata["history"] = result.lineage
+    return loaded
+
+
+def build_waterfall(handle: ModelHandle, task: Task, chosen: TrialResult, trials: list[TrialResult],
+                    baseline: dict[str, Any], out: Path, config: SearchConfig,
+                    selection_baseline: float | None = None) -> list[dict[str, Any]]:
+    """Figures after each step of the chosen recipe: from finished trials when one ran exactly
+    that prefix, else by re-applying the prefix (cached step by step)."""
+    by_recipe = {json.dumps(t.recipe, sort_keys=True): t for t in trials if t.status == "ok"}
+    steps = [{"step": "original", **_summary(baseline)}]
+    cache = StepCache()
+    for k in range(1, len(chosen.recipe) + 1):
+        prefix = chosen.recipe[:k]
+        label = describe(prefix[-1:])
+        found = by_recipe.get(json.dumps(prefix, sort_keys=True))
+        if found is not None:
+            steps.append({"step": label, "trial": found.number, **_summary(found.figures)})
+            continue
+        try:
+            current, _ = apply_recipe(handle, task, prefix, out / "work", cache=cache, seed=config.seed)
+            figures = measure_candidate(current, task, config.measure, config.selection_split, selection_baseline)
+            steps.append({"step": label, **_summary(figures)})
+        except Exception as exc:  # the waterfall is a report aid; never lose the result over it
+            steps.append({"step": label, "error": f"{type(exc).__name__}: {exc}"[:300]})
+    return steps
+
+
+def _summary(figures: dict[str, Any]) -> dict[str, Any]:
+    keys = ("quality", "quality_relative", "latency_p50_ms", "latency_p90_ms", "size_mb", "throughput_items_per_s",
+            "params", "macs")
+    return {k: figures.get(k) for k in keys}
+
+
+def _strip(figures: dict[str, Any] | None) -> dict[str, Any] | None:
+    if figures is None:
+        return None
+    return {k: v for k, v in figures.items() if k != "latency_samples_ms"}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(to_jsonable(data), indent=2))
+    os.replace(tmp, path)
+
+
+def _write_closest(out: Path, selection: Selection) -> None:
+    target = out / "candidates"
+    shutil.rmtree(target, ignore_errors=True)
+    for rank, result in enumerate(selection.closest, 1):
+        if result.artifact and Path(result.artifact).exists():
+            folder = target / f"{rank}-trial{result.number:04d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(result.artifact, folder / "model.onnx")
+            _write_json(folder / "trial.json", result.to_dict())
+
+
+def _cleanup_trials(out: Path, selection: Selection) -> None:
+    """Keep trial models on the Pareto front (and the chosen/closest); drop the rest to save disk."""
+    keep = {r.number for r in selection.front + selection.closest}
+    if selection.chosen is not None:
+        keep.add(selection.chosen.number)
+    for folder in (out / "trials").glob("*"):
+        if folder.is_dir() and folder.name.isdigit() and int(folder.name) not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(out / "work", ignore_errors=True)
