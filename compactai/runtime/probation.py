@@ -25,6 +25,7 @@ class ProbationPolicy:
     max_error_rate: float = 0.0
     max_nan_rate: float = 0.0
     max_latency_ratio: float | None = 5.0  # p50 of the new version / p50 of the previous one
+    min_latency_increase_ms: float = 1.0  # and slower by at least this much (tiny models' ratios are noise)
     min_requests: int = 1
 
 
@@ -63,8 +64,10 @@ class HealthMonitor:
         if self.nan_requests / n > self.policy.max_nan_rate:
             return False, f"{self.nan_requests} of {n} requests returned NaN/Inf outputs"
         if self.policy.max_latency_ratio is not None and self.baseline_latency_ms and self.latencies_ms:
-            ratio = statistics.median(self.latencies_ms) / self.baseline_latency_ms
-            if ratio > self.policy.max_latency_ratio:
+            median = statistics.median(self.latencies_ms)
+            ratio = median / self.baseline_latency_ms
+            increase = median - self.baseline_latency_ms
+            if ratio > self.policy.max_latency_ratio and increase > self.policy.min_latency_increase_ms:
                 return False, (f"median latency is {ratio:.1f}x the previous version's, above the "
                                f"{self.policy.max_latency_ratio}x allowed")
         return True, f"{n} requests, no errors or NaNs"
@@ -101,9 +104,9 @@ def probation_requests(model_path: Path, golden: dict[str, np.ndarray], count: i
 def median_latency_ms(model: OnnxModel, requests: list[dict[str, np.ndarray]]) -> float | None:
     """The previous version's median latency on the same requests (the latency yardstick)."""
     latencies = []
-    for feeds in requests:
+    for feeds in [requests[0]] + requests:  # the first run warms the session up and is dropped
         try:
             latencies.append(model.timed_run(feeds)[0])
         except Exception:  # the old model may not accept the new model's inputs; then skip the check
             return None
-    return statistics.median(latencies) if latencies else None
+    return statistics.median(latencies[1:]) if len(latencies) > 1 else None
