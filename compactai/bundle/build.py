@@ -104,7 +104,7 @@ def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
         if value.dtype == object:
             raise BadInputError(f"Golden array {name!r} has dtype object; only numeric arrays are stored (no pickle).")
     with path.open("wb") as stream:
-        np.savez(stream, **arrays)
+        np.savez(stream, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds like allow_pickle
 
 
 def write_signed_manifest(root: Path, manifest: dict[str, Any], private_key: Ed25519PrivateKey) -> dict[str, Any]:
@@ -197,10 +197,10 @@ def _source_info(model: Path, results: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _write_archive(root: Path, out: Path) -> None:
-    """A reproducible tar of the bundle: sorted names, no owner, fixed mode, written via a temp file."""
-    mode = "w:gz" if out.name.endswith((".tar.gz", ".tgz")) else "w"
+    """A tar of the bundle: sorted names, no owner, fixed mode, written via a temp file then renamed."""
     tmp = out.with_name(out.name + ".tmp")
-    with tarfile.open(tmp, mode) as tar:
+    compressed = out.name.endswith((".tar.gz", ".tgz"))
+    with (tarfile.open(tmp, "w:gz") if compressed else tarfile.open(tmp, "w")) as tar:
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             info = tar.gettarinfo(str(path), arcname=path.relative_to(root).as_posix())
             info.uid = info.gid = 0

@@ -321,14 +321,14 @@ def extract_archive(archive: Path, target: Path, max_bytes: int = MAX_ARCHIVE_BY
     absolute or ``..`` names refuse the whole archive, as do archives over ``max_bytes``.
     """
     target.mkdir(parents=True, exist_ok=True)
+    total = 0
     try:
-        tar = tarfile.open(archive, "r:*")
+        tar = tarfile.open(archive, "r:*")  # noqa: SIM115 (closed by the with below; open errors handled here)
     except tarfile.TarError as exc:
         raise BundleRefused("bad-archive", f"{archive.name} is not a tar archive ({exc}).") from exc
-    total = 0
     with tar:
         for member in tar:
-            name = member.name[2:] if member.name.startswith("./") else member.name
+            name = member.name.removeprefix("./")
             name = name.rstrip("/")
             if not name or name == ".":
                 continue

@@ -80,8 +80,8 @@ def print_manifest(out: Output, manifest: dict[str, Any], title: str) -> None:
     ]
     quality = manifest.get("quality")
     if quality:
-        rows.append([f"quality ({quality.get('metric')})", f"{fmt(quality.get('value'), 4)} "
-                                                          f"(baseline {fmt(quality.get('baseline'), 4)})"])
+        value = f"{fmt(quality.get('value'), 4)} (baseline {fmt(quality.get('baseline'), 4)})"
+        rows.append([f"quality ({quality.get('metric')})", value])
     for runtime, figures in (manifest.get("measurements") or {}).items():
         base = (manifest.get("baseline") or {}).get(runtime) or {}
         p50, base_p50 = figures.get("latency_p50_ms"), base.get("latency_p50_ms")

@@ -24,7 +24,14 @@ from typing import Any
 
 from compactai.bundle.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, BundleRefused, parse_manifest
 from compactai.bundle.signing import Ed25519PublicKey, verify_signature
-from compactai.bundle.verify import FILE_CHECKS, VerifyPolicy, load_arrays, read_metadata, validate_model, verify_bundle
+from compactai.bundle.verify import (
+    FILE_CHECKS,
+    VerifyPolicy,
+    load_arrays,
+    read_metadata,
+    validate_model,
+    verify_bundle,
+)
 from compactai.runtime.events import UpdateEvents
 from compactai.runtime.fetch import fetch
 from compactai.runtime.probation import (
@@ -284,19 +291,19 @@ class UpdateAgent:
         root = self.version_dir(version)
         try:
             model = OnnxModel(root / parse_manifest(read_metadata(root)[0])["model"])
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (whatever the runtime raises is a failed probation)
             monitor.record(error=exc)
             return
         requests = self._requests(version)
         try:
             model.timed_run(requests[0])  # warm-up, not recorded: first runs allocate and are slow
-        except Exception:
-            pass  # the recorded run of the same request will record the error
+        except Exception:  # noqa: BLE001, S110 (the recorded run of the same request records the error)
+            pass
         for i, feeds in enumerate(requests):
             try:
                 latency, outputs = model.timed_run(feeds)
                 monitor.record(latency, outputs)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 (any failure of a request counts against the version)
                 monitor.record(error=exc)
             if i == 0:
                 crash_point("probation")

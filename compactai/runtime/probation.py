@@ -107,6 +107,6 @@ def median_latency_ms(model: OnnxModel, requests: list[dict[str, np.ndarray]]) -
     for feeds in [requests[0]] + requests:  # the first run warms the session up and is dropped
         try:
             latencies.append(model.timed_run(feeds)[0])
-        except Exception:  # the old model may not accept the new model's inputs; then skip the check
+        except Exception:  # noqa: BLE001 (the old model may not accept the new inputs; skip the latency check)
             return None
     return statistics.median(latencies[1:]) if len(latencies) > 1 else None

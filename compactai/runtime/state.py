@@ -70,11 +70,11 @@ def fsync_path(path: Path) -> None:
 def fsync_tree(root: Path) -> None:
     """fsync every file under ``root``, then every directory bottom-up."""
     directories = []
-    for directory, _dirs, files in os.walk(root):
-        directories.append(Path(directory))
+    for top, _dirs, files in os.walk(root):
+        directories.append(Path(top))
         for name in files:
-            fsync_path(Path(directory) / name)
-    for directory in reversed(directories):
+            fsync_path(Path(top) / name)
+    for directory in reversed(directories):  # children first, so each parent records final entries
         fsync_path(directory)
 
 

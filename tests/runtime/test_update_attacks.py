@@ -14,8 +14,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compactai.bundle import MANIFEST_FILE, SIGNATURE_FILE, canonical_bytes, generate_keypair, load_private_key
-from compactai.runtime import ProbationPolicy, UpdateAgent
+from compactai.bundle import (
+    MANIFEST_FILE,
+    SIGNATURE_FILE,
+    canonical_bytes,
+    generate_keypair,
+    load_private_key,
+)
+from compactai.runtime import UpdateAgent
 
 
 def assert_refused(agent: UpdateAgent, source: Path | str, reason: str) -> None:
