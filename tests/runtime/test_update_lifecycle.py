@@ -138,3 +138,14 @@ def test_probation_policy_latency_verdict():
     assert not healthy and "latency" in why
     assert HealthMonitor(ProbationPolicy(max_latency_ratio=None), baseline_latency_ms=1.0,
                          latencies_ms=[5.0]).verdict()[0]
+
+
+def test_counters_are_exposed_in_prometheus_format(agent_v1, make_bundle):
+    from prometheus_client import generate_latest
+
+    bundle = make_bundle(2)
+    (bundle / "extra.txt").write_text("x")
+    agent_v1.update(bundle)
+    text = generate_latest(agent_v1.events.registry).decode()
+    assert 'compactai_update_refusals_total{reason="extra-file"} 1.0' in text
+    assert 'compactai_update_events_total{event="refused"} 1.0' in text
