@@ -223,8 +223,10 @@ class UpdateAgent:
                 claimed = _claimed_version(staging)
                 shutil.rmtree(staging, ignore_errors=True)
                 return self._refused(refusal, manifest, steps, state, claimed)
-            except BaseException:
+            except BaseException as exc:  # not a refusal: a network error, a missing source, Ctrl-C, ...
                 shutil.rmtree(staging, ignore_errors=True)
+                self.events.record("failed", error=type(exc).__name__, message=str(exc).splitlines()[0][:300]
+                                   if str(exc) else "", active=state.active)
                 raise
             version = verified.version
             self._activate(staging, version, state)

@@ -105,3 +105,17 @@ def test_missing_file_over_http(agent_v1, make_bundle, server):
     del server.routes["/v2/golden_outputs.npz"]
     result = agent_v1.update(url)
     assert (result.status, result.reason, agent_v1.state.active) == ("refused", "missing-file", 1)
+
+
+def test_unreachable_url_is_a_clear_error_and_changes_nothing(agent_v1):
+    import socket
+
+    from compactai.errors import BadInputError
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(BadInputError, match="Cannot download"):
+        agent_v1.update(f"http://127.0.0.1:{port}/v2/")
+    assert agent_v1.state.active == 1 and agent_v1.events.read()[-1]["event"] == "failed"
+    assert list((agent_v1.install_dir / "staging").iterdir()) == []
