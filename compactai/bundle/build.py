@@ -37,7 +37,7 @@ from compactai.errors import BadInputError, CorruptModelError, ModelNotFoundErro
 RESULTS_FILE = "results.json"
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # results.json sections that describe the model and travel into the manifest as they are
-CARRIED_SECTIONS = ("recipe", "lineage", "baseline", "measurements", "quality")
+CARRIED_SECTIONS = ("recipe", "lineage", "baseline", "measurements", "quality", "budget", "task")
 
 
 def find_source(source: str | Path) -> tuple[Path, dict[str, Any] | None]:

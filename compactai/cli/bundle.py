@@ -79,11 +79,15 @@ def print_manifest(out: Output, manifest: dict[str, Any], title: str) -> None:
         ["recipe", " -> ".join(step["technique"] for step in manifest.get("recipe") or []) or "-"],
     ]
     quality = manifest.get("quality")
-    if quality:
+    if isinstance(quality, dict):
         value = f"{fmt(quality.get('value'), 4)} (baseline {fmt(quality.get('baseline'), 4)})"
         rows.append([f"quality ({quality.get('metric')})", value])
+    elif quality is not None:
+        rows.append(["quality", fmt(quality, 4)])
+    baseline = manifest.get("baseline") or {}
     for runtime, figures in (manifest.get("measurements") or {}).items():
-        base = (manifest.get("baseline") or {}).get(runtime) or {}
+        # per-runtime baselines (quantize/prune/distill) or one flat baseline (optimize)
+        base = baseline if "latency_p50_ms" in baseline else baseline.get(runtime) or {}
         p50, base_p50 = figures.get("latency_p50_ms"), base.get("latency_p50_ms")
         speedup = f", {base_p50 / p50:.2f}x vs baseline" if p50 and base_p50 else ""
         rows.append([f"{runtime} p50 / p90 (ms)", f"{fmt(p50)} / {fmt(figures.get('latency_p90_ms'))}{speedup}"])

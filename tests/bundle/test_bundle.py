@@ -156,3 +156,19 @@ def test_cli_keygen_and_bad_input_exit_codes(tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
     missing = run_cli("verify", str(tmp_path / "nope"), "--trusted-key", data["public_key"])
     assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_cli_bundle_on_optimize_layout_carries_budget_and_flat_baseline(output_dir, keypair, tmp_path):
+    """`compactai optimize` writes one flat baseline dict and its budget/task; both travel into the manifest."""
+    results = json.loads((output_dir / "results.json").read_text())
+    figures = results["measurements"]["onnxruntime"]
+    results.update({"command": "optimize", "baseline": figures, "budget": {"latency_p90_ms": 5.0},
+                    "task": {"name": "digits", "metric": "accuracy"}})
+    (output_dir / "results.json").write_text(json.dumps(results))
+    made = run_cli("bundle", str(output_dir), "-o", str(tmp_path / "b"), "--key", str(keypair[0]), "--version", "1")
+    assert made.returncode == 0, made.stderr
+    assert "x vs baseline" in made.stdout  # the speed-up row found the flat baseline
+    manifest = json.loads((tmp_path / "b" / MANIFEST_FILE).read_text())
+    assert manifest["budget"] == {"latency_p90_ms": 5.0} and manifest["task"]["name"] == "digits"
+    assert manifest["baseline"]["latency_p50_ms"] == figures["latency_p50_ms"]
+    assert manifest["source"]["command"] == "optimize"
