@@ -1,1 +1,163 @@
-"""`compactai distill` (being built)."""
+"""`compactai distill`: train a small student to mimic a teacher, then measure both on ONNX Runtime."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from compactai.cli._common import Output, app, resolve_model, table
+from compactai.errors import BadInputError
+
+
+@app.command()
+def distill(
+    teacher: str | None = typer.Option(None, "--teacher", "-t",
+                                          help="Teacher model (.pt2 or Hugging Face directory); needs --example for data."),
+    example: str | None = typer.Option(None, "--example", "-e", help="Built-in example (teacher and data): digits or minilm."),
+    student: str = typer.Option("auto", "--student", "-s",
+                                help="layers:0,2,4 | width:0.5 | digits-cnn:12,24,48 | self | auto | a .pt2 file."),
+    temperature: float = typer.Option(4.0, "--temperature", "-T", help="Softmax temperature of the soft targets."),
+    alpha: float = typer.Option(0.9, "--alpha", help="Weight of the soft-target loss (1 - alpha: hard labels)."),
+    epochs: int = typer.Option(10, "--epochs", help="Maximum epochs (early stopping on validation may end sooner)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, warm-up then cosine decay)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Training batch size."),
+    embedding_loss: str = typer.Option("cosine+mse", "--embedding-loss", help="Encoders: cosine, mse or cosine+mse."),
+    augment: str = typer.Option("none", "--augment", help="Classifiers on images: none or shift."),
+    patience: int = typer.Option(3, "--patience", help="Validations without improvement before stopping."),
+    max_minutes: float = typer.Option(30.0, "--max-minutes", help="Training time budget; the best model so far is kept."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint of the same run in the work dir."),
+    seed: int = typer.Option(0, "--seed", help="Seed for initialisation and data order."),
+    output: Path | None = typer.Option(None, "-o", "--output",
+                                       help="Output directory for model.onnx and results.json (default: out/distill)."),
+    work_dir: Path | None = typer.Option(None, "--work-dir", help="Checkpoints (default: OUTPUT/work)."),
+    queries: int = typer.Option(100, help="Minimum timed batch-1 queries per model."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Knowledge distillation: a smaller student (fewer layers, narrower, or your architecture) trained on
+    the teacher's soft targets or embeddings, with early stopping, a time budget and resumable
+    checkpoints. Writes OUTPUT/model.onnx and results.json and compares student and teacher."""
+    from compactai.measure import MeasureConfig, measure
+    from compactai.results import save_model, write_results
+    from compactai.techniques import Context, create_technique
+    from compactai.techniques.distill.students import parse_student_spec
+
+    out = Output(json_output)
+    output = output or Path("out/distill")
+    if example is None:
+        raise BadInputError("distill needs training data: use --example NAME (digits, minilm); with --teacher PATH "
+                            "the example's data trains your teacher's student.")
+    parse_student_spec(student)  # bad specs fail before any model is loaded
+    technique = create_technique(
+        "distill", student=student, temperature=temperature, alpha=alpha, epochs=epochs, lr=lr,
+        batch_size=batch_size, embedding_loss=embedding_loss, augment=augment, patience=patience,
+        max_minutes=max_minutes, resume=resume)
+    technique.validate()
+    with out.progress("Distilling") as say:
+        handle, task, info = resolve_model(None, example, progress=lambda e, n, acc: say(f"training example {e}/{n}"))
+        if teacher is not None:
+            handle, task = _own_teacher(teacher, task)
+            info["teacher"] = teacher
+    context = Context(task=task, teacher=handle, seed=seed, work_dir=work_dir or output / "work")
+    with _training_bar(out) as progress:
+        context.progress = progress
+        started = time.monotonic()
+        student_handle = technique.apply(handle, context)
+        train_seconds = time.monotonic() - started
+    config = MeasureConfig(min_queries=queries, min_seconds=0.5, memory=False)
+    with out.progress("Measuring") as say:
+        say("teacher on onnxruntime")
+        baseline = measure(handle, task, runtime="onnxruntime", config=config, progress=say)
+        say("student: export with parity check")
+        model_path = save_model(student_handle, output)
+        measured = measure(student_handle, task, runtime="onnxruntime", config=config, progress=say)
+    decisions = student_handle.metadata["history"][-1]["decisions"]
+    results_path = write_results(
+        output, "distill", student_handle, seed=seed, source=info,
+        baseline={"onnxruntime": baseline.to_dict()}, measurements={"onnxruntime": measured.to_dict()},
+        quality=measured.quality, distill={**decisions, "train_seconds": round(train_seconds, 1)},
+    )
+    summary = {
+        "model": str(model_path), "results": str(results_path), "student": decisions["student"],
+        "teacher_params": decisions["teacher_params"], "student_params": decisions["student_params"],
+        "epochs_run": decisions["epochs_run"], "stopped": decisions["stopped"],
+        "best_validation": decisions["best_validation"], "train_seconds": round(train_seconds, 1),
+        "baseline": baseline.to_dict(), "measurements": {"onnxruntime": measured.to_dict()},
+        "quality": measured.quality,
+    }
+    print_summary(out, summary)
+    out.emit(summary)
+
+
+def _own_teacher(path: str, task: Any) -> tuple[Any, Any]:
+    """The user's teacher with the example's data; the quality baseline becomes the teacher's own."""
+    from compactai.models import load_model
+    from compactai.tasks import EmbeddingFidelity
+
+    handle = load_model(path)
+    if handle.module is None:
+        raise BadInputError(f"{path} is an ONNX model; distillation needs a torch teacher (.pt2 or a Hugging Face directory).")
+    if isinstance(task.metric, EmbeddingFidelity):
+        task.metric = EmbeddingFidelity(handle.run_torch, primary=task.metric.primary)
+        task.baseline = 1.0
+    else:
+        task.baseline = task.evaluate(handle.run_torch).value
+    return handle, task
+
+
+@contextmanager
+def _training_bar(out: Output) -> Iterator[Callable[[str], None]]:
+    """A rich progress bar (steps, loss, validation) on a terminal; plain lines otherwise."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        def say(message: str) -> None:
+            console.print(f"[dim]  {message}[/dim]", highlight=False)
+
+        yield say
+        return
+    with Progress(TextColumn("Distilling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=console) as bar:
+        task_id = bar.add_task("starting", total=None)
+
+        def update(message: str) -> None:
+            total = getattr(message, "total", 0) or None
+            bar.update(task_id, description=str(message), completed=getattr(message, "done", 0) if total else None,
+                       total=total)
+
+        yield update
+
+
+def print_summary(out: Output, summary: dict[str, Any]) -> None:
+    teacher, student = summary["baseline"], summary["measurements"]["onnxruntime"]
+    rows: list[list[Any]] = []
+    tq, sq = teacher.get("quality") or {}, student.get("quality") or {}
+    metric = sq.get("metric", "quality")
+    rows.append([f"quality ({metric})", tq.get("value"), sq.get("value"), _ratio(sq.get("value"), tq.get("value"))])
+    for key in ("cosine_mean", "knn_overlap"):
+        if key in sq.get("details", {}):
+            rows.append([f"  {key}", tq.get("details", {}).get(key), sq["details"][key], "-"])
+    rows.append(["parameters", summary["teacher_params"], summary["student_params"],
+                 _ratio(summary["student_params"], summary["teacher_params"])])
+    for label, key in (("size (MB)", "size_mb"), ("latency p50 (ms)", "latency_p50_ms"),
+                       ("latency p90 (ms)", "latency_p90_ms")):
+        rows.append([label, teacher.get(key), student.get(key), _ratio(student.get(key), teacher.get(key))])
+    speedup = (teacher["latency_p50_ms"] / student["latency_p50_ms"]) if student.get("latency_p50_ms") else None
+    out.console.print(table(f"Distilled student {summary['student']} vs teacher (ONNX Runtime, batch 1)",
+                            ["figure", "teacher", "student", "student/teacher"], rows))
+    out.console.print(
+        f"speed-up (p50): {speedup:.2f}x; trained {summary['epochs_run']} epochs in {summary['train_seconds']:.0f} s "
+        f"(stopped: {summary['stopped']}); best validation {summary['best_validation']}; model: {summary['model']}"
+        if speedup else f"model: {summary['model']}")
+
+
+def _ratio(value: Any, reference: Any) -> str:
+    if isinstance(value, (int, float)) and isinstance(reference, (int, float)) and reference:
+        return f"{value / reference:.3f}"
+    return "-"

@@ -1,0 +1,184 @@
+"""Distillation benchmark (issue 5): the "Done when" bars, measured on ONNX Runtime.
+
+digits: a student with <= 1/8 of the teacher's parameters, distilled (soft targets + labels)
+        and trained on labels alone with the same recipe; test accuracy of both vs the teacher.
+minilm: a 3-layer student initialised from the teacher's layers, undistilled and distilled on the
+        offline training corpus within a time budget; mean cosine to the teacher on the held-out
+        test sentences, batch-1 latency vs the teacher; then int8 dynamic quantization.
+
+Run (one benchmark at a time on a shared machine):
+    flock /tmp/compactai-bench.lock .venv/bin/python benchmarks/distillation.py
+Prints tables and writes benchmarks/results/distillation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compactai import load_example, measure
+from compactai.measure import MeasureConfig
+from compactai.results import to_jsonable
+from compactai.techniques import Context, available_techniques, create_technique
+from compactai.techniques.distill.students import drop_layers, parameter_count
+
+RESULTS = Path(__file__).parent / "results" / "distillation.json"
+CONFIG = MeasureConfig(min_queries=200, min_seconds=1.0, memory=False, energy=False)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def figures(handle: Any, task: Any, label: str, params: int | None = None) -> dict[str, Any]:
+    m = measure(handle, task, runtime="onnxruntime", config=CONFIG)
+    q = m.quality or {}
+    return {"model": label, "params": params if params is not None else m.params, "size_mb": m.size_mb,
+            "latency_p50_ms": m.latency_p50_ms, "latency_p90_ms": m.latency_p90_ms, "quality": q.get("value"),
+            "details": q.get("details", {}), "threads": m.threads}
+
+
+def distill(handle: Any, task: Any, work: Path, **params: Any) -> tuple[Any, dict[str, Any]]:
+    started = time.monotonic()
+    out = create_technique("distill", **params).apply(handle, Context(task=task, work_dir=work, progress=log))
+    decisions = dict(out.metadata["history"][-1]["decisions"])
+    decisions["train_seconds"] = round(time.monotonic() - started, 1)
+    decisions.pop("history", None)
+    return out, decisions
+
+
+def bench_digits(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    example = load_example("digits")
+    handle, task = example.handle, example.task
+    teacher = figures(handle, task, "teacher", parameter_count(handle.module))
+    recipe = {"student": f"digits-cnn:{args.digits_widths}", "epochs": args.digits_epochs, "lr": args.digits_lr,
+                  "batch_size": 64, "temperature": 4.0, "patience": args.digits_epochs}
+    rows, runs = [teacher], {}
+    for label, alpha in (("distilled (alpha 0.9, T 4)", 0.9), ("labels only (alpha 0)", 0.0)):
+        log(f"digits: {label}")
+        student, decisions = distill(handle, task, work, alpha=alpha, **recipe)
+        row = figures(student, task, label, decisions["student_params"])
+        row["train_seconds"], row["epochs_run"] = decisions["train_seconds"], decisions["epochs_run"]
+        rows.append(row)
+        runs[label] = decisions
+    for row in rows:
+        row["params_ratio"] = row["params"] / teacher["params"]
+        row["relative_quality"] = row["quality"] / teacher["quality"]
+    kd, labels_only = rows[1], rows[2]
+    bars = {
+        "student_params_at_most_1/8": kd["params_ratio"] <= 1 / 8,
+        "distilled_at_least_97pct_of_teacher": kd["relative_quality"] >= 0.97,
+        "distilled_beats_labels_only": kd["quality"] > labels_only["quality"],
+        "accuracy_gain_over_labels_only": kd["quality"] - labels_only["quality"],
+    }
+    return {"recipe": recipe, "rows": rows, "runs": runs, "bars": bars}
+
+
+def quantize_int8(student: Any, task: Any, work: Path) -> tuple[Any, str]:
+    """The distilled student, int8 dynamic: the quantize technique when registered, else ORT directly."""
+    if "quantize" in available_techniques():
+        out = create_technique("quantize", mode="dynamic").apply(student, Context(task=task, work_dir=work, progress=log))
+        return out, "compactai quantize technique (mode=dynamic): " + json.dumps(
+            to_jsonable(out.metadata.get("history", [{}])[-1].get("decisions", {})), default=str)[:300]
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    source = student.to_onnx(work / "student.onnx").path
+    target = work / "student.int8.onnx"
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    return student.as_onnx(target), "onnxruntime.quantization.quantize_dynamic (quantize technique not registered)"
+
+
+def bench_minilm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    example = load_example("minilm")
+    handle, task = example.handle, example.task
+    layers = args.minilm_layers
+    teacher = figures(handle, task, "teacher (6 layers)", parameter_count(handle.module))
+    undistilled = drop_layers(layers, handle, None).eval()
+    rows = [teacher, figures(handle.derive(module=undistilled, name="undistilled"), task,
+                             f"undistilled layers {layers}", parameter_count(undistilled))]
+    log(f"minilm: distilling layers {layers} for at most {args.minilm_minutes} minutes")
+    student, decisions = distill(handle, task, work, student=f"layers:{layers}", epochs=args.minilm_epochs,
+                                 lr=args.minilm_lr, batch_size=32, max_minutes=args.minilm_minutes,
+                                 embedding_loss="cosine+mse", patience=args.minilm_epochs, checkpoint_every=100)
+    distilled = figures(student, task, f"distilled layers {layers}", decisions["student_params"])
+    distilled["train_seconds"], distilled["epochs_run"] = decisions["train_seconds"], decisions["epochs_run"]
+    rows.append(distilled)
+    int8, how = quantize_int8(student, task, work)
+    rows.append(figures(int8, task, "distilled + int8 dynamic", decisions["student_params"]))
+    for row in rows:
+        row["cosine_mean"] = row["details"].get("cosine_mean")
+        row["speedup_p50"] = teacher["latency_p50_ms"] / row["latency_p50_ms"]
+    bars = {
+        "train_minutes": decisions["train_seconds"] / 60,
+        "train_within_15_minutes": decisions["train_seconds"] <= 15 * 60,
+        "distilled_cosine_mean_at_least_0.90": distilled["cosine_mean"] >= 0.90,
+        "undistilled_cosine_mean_below_0.6": rows[1]["cosine_mean"] < 0.6,
+        "speedup_p50": distilled["speedup_p50"],
+        "int8_within_0.01_of_float": abs(rows[3]["cosine_mean"] - distilled["cosine_mean"]) <= 0.01,
+    }
+    return {"layers": layers, "rows": rows, "run": decisions, "quantization": how, "bars": bars}
+
+
+def print_table(title: str, rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> None:
+    print(f"\n{title}")
+    widths = [max(len(h), 12) for h, _ in columns]
+    widths[0] = max(len(r["model"]) for r in rows) + 2
+    print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, ((h, _), w) in enumerate(zip(columns, widths))))
+    for row in rows:
+        cells = []
+        for i, ((_, key), w) in enumerate(zip(columns, widths)):
+            value = row.get(key)
+            text = "-" if value is None else (f"{value:,}" if isinstance(value, int) else
+                                              f"{value:.4f}" if isinstance(value, float) else str(value))
+            cells.append(text.ljust(w) if i == 0 else text.rjust(w))
+        print("  ".join(cells))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=("digits", "minilm"), default=None)
+    parser.add_argument("--digits-widths", default="8,16,32")
+    parser.add_argument("--digits-epochs", type=int, default=20)
+    parser.add_argument("--digits-lr", type=float, default=5e-3)
+    parser.add_argument("--minilm-layers", default="0,2,4")
+    parser.add_argument("--minilm-epochs", type=int, default=2)
+    parser.add_argument("--minilm-lr", type=float, default=3e-4)
+    parser.add_argument("--minilm-minutes", type=float, default=14.0)
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("COMPACTAI_THREADS", "2")))
+    results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    with tempfile.TemporaryDirectory(prefix="compactai-distill-bench-") as tmp:
+        if args.only in (None, "digits"):
+            results["digits"] = bench_digits(args, Path(tmp) / "digits")
+        if args.only in (None, "minilm"):
+            results["minilm"] = bench_minilm(args, Path(tmp) / "minilm")
+    results["settings"] = vars(args)
+    if "digits" in results:
+        print_table("digits: test accuracy (ONNX Runtime, batch-1 latency)", results["digits"]["rows"], [
+            ("model", "model"), ("params", "params"), ("params/teacher", "params_ratio"), ("test acc", "quality"),
+            ("acc/teacher", "relative_quality"), ("p50 ms", "latency_p50_ms"), ("p90 ms", "latency_p90_ms"),
+            ("train s", "train_seconds")])
+        print("bars:", json.dumps(to_jsonable(results["digits"]["bars"])))
+    if "minilm" in results:
+        print_table("minilm: fidelity to the teacher on 500 held-out sentences (ONNX Runtime, batch 1)",
+                    results["minilm"]["rows"], [
+                        ("model", "model"), ("params", "params"), ("cosine mean", "cosine_mean"),
+                        ("cosine min", "quality"), ("p50 ms", "latency_p50_ms"), ("p90 ms", "latency_p90_ms"),
+                        ("speed-up p50", "speedup_p50"), ("train s", "train_seconds")])
+        print("quantization:", results["minilm"]["quantization"])
+        print("bars:", json.dumps(to_jsonable(results["minilm"]["bars"])))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(to_jsonable(results), indent=2))
+    print(f"\nwrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

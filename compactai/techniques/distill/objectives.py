@@ -1,0 +1,152 @@
+"""What the student learns from the teacher: logits (classifiers) or embeddings (encoders).
+
+An objective precomputes the teacher's targets for the training split once (``prepare``)
+when the inputs do not change between epochs, and turns a batch into a loss (``loss``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compactai.models.handle import flatten_outputs
+from compactai.tasks import Split, trim_padding
+from compactai.techniques.distill.losses import (
+    embedding_loss,
+    hidden_state_loss,
+    logit_distillation_loss,
+    masked_mean_pool,
+)
+
+OBJECTIVES = ("auto", "logits", "embeddings")
+AUGMENTATIONS = ("none", "shift")
+
+
+def first_output(result: Any) -> torch.Tensor:
+    return flatten_outputs(result)[0]
+
+
+def to_tensors(feeds: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in feeds.items()}
+
+
+def shift_images(images: torch.Tensor, generator: torch.Generator, pixels: int = 2) -> torch.Tensor:
+    """Roll a batch of images by up to ``pixels`` in each direction (cheap augmentation)."""
+    shifts = torch.randint(-pixels, pixels + 1, (2,), generator=generator).tolist()
+    return torch.roll(images, shifts=shifts, dims=(-2, -1))
+
+
+def sorted_batches(split: Split, batch_size: int) -> list[np.ndarray]:
+    """Index batches in order of sequence length (less padding), or in order without a mask."""
+    mask = split.inputs.get("attention_mask")
+    order = np.argsort(mask.sum(axis=1), kind="stable") if mask is not None else np.arange(len(split))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class Objective:
+    """Base: ``targets`` holds precomputed teacher outputs (one row per training sample) or None."""
+
+    name = "objective"
+
+    def __init__(self, teacher: nn.Module, input_names: list[str]) -> None:
+        self.teacher = teacher
+        self.input_names = input_names
+        self.targets: torch.Tensor | None = None
+
+    @property
+    def needs_targets(self) -> bool:
+        """True when ``prepare`` should precompute the teacher's targets for the training split."""
+        return False
+
+    def run_teacher(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return first_output(self.teacher(*[inputs[n] for n in self.input_names]))
+
+    def target_rows(self, output: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return output
+
+    def prepare(self, split: Split, batch_size: int, progress: Callable[[str], None]) -> None:
+        """Run the teacher once over ``split`` and keep one target row per sample."""
+        rows: list[torch.Tensor] = [torch.empty(0)] * len(split)
+        batches = sorted_batches(split, batch_size)
+        for number, index in enumerate(batches):
+            inputs = to_tensors(trim_padding({k: v[index] for k, v in split.inputs.items()}))
+            targets = self.target_rows(self.run_teacher(inputs), inputs)
+            for row, i in zip(targets, index):
+                rows[int(i)] = row
+            if number % 20 == 0:
+                progress(f"teacher targets {min((number + 1) * batch_size, len(split))}/{len(split)}")
+        self.targets = torch.stack(rows)
+
+    def loss(self, student: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None,
+             index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LogitObjective(Objective):
+    """Soft-target KL at temperature T mixed with hard-label cross-entropy by alpha."""
+
+    name = "logits"
+
+    def __init__(self, teacher: nn.Module, input_names: list[str], temperature: float, alpha: float,
+                 augment: str = "none") -> None:
+        super().__init__(teacher, input_names)
+        self.temperature, self.alpha, self.augment = temperature, alpha, augment
+
+    @property
+    def needs_targets(self) -> bool:
+        # augmented inputs differ every step, so the teacher runs per batch; alpha 0 needs no teacher
+        return self.alpha > 0 and self.augment == "none"
+
+    def loss(self, student: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None,
+             index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.augment == "shift":
+            first = self.input_names[0]
+            inputs = {**inputs, first: shift_images(inputs[first], generator)}
+        if self.alpha == 0:
+            teacher_logits = None
+        elif self.targets is not None:
+            teacher_logits = self.targets[index]
+        else:
+            teacher_logits = self.run_teacher(inputs)
+        student_logits = first_output(student(*[inputs[n] for n in self.input_names]))
+        reference = teacher_logits if teacher_logits is not None else student_logits.detach()
+        return logit_distillation_loss(student_logits, reference, labels, self.temperature, self.alpha)
+
+
+class EmbeddingObjective(Objective):
+    """Mean-pooled sentence embeddings (cosine and/or MSE), optionally token states too."""
+
+    name = "embeddings"
+
+    def __init__(self, teacher: nn.Module, input_names: list[str], loss_kind: str = "cosine+mse",
+                 hidden_weight: float = 0.0) -> None:
+        super().__init__(teacher, input_names)
+        self.loss_kind, self.hidden_weight = loss_kind, hidden_weight
+
+    @property
+    def needs_targets(self) -> bool:
+        return True
+
+    def target_rows(self, output: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return masked_mean_pool(output, inputs.get("attention_mask")).float()
+
+    def loss(self, student: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None,
+             index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        mask = inputs.get("attention_mask")
+        hidden = first_output(student(*[inputs[n] for n in self.input_names]))
+        pooled = masked_mean_pool(hidden, mask)
+        if self.targets is not None:
+            target = self.targets[index]
+            teacher_hidden = self.run_teacher(inputs) if self.hidden_weight > 0 else None
+        else:
+            teacher_hidden = self.run_teacher(inputs)
+            target = masked_mean_pool(teacher_hidden, mask)
+        loss = embedding_loss(pooled, target, self.loss_kind)
+        if self.hidden_weight > 0 and teacher_hidden is not None and hidden.dim() == 3:
+            loss = loss + self.hidden_weight * hidden_state_loss(hidden, teacher_hidden, mask)
+        return loss

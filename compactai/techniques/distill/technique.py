@@ -1,0 +1,203 @@
+"""The ``distill`` technique: build a small student and train it to mimic the teacher."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from compactai.errors import ParameterError
+from compactai.models.handle import ModelHandle, set_eval
+from compactai.tasks import EmbeddingFidelity, Task
+from compactai.techniques.base import (
+    AnyParam,
+    ChoiceParam,
+    Context,
+    FloatParam,
+    IntParam,
+    Param,
+    Technique,
+    register_technique,
+)
+from compactai.techniques.distill.losses import EMBEDDING_LOSSES
+from compactai.techniques.distill.objectives import (
+    AUGMENTATIONS,
+    OBJECTIVES,
+    EmbeddingObjective,
+    LogitObjective,
+    Objective,
+    first_output,
+    to_tensors,
+)
+from compactai.techniques.distill.students import build_student, parameter_count, parse_student_spec
+from compactai.techniques.distill.trainer import TrainConfig, Trainer
+
+
+class ProjectedStudent(nn.Module):
+    """A student whose token states are mapped by a learned linear layer to the teacher's width,
+    so its embeddings are comparable with the teacher's (and the projection ships with it)."""
+
+    def __init__(self, student: nn.Module, student_width: int, teacher_width: int) -> None:
+        super().__init__()
+        self.student = student
+        self.projection = nn.Linear(student_width, teacher_width)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.projection(first_output(self.student(*inputs)))
+
+
+def fit_student_output(student: nn.Module, teacher: ModelHandle, objective: str, feeds: dict[str, np.ndarray]) -> nn.Module:
+    """Check the student's output can be compared with the teacher's, adding a projection when
+    only the embedding width differs; anything else is a ParameterError."""
+    inputs = to_tensors(feeds)
+    args = [inputs[n] for n in teacher.input_names]
+    assert teacher.module is not None
+    set_eval(student)
+    with torch.no_grad():
+        want = tuple(first_output(teacher.module(*args)).shape)
+        try:
+            got = tuple(first_output(student(*args)).shape)
+        except Exception as exc:
+            raise ParameterError(
+                f"The student cannot run on the teacher's inputs {teacher.input_names}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:160]}. Give a student that takes the same inputs."
+            ) from exc
+    if got == want:
+        return student
+    if objective == "embeddings" and len(got) == len(want) and got[:-1] == want[:-1]:
+        return ProjectedStudent(student, got[-1], want[-1])
+    hint = ("a classifier student needs the teacher's number of classes"
+            if objective == "logits" else "an encoder student must return token states or embeddings "
+            "of the teacher's rank (a projection is added when only the width differs)")
+    raise ParameterError(
+        f"The student's output has shape {got} but the teacher's has shape {want}; {hint}."
+    )
+
+
+def choose_objective(requested: str, teacher_output_rank: int, task: Task) -> str:
+    if requested != "auto":
+        return requested
+    if isinstance(task.metric, EmbeddingFidelity) or teacher_output_rank >= 3:
+        return "embeddings"
+    return "logits"
+
+
+def validation_scorer(task: Task, input_names: list[str]) -> Any:
+    """``score(student) -> float``: the task's metric on its validation split, or None without one."""
+    if "validation" not in task.splits:
+        return None
+    split = task.split("validation")
+
+    def score(student: nn.Module) -> float:
+        def predict(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            inputs = to_tensors(feeds)
+            return [first_output(student(*[inputs[n] for n in input_names])).detach().numpy()]
+
+        value, _ = task.metric.score(predict, split, task.batch_size)
+        return value
+
+    return score
+
+
+@register_technique
+class Distill(Technique):
+    """Knowledge distillation: a student (fewer layers, narrower, or any architecture) trained on
+    the teacher's soft targets (classifiers) or embeddings (encoders), with early stopping on the
+    validation split, a time budget and resumable checkpoints in ``context.work_dir``.
+
+    The teacher is ``context.teacher`` when it is a torch model, else the incoming model; the
+    student is built from the incoming model (see ``students.py`` for the specs)."""
+
+    name = "distill"
+    family = "distill"
+    accepts = ("torch",)
+    kinds = ("cnn", "mlp", "transformer", "generic")
+    space: ClassVar[dict[str, Param]] = {
+        "student": AnyParam("auto"),
+        "objective": ChoiceParam(OBJECTIVES, "auto"),
+        "temperature": FloatParam(1.0, 20.0, 4.0),
+        "alpha": FloatParam(0.0, 1.0, 0.9),
+        "embedding_loss": ChoiceParam(EMBEDDING_LOSSES, "cosine+mse"),
+        "hidden_weight": FloatParam(0.0, 100.0, 0.0),
+        "augment": ChoiceParam(AUGMENTATIONS, "none"),
+        "epochs": IntParam(1, 10_000, 10),
+        "lr": FloatParam(1e-6, 1.0, 1e-3, log=True, open_high=True),
+        "batch_size": IntParam(1, 65_536, 64),
+        "weight_decay": FloatParam(0.0, 1.0, 1e-4),
+        "patience": IntParam(1, 10_000, 3),
+        "max_minutes": FloatParam(0.0, 100_000.0, 30.0, open_low=True),
+        "checkpoint_every": IntParam(1, 10**9, 100),
+        "resume": ChoiceParam((False, True), False),
+    }
+    searchable = ("temperature", "alpha", "lr")
+    quick: ClassVar[dict[str, Any]] = {"student": "self", "epochs": 1, "batch_size": 32, "max_minutes": 1.0, "patience": 1}
+
+    def apply(self, handle: ModelHandle, context: Context) -> ModelHandle:
+        params = self.validate()
+        self.check_accepts(handle)
+        spec = parse_student_spec(params["student"])
+        teacher = context.teacher if context.teacher is not None and context.teacher.module is not None else handle
+        self.check_accepts(teacher)
+        assert teacher.module is not None
+        set_eval(teacher.module)
+        task = context.task
+        train = task.split("train")
+        torch.manual_seed(context.seed)
+        context.progress(f"building student {spec}")
+        student = build_student(spec, handle, context)
+        feeds = {k: v[:2] for k, v in handle.example_inputs.items()}
+        with torch.no_grad():
+            inputs = to_tensors(feeds)
+            rank = first_output(teacher.module(*[inputs[n] for n in teacher.input_names])).dim()
+        objective_name = choose_objective(params["objective"], rank, task)
+        student = fit_student_output(student, teacher, objective_name, feeds)
+        objective = self.make_objective(objective_name, teacher, params, train)
+        config = TrainConfig(
+            epochs=params["epochs"], lr=params["lr"], batch_size=params["batch_size"],
+            weight_decay=params["weight_decay"], patience=params["patience"], max_minutes=params["max_minutes"],
+            seed=context.seed, checkpoint_every=params["checkpoint_every"], resume=params["resume"],
+        )
+        work_dir = context.work_dir / f"distill-{self.run_key(teacher, spec, params, context, len(train))}"
+        trainer = Trainer(student, objective, train, config, validation_scorer(task, teacher.input_names),
+                          work_dir, context.progress, context.deadline)
+        result = trainer.run()
+        student.eval()
+        for parameter in student.parameters():
+            parameter.requires_grad_(False)
+        out = handle.derive(module=student, name=f"{handle.name}-distilled")
+        plain = {**params, "student": str(spec)}
+        return self.record(
+            out, plain,
+            student=str(spec), objective=objective_name, projection=isinstance(student, ProjectedStudent), teacher=teacher.name,
+            teacher_params=parameter_count(teacher.module), student_params=parameter_count(student),
+            epochs_run=result.epochs_run, steps=result.steps, stopped=result.stopped,
+            best_validation=result.best_metric, validation_metric=task.metric.name,
+            resumed_from_step=result.resumed_from_step, seconds=result.seconds, history=result.history,
+            checkpoint_dir=str(work_dir),
+        )
+
+    def make_objective(self, name: str, teacher: ModelHandle, params: dict[str, Any], train: Any) -> Objective:
+        assert teacher.module is not None
+        if name == "embeddings":
+            return EmbeddingObjective(teacher.module, teacher.input_names, params["embedding_loss"],
+                                      params["hidden_weight"])
+        alpha = params["alpha"]
+        if alpha < 1 and train.labels is None:
+            raise ParameterError(
+                f"The 'alpha' parameter of Distill is {alpha:g}, which mixes in hard labels, but the training "
+                "split has none; set alpha=1 to distill from the teacher alone."
+            )
+        return LogitObjective(teacher.module, teacher.input_names, params["temperature"], alpha, params["augment"])
+
+    @staticmethod
+    def run_key(teacher: ModelHandle, spec: Any, params: dict[str, Any], context: Context, samples: int) -> str:
+        """Checkpoints are reused only by the same teacher, student, parameters, seed and data size."""
+        plain = {k: v for k, v in params.items() if k not in ("resume", "max_minutes")}
+        plain["student"] = str(spec)
+        text = json.dumps({"teacher": teacher.fingerprint(), "params": plain, "seed": context.seed,
+                           "samples": samples}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -1,0 +1,311 @@
+"""A CPU-honest training loop for students: seeded, early stopping on validation with the best
+weights kept, progress, a time budget, and resumable checkpoints written without pickle.
+
+Every step is seeded from (seed, global step) and the learning rate is a pure function of
+the step, so a run resumed from a checkpoint continues exactly as if never interrupted.
+
+Checkpoint directory layout::
+
+    state.json                      epoch, step, best metric, history, optimizer hyper-parameters
+    model-<step>.safetensors        the student's weights at that step
+    optimizer-<step>.safetensors    the optimizer's state tensors
+    best.safetensors                the weights with the best validation metric so far
+    teacher-targets.safetensors     the teacher's precomputed targets for the training split
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+from compactai.tasks import Split, trim_padding
+from compactai.techniques.distill.objectives import Objective, to_tensors
+
+STATE_FILE = "state.json"
+BEST_FILE = "best.safetensors"
+TARGETS_FILE = "teacher-targets.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """How to train: optimisation, stopping and checkpointing."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.05
+    patience: int = 3  # validations without improvement before stopping
+    max_minutes: float | None = None
+    seed: int = 0
+    checkpoint_every: int = 100  # steps; a checkpoint is also written after every epoch
+    progress_every: int = 10  # steps
+    resume: bool = False
+
+
+@dataclass
+class TrainResult:
+    """What happened: plain data for the technique's record."""
+
+    best_metric: float | None
+    epochs_run: float
+    steps: int
+    stopped: str  # "completed" | "early_stopping" | "time_budget"
+    resumed_from_step: int | None
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ProgressMessage(str):
+    """A progress line that also carries (done, total) steps, for progress bars."""
+
+    done: int = 0
+    total: int = 0
+
+    @classmethod
+    def of(cls, text: str, done: int, total: int) -> ProgressMessage:
+        message = cls(text)
+        message.done, message.total = done, total
+        return message
+
+
+def epoch_batches(split: Split, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """Shuffled index batches for one epoch, the same for the same (seed, epoch). With an
+    attention mask, samples are grouped by length within chunks so batches carry little padding."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(split), generator=generator)
+    mask = split.inputs.get("attention_mask")
+    if mask is None:
+        return list(order.split(batch_size))
+    lengths = torch.from_numpy(mask.sum(axis=1))
+    batches: list[torch.Tensor] = []
+    for chunk in order.split(batch_size * 20):
+        chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
+        batches.extend(chunk.split(batch_size))
+    shuffle = torch.randperm(len(batches), generator=generator)
+    return [batches[i] for i in shuffle]
+
+
+def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
+    """Linear warm-up, then cosine decay to zero: a function of the step alone (resumable)."""
+    warmup = max(1, int(config.warmup_fraction * total_steps))
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The optimizer's state as flat safetensors-ready tensors plus its param groups as plain data."""
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            tensors[f"{index}.{name}"] = tensor.detach().contiguous().clone()
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, groups
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        index, _, name = key.partition(".")
+        state.setdefault(int(index), {})[name] = tensor
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _atomic_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Trains ``student`` on ``objective`` over ``train``; ``evaluate(student) -> float`` (higher is
+    better) scores it on the validation split after each epoch."""
+
+    def __init__(self, student: nn.Module, objective: Objective, train: Split, config: TrainConfig,
+                 evaluate: Callable[[nn.Module], float] | None = None, work_dir: Path | None = None,
+                 progress: Callable[[str], None] | None = None, deadline: float | None = None) -> None:
+        self.student, self.objective, self.train_split, self.config = student, objective, train, config
+        self.evaluate, self.work_dir = evaluate, work_dir
+        self.progress = progress or (lambda message: None)
+        self.deadline = deadline
+        if config.max_minutes is not None:
+            budget = time.monotonic() + 60 * config.max_minutes
+            self.deadline = budget if deadline is None else min(deadline, budget)
+        self.parameters = [p for p in student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay)
+        self.state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": None,
+                                      "bad_validations": 0, "history": [], "config": asdict(config)}
+        self.best_weights: dict[str, torch.Tensor] | None = None
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        if self.work_dir is None:
+            return
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        step = self.state["global_step"]
+        model_file, optimizer_file = f"model-{step}.safetensors", f"optimizer-{step}.safetensors"
+        save_model(self.student, str(self.work_dir / model_file))
+        tensors, groups = optimizer_tensors(self.optimizer)
+        save_file(tensors, str(self.work_dir / optimizer_file))
+        _atomic_json(self.work_dir / STATE_FILE, {**self.state, "model_file": model_file,
+                                                  "optimizer_file": optimizer_file, "param_groups": groups})
+        for old in self.work_dir.glob("*-*.safetensors"):  # earlier steps' files
+            if old.name not in (model_file, optimizer_file) and old.name.startswith(("model-", "optimizer-")):
+                old.unlink(missing_ok=True)
+
+    def load_checkpoint(self) -> bool:
+        """Restore weights, optimizer, counters and best weights; False when there is nothing to resume."""
+        if self.work_dir is None or not (self.work_dir / STATE_FILE).exists():
+            return False
+        saved = json.loads((self.work_dir / STATE_FILE).read_text())
+        load_model(self.student, str(self.work_dir / saved.pop("model_file")))
+        load_optimizer(self.optimizer, load_file(str(self.work_dir / saved.pop("optimizer_file"))),
+                       saved.pop("param_groups"))
+        saved["config"] = asdict(self.config)
+        self.state = saved
+        if (self.work_dir / BEST_FILE).exists():
+            self.best_weights = load_file(str(self.work_dir / BEST_FILE))
+        return True
+
+    def _save_best(self) -> None:
+        self.best_weights = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+        if self.work_dir is not None:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.work_dir / (BEST_FILE + ".tmp")
+            save_model(self.student, str(tmp))
+            os.replace(tmp, self.work_dir / BEST_FILE)
+
+    def prepare_targets(self) -> None:
+        """The teacher's targets, from the checkpoint directory when a resumed run saved them."""
+        if not self.objective.needs_targets:
+            return
+        cached = self.work_dir / TARGETS_FILE if self.work_dir is not None else None
+        if self.config.resume and cached is not None and cached.exists():
+            self.objective.targets = load_file(str(cached))["targets"]
+            return
+        self.objective.prepare(self.train_split, max(self.config.batch_size, 64), self.progress)
+        if cached is not None and self.objective.targets is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"targets": self.objective.targets.contiguous()}, str(cached))
+
+    # -- the loop ----------------------------------------------------------------------------
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def batch(self, index: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        rows = index.numpy()
+        inputs = to_tensors(trim_padding({k: v[rows] for k, v in self.train_split.inputs.items()}))
+        labels = self.train_split.labels
+        return inputs, (torch.from_numpy(labels[rows]) if labels is not None else None)
+
+    def validate(self, loss: float | None) -> bool:
+        """Score the student, keep its weights if best; True when patience has run out."""
+        metric = None
+        if self.evaluate is not None:
+            self.student.eval()
+            with torch.no_grad():
+                metric = float(self.evaluate(self.student))
+            self.student.train()
+        state = self.state
+        improved = metric is not None and (state["best_metric"] is None or metric > state["best_metric"])
+        if improved:
+            state["best_metric"], state["bad_validations"] = metric, 0
+            self._save_best()
+        elif metric is not None:
+            state["bad_validations"] += 1
+        epochs = state["epoch"] + state["step_in_epoch"] / max(1, self.steps_per_epoch)
+        state["history"].append({"epoch": round(epochs, 3), "step": state["global_step"], "loss": loss,
+                                 "validation": metric, "best": improved})
+        self.progress(ProgressMessage.of(
+            f"epoch {epochs:.2f}/{self.config.epochs} loss {loss if loss is not None else float('nan'):.4f} "
+            f"validation {metric if metric is not None else float('nan'):.4f}",
+            state["global_step"], self.total_steps))
+        return metric is not None and state["bad_validations"] >= self.config.patience
+
+    def run(self) -> TrainResult:
+        start = time.monotonic()
+        config = self.config
+        resumed = self.load_checkpoint() if config.resume else False
+        resumed_from = self.state["global_step"] if resumed else None
+        self.prepare_targets()
+        self.steps_per_epoch = len(epoch_batches(self.train_split, config.batch_size, config.seed, 0))
+        self.total_steps = config.epochs * self.steps_per_epoch
+        # at most every progress_every steps, and about ten lines per epoch on small data
+        self.progress_every = max(1, min(config.progress_every, self.steps_per_epoch // 10))
+        state, stopped = self.state, "completed"
+        running: list[float] = []
+        last_validated = state["global_step"] if state["history"] else -1
+        self.student.train()
+        try:
+            while state["epoch"] < config.epochs and stopped == "completed":
+                batches = epoch_batches(self.train_split, config.batch_size, config.seed, state["epoch"])
+                while state["step_in_epoch"] < len(batches):
+                    if self.out_of_time():
+                        stopped = "time_budget"
+                        break
+                    self.train_step(batches[state["step_in_epoch"]], running)
+                    if state["global_step"] % config.checkpoint_every == 0:
+                        self.save_checkpoint()
+                if stopped != "completed":
+                    break
+                state["epoch"] += 1
+                state["step_in_epoch"] = 0
+                last_validated = state["global_step"]
+                patience_over = self.validate(float(np.mean(running)) if running else None)
+                running.clear()
+                self.save_checkpoint()
+                if patience_over and state["epoch"] < config.epochs:
+                    stopped = "early_stopping"
+            if stopped == "time_budget" and state["global_step"] != last_validated:
+                self.validate(float(np.mean(running)) if running else None)
+                self.save_checkpoint()
+        except KeyboardInterrupt:
+            self.save_checkpoint()  # Ctrl-C leaves a resumable checkpoint behind
+            raise
+        if self.best_weights is not None:
+            self.student.load_state_dict(self.best_weights)
+        self.student.eval()
+        return TrainResult(
+            best_metric=state["best_metric"],
+            epochs_run=round(state["epoch"] + state["step_in_epoch"] / max(1, self.steps_per_epoch), 3),
+            steps=state["global_step"], stopped=stopped, resumed_from_step=resumed_from,
+            seconds=round(time.monotonic() - start, 2), history=list(state["history"]),
+        )
+
+    def train_step(self, index: torch.Tensor, running: list[float]) -> None:
+        state, config = self.state, self.config
+        step = state["global_step"]
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(config, step, self.total_steps)
+        torch.manual_seed(config.seed * 1_000_003 + step)  # dropout etc.: same as an uninterrupted run
+        generator = torch.Generator().manual_seed(config.seed * 7_919 + step)
+        inputs, labels = self.batch(index)
+        loss = self.objective.loss(self.student, inputs, labels, index, generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters, 5.0)
+        self.optimizer.step()
+        running.append(float(loss.detach()))
+        state["global_step"] += 1
+        state["step_in_epoch"] += 1
+        if state["global_step"] % self.progress_every == 0:
+            epochs = state["epoch"] + state["step_in_epoch"] / max(1, self.steps_per_epoch)
+            self.progress(ProgressMessage.of(
+                f"epoch {epochs:.2f}/{config.epochs} step {state['global_step']}/{self.total_steps} "
+                f"loss {np.mean(running[-self.progress_every:]):.4f}", state["global_step"], self.total_steps))
