@@ -138,6 +138,9 @@ def build_bundle(
         raise ParameterError(f"The 'version' of a bundle must be an integer >= 1. Got {version!r} instead.")
     if not expires_days > 0:
         raise ParameterError(f"The 'expires_days' of a bundle must be > 0. Got {expires_days!r} instead.")
+    for label, tolerance in (("rtol", rtol), ("atol", atol)):
+        if not 0 <= tolerance < 1:
+            raise ParameterError(f"The '{label}' of the golden self-test must be in [0, 1). Got {tolerance!r} instead.")
     semver = check_semver(semver or f"0.{version}.0")
     model, results = find_source(source)
     out_path = Path(out)

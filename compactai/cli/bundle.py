@@ -54,6 +54,8 @@ def bundle_command(
     expires_days: float = typer.Option(365.0, "--expires-days", help="Days until devices refuse this bundle."),
     golden: Optional[Path] = typer.Option(None, "--golden-inputs", help=".npz of self-test inputs (default: "
                                           "synthesized from the model's signature)."),
+    rtol: float = typer.Option(1e-3, "--rtol", help="Relative tolerance of the golden-output self-test."),
+    atol: float = typer.Option(1e-4, "--atol", help="Absolute tolerance of the golden-output self-test."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Package a model as a signed bundle: model, manifest (hashes, figures, recipe, golden I/O), signature."""
@@ -65,7 +67,7 @@ def bundle_command(
     with out.progress("Bundling") as say:
         say("computing golden outputs and hashes")
         manifest = build_bundle(source, out_path, load_private_key(key), version, semver=semver, name=name,
-                                expires_days=expires_days, golden_inputs=golden_inputs)
+                                expires_days=expires_days, golden_inputs=golden_inputs, rtol=rtol, atol=atol)
     print_manifest(out, manifest, f"Signed bundle {out_path}")
     out.emit({"bundle": out_path, "manifest": manifest})
 

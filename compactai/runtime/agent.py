@@ -32,6 +32,7 @@ from compactai.bundle.verify import (
     validate_model,
     verify_bundle,
 )
+from compactai.errors import BadInputError
 from compactai.runtime.events import UpdateEvents
 from compactai.runtime.fetch import fetch
 from compactai.runtime.probation import (
@@ -204,6 +205,9 @@ class UpdateAgent:
         self.recover()
         with self._locked():
             state = self.state
+            if state.trial:
+                raise BadInputError(f"Version {state.active} is still on probation; call finish_probation() "
+                                    "before installing another update.")
             policy = VerifyPolicy(self.trusted_keys, now=self.now, highest_trusted=state.highest_trusted,
                                   blocked=dict(state.blocked))
             staging = Path(tempfile.mkdtemp(prefix="update-", dir=self.install_dir / STAGING_DIR))

@@ -149,3 +149,12 @@ def test_counters_are_exposed_in_prometheus_format(agent_v1, make_bundle):
     text = generate_latest(agent_v1.events.registry).decode()
     assert 'compactai_update_refusals_total{reason="extra-file"} 1.0' in text
     assert 'compactai_update_events_total{event="refused"} 1.0' in text
+
+
+def test_no_second_update_while_a_trial_is_on_probation(agent_v1, make_bundle):
+    from compactai.errors import BadInputError
+
+    agent_v1.update(make_bundle(2), watch=False)
+    with pytest.raises(BadInputError, match="still on probation"):
+        agent_v1.update(make_bundle(3))
+    assert (agent_v1.state.active, agent_v1.state.previous) == (2, 1)
