@@ -26,7 +26,12 @@ FAMILIES: list[str] = [
 
 
 def load_all() -> None:
-    for module in FAMILIES:
+    """Import the built-in families, plus user plugin modules named in $COMPACTAI_PLUGINS
+    (comma-separated module paths whose import registers techniques; also seen by Ray workers)."""
+    import os
+
+    plugins = [m.strip() for m in os.environ.get("COMPACTAI_PLUGINS", "").split(",") if m.strip()]
+    for module in FAMILIES + plugins:
         importlib.import_module(module)
 
 

@@ -1,0 +1,232 @@
+"""optimize end to end on the real digits teacher, with a small real technique (see conftest)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from compactai.budget import parse_budget
+from compactai.errors import BadInputError, BudgetNotMetError
+from compactai.measure import MeasureConfig
+from compactai.search import SearchConfig, default_space, optimize
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def quick_config(**kwargs):
+    return SearchConfig(measure=MeasureConfig.quick(), enqueue_singles=False, **kwargs)
+
+
+def space():
+    return default_space("cnn", "torch", ["test_round_weights"])
+
+
+@pytest.fixture(scope="module")
+def finished_run(digits, tmp_path_factory):
+    """One real optimize run shared by the checks below (the search is the slow part)."""
+    from tests.search.conftest import RoundWeights
+    from compactai.techniques.base import TECHNIQUES, register_technique
+
+    register_technique(RoundWeights)
+    out = tmp_path_factory.mktemp("optimize") / "run"
+    try:
+        results = optimize(digits.handle, digits.task, parse_budget("size_mb<=100", "0.99"), out,
+                           quick_config(max_trials=3), space=space(), source={"example": "digits"})
+    finally:
+        TECHNIQUES.pop(RoundWeights.name, None)
+    return out, results
+
+
+def test_optimize_writes_model_results_and_report(finished_run):
+    out, results = finished_run
+    assert (out / "model.onnx").exists() and (out / "report.html").exists()
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["trials"]) == 3 and data["chosen"] is not None
+    for t in data["trials"]:
+        assert t["status"] == "ok" and t["figures"]["latency_p90_ms"] > 0 and "recipe" in t
+    chosen = data["chosen"]
+    assert chosen["figures"]["quality_relative"] >= 0.99
+    assert data["baseline"]["latency_queries"] >= 50
+    assert data["waterfall"][0]["step"] == "original"
+    assert set(data["selection"]["pareto_front"]) <= {t["number"] for t in data["trials"]}
+    html = (out / "report.html").read_text()
+    for element in ("pareto-plot", "waterfall-plot", "latency-plot", "comparison", "recipe"):
+        assert f'id="{element}"' in html
+    assert html.count("<svg") >= 3
+    assert not re.search(r'(src|href)="(https?:)?//', html)  # self-contained: nothing fetched
+    assert results["chosen"]["trial"] == chosen["trial"]
+
+
+def test_existing_study_needs_resume(digits, round_technique, finished_run):
+    out, _ = finished_run
+    before = (out / "results.json").read_text()
+    with pytest.raises(BadInputError, match="--resume"):
+        optimize(digits.handle, digits.task, parse_budget("", "0.5"), out, quick_config(max_trials=2), space=space())
+    assert (out / "results.json").read_text() == before  # earlier results intact
+
+
+def test_impossible_budget_writes_closest_and_raises(digits, round_technique, tmp_path):
+    out = tmp_path / "impossible"
+    with pytest.raises(BudgetNotMetError, match=r"latency_p90_ms.*beyond the limit"):
+        optimize(digits.handle, digits.task, parse_budget("latency_p90_ms<=0.0001", "0.99"), out,
+                 quick_config(max_trials=1), space=space())
+    data = json.loads((out / "results.json").read_text())
+    assert data["chosen"] is None and data["selection"]["closest"]
+    assert list((out / "candidates").glob("*/model.onnx"))
+    assert (out / "report.html").exists() and not (out / "model.onnx").exists()
+
+
+def test_failed_trial_is_recorded_not_fatal(digits, round_technique, tmp_path):
+    from compactai.search.space import SearchSpace, Stage
+
+    bad = SearchSpace([Stage("test_round_weights", optional=False, fixed={"bits": 3})])  # 3 is outside its space
+    out = tmp_path / "failing"
+    with pytest.raises(BudgetNotMetError):
+        optimize(digits.handle, digits.task, parse_budget("", "0.5"), out, quick_config(max_trials=1), space=bad)
+    data = json.loads((out / "results.json").read_text())
+    assert all(t["status"] == "failed" and "bits" in t["error"] for t in data["trials"])
+
+
+RUNNER = textwrap.dedent("""
+    import sys, pathlib
+    sys.path.insert(0, {root!r})
+    from tests.search.conftest import RoundWeights
+    from compactai.techniques.base import register_technique
+    import compactai.techniques.base as base
+
+    class Logged(RoundWeights):
+        name = "test_round_weights"
+        def apply(self, handle, context):
+            with open({log!r}, "a") as f:
+                f.write(repr(self.params) + "\\n")
+            return super().apply(handle, context)
+
+    register_technique(Logged)
+    import compactai
+    from compactai.budget import parse_budget
+    from compactai.measure import MeasureConfig
+    from compactai.search import SearchConfig, default_space, optimize
+    ex = compactai.load_example("digits")
+    config = SearchConfig(max_trials={trials}, measure=MeasureConfig.quick(), enqueue_singles=False,
+                          resume={resume}, executor={executor!r})
+    optimize(ex.handle, ex.task, parse_budget("", "0.5"), pathlib.Path({out!r}), config,
+             space=default_space("cnn", "torch", ["test_round_weights"]))
+""")
+
+
+RAY_RUNNER = textwrap.dedent("""
+    import pathlib
+    import compactai
+    from compactai.budget import parse_budget
+    from compactai.measure import MeasureConfig
+    from compactai.search import SearchConfig, default_space, optimize
+    ex = compactai.load_example("digits")
+    config = SearchConfig(max_trials=3, measure=MeasureConfig.quick(), enqueue_singles=False, executor="ray")
+    optimize(ex.handle, ex.task, parse_budget("", "0.5"), pathlib.Path({out!r}), config,
+             space=default_space("cnn", "torch", ["test_round_weights"]))
+""")
+
+
+def _finished(db: Path) -> int:
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as con:
+        try:
+            return con.execute("select count(*) from trials where state in ('COMPLETE', 'FAIL')").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_repeating_finished_trials(tmp_path):
+    out, log = tmp_path / "killed", tmp_path / "applied.log"
+    script = tmp_path / "run.py"
+    script.write_text(RUNNER.format(root=str(ROOT), log=str(log), out=str(out), trials=6, resume=False,
+                                    executor="local"))
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while _finished(out / "study.db") < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished_before = _finished(out / "study.db")
+    assert 2 <= finished_before < 6
+    with sqlite3.connect(out / "study.db") as con:
+        before = dict(con.execute(
+            "select t.number, a.value_json from trials t join trial_user_attributes a on a.trial_id = t.trial_id "
+            "where a.key = 'compactai_result' and t.state = 'COMPLETE'").fetchall())
+    applied_before = len(log.read_text().splitlines()) if log.exists() else 0
+    script.write_text(RUNNER.format(root=str(ROOT), log=str(log), out=str(out), trials=6, resume=True,
+                                    executor="local"))
+    subprocess.run([sys.executable, str(script)], cwd=tmp_path, check=True, timeout=600)
+    data = json.loads((out / "results.json").read_text())
+    numbers = [t["number"] for t in data["trials"]]
+    assert len(numbers) == 6 == len(set(numbers))
+    with sqlite3.connect(out / "study.db") as con:
+        after = dict(con.execute(
+            "select t.number, a.value_json from trials t join trial_user_attributes a on a.trial_id = t.trial_id "
+            "where a.key = 'compactai_result' and t.state = 'COMPLETE'").fetchall())
+    for number, value in before.items():
+        assert after[number] == value  # finished trials kept as they were, not re-run
+    applied_after = len(log.read_text().splitlines())
+    # the resumed run applied the technique at most once per new trial (identical recipes are reused)
+    assert applied_after - applied_before <= 6 - len(before)
+
+
+@pytest.mark.slow
+def test_ray_executor_same_result_format(tmp_path):
+    pytest.importorskip("ray")
+    out, log = tmp_path / "ray", tmp_path / "applied.log"
+    script = tmp_path / "run.py"
+    script.write_text(RAY_RUNNER.format(out=str(out)))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "COMPACTAI_PLUGINS": "tests.search.ray_plugin",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode != 0 and ("ray.init" in proc.stderr or "Failed to start" in proc.stderr):
+        pytest.skip(f"Ray could not start here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["search"]["executor"] == "ray"
+    assert len(data["trials"]) == 3 and all(t["status"] == "ok" for t in data["trials"])
+    assert set(data["trials"][0]) >= {"number", "recipe", "status", "figures", "artifact", "lineage", "feasible"}
+    assert (out / "model.onnx").exists()
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(finished_run, tmp_path):
+    browser = chromium()
+    if browser is None:
+        if os.environ.get("COMPACTAI_REQUIRE_CHROMIUM"):
+            pytest.fail("chromium is required (COMPACTAI_REQUIRE_CHROMIUM is set) but not installed")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    out, _ = finished_run
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0"]
+    url = (out / "report.html").as_uri()
+    dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for element in ("pareto-plot", "waterfall-plot", "latency-plot"):
+        assert f'id="{element}"' in dom.stdout
+    assert dom.stdout.count("<svg") >= 3
+    assert "Uncaught" not in dom.stderr and "Failed to load resource" not in dom.stderr
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1200,2400", url],
+                   capture_output=True, timeout=120, check=True)
+    assert shot.stat().st_size > 20_000  # a rendered page with figures, not a blank one

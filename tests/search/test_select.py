@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from compactai.budget import parse_budget
+from compactai.search.select import pareto_front, select
+from compactai.search.trial import TrialResult
+
+
+def trial(number, quality, latency, size, status="ok"):
+    return TrialResult(number, [], status, figures={"quality": quality, "quality_relative": quality,
+                                                    "latency_p90_ms": latency, "size_mb": size})
+
+
+def test_pareto_front_drops_dominated():
+    results = [trial(0, 0.99, 2.0, 4.0), trial(1, 0.98, 1.0, 1.0), trial(2, 0.97, 1.5, 2.0), trial(3, 0, 0, 0, "failed")]
+    assert [r.number for r in pareto_front(results)] == [0, 1]
+
+
+def test_select_best_quality_within_budget_ties_by_latency():
+    budget = parse_budget("latency_p90_ms<=1.8", "0.975")
+    results = [trial(0, 0.99, 2.0, 4.0), trial(1, 0.98, 1.0, 1.0), trial(2, 0.98, 0.9, 1.0), trial(3, 0.97, 0.5, 1.0)]
+    chosen = select(results, budget).chosen
+    assert chosen is not None and chosen.number == 2
+
+
+def test_nothing_fits_names_the_failed_constraint():
+    budget = parse_budget("latency_p90_ms<=0.1", "0.99")
+    selection = select([trial(0, 0.99, 2.0, 4.0), trial(1, 0.95, 0.5, 1.0)], budget)
+    assert selection.chosen is None
+    assert [r.number for r in selection.closest] == [1, 0]
+    text = selection.explain(budget)
+    assert "latency_p90_ms" in text and "beyond the limit" in text
