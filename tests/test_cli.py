@@ -90,3 +90,19 @@ def test_profile_minilm_export_fidelity():
     assert set(data["measurements"]) == {"torch", "onnxruntime"}
     for figures in data["measurements"].values():
         assert figures["latency_p50_ms"] > 0 and figures["quality"]["metric"] == "embedding_fidelity"
+
+
+def test_typer_exit_code_is_kept():
+    import typer
+
+    from compactai.cli import main
+    from compactai.cli._common import app
+
+    @app.command("exit-with-4", hidden=True)
+    def _exit_with_4() -> None:
+        raise typer.Exit(4)
+
+    try:
+        assert main(["exit-with-4"]) == 4
+    finally:
+        app.registered_commands[:] = [c for c in app.registered_commands if c.name != "exit-with-4"]

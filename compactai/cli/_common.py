@@ -99,7 +99,7 @@ def run_app(argv: list[str]) -> int:
     argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        app(argv, standalone_mode=False)
+        returned = app(argv, standalone_mode=False)  # click returns typer.Exit's code in this mode
     except CompactAIError as exc:
         if debug:
             raise
@@ -126,7 +126,7 @@ def run_app(argv: list[str]) -> int:
             highlight=False, soft_wrap=True,
         )
         return 1
-    return 0
+    return returned if isinstance(returned, int) else 0
 
 
 def resolve_model(path: str | None, example: str | None, progress: Any = None) -> tuple[Any, Any, dict[str, Any]]:

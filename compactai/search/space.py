@@ -1,8 +1,9 @@
 """Search spaces over pipelines: ordered stages, each an optional technique with its parameters.
 
-The default space is built from the registry: every registered technique that accepts the
-model's kind becomes an optional stage, in family order (prune -> distill -> quantize),
-searching the parameters the technique marks ``searchable``. A recipe file can override
+The default space is built from the registry: one optional stage per family, in family
+order (prune -> distill -> quantize), choosing among that family's registered techniques
+that accept the model's kind, searching the parameters each marks ``searchable`` (and
+fixing those its ``search_defaults(kind)`` gives). A recipe file can override
 stages: a list value is a choice, ``{"low", "high", "log"}`` a range, anything else fixed.
 """
 
@@ -19,12 +20,17 @@ FAMILY_ORDER = ("prune", "distill", "nas", "quantize")
 
 @dataclass
 class Stage:
-    """One pipeline position: a technique, whether it may be skipped, and its search space."""
+    """One pipeline position: one of several techniques of a family (or none, if optional),
+    each with fixed parameters and a search space."""
 
-    technique: str
+    techniques: list[str]
     optional: bool = True
-    fixed: dict[str, Any] = field(default_factory=dict)
-    search: dict[str, Param] = field(default_factory=dict)
+    fixed: dict[str, dict[str, Any]] = field(default_factory=dict)  # technique -> fixed params
+    search: dict[str, dict[str, Param]] = field(default_factory=dict)  # technique -> param specs
+
+    @property
+    def label(self) -> str:
+        return "|".join(self.techniques)
 
     def to_dict(self) -> dict[str, Any]:
         def spec(p: Param) -> Any:
@@ -34,8 +40,11 @@ class Stage:
                 return {"low": p.low, "high": p.high, "log": p.log}
             return p.default
 
-        return {"technique": self.technique, "optional": self.optional, "fixed": self.fixed,
-                "search": {k: spec(v) for k, v in self.search.items()}}
+        return {"techniques": self.techniques, "optional": self.optional, "fixed": self.fixed,
+                "search": {t: {k: spec(v) for k, v in self.search.get(t, {}).items()} for t in self.techniques}}
+
+
+SKIP = "skip"
 
 
 @dataclass
@@ -49,19 +58,20 @@ class SearchSpace:
         """A recipe (ordered steps with params) drawn through an Optuna trial (define-by-run)."""
         recipe = []
         for i, stage in enumerate(self.stages):
-            prefix = f"{i}.{stage.technique}"
-            if stage.optional and not trial.suggest_categorical(f"{prefix}.use", [True, False]):
+            options = stage.techniques + ([SKIP] if stage.optional else [])
+            name = options[0] if len(options) == 1 else trial.suggest_categorical(f"{i}.technique", options)
+            if name == SKIP:
                 continue
-            params = dict(stage.fixed)
-            for name, spec in stage.search.items():
-                key = f"{prefix}.{name}"
+            params = dict(stage.fixed.get(name, {}))
+            for pname, spec in stage.search.get(name, {}).items():
+                key = f"{i}.{name}.{pname}"
                 if isinstance(spec, ChoiceParam):
-                    params[name] = trial.suggest_categorical(key, list(spec.choices))
+                    params[pname] = trial.suggest_categorical(key, list(spec.choices))
                 elif isinstance(spec, FloatParam):
-                    params[name] = trial.suggest_float(key, spec.low, spec.high, log=spec.log)
+                    params[pname] = trial.suggest_float(key, spec.low, spec.high, log=spec.log)
                 elif isinstance(spec, IntParam):
-                    params[name] = trial.suggest_int(key, spec.low, spec.high, log=spec.log)
-            recipe.append({"technique": stage.technique, "params": params})
+                    params[pname] = trial.suggest_int(key, spec.low, spec.high, log=spec.log)
+            recipe.append({"technique": name, "params": params})
         return recipe
 
     def single_technique_trials(self) -> list[dict[str, Any]]:
@@ -70,19 +80,23 @@ class SearchSpace:
         registry = available_techniques()
         trials = []
         for j, only in enumerate(self.stages):
-            params: dict[str, Any] = {}
-            for i, stage in enumerate(self.stages):
-                prefix = f"{i}.{stage.technique}"
-                if stage.optional:
-                    params[f"{prefix}.use"] = i == j
-                if i == j or not stage.optional:
-                    space = registry[stage.technique].space
-                    for name, spec in stage.search.items():
-                        default = space[name].default if name in space else getattr(spec, "default", None)
-                        if isinstance(spec, ChoiceParam) and default not in spec.choices:
-                            default = spec.choices[0]
-                        params[f"{prefix}.{name}"] = default
-            trials.append(params)
+            for name in only.techniques:
+                if not all(s.optional for k, s in enumerate(self.stages) if k != j):
+                    continue
+                params: dict[str, Any] = {}
+                for i, stage in enumerate(self.stages):
+                    options = stage.techniques + ([SKIP] if stage.optional else [])
+                    if len(options) > 1:
+                        params[f"{i}.technique"] = name if i == j else SKIP
+                space = registry[name].space
+                for pname, spec in only.search.get(name, {}).items():
+                    default = only.fixed.get(name, {}).get(pname, space[pname].default if pname in space else None)
+                    if isinstance(spec, ChoiceParam) and default not in spec.choices:
+                        default = spec.choices[0]
+                    if isinstance(spec, (FloatParam, IntParam)) and not (spec.low <= default <= spec.high):
+                        default = spec.low
+                    params[f"{j}.{name}.{pname}"] = default
+                trials.append(params)
         return trials
 
 
@@ -97,21 +111,58 @@ def _param_from_override(name: str, value: Any, base: Param | None) -> Param | N
     return None
 
 
-def default_space(kind: str, framework: str = "torch", techniques: list[str] | None = None) -> SearchSpace:
-    """Every registered technique that fits the model kind and framework, as optional stages."""
+def default_space(kind: str, framework: str = "torch", techniques: list[str] | None = None,
+                  overrides: dict[str, dict[str, Any]] | None = None) -> SearchSpace:
+    """One optional stage per family (prune -> distill -> quantize), each choosing among the
+    registered techniques that fit the model kind and framework; techniques that set
+    ``in_default_search = False`` are only searched when named."""
     registry = available_techniques()
-    names = techniques or [n for n, cls in registry.items() if kind in cls.kinds and _reachable(cls, framework)]
+    if techniques:
+        for name in techniques:
+            if name not in registry:
+                raise UnknownNameError(f"Unknown technique '{name}'; registered techniques: {', '.join(registry)}.")
+        names = list(techniques)
+    else:
+        names = [n for n, cls in registry.items() if kind in cls.kinds and _reachable(cls, framework)
+                 and getattr(cls, "in_default_search", True)]
+    families: dict[str, list[str]] = {}
     for name in names:
-        if name not in registry:
-            raise UnknownNameError(f"Unknown technique '{name}'; registered techniques: {', '.join(registry)}.")
-    names = sorted(names, key=lambda n: (FAMILY_ORDER.index(registry[n].family) if registry[n].family in FAMILY_ORDER
-                                         else len(FAMILY_ORDER), n))
+        families.setdefault(registry[name].family, []).append(name)
+    order = sorted(families, key=lambda f: FAMILY_ORDER.index(f) if f in FAMILY_ORDER else len(FAMILY_ORDER))
     stages = []
-    for name in names:
-        cls = registry[name]
-        search = {p: cls.space[p] for p in cls.searchable if p in cls.space and not isinstance(cls.space[p], AnyParam)}
-        stages.append(Stage(name, optional=True, search=search))
+    for family in order:
+        members = sorted(families[family])
+        search = {n: searched_params(registry[n]) for n in members}
+        fixed: dict[str, dict[str, Any]] = {}
+        for n in members:
+            fixed[n] = dict(registry[n].search_defaults(kind))
+            for pname in fixed[n]:
+                search[n].pop(pname, None)
+            for pname, value in (overrides or {}).get(n, {}).items():
+                spec = _param_from_override(pname, value, registry[n].space.get(pname))
+                if spec is None:
+                    fixed.setdefault(n, {})[pname] = value
+                    search[n].pop(pname, None)
+                else:
+                    search[n][pname] = spec
+        stages.append(Stage(members, optional=True, fixed=fixed, search=search))
     return SearchSpace(stages)
+
+
+def searched_params(cls: type[Technique]) -> dict[str, Param]:
+    """The ranges the optimizer explores for a technique: its ``search_space``, else its
+    ``searchable`` entries of ``space`` (log scale dropped where the range includes 0)."""
+    if cls.search_space:
+        return dict(cls.search_space)
+    result: dict[str, Param] = {}
+    for name in cls.searchable:
+        spec = cls.space.get(name)
+        if spec is None or isinstance(spec, AnyParam):
+            continue
+        if isinstance(spec, (FloatParam, IntParam)) and spec.log and spec.low <= 0:
+            spec = type(spec)(**{**spec.__dict__, "log": False})
+        result[name] = spec
+    return result
 
 
 def _reachable(cls: type[Technique], framework: str) -> bool:
@@ -140,6 +191,7 @@ def space_from_config(stages: list[dict[str, Any]]) -> SearchSpace:
             else:
                 search[pname] = spec
         if not entry.get("params"):
-            search = {p: cls.space[p] for p in cls.searchable if p in cls.space and not isinstance(cls.space[p], AnyParam)}
-        result.append(Stage(name, optional=bool(entry.get("optional", True)), fixed=fixed, search=search))
+            search = searched_params(cls)
+        result.append(Stage([name], optional=bool(entry.get("optional", True)), fixed={name: fixed},
+                            search={name: search}))
     return SearchSpace(result)

@@ -117,6 +117,15 @@ class Technique(ABC):
     kinds: ClassVar[tuple[str, ...]] = ("cnn", "mlp", "transformer", "generic")
     searchable: ClassVar[tuple[str, ...]] = ()  # parameters the search tunes by default
     quick: ClassVar[dict[str, Any]] = {}  # parameters for a fast run (contract test, smoke runs)
+    # Ranges the optimizer explores (narrower than ``space``, which is what is *allowed*);
+    # empty means: the ``searchable`` entries of ``space``.
+    search_space: ClassVar[dict[str, Param]] = {}
+    in_default_search: ClassVar[bool] = True  # False: searched only when named (e.g. no speed-up expected)
+
+    @classmethod
+    def search_defaults(cls, kind: str) -> dict[str, Any]:
+        """Fixed parameters for the optimizer on a model of ``kind`` (e.g. a default student)."""
+        return {}
 
     def __init__(self, **params: Any) -> None:
         self.params = params

@@ -90,7 +90,7 @@ def test_impossible_budget_writes_closest_and_raises(digits, round_technique, tm
 def test_failed_trial_is_recorded_not_fatal(digits, round_technique, tmp_path):
     from compactai.search.space import SearchSpace, Stage
 
-    bad = SearchSpace([Stage("test_round_weights", optional=False, fixed={"bits": 3})])  # 3 is outside its space
+    bad = SearchSpace([Stage(["test_round_weights"], optional=False, fixed={"test_round_weights": {"bits": 3}})])  # 3 is outside its space
     out = tmp_path / "failing"
     with pytest.raises(BudgetNotMetError):
         optimize(digits.handle, digits.task, parse_budget("", "0.5"), out, quick_config(max_trials=1), space=bad)
