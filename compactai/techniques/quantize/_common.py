@@ -1,0 +1,129 @@
+"""Shared pieces of the quantize family: quantizable ops, calibration data, quick evaluation
+and measured latency (the figures every decision in this family rests on)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compactai.models.handle import ModelHandle
+from compactai.tasks import Quality, Split, Task, trim_padding
+
+# Ops whose weights ORT's int8 quantizers store as integers.
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+
+# (handle of an ONNX model) -> batch-1 latency p50 in ms. Injectable so that tests can
+# make the guard rail's decision deterministic; the default measures on ONNX Runtime.
+LatencyProbe = Callable[[ModelHandle], float]
+
+
+def measured_latency_ms(handle: ModelHandle, batch: int = 1, queries: int = 60, seconds: float = 0.3,
+                        threads: int | None = None) -> float:
+    """Median latency of ``handle`` on ONNX Runtime at ``batch`` (example inputs tiled), in ms."""
+    from compactai.measure import batch_feeds, make_runner, measure_latency
+
+    runner = make_runner(handle, "onnxruntime", threads)
+    feeds = {k: v[:1] for k, v in handle.example_inputs.items()}
+    if batch > 1:
+        feeds = batch_feeds(feeds, batch)
+        queries = max(5, queries // 10)
+    return measure_latency(runner, feeds, min_queries=queries, min_seconds=seconds, warmup=5).p50_ms
+
+
+def default_probe(threads: int | None = None) -> LatencyProbe:
+    return lambda handle: measured_latency_ms(handle, threads=threads)
+
+
+def weight_nodes(model_path: Path, op_types: tuple[str, ...] = WEIGHT_OPS) -> list[str]:
+    """Names of the nodes of ``op_types`` whose weight (input 1) is a constant initializer,
+    in graph order: the ops a mixed-precision search chooses between."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    return [n.name for n in model.graph.node
+            if n.op_type in op_types and len(n.input) > 1 and n.input[1] in constants]
+
+
+def name_unnamed_nodes(model_path: Path) -> None:
+    """Give every node a unique name (ORT's quantizer excludes and reports nodes by name)."""
+    import onnx
+
+    model = onnx.load(str(model_path))
+    seen: set[str] = set()
+    changed = False
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+            changed = True
+        seen.add(node.name)
+    if changed:
+        onnx.save(model, str(model_path))
+
+
+class SplitReader:
+    """ORT CalibrationDataReader over the first ``samples`` rows of a split, in small batches
+    (padding trimmed per batch, so sequence models see their real lengths)."""
+
+    def __init__(self, split: Split, input_names: list[str], samples: int, batch_size: int = 8) -> None:
+        self.part = split.take(min(samples, len(split)))
+        self.input_names = input_names
+        self.batch_size = batch_size
+        self._iter: Iterator[dict[str, np.ndarray]] | None = None
+
+    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
+        for feeds, _ in self.part.batches(self.batch_size):
+            feeds = trim_padding(feeds)
+            yield {name: np.ascontiguousarray(feeds[name]) for name in self.input_names}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._iter is None:
+            self._iter = self._batches()
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter = None
+
+
+def calibration_reader(split: Split, input_names: list[str], samples: int) -> Any:
+    """A real ``onnxruntime.quantization.CalibrationDataReader`` wrapping :class:`SplitReader`."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(SplitReader, CalibrationDataReader):
+        pass
+
+    return Reader(split, input_names, samples)
+
+
+@dataclass
+class Evaluator:
+    """Scores ONNX files on one split of the task (a fixed subset, so that cached reference
+    outputs are reused across the many candidates a search tries)."""
+
+    task: Task
+    handle: ModelHandle
+    split_name: str = "validation"
+    samples: int | None = None
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        split = self.task.split(self.split_name)
+        self.split = split.take(self.samples) if self.samples and self.samples < len(split) else split
+
+    def __call__(self, path: Path) -> Quality:
+        from compactai.measure import make_runner
+
+        runner = make_runner(self.handle.as_onnx(path), "onnxruntime", self.threads)
+        value, details = self.task.metric.score(runner.run, self.split, self.task.batch_size)
+        return Quality(self.task.metric.name, value, None, details)
+
+
+def file_size(path: Path) -> int:
+    from compactai.measure import size_on_disk
+
+    return int(size_on_disk(path))

@@ -1,0 +1,140 @@
+"""Post-training int8 with ONNX Runtime: graph pre-processing, dynamic and static quantization.
+
+Everything one int8 configuration needs fits in :class:`Int8Config`; ``quantize_int8``
+turns a float ONNX file into an int8 one with it. The calibration methods are a small
+table (``CALIBRATION_METHODS``) so that adding one is a one-line change.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from compactai.errors import TechniqueError
+from compactai.tasks import Split
+from compactai.techniques.quantize._common import calibration_reader, name_unnamed_nodes
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+FORMATS = ("qoperator", "qdq")
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """One int8 configuration: dynamic (activations quantized at run time) or static
+    (activation ranges calibrated on ``calibration_samples`` rows of the calibration split)."""
+
+    mode: str = "dynamic"  # "dynamic" | "static"
+    per_channel: bool = True
+    reduce_range: bool = False
+    format: str = "qoperator"  # static only: "qoperator" | "qdq"
+    calibration: str = "minmax"  # static only: "minmax" | "entropy" | "percentile"
+    calibration_samples: int = 128
+    weight_bits: int = 8  # 4 = int4 weights (static QDQ only; ONNX opset 21)
+    const_weights_only: bool = True  # MatMuls of two activations (attention scores) stay float
+    nodes_to_exclude: tuple[str, ...] = ()
+    op_types: tuple[str, ...] | None = None
+    extra_options: dict[str, Any] = field(default_factory=dict)
+
+    def label(self) -> str:
+        parts = [self.mode, "per-channel" if self.per_channel else "per-tensor"]
+        if self.mode == "static":
+            parts += [self.format, self.calibration]
+        if self.weight_bits != 8:
+            parts.append(f"int{self.weight_bits} weights")
+        if self.reduce_range:
+            parts.append("reduce-range")
+        if self.nodes_to_exclude:
+            parts.append(f"{len(self.nodes_to_exclude)} float")
+        return " ".join(parts)
+
+    def excluding(self, nodes: list[str] | tuple[str, ...]) -> Int8Config:
+        return replace(self, nodes_to_exclude=tuple(nodes))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["nodes_to_exclude"] = list(self.nodes_to_exclude)
+        return data
+
+
+def preprocess(source: Path, target: Path, kind: str = "generic") -> str:
+    """Graph pre-processing before quantizing; returns what was done.
+
+    Transformers go through ONNX Runtime's transformer optimizer (SkipLayerNorm, BiasGelu,
+    attention fusion where the pattern matches); every model then gets ORT's
+    ``quant_pre_process`` (symbolic shape inference, constant folding, Conv+BN folding).
+    Any step that fails is skipped, never fatal: the model is still valid without it.
+    """
+    done = []
+    current = source
+    if kind == "transformer":
+        try:
+            from onnxruntime.transformers.optimizer import optimize_model
+
+            fused = target.with_name(target.stem + ".fused.onnx")
+            optimize_model(str(current), model_type="bert", num_heads=0, hidden_size=0, opt_level=1).save_model_to_file(str(fused))
+            current, _ = fused, done.append("transformer fusion")
+        except Exception as exc:  # the optimizer raises many types on unusual graphs
+            log.info("transformer fusion skipped: %s", exc)
+    try:
+        from onnxruntime.quantization import quant_pre_process
+
+        quant_pre_process(str(current), str(target), skip_symbolic_shape=kind != "transformer")
+        done.append("shape inference + ORT optimization")
+    except Exception as exc:
+        log.info("quant_pre_process skipped: %s", exc)
+        shutil.copyfile(current, target)
+    if current != source:
+        current.unlink(missing_ok=True)
+    name_unnamed_nodes(target)
+    return ", ".join(done) or "none"
+
+
+def quantize_int8(source: Path, target: Path, config: Int8Config, calibration: Split | None = None,
+                  input_names: list[str] | None = None) -> Path:
+    """Quantize the (pre-processed) float ONNX file ``source`` to ``target`` with ``config``."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    extra = {"MatMulConstBOnly": config.const_weights_only, "DefaultTensorType": onnx.TensorProto.FLOAT,
+             **config.extra_options}
+    common = dict(per_channel=config.per_channel, reduce_range=config.reduce_range,
+                  nodes_to_exclude=list(config.nodes_to_exclude) or None,
+                  op_types_to_quantize=list(config.op_types) if config.op_types else None, extra_options=extra)
+    try:
+        if config.mode == "dynamic":
+            if config.weight_bits != 8:
+                raise TechniqueError("Dynamic quantization stores int8 weights only; use mode='static' with format='qdq' for int4.")
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, **common)
+        elif config.mode == "static":
+            if calibration is None or input_names is None:
+                raise TechniqueError("Static int8 needs a task with a calibration split; use mode='dynamic' without one.")
+            if config.weight_bits == 4 and config.format != "qdq":
+                raise TechniqueError("int4 weights (weight_bits=4) need format='qdq'; QOperator kernels are int8 only.")
+            reader = calibration_reader(calibration, input_names, config.calibration_samples)
+            quantize_static(
+                str(source), str(target), reader,
+                quant_format=QuantFormat.QDQ if config.format == "qdq" else QuantFormat.QOperator,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt4 if config.weight_bits == 4 else QuantType.QInt8,
+                calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[config.calibration]), **common,
+            )
+        else:
+            raise TechniqueError(f"Unknown int8 mode '{config.mode}'; use dynamic or static.")
+    except TechniqueError:
+        raise
+    except Exception as exc:  # ORT's quantizer raises RuntimeError/ValueError/onnx errors
+        raise TechniqueError(
+            f"ONNX Runtime could not quantize {source.name} ({config.label()}): {str(exc).splitlines()[0][:300]}"
+        ) from exc
+    return target

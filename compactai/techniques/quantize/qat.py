@@ -1,0 +1,223 @@
+"""Quantization-aware training: fake-quant fine-tuning in PyTorch, then a real int8 ONNX
+model for ONNX Runtime.
+
+BatchNorm is first folded into the convolutions (as ONNX Runtime does before it
+quantizes), then every Conv/Linear sees its weight and its input through fake quantizers
+that mimic ORT's scheme (int8 symmetric weights, per-tensor or per-channel; uint8
+asymmetric activations with min-max ranges). The weights learn to tolerate that rounding
+on the task's train split. The fine-tuned float model is exported to ONNX and quantized by
+ONNX Runtime with the same settings, so the result runs with ORT's int8 kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compactai.errors import ParameterError
+from compactai.models.handle import ModelHandle
+from compactai.techniques.base import (
+    ChoiceParam,
+    Context,
+    FloatParam,
+    IntParam,
+    Technique,
+    register_technique,
+)
+from compactai.techniques.quantize._common import file_size
+from compactai.techniques.quantize.ort_ptq import Int8Config, preprocess, quantize_int8
+
+log = logging.getLogger(__name__)
+
+
+def _fake_quant_modules() -> tuple[type, ...]:
+    from torch import nn
+
+    return (nn.Conv2d, nn.Conv1d, nn.Linear)
+
+
+def weight_range(bits: int, reduce_range: bool) -> tuple[int, int]:
+    """ORT's integer range for symmetric weights (quant_utils.get_qmin_qmax_for_qType)."""
+    if reduce_range:
+        return (-64, 64) if bits == 8 else (-4, 3)
+    return (-127, 127) if bits == 8 else (-8, 7)
+
+
+def make_fake_quant(module: Any, per_channel: bool, bits: int = 8, reduce_range: bool = False,
+                    momentum: float = 0.1) -> Any:
+    """Wrap a Conv/Linear so that its weight and input pass through fake quantizers."""
+    qmin, qmax = weight_range(bits, reduce_range)
+    import torch
+    from torch import nn
+
+    class FakeQuant(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+            self.register_buffer("low", torch.tensor(0.0))
+            self.register_buffer("high", torch.tensor(0.0))
+            self.register_buffer("seen", torch.tensor(False))
+
+        def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training:
+                with torch.no_grad():
+                    low, high = x.min().clamp(max=0.0), x.max().clamp(min=0.0)
+                    if not bool(self.seen):
+                        self.low.copy_(low), self.high.copy_(high), self.seen.fill_(True)
+                    else:
+                        self.low.lerp_(low, momentum), self.high.lerp_(high, momentum)
+            scale = float((self.high - self.low).clamp(min=1e-8)) / 255.0
+            zero = int(round(-float(self.low) / scale))
+            return torch.fake_quantize_per_tensor_affine(x, scale, min(max(zero, 0), 255), 0, 255)
+
+        def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
+            if per_channel:
+                dims = tuple(range(1, weight.dim()))
+                scale = (weight.detach().abs().amax(dim=dims) * 2 / (qmax - qmin)).clamp(min=1e-12).float()
+                zero = torch.zeros_like(scale, dtype=torch.int32)
+                return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, qmin, qmax)
+            scale = max(float(weight.detach().abs().max()) * 2 / (qmax - qmin), 1e-12)
+            return torch.fake_quantize_per_tensor_affine(weight, scale, 0, qmin, qmax)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            inner = self.inner
+            weight = self.quantize_weight(inner.weight)
+            x = self.quantize_input(x)
+            if isinstance(inner, nn.Linear):
+                return nn.functional.linear(x, weight, inner.bias)
+            return inner._conv_forward(x, weight, inner.bias)
+
+    return FakeQuant(module)
+
+
+def fold_batchnorm(module: Any) -> tuple[Any, bool]:
+    """(module with BatchNorm folded into the preceding convs, whether folding happened)."""
+    try:
+        import torch.fx
+        from torch.fx.experimental.optimization import fuse
+
+        module.eval()
+        return fuse(torch.fx.symbolic_trace(module)), True
+    except Exception as exc:  # untraceable models train with BatchNorm kept (ORT folds it later)
+        log.info("BatchNorm folding skipped: %s", exc)
+        return module, False
+
+
+def swap_modules(root: Any, wrap: Any) -> int:
+    """Replace every Conv/Linear under ``root`` by ``wrap(module)`` (or unwrap with ``wrap``); returns the count."""
+    count = 0
+    for name, child in list(root.named_children()):
+        replacement = wrap(child)
+        if replacement is not child:
+            setattr(root, name, replacement)
+            count += 1
+        else:
+            count += swap_modules(child, wrap)
+    return count
+
+
+@register_technique
+class QAT(Technique):
+    """Quantization-aware training on the task's train split, exported as an ORT int8 model.
+
+    The int8 conversion uses ``per_channel``/``calibration``/``calibration_samples`` like
+    ``quantize(mode="static")``, so QAT and plain PTQ can be compared at the same setting.
+    """
+
+    name = "qat"
+    family = "quantize"
+    accepts = ("torch",)
+    kinds = ("cnn", "mlp", "generic")
+    space = {
+        "epochs": IntParam(1, 1000, 3),
+        "lr": FloatParam(0.0, 1.0, 1e-4, log=True, open_low=True),
+        "batch_size": IntParam(1, 65_536, 64),
+        "max_batches": IntParam(0, 1_000_000, 0),  # per epoch; 0 = the whole train split
+        "per_channel": ChoiceParam((True, False), True),
+        "format": ChoiceParam(("qoperator", "qdq"), "qoperator"),
+        "calibration": ChoiceParam(("minmax", "entropy", "percentile"), "minmax"),
+        "calibration_samples": IntParam(1, 100_000, 128),
+        "reduce_range": ChoiceParam((False, True), False),
+        "weight_bits": ChoiceParam((8, 4), 8),
+    }
+    searchable = ("epochs", "lr")
+    search_space = {"epochs": IntParam(1, 5, 2), "lr": FloatParam(1e-5, 1e-3, 1e-4, log=True)}
+    in_default_search = False  # it trains: searched only when named
+    quick = {"epochs": 1, "max_batches": 2, "calibration_samples": 8}
+
+    def apply(self, handle: ModelHandle, context: Context) -> ModelHandle:
+        import torch
+        from torch import nn
+
+        params = self.validate()
+        self.check_accepts(handle)
+        if context.task is None or "train" not in context.task.splits:
+            raise ParameterError("QAT needs a task with a train split to fine-tune on.")
+        say = context.progress
+        torch.manual_seed(context.seed)
+        model, folded = fold_batchnorm(copy.deepcopy(handle.module))
+        fake = _fake_quant_modules()
+        wrapped = swap_modules(model, lambda m: make_fake_quant(
+            m, params["per_channel"], params["weight_bits"], params["reduce_range"]) if isinstance(m, fake) else m)
+        if wrapped == 0:
+            raise ParameterError(f"QAT found no Conv or Linear layer in '{handle.name}' to quantize.")
+        teacher = handle.module
+        train = context.task.split("train")
+        optimizer = torch.optim.Adam(model.parameters(), lr=params["lr"])
+        rng = np.random.default_rng(context.seed)
+        losses: list[float] = []
+        epochs_done = 0
+        for epoch in range(params["epochs"]):
+            model.train()
+            order = rng.permutation(len(train))
+            batches = range(0, len(train), params["batch_size"])
+            for step, start in enumerate(batches):
+                if params["max_batches"] and step >= params["max_batches"]:
+                    break
+                if context.out_of_time():
+                    break
+                part = train.take(order[start:start + params["batch_size"]])
+                args = [torch.from_numpy(np.ascontiguousarray(part.inputs[n])) for n in handle.input_names]
+                output = model(*args)
+                output = output[0] if isinstance(output, (tuple, list)) else output
+                if part.labels is not None and output.dim() == 2:
+                    loss = nn.functional.cross_entropy(output, torch.from_numpy(part.labels))
+                else:
+                    with torch.no_grad():
+                        reference = teacher(*args)
+                        reference = reference[0] if isinstance(reference, (tuple, list)) else reference
+                    loss = nn.functional.mse_loss(output, reference)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            epochs_done += 1
+            say(f"QAT epoch {epoch + 1}/{params['epochs']}: loss {np.mean(losses[-20:]) if losses else float('nan'):.4f}")
+            if context.out_of_time():
+                break
+        model.eval()
+        swap_modules(model, lambda m: m.inner if hasattr(m, "inner") and hasattr(m, "quantize_weight") else m)
+        context.work_dir.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="qat-", dir=context.work_dir))
+        say("exporting the fine-tuned model to ONNX")
+        trained = handle.derive(module=model).to_onnx(work / "qat-float.onnx")
+        source = work / "preprocessed.onnx"
+        preprocess(Path(trained.path), source, handle.kind)  # type: ignore[arg-type]
+        config = Int8Config(mode="static", per_channel=params["per_channel"], reduce_range=params["reduce_range"],
+                            format=params["format"], calibration=params["calibration"],
+                            calibration_samples=params["calibration_samples"], weight_bits=params["weight_bits"])
+        say(f"int8 with ONNX Runtime: {config.label()}")
+        target = quantize_int8(source, work / "model.qat.onnx", config, context.task.splits.get("calibration", train),
+                               handle.input_names)
+        result = trained.as_onnx(target)
+        result.metadata.pop("parity", None)
+        decisions = {"batchnorm_folded": folded, "fake_quant_layers": wrapped, "epochs_done": epochs_done,
+                     "final_loss": float(np.mean(losses[-20:])) if losses else None, "config": config.to_dict(),
+                     "float_size_bytes": file_size(Path(trained.path)), "quantized_size_bytes": file_size(target)}  # type: ignore[arg-type]
+        result.metadata["quantize"] = {"mode": "qat", **decisions}
+        return self.record(result, params, **decisions)

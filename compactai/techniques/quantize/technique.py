@@ -1,0 +1,280 @@
+"""The ``quantize`` technique: one entry point for int8 (dynamic/static), fp16/bf16, int4
+weight-only and the accuracy-aware ``auto`` mode, with the guard rail that keeps the
+float model when the quantized one is not faster on this machine."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compactai.errors import BudgetNotMetError, ParameterError
+from compactai.models.handle import ModelHandle
+from compactai.techniques.base import (
+    AnyParam,
+    ChoiceParam,
+    Context,
+    FloatParam,
+    IntParam,
+    Technique,
+    register_technique,
+)
+from compactai.techniques.quantize._common import Evaluator, default_probe, file_size, weight_nodes
+from compactai.techniques.quantize.auto import search_mixed_precision
+from compactai.techniques.quantize.float import CONVERTERS, check_executes
+from compactai.techniques.quantize.ort_ptq import Int8Config, preprocess, quantize_int8
+from compactai.techniques.quantize.sensitivity import analyze_sensitivity, plot_sensitivity
+from compactai.techniques.quantize.weight_only import quantize_int4
+
+MODES = ("dynamic", "static", "fp16", "bf16", "int4", "auto")
+
+
+class QualityTargetNotMetError(BudgetNotMetError):
+    """The quality target was not reached; ``best`` is the best model found (already on disk)."""
+
+    def __init__(self, message: str, best: ModelHandle | None, quality: float | None) -> None:
+        super().__init__(message)
+        self.best = best
+        self.quality = quality
+
+
+@dataclass
+class Target:
+    """A quality target on the validation split: absolute ``min_quality`` and/or ``max_drop``
+    in metric points (hundredths: 0.5 means half a percentage point of accuracy)."""
+
+    min_quality: float | None
+    max_drop: float | None
+    float_quality: float
+
+    @property
+    def threshold(self) -> float:
+        floors = [self.min_quality] if self.min_quality is not None else []
+        if self.max_drop is not None:
+            floors.append(self.float_quality - self.max_drop / 100.0)
+        return max(floors)
+
+    def meets(self, value: float, details: dict[str, float] | None = None) -> bool:
+        return value >= self.threshold - 1e-12
+
+    def describe(self) -> str:
+        parts = []
+        if self.min_quality is not None:
+            parts.append(f"min_quality {self.min_quality:g}")
+        if self.max_drop is not None:
+            parts.append(f"max_drop {self.max_drop:g} points from {self.float_quality:.4f}")
+        return " and ".join(parts)
+
+
+def default_configs(kind: str, has_calibration: bool, base: Int8Config) -> list[Int8Config]:
+    """The int8 configurations ``auto`` chooses between, by model kind (first = ranking config)."""
+    from dataclasses import replace
+
+    if kind in ("transformer", "mlp"):
+        configs = [replace(base, mode="dynamic", per_channel=True), replace(base, mode="dynamic", per_channel=False)]
+        if has_calibration:
+            configs.append(replace(base, mode="static", per_channel=True, format="qdq", calibration="percentile"))
+        return configs
+    configs = []
+    if has_calibration:
+        configs += [replace(base, mode="static", per_channel=True, format="qoperator", calibration="minmax"),
+                    replace(base, mode="static", per_channel=True, format="qdq", calibration="minmax"),
+                    replace(base, mode="static", per_channel=True, format="qoperator", calibration="percentile")]
+    configs.append(replace(base, mode="dynamic", per_channel=True))
+    return configs
+
+
+@register_technique
+class Quantize(Technique):
+    """Quantize a model for ONNX Runtime on the CPU.
+
+    ``mode``: ``dynamic``/``static`` int8 (ORT quantization), ``fp16``/``bf16`` (offered only
+    if ORT runs them here), ``int4`` (block-wise weight-only MatMulNBits), ``auto`` (per-op
+    sensitivity, then mixed precision meeting ``min_quality``/``max_drop`` on the
+    validation split, configuration chosen by measured latency). Unless ``objective`` is
+    "size", a result that is not faster than the float model at batch 1 is discarded and
+    the float model is returned, with the reason recorded.
+    """
+
+    name = "quantize"
+    family = "quantize"
+    accepts = ("torch", "onnx")
+    space = {
+        "mode": ChoiceParam(MODES, "dynamic"),
+        "per_channel": ChoiceParam((True, False), True),
+        "format": ChoiceParam(("qoperator", "qdq"), "qoperator"),
+        "calibration": ChoiceParam(("minmax", "entropy", "percentile"), "minmax"),
+        "calibration_samples": IntParam(1, 100_000, 128),
+        "reduce_range": ChoiceParam((False, True), False),
+        "weight_bits": ChoiceParam((8, 4), 8),
+        "const_weights_only": ChoiceParam((True, False), True),
+        "nodes_to_exclude": AnyParam(None),
+        "op_types": AnyParam(None),
+        "extra_options": AnyParam(None),
+        "preprocess": ChoiceParam((True, False), True),
+        "block_size": ChoiceParam((16, 32, 64, 128), 32),
+        "min_quality": AnyParam(None),
+        "max_drop": AnyParam(None),
+        "objective": ChoiceParam(("latency", "size"), "latency"),
+        "sensitivity": ChoiceParam(("both", "float", "none"), "both"),
+        "sensitivity_samples": IntParam(1, 100_000, 100),
+        "max_float_fraction": FloatParam(0.0, 1.0, 0.5),
+        "configs": AnyParam(None),
+        "latency_probe": AnyParam(None),
+    }
+    searchable = ("mode", "per_channel", "calibration")
+    # the optimizer tries the cheap, always-offered int8 settings; auto/fp16/bf16/int4 are asked for by name
+    search_space = {"mode": ChoiceParam(("static", "dynamic"), "static"), "per_channel": ChoiceParam((True, False), True),
+                    "calibration": ChoiceParam(("minmax", "percentile"), "minmax")}
+    quick = {"mode": "static", "calibration_samples": 8}
+
+    def validate(self) -> dict[str, Any]:
+        params = super().validate()
+        owner = type(self).__name__
+        for key in ("min_quality", "max_drop"):
+            value = params[key]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ParameterError(f"The '{key}' parameter of {owner} must be a number or None. Got {value!r} instead.")
+        if params["max_drop"] is not None and params["max_drop"] < 0:
+            raise ParameterError(f"The 'max_drop' parameter of {owner} must be >= 0 (metric points). Got {params['max_drop']!r} instead.")
+        for key in ("nodes_to_exclude", "op_types"):
+            value = params[key]
+            if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
+                raise ParameterError(f"The '{key}' parameter of {owner} must be a list of node/op names. Got {value!r} instead.")
+        if params["latency_probe"] is not None and not callable(params["latency_probe"]):
+            raise ParameterError(f"The 'latency_probe' parameter of {owner} must be a callable (handle -> ms). Got {params['latency_probe']!r} instead.")
+        return params
+
+    def apply(self, handle: ModelHandle, context: Context) -> ModelHandle:
+        params = self.validate()
+        self.check_accepts(handle)
+        mode = params["mode"]
+        context.work_dir.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"quantize-{mode}-", dir=context.work_dir))
+        say = context.progress
+        say("exporting to ONNX" if handle.framework == "torch" else "reading the ONNX model")
+        float_handle = handle.to_onnx(work / "float.onnx") if handle.framework == "torch" else handle
+        float_path = Path(float_handle.path)  # type: ignore[arg-type]
+        probe = params["latency_probe"] or default_probe(context.threads)
+        base = Int8Config(
+            mode=mode if mode in ("dynamic", "static") else "dynamic", per_channel=params["per_channel"],
+            reduce_range=params["reduce_range"], format=params["format"], calibration=params["calibration"],
+            calibration_samples=params["calibration_samples"], weight_bits=params["weight_bits"],
+            const_weights_only=params["const_weights_only"],
+            nodes_to_exclude=tuple(params["nodes_to_exclude"] or ()), op_types=tuple(params["op_types"]) if params["op_types"] else None,
+            extra_options=dict(params["extra_options"] or {}),
+        )
+        calibration = context.task.splits.get("calibration") if context.task is not None else None
+        decisions: dict[str, Any] = {"mode": mode}
+        source = float_path
+        if params["preprocess"] and mode in ("dynamic", "static", "auto", "int4"):
+            say("pre-processing the graph")
+            source = work / "preprocessed.onnx"
+            decisions["preprocess"] = preprocess(float_path, source, handle.kind)
+        target = work / f"model.{mode}.onnx"
+        report: dict[str, Any] = {}
+        if mode in ("dynamic", "static"):
+            say(f"quantizing: {base.label()}")
+            quantize_int8(source, target, base, calibration, handle.input_names)
+            decisions["config"] = base.to_dict()
+        elif mode in CONVERTERS:
+            say(f"converting to {mode}")
+            CONVERTERS[mode](float_path, target)
+            decisions["max_relative_error"] = check_executes(float_handle.as_onnx(target), float_handle, mode)
+        elif mode == "int4":
+            say(f"int4 weight-only, block size {params['block_size']}")
+            decisions["int4_matmuls"] = quantize_int4(source, target, block_size=params["block_size"],
+                                                      nodes_to_exclude=list(base.nodes_to_exclude))
+        else:
+            target, report = self._auto(handle, float_handle, source, base, params, context, work, probe)
+            decisions.update({k: v for k, v in report.items() if k in ("chosen_config", "float_ops", "target")})
+        return self._guard(handle, float_handle, target, params, probe, decisions, report, context)
+
+    def _auto(self, handle: ModelHandle, float_handle: ModelHandle, source: Path, base: Int8Config,
+              params: dict[str, Any], context: Context, work: Path, probe: Any) -> tuple[Path, dict[str, Any]]:
+        """Sensitivity analysis + mixed-precision search; returns the chosen file and the report."""
+        from dataclasses import replace
+
+        task = context.task
+        if task is None:
+            raise ParameterError("mode='auto' needs a task with a validation split (the quality target is checked on it).")
+        say = context.progress
+        calibration = task.splits.get("calibration")
+        evaluate = Evaluator(task, float_handle, "validation", threads=context.threads)
+        float_quality = evaluate(Path(float_handle.path)).value  # type: ignore[arg-type]
+        max_drop = params["max_drop"]
+        if params["min_quality"] is None and max_drop is None:
+            max_drop = 1.0
+        target = Target(params["min_quality"], max_drop, float_quality)
+        if params["configs"]:
+            configs = [replace(base, **c) if isinstance(c, dict) else c for c in params["configs"]]
+        else:
+            configs = default_configs(handle.kind, calibration is not None, base)
+        nodes = [n for n in weight_nodes(source) if n not in base.nodes_to_exclude]
+        say(f"auto: {len(nodes)} quantizable ops, target {target.describe()} (threshold {target.threshold:.4f})")
+        first = work / "all-int8.onnx"
+        quantize_int8(source, first, configs[0], calibration, handle.input_names)
+        all_quantized = evaluate(first).value
+        report: dict[str, Any] = {"target": {"min_quality": params["min_quality"], "max_drop": max_drop,
+                                             "threshold": target.threshold, "split": "validation",
+                                             "float_quality": float_quality}}
+        ranking = nodes
+        if params["sensitivity"] != "none" and nodes:
+            sens_eval = Evaluator(task, float_handle, "validation", params["sensitivity_samples"], context.threads)
+            sens_float = sens_eval(Path(float_handle.path)).value  # type: ignore[arg-type]
+            sens_all = sens_eval(first).value
+            sensitivity = analyze_sensitivity(
+                source, configs[0], nodes, sens_eval, work, calibration=calibration, float_quality=sens_float,
+                all_quantized_quality=sens_all, both=params["sensitivity"] == "both", progress=say,
+                deadline=context.deadline)
+            ranking = sensitivity.ranking()
+            report["sensitivity"] = sensitivity.to_dict()
+            report["sensitivity_plot"] = str(plot_sensitivity(sensitivity, work / "sensitivity.png"))
+        search = search_mixed_precision(
+            source, configs, ranking, evaluate, target.meets, work, probe=probe, calibration=calibration,
+            max_float_fraction=params["max_float_fraction"], progress=say, deadline=context.deadline)
+        report["search"] = search.to_dict()
+        if search.chosen is None:
+            best = search.best
+            best_handle = float_handle.as_onnx(best.path) if best else None
+            reached = best.quality if best else all_quantized
+            raise QualityTargetNotMetError(
+                f"No int8 configuration met the quality target ({target.describe()}) on the validation split "
+                f"with at most {params['max_float_fraction']:.0%} of the ops in float; the best reached "
+                f"{reached:.4f} (float model: {float_quality:.4f}). The best model so far is at {best.path if best else '-'}; "
+                "relax the target or raise max_float_fraction.", best_handle, reached)
+        report["chosen_config"] = search.chosen.config.to_dict()
+        report["float_ops"] = list(search.chosen.config.nodes_to_exclude)
+        return search.chosen.path, report
+
+    def _guard(self, handle: ModelHandle, float_handle: ModelHandle, target: Path, params: dict[str, Any],
+               probe: Any, decisions: dict[str, Any], report: dict[str, Any], context: Context) -> ModelHandle:
+        """Keep the quantized model only if it is faster at batch 1 (or the objective is size)."""
+        float_path = Path(float_handle.path)  # type: ignore[arg-type]
+        quantized = float_handle.as_onnx(target)
+        context.progress("measuring batch-1 latency: float vs quantized")
+        float_ms, quant_ms = float(probe(float_handle)), float(probe(quantized))
+        float_size, quant_size = file_size(float_path), file_size(target)
+        decisions.update({
+            "float_latency_p50_ms": float_ms, "quantized_latency_p50_ms": quant_ms,
+            "float_size_bytes": float_size, "quantized_size_bytes": quant_size,
+            "size_ratio": float_size / max(quant_size, 1), "speedup": float_ms / max(quant_ms, 1e-9),
+        })
+        faster = quant_ms < float_ms
+        if faster or params["objective"] == "size":
+            decisions["kept"] = "quantized"
+            if not faster:
+                decisions["note"] = (f"the {params['mode']} model is not faster than float on this machine at batch 1 "
+                                     f"({quant_ms:.2f} vs {float_ms:.2f} ms); kept because objective='size'")
+            result = quantized
+        else:
+            decisions["kept"] = "float"
+            decisions["note"] = (f"the {params['mode']} model is not faster than the float model on this machine at "
+                                 f"batch 1 ({quant_ms:.2f} vs {float_ms:.2f} ms p50), so the float model is kept; "
+                                 "pass objective='size' (--objective size) to keep it for its size.")
+            result = float_handle.as_onnx(float_path)
+        if handle.framework == "torch":
+            result.metadata.pop("parity", None)
+        result.metadata["quantize"] = {**decisions, **{k: v for k, v in report.items() if k not in decisions}}
+        return self.record(result, params, **decisions)
