@@ -1,0 +1,220 @@
+"""Fine-tuning after pruning: the task's train split, the validation split for the best checkpoint.
+
+The loss is pluggable: any ``loss(student_out, teacher_out, labels, feeds) -> scalar tensor``.
+Defaults: cross-entropy on labels (optionally plus KL to the unpruned teacher) for labelled
+tasks; for embedding tasks (no labels) cosine + MSE to the teacher's token embeddings.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from compactai.errors import BadInputError
+from compactai.tasks import Task, trim_padding
+
+Loss = Callable[[Any, Any, Any, dict[str, Any]], Any]
+
+
+def classification_loss(kd_weight: float = 0.0, temperature: float = 2.0) -> Loss:
+    """Cross-entropy on labels, blended with KL(teacher || student) at ``temperature`` when kd_weight > 0."""
+    import torch.nn.functional as F
+
+    def loss(student: Any, teacher: Any, labels: Any, feeds: dict[str, Any]) -> Any:
+        value = F.cross_entropy(student, labels)
+        if kd_weight > 0 and teacher is not None:
+            kl = F.kl_div(F.log_softmax(student / temperature, -1), F.softmax(teacher / temperature, -1),
+                          reduction="batchmean") * temperature**2
+            value = (1 - kd_weight) * value + kd_weight * kl
+        return value
+
+    return loss
+
+
+def embedding_loss(cosine_weight: float = 1.0, mse_weight: float = 1.0) -> Loss:
+    """(1 - cosine) of mean-pooled embeddings plus MSE of the token vectors, both against the teacher."""
+    import torch
+    import torch.nn.functional as F
+
+    def loss(student: Any, teacher: Any, labels: Any, feeds: dict[str, Any]) -> Any:
+        if teacher is None:
+            raise BadInputError("Fine-tuning an embedding model needs the unpruned teacher's outputs.")
+        mask = feeds.get("attention_mask")
+        if student.dim() == 3:
+            weights = (mask if mask is not None else torch.ones(student.shape[:2])).unsqueeze(-1).to(student.dtype)
+            pooled_s = (student * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+            pooled_t = (teacher * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+            mse = (((student - teacher) ** 2) * weights).sum() / (weights.sum() * student.shape[-1])
+        else:
+            pooled_s, pooled_t, mse = student, teacher, F.mse_loss(student, teacher)
+        cosine = 1 - F.cosine_similarity(pooled_s, pooled_t, dim=-1).mean()
+        return cosine_weight * cosine + mse_weight * mse
+
+    return loss
+
+
+def default_loss(task: Task, kd_weight: float = 0.0) -> Loss:
+    """Cross-entropy (+KL) when the train split has labels, else the embedding loss."""
+    return classification_loss(kd_weight) if task.split("train").labels is not None else embedding_loss()
+
+
+@dataclass
+class FinetuneConfig:
+    """How to fine-tune: epochs over the train split (``max_batches`` caps an epoch for quick runs)."""
+
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 1e-4
+    max_batches: int | None = None
+    patience: int = 2
+    seed: int = 0
+
+
+def torch_predict(module: Any, input_names: list[str]) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+    """A numpy predict function over a torch module (eval mode, inference mode)."""
+    import torch
+
+    from compactai.models.handle import flatten_outputs
+
+    def predict(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        module.eval()
+        with torch.inference_mode():
+            out = module(*[torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in input_names])
+        return [t.numpy() for t in flatten_outputs(out)]
+
+    return predict
+
+
+def first_output(result: Any) -> Any:
+    from compactai.models.handle import flatten_outputs
+
+    return flatten_outputs(result)[0]
+
+
+def task_batches(task: Task, split: str, batch_size: int, input_names: list[str], seed: int,
+                 max_batches: int | None = None) -> Any:
+    """Shuffled (torch args, feeds dict of tensors, labels tensor or None) batches of a split."""
+    import torch
+
+    data = task.split(split)
+    order = np.random.default_rng(seed).permutation(len(data))
+    for count, start in enumerate(range(0, len(data), batch_size)):
+        if max_batches is not None and count >= max_batches:
+            return
+        part = data.take(order[start : start + batch_size])
+        feeds = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in trim_padding(part.inputs).items()}
+        labels = torch.from_numpy(part.labels) if part.labels is not None else None
+        yield [feeds[n] for n in input_names], feeds, labels
+
+
+def recalibrate_batchnorm(module: Any, input_names: list[str], task: Task, batches: int = 8,
+                          batch_size: int = 64, seed: int = 0) -> bool:
+    """Re-estimate batch-norm running statistics on the calibration split (after pruning they
+    describe channels that no longer exist). Returns False when the module has no batch norm."""
+    import torch
+    from torch import nn
+
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return False
+    split = "calibration" if "calibration" in task.splits else "train"
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the batches below
+    module.train()
+    with torch.no_grad():
+        for args, _, _ in task_batches(task, split, batch_size, input_names, seed, batches):
+            module(*args)
+    for norm in norms:
+        norm.momentum = 0.1
+    module.eval()
+    return True
+
+
+def finetune(
+    module: Any,
+    input_names: list[str],
+    task: Task,
+    *,
+    teacher: Any = None,
+    config: FinetuneConfig | None = None,
+    loss: Loss | None = None,
+    after_step: Callable[[Any], None] | None = None,
+    out_of_time: Callable[[], bool] = lambda: False,
+    progress: Callable[[str], None] = lambda message: None,
+) -> dict[str, Any]:
+    """Fine-tune ``module`` in place; keeps the weights with the best validation score (including
+    the starting point). ``after_step(module)`` runs after every optimizer step (e.g. re-apply
+    sparsity masks). Returns the run as plain data."""
+    import torch
+
+    config = config or FinetuneConfig()
+    loss = loss or default_loss(task)
+    predict = torch_predict(module, input_names)
+
+    def validate() -> float:
+        return float(task.evaluate(predict, split="validation").value)
+
+    started = time.monotonic()
+    best = validate()
+    best_state = copy.deepcopy(module.state_dict())
+    scores, best_epoch, stale, stopped = [best], 0, 0, "epochs done"
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    steps_per_epoch = len(task.split("train")) // config.batch_size + 1
+    if config.max_batches:
+        steps_per_epoch = min(steps_per_epoch, config.max_batches)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, config.epochs * steps_per_epoch))
+    if teacher is not None:
+        teacher.eval()
+    for epoch in range(1, config.epochs + 1):
+        module.train()
+        for args, feeds, labels in task_batches(task, "train", config.batch_size, input_names,
+                                                config.seed + epoch, config.max_batches):
+            if out_of_time():
+                stopped = "deadline"
+                break
+            teacher_out = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_out = first_output(teacher(*args))
+            value = loss(first_output(module(*args)), teacher_out, labels, feeds)
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+            scheduler.step()
+            if after_step is not None:
+                after_step(module)
+        score = validate()
+        scores.append(score)
+        progress(f"fine-tune epoch {epoch}/{config.epochs}: validation {task.metric.name} {score:.4f}")
+        if score > best:
+            best, best_state, best_epoch, stale = score, copy.deepcopy(module.state_dict()), epoch, 0
+        else:
+            stale += 1
+        if stopped == "deadline":
+            break
+        if stale >= config.patience:
+            stopped = "early stop"
+            break
+    module.load_state_dict(best_state)
+    module.eval()
+    return {
+        "epochs_run": len(scores) - 1,
+        "best_epoch": best_epoch,
+        "validation": scores,
+        "metric": task.metric.name,
+        "stopped": stopped,
+        "seconds": round(time.monotonic() - started, 2),
+    }
+
+
+__all__ = ["FinetuneConfig", "Loss", "classification_loss", "default_loss", "embedding_loss", "finetune",
+           "recalibrate_batchnorm",
+           "task_batches", "torch_predict"]

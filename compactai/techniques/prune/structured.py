@@ -1,0 +1,238 @@
+"""StructuredPrune: physically remove channels, neurons, attention heads and FFN neurons.
+
+One-shot (``steps=1``) or iterative (prune a step, fine-tune, repeat) to a target given as a
+fraction of channels/neurons/heads, of parameters, of MACs, or of *measured* ONNX Runtime
+batch-1 p50 latency. The result is an ordinary, smaller ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+
+from compactai.errors import ParameterError, TechniqueError
+from compactai.models.handle import ModelHandle, set_eval
+from compactai.techniques.base import (
+    AnyParam,
+    ChoiceParam,
+    Context,
+    FloatParam,
+    IntParam,
+    Param,
+    Technique,
+    register_technique,
+)
+from compactai.techniques.prune.engine import (
+    SCOPES,
+    Graph,
+    check_protected,
+    layer_names,
+    prune_copy,
+    resolve_scope,
+)
+from compactai.techniques.prune.finetune import FinetuneConfig, default_loss, finetune, recalibrate_batchnorm
+from compactai.techniques.prune.importance import CRITERIA, get_criterion, task_gradients
+from compactai.techniques.prune.schedule import TARGETS, solve
+
+
+def example_args(handle: ModelHandle) -> tuple[Any, ...]:
+    import torch
+
+    return tuple(torch.from_numpy(np.ascontiguousarray(handle.example_inputs[n])) for n in handle.input_names)
+
+
+def count_params(module: Any) -> int:
+    return int(sum(p.numel() for p in module.parameters()))
+
+
+def target_metric(target: str, handle: ModelHandle, graph_units: Callable[[Any], int], threads: int | None
+                  ) -> Callable[[Any], float]:
+    """The quantity a target reduces, as a function of a (pruned) module."""
+    if target == "params":
+        return lambda module: float(count_params(module))
+    if target == "channels":
+        return lambda module: float(graph_units(module))
+    if target == "macs":
+        from compactai.measure import count_macs
+
+        def macs(module: Any) -> float:
+            value = count_macs(handle.derive(module=module))
+            if value is None:
+                raise TechniqueError("MACs cannot be counted for this model; use target='params' or 'latency'.")
+            return float(value)
+
+        return macs
+
+    def latency(module: Any) -> float:  # measured, not estimated: p50 at batch 1 on ONNX Runtime
+        from compactai.measure import make_runner, measure_latency
+
+        candidate = handle.derive(module=module)
+        runner = make_runner(candidate, "onnxruntime", threads)
+        single = {k: v[:1] for k, v in handle.example_inputs.items()}
+        return float(measure_latency(runner, single, min_queries=100, min_seconds=0.5, warmup=20).p50_ms)
+
+    return latency
+
+
+@register_technique
+class StructuredPrune(Technique):
+    """Remove whole channels (CNN), neurons (MLP) or attention heads and FFN neurons (BERT family),
+    keeping coupled layers consistent, ranked by a pluggable importance criterion.
+
+    ``ratio`` is the fraction of the ``target`` quantity to remove (channels, params, macs, or
+    measured ORT latency). ``steps > 1`` prunes iteratively, fine-tuning ``finetune_epochs``
+    after each step on the task's train split (best validation checkpoint kept).
+    """
+
+    name = "structured_prune"
+    family = "prune"
+    accepts = ("torch",)
+    kinds = ("cnn", "mlp", "transformer", "generic")
+    space: ClassVar[dict[str, Param]] = {
+        "ratio": FloatParam(0.0, 1.0, 0.5, open_low=True, open_high=True),
+        "target": ChoiceParam(TARGETS, "params"),
+        "criterion": ChoiceParam(("l1", "l2", "taylor", "bn"), "l2"),
+        "ranking": ChoiceParam(("layer", "global"), "layer"),
+        "scope": ChoiceParam(SCOPES, "auto"),
+        "steps": IntParam(1, 20, 1),
+        "finetune_epochs": IntParam(0, 200, 0),
+        "lr": FloatParam(1e-6, 1.0, 1e-3, log=True),
+        "kd_weight": FloatParam(0.0, 1.0, 0.0),
+        "batch_size": IntParam(1, 4096, 64),
+        "max_batches": AnyParam(None),  # cap on batches per fine-tune epoch (quick runs)
+        "protect": AnyParam(()),  # layer names whose output channels are kept
+        "protect_first": ChoiceParam((True, False), True),
+        "round_to": IntParam(1, 256, 1),
+        "taylor_batches": IntParam(1, 1000, 4),
+        "loss": AnyParam(None),  # fine-tune loss(student, teacher, labels, feeds); default per task
+    }
+    searchable = ("ratio", "criterion", "ranking")
+    quick: ClassVar[dict[str, Any]] = {"ratio": 0.3, "target": "channels", "finetune_epochs": 0}
+
+    def validate(self) -> dict[str, Any]:
+        # criteria are pluggable: any registered name is valid, not only the built-in choices
+        criterion = self.params.get("criterion", self.space["criterion"].default)  # type: ignore[union-attr]
+        if criterion not in CRITERIA:
+            raise ParameterError(
+                f"The 'criterion' parameter of {type(self).__name__} must be one of {', '.join(CRITERIA)}. "
+                f"Got {criterion!r} instead."
+            )
+        probe = copy.copy(self)
+        probe.params = {k: v for k, v in self.params.items() if k != "criterion"}
+        return {**Technique.validate(probe), "criterion": criterion}
+
+    def apply(self, handle: ModelHandle, context: Context) -> ModelHandle:
+        params = self.validate()
+        self.check_accepts(handle)
+        if handle.module is None:
+            raise TechniqueError(f"Model '{handle.name}' has no torch module to prune.")
+        criterion = get_criterion(params["criterion"])
+        protect = list(params["protect"] or ())
+        if isinstance(protect, str):
+            protect = [protect]
+        check_protected(handle.module, protect)
+        task = context.task
+        needs_data = params["finetune_epochs"] > 0 or criterion.needs_gradients
+        if needs_data and (task is None or "train" not in task.splits or "validation" not in task.splits):
+            raise ParameterError(
+                f"{'Fine-tuning' if params['finetune_epochs'] else 'The taylor criterion'} needs task data with "
+                "train and validation splits; pass a task, or use finetune_epochs=0 with criterion l1/l2/bn."
+            )
+        args = example_args(handle)
+        original = handle.module
+        set_eval(original)
+        teacher = original
+        if context.teacher is not None and context.teacher.module is not None:
+            teacher = context.teacher.module
+        names = layer_names(original)
+        if names and resolve_scope(original, params["scope"]) == "channels":
+            # the last layer makes the outputs: its width is never touched
+            protect = list(dict.fromkeys(protect + [names[-1]] + ([names[0]] if params["protect_first"] else [])))
+        scope = params["scope"]
+
+        def units_total(module: Any) -> int:  # channels, neurons and heads still prunable
+            return sum(u.size for u in Graph(copy.deepcopy(module), args, scope, protect).units)
+
+        metric = target_metric(params["target"], handle, units_total, context.threads)
+        module = copy.deepcopy(original)
+        set_eval(module)
+        start_value = metric(module)
+        before = {"params": count_params(module), params["target"]: start_value}
+        history: list[dict[str, Any]] = []
+        steps: list[dict[str, Any]] = []
+        loss = params["loss"] or (default_loss(task, params["kd_weight"]) if task is not None else None)
+        stopped = None
+        for step in range(1, params["steps"] + 1):
+            if step > 1 and context.out_of_time():
+                stopped = "deadline"
+                break
+            context.progress(f"pruning step {step}/{params['steps']}: ranking with {criterion.name}")
+            work = copy.deepcopy(module)
+            graph = Graph(work, args, scope, protect)
+            if not names:
+                raise TechniqueError(
+                    f"{type(original).__name__} has no nn.Conv/nn.Linear modules to prune (a torch.export "
+                    "program holds functional ops only); prune the original nn.Module, loaded with "
+                    "compactai.load_model(module, example_inputs)."
+                )
+            if not graph.units:
+                raise TechniqueError(
+                    f"Found nothing to prune in {type(original).__name__}: no Conv/Linear channel group outside "
+                    f"the protected layers ({', '.join(protect) or 'none'})."
+                )
+            if criterion.needs_gradients:
+                task_gradients(work, handle.input_names, task, teacher, params["taylor_batches"],
+                               params["batch_size"], context.seed + step)
+            graph.score(criterion.build())
+            work.zero_grad(set_to_none=True)
+            wanted_total = params["ratio"] * step / params["steps"]
+            current = metric(module)
+            goal = 1 - (1 - wanted_total) * start_value / current  # fraction of the current model to remove
+            if goal <= 0:
+                continue
+            context.progress(f"pruning step {step}: removing {goal:.1%} of {params['target']}")
+            solution = solve(
+                graph.units, goal, current,
+                lambda plan, start=module: prune_copy(start, args, scope, protect, plan),
+                metric, ranking=params["ranking"], round_to=params["round_to"],
+                exact=params["target"] == "channels", out_of_time=context.out_of_time,
+            )
+            units = {u.name: u for u in graph.units}
+            for layer, removed in solution.plan.items():
+                if removed:
+                    unit = units[layer]
+                    history.append({"step": step, "layer": layer, "kind": unit.kind, "removed": removed,
+                                    "count": len(removed), "of": unit.size, "criterion": criterion.name,
+                                    "coupled": unit.coupled})
+            module = solution.module
+            record: dict[str, Any] = {
+                "step": step, "fraction": solution.fraction, "goal": goal, "reduction": solution.reduction,
+                "probes": solution.probes, "removed": sum(len(r) for r in solution.plan.values()),
+            }
+            if task is not None and recalibrate_batchnorm(module, handle.input_names, task, seed=context.seed):
+                record["batchnorm_recalibrated"] = True
+            if params["finetune_epochs"] > 0 and task is not None:
+                context.progress(f"pruning step {step}: fine-tuning {params['finetune_epochs']} epoch(s)")
+                record["finetune"] = finetune(
+                    module, handle.input_names, task, teacher=teacher, loss=loss,
+                    config=FinetuneConfig(epochs=params["finetune_epochs"], lr=params["lr"],
+                                          batch_size=params["batch_size"], max_batches=params["max_batches"],
+                                          seed=context.seed + step),
+                    out_of_time=context.out_of_time, progress=context.progress,
+                )
+            steps.append(record)
+        set_eval(module)
+        after = {"params": count_params(module), params["target"]: metric(module)}
+        result = handle.derive(module=module)
+        return self.record(
+            result, params, criterion=criterion.name, scope=Graph(copy.deepcopy(module), args, scope, protect).scope,
+            protected=protect, before=before, after=after,
+            reduction={k: 1 - after[k] / before[k] for k in before if before[k]},
+            steps=steps, stopped=stopped, history=history,
+        )
+
+
+__all__ = ["StructuredPrune", "count_params", "example_args"]

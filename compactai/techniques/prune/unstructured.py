@@ -1,0 +1,158 @@
+"""UnstructuredPrune: zero the smallest weights (layer-wise or global), gradually.
+
+Honest by design: the model keeps its shapes, so a dense runtime (ONNX Runtime CPU, PyTorch
+eager) does exactly the same work and runs no faster. What sparsity buys on such a runtime
+is size *after compression* (zeros compress well). The technique reports the real zero
+fraction; the CLI and benchmark measure the compressed size and the (absent) speed-up.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+from pathlib import Path
+from typing import Any, ClassVar
+
+from compactai.errors import ParameterError, TechniqueError
+from compactai.models.handle import ModelHandle, set_eval
+from compactai.techniques.base import (
+    AnyParam,
+    ChoiceParam,
+    Context,
+    FloatParam,
+    IntParam,
+    Param,
+    Technique,
+    register_technique,
+)
+from compactai.techniques.prune.engine import check_protected, layer_names
+from compactai.techniques.prune.finetune import FinetuneConfig, default_loss, finetune
+
+DENSE_RUNTIME_NOTE = (
+    "Unstructured sparsity keeps every weight tensor's shape: dense runtimes (ONNX Runtime CPU, PyTorch eager) "
+    "multiply the zeros like any other number, so expect no speed-up; the gain is size after compression."
+)
+
+
+def compressed_size(path: str | Path, level: int = 6) -> int:
+    """Bytes of the file after gzip (what a download or a bundle archive would cost)."""
+    return len(gzip.compress(Path(path).read_bytes(), compresslevel=level))
+
+
+def cubic_schedule(final: float, step: int, steps: int) -> float:
+    """Sparsity at ``step`` of ``steps`` (Zhu & Gupta 2017: fast at first, gentle at the end)."""
+    return final * (1 - (1 - step / steps) ** 3)
+
+
+def magnitude_masks(weights: dict[str, Any], sparsity: float, ranking: str) -> dict[str, Any]:
+    """Boolean keep-masks zeroing the ``sparsity`` fraction of smallest |w|, per tensor or over all."""
+    import torch
+
+    if ranking == "global":
+        flat = torch.cat([w.detach().abs().flatten() for w in weights.values()])
+        drop = int(sparsity * flat.numel())
+        threshold = torch.kthvalue(flat, drop).values if drop > 0 else flat.new_tensor(-1.0)
+        return {name: w.detach().abs() > threshold for name, w in weights.items()}
+    masks = {}
+    for name, w in weights.items():
+        drop = int(sparsity * w.numel())
+        threshold = torch.kthvalue(w.detach().abs().flatten(), drop).values if drop > 0 else w.new_tensor(-1.0)
+        masks[name] = w.detach().abs() > threshold
+    return masks
+
+
+def zero_fraction(module: Any, names: list[str] | None = None) -> float:
+    """Fraction of exactly-zero values among the named parameters (all parameters by default)."""
+    params = dict(module.named_parameters())
+    chosen = [params[n] for n in (names or list(params))]
+    total = sum(p.numel() for p in chosen)
+    return float(sum(int((p == 0).sum()) for p in chosen) / max(total, 1))
+
+
+@register_technique
+class UnstructuredPrune(Technique):
+    """Magnitude sparsity on Conv/Linear weights: ``ratio`` of them set to zero, per layer or global,
+    in ``steps`` (cubic schedule) with optional fine-tuning after each step (masks kept)."""
+
+    name = "unstructured_prune"
+    family = "prune"
+    accepts = ("torch",)
+    kinds = ("cnn", "mlp", "transformer", "generic")
+    space: ClassVar[dict[str, Param]] = {
+        "ratio": FloatParam(0.0, 1.0, 0.8, open_low=True, open_high=True),
+        "ranking": ChoiceParam(("layer", "global"), "layer"),
+        "steps": IntParam(1, 50, 1),
+        "finetune_epochs": IntParam(0, 200, 0),
+        "lr": FloatParam(1e-6, 1.0, 1e-3, log=True),
+        "kd_weight": FloatParam(0.0, 1.0, 0.0),
+        "batch_size": IntParam(1, 4096, 64),
+        "max_batches": AnyParam(None),
+        "protect": AnyParam(()),
+        "protect_first": ChoiceParam((True, False), True),
+        "loss": AnyParam(None),
+    }
+    searchable = ("ratio", "ranking")
+    quick: ClassVar[dict[str, Any]] = {"ratio": 0.5, "finetune_epochs": 0}
+
+    def apply(self, handle: ModelHandle, context: Context) -> ModelHandle:
+        params = self.validate()
+        self.check_accepts(handle)
+        if handle.module is None:
+            raise TechniqueError(f"Model '{handle.name}' has no torch module to sparsify.")
+        protect = [params["protect"]] if isinstance(params["protect"], str) else list(params["protect"] or ())
+        check_protected(handle.module, protect)
+        task = context.task
+        if params["finetune_epochs"] > 0 and (task is None or "train" not in task.splits):
+            raise ParameterError("Fine-tuning needs task data with train and validation splits; pass a task "
+                                 "or use finetune_epochs=0.")
+        names = layer_names(handle.module)
+        if not names:
+            raise TechniqueError(f"{type(handle.module).__name__} has no Conv/Linear weights to sparsify.")
+        protected = set(protect) | {names[-1]} | ({names[0]} if params["protect_first"] else set())
+        module = copy.deepcopy(handle.module)
+        set_eval(module)
+        layers = dict(module.named_modules())
+        weights = {n: layers[n].weight for n in names
+                   if not any(n == p or n.startswith(p + ".") for p in protected)}
+        if not weights:
+            raise TechniqueError("Every Conv/Linear layer is protected; nothing to sparsify.")
+        teacher = context.teacher.module if context.teacher is not None and context.teacher.module is not None \
+            else handle.module
+        loss = params["loss"] or (default_loss(task, params["kd_weight"]) if task is not None else None)
+        steps = []
+        masks: dict[str, Any] = {}
+
+        def apply_masks(model: Any) -> None:
+            for name, mask in masks.items():
+                weights[name].data.mul_(mask)
+
+        for step in range(1, params["steps"] + 1):
+            if step > 1 and context.out_of_time():
+                break
+            sparsity = cubic_schedule(params["ratio"], step, params["steps"])
+            context.progress(f"sparsity step {step}/{params['steps']}: {sparsity:.1%} of weights to zero")
+            masks = magnitude_masks(weights, sparsity, params["ranking"])
+            apply_masks(module)
+            record: dict[str, Any] = {"step": step, "sparsity": sparsity}
+            if params["finetune_epochs"] > 0 and task is not None:
+                record["finetune"] = finetune(
+                    module, handle.input_names, task, teacher=teacher, loss=loss, after_step=apply_masks,
+                    config=FinetuneConfig(epochs=params["finetune_epochs"], lr=params["lr"],
+                                          batch_size=params["batch_size"], max_batches=params["max_batches"],
+                                          seed=context.seed + step),
+                    out_of_time=context.out_of_time, progress=context.progress,
+                )
+            steps.append(record)
+        set_eval(module)
+        per_layer = {n: float(1 - m.float().mean()) for n, m in masks.items()}
+        result = handle.derive(module=module)
+        return self.record(
+            result, params, protected=sorted(protected), steps=steps,
+            zero_fraction=zero_fraction(module, [f"{n}.weight" for n in weights]),
+            zero_fraction_all_params=zero_fraction(module),
+            per_layer_sparsity=per_layer, note=DENSE_RUNTIME_NOTE,
+        )
+
+
+__all__ = ["DENSE_RUNTIME_NOTE", "UnstructuredPrune", "compressed_size", "cubic_schedule", "magnitude_masks",
+           "zero_fraction"]

@@ -1,0 +1,219 @@
+"""Pruning: structured (residual CNN, MobileNetV2-style, MLP, MiniLM heads + FFN), criteria,
+protected layers, targets, replay, unstructured sparsity and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from compactai import load_model
+from compactai.errors import BadInputError, ParameterError, TechniqueError
+from compactai.models import zoo
+from compactai.tasks import Accuracy, Split, Task
+from compactai.techniques import Context, create_technique
+from compactai.techniques.prune import replay
+from compactai.techniques.prune.engine import attention_modules
+from compactai.techniques.prune.structured import count_params, example_args
+
+
+def tiny_task(shape: tuple[int, ...], n: int = 64, classes: int = 10) -> Task:
+    rng = np.random.default_rng(0)
+
+    def split(size: int) -> Split:
+        return Split({"image": rng.standard_normal((size, *shape)).astype(np.float32)},
+                     rng.integers(0, classes, size).astype(np.int64))
+
+    splits = {"train": split(n), "calibration": split(32), "validation": split(32), "test": split(32)}
+    return Task(name="tiny", metric=Accuracy(), splits=splits, batch_size=32)
+
+
+def prune(handle, task=None, **params):
+    return create_technique("structured_prune", **params).apply(handle, Context(task=task))
+
+
+def decisions(handle) -> dict:
+    return handle.metadata["history"][-1]["decisions"]
+
+
+def assert_exports_with_parity(handle) -> None:
+    onnx_handle = handle.to_onnx()  # raises ParityError when ONNX Runtime disagrees with torch
+    assert onnx_handle.metadata["parity"]["ok"]
+
+
+@pytest.fixture
+def mobilenet_handle():
+    torch.manual_seed(0)
+    return load_model(zoo.mobilenet_v2_small(), torch.randn(1, 1, 16, 16), name="mnv2")
+
+
+def test_residual_cnn_channels_removed_shapes_kept_and_exported(small_handle):
+    before = count_params(small_handle.module)
+    state = {k: v.clone() for k, v in small_handle.module.state_dict().items()}
+    pruned = prune(small_handle, ratio=0.5, target="params", criterion="l1")
+    assert count_params(pruned.module) <= 0.5 * before
+    assert pruned.run_torch(small_handle.example_inputs)[0].shape == (1, 10)
+    assert_exports_with_parity(pruned)
+    # the input model is untouched
+    assert all(torch.equal(v, small_handle.module.state_dict()[k]) for k, v in state.items())
+    history = decisions(pruned)["history"]
+    assert history and all(e["criterion"] == "l1" and e["count"] == len(e["removed"]) for e in history)
+    json.dumps(pruned.metadata["history"])  # plain data
+
+
+def test_mobilenet_v2_depthwise_and_inverted_residuals(mobilenet_handle):
+    before = count_params(mobilenet_handle.module)
+    pruned = prune(mobilenet_handle, ratio=0.4, target="channels", criterion="bn", ranking="global")
+    assert count_params(pruned.module) < 0.8 * before
+    depthwise = [m for m in pruned.module.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert depthwise and all(m.groups == m.in_channels == m.out_channels for m in depthwise)
+    assert pruned.run_torch(mobilenet_handle.example_inputs)[0].shape == (1, 10)
+    assert_exports_with_parity(pruned)
+
+
+def test_mlp_hidden_neurons():
+    handle = load_model(zoo.mlp(hidden=(64, 32)), torch.randn(1, 64), name="mlp")
+    pruned = prune(handle, ratio=0.5, target="channels", protect_first=False)
+    widths = [m.out_features for m in pruned.module.modules() if isinstance(m, nn.Linear)]
+    assert widths == [32, 16, 10]
+    assert_exports_with_parity(pruned)
+
+
+def test_target_macs_is_reached(small_handle):
+    from compactai.measure import count_macs
+
+    base_macs = count_macs(small_handle)
+    by_macs = prune(small_handle, ratio=0.3, target="macs", protect_first=False)
+    assert count_macs(by_macs) <= 0.7 * base_macs
+    assert decisions(by_macs)["reduction"]["macs"] >= 0.3
+    assert decisions(by_macs)["steps"][0]["probes"] > 1  # found by bisection over the channel fraction
+
+
+def test_taylor_uses_task_gradients_and_finetune_runs(small_handle):
+    task = tiny_task((1, 16, 16))
+    taylor = prune(small_handle, task, ratio=0.5, target="channels", criterion="taylor", finetune_epochs=1,
+                   max_batches=2, batch_size=16)
+    l2 = prune(small_handle, task, ratio=0.5, target="channels", criterion="l2")
+    removed = {e["layer"]: e["removed"] for e in decisions(taylor)["history"]}
+    assert removed != {e["layer"]: e["removed"] for e in decisions(l2)["history"]}
+    tuned = decisions(taylor)["steps"][0]["finetune"]
+    assert tuned["epochs_run"] == 1 and len(tuned["validation"]) == 2
+    with pytest.raises(ParameterError, match="taylor criterion needs task data"):
+        prune(small_handle, ratio=0.5, criterion="taylor")
+
+
+def test_iterative_schedule_and_replay(mobilenet_handle):
+    pruned = prune(mobilenet_handle, ratio=0.5, target="channels", steps=2)
+    info = decisions(pruned)
+    assert [s["step"] for s in info["steps"]] == [1, 2]
+    assert info["reduction"]["channels"] == pytest.approx(0.5, abs=0.02)
+    again = replay(mobilenet_handle.module, example_args(mobilenet_handle), info["history"])
+    assert count_params(again) == count_params(pruned.module)
+
+
+def test_protected_layers(small_handle):
+    pruned = prune(small_handle, ratio=0.5, target="channels", protect=["conv1"], protect_first=False)
+    assert pruned.module.conv1.out_channels == small_handle.module.conv1.out_channels
+    assert pruned.module.stem[0].out_channels < small_handle.module.stem[0].out_channels
+    kept_first = prune(small_handle, ratio=0.5, target="channels")  # first and last layers protected by default
+    assert kept_first.module.stem[0].out_channels == small_handle.module.stem[0].out_channels
+    with pytest.raises(ParameterError, match=r"'conv9'.*similar layer names: .*conv1"):
+        prune(small_handle, ratio=0.5, protect=["conv9"])
+
+
+@pytest.mark.parametrize("ranking", ["layer", "global"])
+def test_unstructured_reports_real_zero_fraction(small_handle, ranking):
+    sparse = create_technique("unstructured_prune", ratio=0.8, ranking=ranking).apply(small_handle, Context(task=None))
+    info = decisions(sparse)
+    assert info["zero_fraction"] == pytest.approx(0.8, abs=0.02)
+    zeros = sum(int((sparse.module.get_submodule(n).weight == 0).sum()) for n in info["per_layer_sparsity"])
+    total = sum(sparse.module.get_submodule(n).weight.numel() for n in info["per_layer_sparsity"])
+    assert zeros / total == pytest.approx(info["zero_fraction"])
+    assert count_params(sparse.module) == count_params(small_handle.module)  # shapes unchanged
+    assert "no speed-up" in info["note"]
+    assert_exports_with_parity(sparse)
+
+
+def test_unstructured_gradual_with_finetune_keeps_masks(small_handle):
+    task = tiny_task((1, 16, 16))
+    sparse = create_technique("unstructured_prune", ratio=0.6, steps=2, finetune_epochs=1, max_batches=2,
+                              batch_size=16).apply(small_handle, Context(task=task))
+    info = decisions(sparse)
+    assert [round(s["sparsity"], 3) for s in info["steps"]] == [0.525, 0.6]
+    assert info["zero_fraction"] == pytest.approx(0.6, abs=0.02)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, 1.5, -0.2])
+def test_ratio_outside_open_interval(small_handle, ratio):
+    with pytest.raises(ParameterError, match=r"'ratio' parameter of StructuredPrune must be a float in the range \(0, 1\)"):
+        prune(small_handle, ratio=ratio)
+
+
+def test_bad_input_errors(small_handle, small_onnx):
+    with pytest.raises(ParameterError, match="'criterion'.*l1, l2, taylor, bn"):
+        prune(small_handle, criterion="magic")
+    with pytest.raises(TechniqueError, match="needs a torch model"):
+        prune(load_model(small_onnx), ratio=0.5)
+    with pytest.raises(ParameterError, match="scope='channels'"):
+        prune(small_handle, scope="heads")
+
+
+class HardCodedReshape(nn.Module):
+    """Flattens with a hard-coded width: the graph engine cannot follow it, so pruning conv must fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.conv(torch.relu(self.stem(image)))
+        return self.fc(x.reshape(x.shape[0], 8 * 8 * 8))
+
+
+def test_unprunable_architecture_names_the_layer_and_returns_nothing_half_pruned():
+    torch.manual_seed(0)
+    model = HardCodedReshape().eval()
+    handle = load_model(model, torch.randn(1, 1, 8, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TechniqueError, match="'conv'.*protect"):
+        prune(handle, ratio=0.5, target="channels")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert isinstance(TechniqueError("x"), RuntimeError) and not isinstance(TechniqueError("x"), BadInputError)
+
+
+@pytest.mark.slow
+def test_minilm_heads_and_ffn_neurons(minilm):
+    handle = minilm.handle
+    pruned = prune(handle, ratio=0.25, target="channels", scope="ffn+heads", criterion="l2")
+    attention = list(attention_modules(pruned.module).values())
+    heads = [a.num_attention_heads for a in attention]
+    assert sum(heads) == 72 - int(0.25 * 12) * 6
+    assert all(a.all_head_size == a.query.out_features == a.num_attention_heads * a.attention_head_size
+               for a in attention)
+    ffn = [m.out_features for n, m in pruned.module.named_modules() if n.endswith("intermediate.dense")]
+    assert ffn == [1152] * 6
+    assert pruned.module.encoder.embeddings.word_embeddings.embedding_dim == 384  # hidden size kept
+    out = pruned.run_torch(handle.example_inputs)[0]
+    assert out.shape == handle.example_inputs["input_ids"].shape + (384,)
+    assert count_params(pruned.module) < count_params(handle.module) - 2_000_000
+    assert_exports_with_parity(pruned)
+    assert attention_modules(handle.module)["encoder.encoder.layer.0.attention.self"].num_attention_heads == 12
+
+
+@pytest.mark.slow
+def test_cli_prune_digits_writes_results(tmp_path, digits):
+    from compactai.cli import main
+
+    code = main(["prune", "--example", "digits", "--ratio", "0.3", "--target", "channels", "--queries", "5",
+                 "--seconds", "0.05", "--runtime", "onnxruntime", "-o", str(tmp_path), "--json"])
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["command"] == "prune" and (tmp_path / "model.onnx").exists()
+    assert results["measurements"]["onnxruntime"]["params"] < results["baseline"]["onnxruntime"]["params"]
+    assert results["lineage"][-1]["technique"] == "structured_prune"
+    assert main(["prune", "--example", "digits", "--ratio", "1.5"]) == 2
