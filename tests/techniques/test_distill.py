@@ -268,3 +268,35 @@ def test_parameters_are_validated():
         create_technique("distill", temperature=0.5).validate()
     with pytest.raises(ParameterError, match="no parameter 'temprature'"):
         create_technique("distill", temprature=2.0).validate()
+
+
+# -- command line --------------------------------------------------------------------------------
+
+def _run_cli(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", "from compactai.cli import main; main()", "distill", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_bad_student_spec_exits_2_with_one_line():
+    result = _run_cli("--example", "digits", "--student", "layers:x")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "comma-separated non-negative integers" in result.stderr
+
+
+@pytest.mark.slow
+def test_cli_distills_digits_and_writes_model_and_results(tmp_path: Path):
+    import json
+
+    result = _run_cli("--example", "digits", "--student", "digits-cnn:4,8,8", "--epochs", "1", "--alpha", "0", "--json",
+                      "--queries", "20", "-o", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert (tmp_path / "out" / "model.onnx").exists()
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["command"] == "distill" and saved["distill"]["student"] == "digits-cnn:4,8,8"
+    assert data["student_params"] < data["teacher_params"] / 100
+    assert data["measurements"]["onnxruntime"]["latency_p50_ms"] > 0
+    assert 0 <= data["quality"]["value"] <= 1

@@ -162,8 +162,10 @@ class Distill(Technique):
             seed=context.seed, checkpoint_every=params["checkpoint_every"], resume=params["resume"],
         )
         work_dir = context.work_dir / f"distill-{self.run_key(teacher, spec, params, context, len(train))}"
+        teacher_key = self.targets_key(teacher, objective, train)
         trainer = Trainer(student, objective, train, config, validation_scorer(task, teacher.input_names),
-                          work_dir, context.progress, context.deadline)
+                          work_dir, context.progress, context.deadline,
+                          targets_file=context.work_dir / f"teacher-targets-{teacher_key}.safetensors")
         result = trainer.run()
         student.eval()
         for parameter in student.parameters():
@@ -192,6 +194,15 @@ class Distill(Technique):
                 "split has none; set alpha=1 to distill from the teacher alone."
             )
         return LogitObjective(teacher.module, teacher.input_names, params["temperature"], alpha, params["augment"])
+
+    @staticmethod
+    def targets_key(teacher: ModelHandle, objective: Objective, train: Any) -> str:
+        """Precomputed teacher targets depend only on the teacher, the objective and the data."""
+        digest = hashlib.sha256(f"{teacher.fingerprint()}:{objective.name}".encode())
+        for name in sorted(train.inputs):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(train.inputs[name]).tobytes())
+        return digest.hexdigest()[:12]
 
     @staticmethod
     def run_key(teacher: ModelHandle, spec: Any, params: dict[str, Any], context: Context, samples: int) -> str:

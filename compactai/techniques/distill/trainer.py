@@ -10,7 +10,9 @@ Checkpoint directory layout::
     model-<step>.safetensors        the student's weights at that step
     optimizer-<step>.safetensors    the optimizer's state tensors
     best.safetensors                the weights with the best validation metric so far
-    teacher-targets.safetensors     the teacher's precomputed targets for the training split
+
+The teacher's precomputed targets are kept next to it (``targets_file``), keyed by teacher and
+data only, so runs with other training parameters reuse them.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from compactai.techniques.distill.objectives import Objective, to_tensors
 
 STATE_FILE = "state.json"
 BEST_FILE = "best.safetensors"
-TARGETS_FILE = "teacher-targets.safetensors"
 
 
 @dataclass
@@ -97,9 +98,8 @@ def epoch_batches(split: Split, batch_size: int, seed: int, epoch: int) -> list[
     return [batches[i] for i in shuffle]
 
 
-def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
-    """Linear warm-up, then cosine decay to zero: a function of the step alone (resumable)."""
-    warmup = max(1, int(config.warmup_fraction * total_steps))
+def learning_rate(config: TrainConfig, step: int, total_steps: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to zero at ``total_steps``: no hidden state (resumable)."""
     if step < warmup:
         return config.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
@@ -139,7 +139,9 @@ class Trainer:
 
     def __init__(self, student: nn.Module, objective: Objective, train: Split, config: TrainConfig,
                  evaluate: Callable[[nn.Module], float] | None = None, work_dir: Path | None = None,
-                 progress: Callable[[str], None] | None = None, deadline: float | None = None) -> None:
+                 progress: Callable[[str], None] | None = None, deadline: float | None = None,
+                 targets_file: Path | None = None) -> None:
+        self.targets_file = targets_file
         self.student, self.objective, self.train_split, self.config = student, objective, train, config
         self.evaluate, self.work_dir = evaluate, work_dir
         self.progress = progress or (lambda message: None)
@@ -192,17 +194,20 @@ class Trainer:
             os.replace(tmp, self.work_dir / BEST_FILE)
 
     def prepare_targets(self) -> None:
-        """The teacher's targets, from the checkpoint directory when a resumed run saved them."""
+        """The teacher's targets for the training split: read from ``targets_file`` when an earlier
+        run with the same teacher and data saved them, else computed once and saved there."""
         if not self.objective.needs_targets:
             return
-        cached = self.work_dir / TARGETS_FILE if self.work_dir is not None else None
-        if self.config.resume and cached is not None and cached.exists():
+        cached = self.targets_file
+        if cached is not None and cached.exists():
             self.objective.targets = load_file(str(cached))["targets"]
             return
         self.objective.prepare(self.train_split, max(self.config.batch_size, 64), self.progress)
         if cached is not None and self.objective.targets is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"targets": self.objective.targets.contiguous()}, str(cached))
+            tmp = cached.with_suffix(".tmp")
+            save_file({"targets": self.objective.targets.contiguous()}, str(tmp))
+            os.replace(tmp, cached)
 
     # -- the loop ----------------------------------------------------------------------------
     def out_of_time(self) -> bool:
@@ -245,21 +250,27 @@ class Trainer:
         resumed_from = self.state["global_step"] if resumed else None
         self.prepare_targets()
         self.steps_per_epoch = len(epoch_batches(self.train_split, config.batch_size, config.seed, 0))
-        self.total_steps = config.epochs * self.steps_per_epoch
+        planned = config.epochs * self.steps_per_epoch
+        self.warmup = max(1, int(config.warmup_fraction * planned))
+        # under a time budget the schedule is shortened so the learning rate reaches zero in time
+        state_total = self.state.setdefault("total_steps", planned)
+        self.total_steps = min(planned, state_total)
         # at most every progress_every steps, and about ten lines per epoch on small data
         self.progress_every = max(1, min(config.progress_every, self.steps_per_epoch // 10))
         state, stopped = self.state, "completed"
         running: list[float] = []
+        train_started = (time.monotonic(), state["global_step"])
         last_validated = state["global_step"] if state["history"] else -1
         self.student.train()
         try:
             while state["epoch"] < config.epochs and stopped == "completed":
                 batches = epoch_batches(self.train_split, config.batch_size, config.seed, state["epoch"])
                 while state["step_in_epoch"] < len(batches):
-                    if self.out_of_time():
+                    if self.out_of_time() or state["global_step"] >= self.total_steps:
                         stopped = "time_budget"
                         break
                     self.train_step(batches[state["step_in_epoch"]], running)
+                    self.fit_schedule_to_budget(train_started)
                     if state["global_step"] % config.checkpoint_every == 0:
                         self.save_checkpoint()
                 if stopped != "completed":
@@ -288,11 +299,25 @@ class Trainer:
             seconds=round(time.monotonic() - start, 2), history=list(state["history"]),
         )
 
+    def fit_schedule_to_budget(self, started: tuple[float, int], every: int = 10, margin: float = 0.9) -> None:
+        """Shorten the schedule when the remaining steps would not fit before the deadline, so the
+        learning rate still decays to zero (a model cut off at a high learning rate is worse)."""
+        step = self.state["global_step"]
+        done = step - started[1]
+        if self.deadline is None or done < every or step % every:
+            return
+        seconds_per_step = (time.monotonic() - started[0]) / done
+        # keep time for one validation (estimated as a few steps) at the end
+        affordable = step + int(margin * (self.deadline - time.monotonic()) / seconds_per_step) - 5
+        if affordable < self.total_steps:
+            self.total_steps = max(step + 1, affordable)
+            self.state["total_steps"] = self.total_steps
+
     def train_step(self, index: torch.Tensor, running: list[float]) -> None:
         state, config = self.state, self.config
         step = state["global_step"]
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(config, step, self.total_steps)
+            group["lr"] = learning_rate(config, step, self.total_steps, self.warmup)
         torch.manual_seed(config.seed * 1_000_003 + step)  # dropout etc.: same as an uninterrupted run
         generator = torch.Generator().manual_seed(config.seed * 7_919 + step)
         inputs, labels = self.batch(index)
