@@ -46,12 +46,15 @@ def bench_lock() -> Iterator[None]:
 
 def figures(handle: Any, task: Any, big_batch: int | None, quick: bool) -> dict[str, Any]:
     """ORT and torch measurements (quality, size, params, MACs, batch-1 p50/p90), ORT at ``big_batch``."""
-    config = MeasureConfig(min_queries=60 if quick else 300, min_seconds=0.5 if quick else 2.0, warmup=20,
+    config = MeasureConfig(min_queries=60 if quick else 200, min_seconds=0.5 if quick else 2.0, warmup=20,
                            memory=False, energy=False)
+    # PyTorch eager is the secondary runtime here: fewer queries keep the run short on a shared machine
+    torch_config = MeasureConfig(min_queries=20 if quick else 50, min_seconds=0.5 if quick else 1.0, warmup=5,
+                                 memory=False, energy=False, throughput_min_batches=2)
     onnx_handle = handle.to_onnx()
     with bench_lock():
         ort = measure(handle, task, runtime="onnxruntime", config=config)
-        torch_figures = measure(handle, None, runtime="torch", config=config)
+        torch_figures = measure(handle, None, runtime="torch", config=torch_config)
         result: dict[str, Any] = {
             "quality": ort.quality, "params": torch_figures.params, "macs": ort.macs, "size_mb": ort.size_mb,
             "gzip_mb": compressed_size(onnx_handle.path) / 1e6,

@@ -139,8 +139,11 @@ def test_unstructured_reports_real_zero_fraction(small_handle, ranking):
 
 def test_unstructured_gradual_with_finetune_keeps_masks(small_handle):
     task = tiny_task((1, 16, 16))
+    augmented: list[int] = []
     sparse = create_technique("unstructured_prune", ratio=0.6, steps=2, finetune_epochs=1, max_batches=2,
-                              batch_size=16).apply(small_handle, Context(task=task))
+                              batch_size=16, augment=lambda args: augmented.append(1) or args,
+                              ).apply(small_handle, Context(task=task))
+    assert len(augmented) == 4  # 2 steps x 2 batches
     info = decisions(sparse)
     assert [round(s["sparsity"], 3) for s in info["steps"]] == [0.525, 0.6]
     assert info["zero_fraction"] == pytest.approx(0.6, abs=0.02)

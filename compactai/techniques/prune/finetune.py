@@ -74,6 +74,7 @@ class FinetuneConfig:
     max_batches: int | None = None
     patience: int = 2
     seed: int = 0
+    augment: Callable[[list[Any]], list[Any]] | None = None  # applied to each training batch's inputs
 
 
 def torch_predict(module: Any, input_names: list[str]) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
@@ -180,6 +181,8 @@ def finetune(
             if out_of_time():
                 stopped = "deadline"
                 break
+            if config.augment is not None:
+                args = list(config.augment(args))
             teacher_out = None
             if teacher is not None:
                 with torch.no_grad():

@@ -108,6 +108,7 @@ class StructuredPrune(Technique):
         "round_to": IntParam(1, 256, 1),
         "taylor_batches": IntParam(1, 1000, 4),
         "loss": AnyParam(None),  # fine-tune loss(student, teacher, labels, feeds); default per task
+        "augment": AnyParam(None),  # callable(list of input tensors) -> list, for fine-tuning batches
     }
     searchable = ("ratio", "criterion", "ranking")
     quick: ClassVar[dict[str, Any]] = {"ratio": 0.3, "target": "channels", "finetune_epochs": 0}
@@ -220,7 +221,7 @@ class StructuredPrune(Technique):
                     module, handle.input_names, task, teacher=teacher, loss=loss,
                     config=FinetuneConfig(epochs=params["finetune_epochs"], lr=params["lr"],
                                           batch_size=params["batch_size"], max_batches=params["max_batches"],
-                                          seed=context.seed + step),
+                                          seed=context.seed + step, augment=params["augment"]),
                     out_of_time=context.out_of_time, progress=context.progress,
                 )
             steps.append(record)

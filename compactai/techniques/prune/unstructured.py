@@ -90,6 +90,7 @@ class UnstructuredPrune(Technique):
         "protect": AnyParam(()),
         "protect_first": ChoiceParam((True, False), True),
         "loss": AnyParam(None),
+        "augment": AnyParam(None),  # callable(list of input tensors) -> list, for fine-tuning batches
     }
     searchable = ("ratio", "ranking")
     quick: ClassVar[dict[str, Any]] = {"ratio": 0.5, "finetune_epochs": 0}
@@ -139,7 +140,7 @@ class UnstructuredPrune(Technique):
                     module, handle.input_names, task, teacher=teacher, loss=loss, after_step=apply_masks,
                     config=FinetuneConfig(epochs=params["finetune_epochs"], lr=params["lr"],
                                           batch_size=params["batch_size"], max_batches=params["max_batches"],
-                                          seed=context.seed + step),
+                                          seed=context.seed + step, augment=params["augment"]),
                     out_of_time=context.out_of_time, progress=context.progress,
                 )
             steps.append(record)
