@@ -13,8 +13,10 @@ from compactai.cli._common import Output, app, resolve_model, table
 
 @app.command()
 def prune(
-    path: Optional[str] = typer.Argument(None, help="Model: a .pt2 file (torch.export), or use --example."),
+    path: Optional[str] = typer.Argument(None, help="Model: a Hugging Face encoder directory (BERT family), or use --example."),
     example: Optional[str] = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Task data for PATH: .npz with '<split>/<input>' arrays "
+                                        "(splits train, calibration, validation, test; optional '<split>/labels')."),
     ratio: float = typer.Option(0.5, help="Fraction of the --target quantity to remove, in (0, 1)."),
     target: str = typer.Option("params", help="What --ratio reduces: params, macs, latency (measured ORT p50) "
                                               "or channels (channels/neurons/heads)."),
@@ -61,6 +63,14 @@ def prune(
                            energy=False, threads=threads, throughput_min_batches=10 if queries >= 50 else 3)
     with out.progress("Pruning") as say:
         handle, task, info = resolve_model(path, example, progress=lambda e, n, acc: say(f"training example {e}/{n}"))
+        from compactai.techniques.prune.engine import check_prunable
+
+        check_prunable(handle)  # before any measurement: fail fast on a model that cannot be pruned
+        if data is not None:
+            from compactai.cli.quantize import task_from_npz  # the shared .npz task format
+
+            task = task_from_npz(data, handle)
+            info["data"] = str(data)
         baseline = {}
         for name in runtimes:
             say(f"baseline on {name}")

@@ -164,6 +164,13 @@ def test_bad_input_errors(small_handle, small_onnx):
         prune(small_handle, scope="heads")
 
 
+def test_torch_export_program_is_refused_clearly(small_cnn, tmp_path):
+    program = torch.export.export(small_cnn, (torch.randn(1, 1, 16, 16),))
+    torch.export.save(program, tmp_path / "small.pt2")
+    with pytest.raises(TechniqueError, match="no nn.Conv/nn.Linear modules.*load_model"):
+        prune(load_model(tmp_path / "small.pt2"), ratio=0.5)
+
+
 class HardCodedReshape(nn.Module):
     """Flattens with a hard-coded width: the graph engine cannot follow it, so pruning conv must fail."""
 

@@ -103,6 +103,21 @@ def check_protected(module: Any, names: Sequence[str]) -> None:
             )
 
 
+def check_prunable(handle: Any) -> None:
+    """Raise TechniqueError unless ``handle`` is a torch model with Conv/Linear modules to prune."""
+    if handle.framework != "torch" or handle.module is None:
+        raise TechniqueError(
+            f"Pruning needs a torch model, but '{handle.name}' is {handle.framework}; prune the nn.Module "
+            "before export or quantization."
+        )
+    if not layer_names(handle.module):
+        raise TechniqueError(
+            f"{type(handle.module).__name__} has no nn.Conv/nn.Linear modules to prune (a torch.export program "
+            "holds functional ops only); prune the original nn.Module, loaded with "
+            "compactai.load_model(module, example_inputs)."
+        )
+
+
 class Graph:
     """A dependency graph over ``module`` (pruned in place: give it a copy) and its prunable units."""
 
@@ -265,5 +280,5 @@ def replay(module: Any, example_args: tuple[Any, ...], history: list[dict[str, A
     return pruned
 
 
-__all__ = ["SCOPES", "Graph", "Unit", "attention_modules", "check_protected", "ffn_modules", "fix_attention",
+__all__ = ["SCOPES", "Graph", "Unit", "attention_modules", "check_protected", "check_prunable", "ffn_modules", "fix_attention",
            "layer_names", "prune_copy", "replay", "resolve_scope"]

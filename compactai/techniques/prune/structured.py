@@ -29,6 +29,7 @@ from compactai.techniques.prune.engine import (
     SCOPES,
     Graph,
     check_protected,
+    check_prunable,
     layer_names,
     prune_copy,
     resolve_scope,
@@ -128,8 +129,7 @@ class StructuredPrune(Technique):
     def apply(self, handle: ModelHandle, context: Context) -> ModelHandle:
         params = self.validate()
         self.check_accepts(handle)
-        if handle.module is None:
-            raise TechniqueError(f"Model '{handle.name}' has no torch module to prune.")
+        check_prunable(handle)
         criterion = get_criterion(params["criterion"])
         protect = list(params["protect"] or ())
         if isinstance(protect, str):
@@ -173,12 +173,6 @@ class StructuredPrune(Technique):
             context.progress(f"pruning step {step}/{params['steps']}: ranking with {criterion.name}")
             work = copy.deepcopy(module)
             graph = Graph(work, args, scope, protect)
-            if not names:
-                raise TechniqueError(
-                    f"{type(original).__name__} has no nn.Conv/nn.Linear modules to prune (a torch.export "
-                    "program holds functional ops only); prune the original nn.Module, loaded with "
-                    "compactai.load_model(module, example_inputs)."
-                )
             if not graph.units:
                 raise TechniqueError(
                     f"Found nothing to prune in {type(original).__name__}: no Conv/Linear channel group outside "

@@ -25,7 +25,7 @@ from compactai.techniques.base import (
     Technique,
     register_technique,
 )
-from compactai.techniques.prune.engine import check_protected, layer_names
+from compactai.techniques.prune.engine import check_protected, check_prunable, layer_names
 from compactai.techniques.prune.finetune import FinetuneConfig, default_loss, finetune
 
 DENSE_RUNTIME_NOTE = (
@@ -98,8 +98,7 @@ class UnstructuredPrune(Technique):
     def apply(self, handle: ModelHandle, context: Context) -> ModelHandle:
         params = self.validate()
         self.check_accepts(handle)
-        if handle.module is None:
-            raise TechniqueError(f"Model '{handle.name}' has no torch module to sparsify.")
+        check_prunable(handle)
         protect = [params["protect"]] if isinstance(params["protect"], str) else list(params["protect"] or ())
         check_protected(handle.module, protect)
         task = context.task
