@@ -8,6 +8,7 @@ batch-1 p50 latency. The result is an ordinary, smaller ``nn.Module``.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -143,7 +144,7 @@ class StructuredPrune(Technique):
                 "train and validation splits; pass a task, or use finetune_epochs=0 with criterion l1/l2/bn."
             )
         args = example_args(handle)
-        original = handle.module
+        original: Any = handle.module
         set_eval(original)
         teacher = original
         if context.teacher is not None and context.teacher.module is not None:
@@ -190,8 +191,7 @@ class StructuredPrune(Technique):
                 continue
             context.progress(f"pruning step {step}: removing {goal:.1%} of {params['target']}")
             solution = solve(
-                graph.units, goal, current,
-                lambda plan, start=module: prune_copy(start, args, scope, protect, plan),
+                graph.units, goal, current, functools.partial(prune_copy, module, args, scope, protect),
                 metric, ranking=params["ranking"], round_to=params["round_to"],
                 exact=params["target"] == "channels", out_of_time=context.out_of_time,
             )

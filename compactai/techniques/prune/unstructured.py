@@ -109,7 +109,7 @@ class UnstructuredPrune(Technique):
         if not names:
             raise TechniqueError(f"{type(handle.module).__name__} has no Conv/Linear weights to sparsify.")
         protected = set(protect) | {names[-1]} | ({names[0]} if params["protect_first"] else set())
-        module = copy.deepcopy(handle.module)
+        module: Any = copy.deepcopy(handle.module)
         set_eval(module)
         layers = dict(module.named_modules())
         weights = {n: layers[n].weight for n in names
