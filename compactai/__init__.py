@@ -7,12 +7,14 @@ Public API (everything else is internal and may change)::
     figures = compactai.measure(handle, example.task)      # size, latency, memory, energy, quality
 """
 
+from compactai.budget import Budget, parse_budget
 from compactai.errors import CompactAIError
 from compactai.examples import Example, load_example
 from compactai.export import export_onnx
 from compactai.measure import MeasureConfig, Measurement, measure
 from compactai.models import ModelHandle, TensorSpec, load_model
 from compactai.profile import profile_model
+from compactai.search import SearchConfig, optimize
 from compactai.tasks import Accuracy, CallableMetric, EmbeddingFidelity, Quality, Split, Task
 from compactai.techniques import Context, Technique, available_techniques, create_technique, register_technique
 
@@ -20,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Accuracy",
+    "Budget",
     "CallableMetric",
     "CompactAIError",
     "Context",
@@ -29,6 +32,7 @@ __all__ = [
     "Measurement",
     "ModelHandle",
     "Quality",
+    "SearchConfig",
     "Split",
     "Task",
     "Technique",
@@ -39,6 +43,8 @@ __all__ = [
     "load_example",
     "load_model",
     "measure",
+    "optimize",
+    "parse_budget",
     "profile_model",
     "register_technique",
 ]
