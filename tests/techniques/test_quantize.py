@@ -172,7 +172,8 @@ def test_auto_meets_the_target_with_sensitivity_table_and_plot(tiny, tmp_path):
     assert all(c["meets_target"] for c in search["candidates"])
     # the chosen one is the fastest of the passing candidates (by the injected probe: all equal -> first)
     assert summary["float_ops"] == search["chosen_float_ops"]
-    ranking = sorted(sensitivity["ops"], key=lambda op: (-op["gain_alone_float"], -op["loss_alone_quantized"]))
+    ranking = sorted(sensitivity["ops"], key=lambda op: (-(op["gain_alone_float"] + op["loss_alone_quantized"]),
+                                                          -op["loss_alone_quantized"]))
     assert set(summary["float_ops"]) == {op["node"] for op in ranking[: len(summary["float_ops"])]}
 
 

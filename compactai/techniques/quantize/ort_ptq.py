@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,38 @@ class Int8Config:
         data = asdict(self)
         data["nodes_to_exclude"] = list(self.nodes_to_exclude)
         return data
+
+
+@contextmanager
+def cached_weight_quantization() -> Iterator[None]:
+    """Memoize ORT's per-channel weight quantization while a search re-quantizes one model many
+    times (it is a Python loop over channels, most of the cost of each call). The function is
+    pure, so results are identical; if ORT moves it, this does nothing."""
+    try:
+        from onnxruntime.quantization import base_quantizer
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    original = getattr(base_quantizer, "quantize_data", None)
+    if original is None:
+        yield
+        return
+    cache: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
+
+    def quantize_data(data: Any, qType: Any, symmetric: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N803
+        import numpy as np
+
+        array = np.asarray(data)
+        key = (array.dtype.str, array.shape, array.tobytes(), qType, symmetric, args, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = original(data, qType, symmetric, *args, **kwargs)
+        return tuple(v.copy() if hasattr(v, "copy") else v for v in cache[key])
+
+    base_quantizer.quantize_data = quantize_data
+    try:
+        yield
+    finally:
+        base_quantizer.quantize_data = original
 
 
 def preprocess(source: Path, target: Path, kind: str = "generic") -> str:

@@ -26,6 +26,9 @@ class OpSensitivity:
     quality_alone_float: float | None = None
     loss_alone_quantized: float | None = None
     gain_alone_float: float | None = None
+    # the same two figures in the ranking figure (``SensitivityReport.rank_by``)
+    rank_loss_alone_quantized: float | None = None
+    rank_gain_alone_float: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -40,18 +43,22 @@ class SensitivityReport:
     all_quantized_quality: float
     ops: list[OpSensitivity]
     complete: bool = True
+    rank_by: str = "primary"
 
     def ranking(self) -> list[str]:
-        """Ops, most sensitive first (largest gain when left in float, then largest loss alone)."""
+        """Ops, most sensitive first: by the sum of both figures (in the ranking figure). One op
+        left in float barely moves a model with many int8 ops, so the gain alone is noisy; the
+        loss when the op alone is int8 carries the clearer signal, and the sum uses both."""
         def key(op: OpSensitivity) -> tuple[float, float]:
-            return (-(op.gain_alone_float or 0.0), -(op.loss_alone_quantized or 0.0))
+            gain, loss = op.rank_gain_alone_float or 0.0, op.rank_loss_alone_quantized or 0.0
+            return (-(gain + loss), -loss)
 
         return [op.node for op in sorted(self.ops, key=key)]
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config, "split": self.split, "samples": self.samples,
                 "float_quality": self.float_quality, "all_quantized_quality": self.all_quantized_quality,
-                "complete": self.complete, "ops": [op.to_dict() for op in self.ops]}
+                "complete": self.complete, "rank_by": self.rank_by, "ops": [op.to_dict() for op in self.ops]}
 
 
 def analyze_sensitivity(
@@ -67,11 +74,21 @@ def analyze_sensitivity(
     both: bool = True,
     progress: Callable[[str], None] = lambda message: None,
     deadline: float | None = None,
+    rank_by: str = "primary",
+    float_rank: float | None = None,
+    all_quantized_rank: float | None = None,
 ) -> SensitivityReport:
     """Quantize ``source`` once per op and direction and score each on ``evaluate``'s split.
 
-    Stops early (``complete=False``) at ``deadline``; ops not reached keep ``None``.
+    ``rank_by`` names a detail of the metric to rank by (e.g. "cosine_mean", smoother than a
+    minimum over few samples); "primary" ranks by the metric's value. Stops early
+    (``complete=False``) at ``deadline``; ops not reached keep ``None``.
     """
+    def figure(quality: Any) -> float:
+        return float(quality.details.get(rank_by, quality.value)) if rank_by != "primary" else float(quality.value)
+
+    float_rank = float_quality if float_rank is None else float_rank
+    all_quantized_rank = all_quantized_quality if all_quantized_rank is None else all_quantized_rank
     names = evaluate.handle.input_names
     candidate = work_dir / "sensitivity-candidate.onnx"
     rows = [OpSensitivity(node) for node in nodes]
@@ -83,15 +100,19 @@ def analyze_sensitivity(
         progress(f"sensitivity {i + 1}/{len(rows)}: {row.node}")
         others = [n for n in nodes if n != row.node]
         quantize_int8(source, candidate, config.excluding(list(config.nodes_to_exclude) + [row.node]), calibration, names)
-        row.quality_alone_float = evaluate(candidate).value
+        scored = evaluate(candidate)
+        row.quality_alone_float = scored.value
         row.gain_alone_float = row.quality_alone_float - all_quantized_quality
+        row.rank_gain_alone_float = figure(scored) - all_quantized_rank
         if both:
             quantize_int8(source, candidate, config.excluding(list(config.nodes_to_exclude) + others), calibration, names)
-            row.quality_alone_quantized = evaluate(candidate).value
+            scored = evaluate(candidate)
+            row.quality_alone_quantized = scored.value
             row.loss_alone_quantized = float_quality - row.quality_alone_quantized
+            row.rank_loss_alone_quantized = float_rank - figure(scored)
     candidate.unlink(missing_ok=True)
     return SensitivityReport(config.to_dict(), evaluate.split_name, len(evaluate.split), float_quality,
-                             all_quantized_quality, rows, complete)
+                             all_quantized_quality, rows, complete, rank_by)
 
 
 def sensitivity_rows(report: SensitivityReport, top: int | None = None) -> list[list[Any]]:
@@ -99,10 +120,12 @@ def sensitivity_rows(report: SensitivityReport, top: int | None = None) -> list[
     by_name = {op.node: op for op in report.ops}
     order = report.ranking()[: top or None]
     return [[rank + 1, by_name[n].node, by_name[n].quality_alone_quantized, by_name[n].loss_alone_quantized,
-             by_name[n].quality_alone_float, by_name[n].gain_alone_float] for rank, n in enumerate(order)]
+             by_name[n].quality_alone_float, by_name[n].gain_alone_float, by_name[n].rank_gain_alone_float]
+            for rank, n in enumerate(order)]
 
 
-SENSITIVITY_COLUMNS = ["rank", "op", "quality (only this int8)", "loss", "quality (only this float)", "gain"]
+SENSITIVITY_COLUMNS = ["rank", "op", "quality (only this int8)", "loss", "quality (only this float)", "gain",
+                       "gain (ranking figure)"]
 
 
 def plot_sensitivity(report: SensitivityReport, path: Path) -> Path:
@@ -149,4 +172,4 @@ def report_from_dict(data: dict[str, Any]) -> SensitivityReport:
     """The inverse of ``SensitivityReport.to_dict`` (for reading results.json)."""
     return SensitivityReport(data["config"], data["split"], data["samples"], data["float_quality"],
                              data["all_quantized_quality"], [OpSensitivity(**op) for op in data["ops"]],
-                             data.get("complete", True))
+                             data.get("complete", True), data.get("rank_by", "primary"))

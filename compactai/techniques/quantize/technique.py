@@ -23,7 +23,7 @@ from compactai.techniques.base import (
 from compactai.techniques.quantize._common import Evaluator, default_probe, file_size, weight_nodes
 from compactai.techniques.quantize.auto import search_mixed_precision
 from compactai.techniques.quantize.float import CONVERTERS, check_executes
-from compactai.techniques.quantize.ort_ptq import Int8Config, preprocess, quantize_int8
+from compactai.techniques.quantize.ort_ptq import Int8Config, cached_weight_quantization, preprocess, quantize_int8
 from compactai.techniques.quantize.sensitivity import analyze_sensitivity, plot_sensitivity
 from compactai.techniques.quantize.weight_only import quantize_int4
 
@@ -74,7 +74,7 @@ def default_configs(kind: str, has_calibration: bool, base: Int8Config) -> list[
     if kind in ("transformer", "mlp"):
         configs = [replace(base, mode="dynamic", per_channel=True), replace(base, mode="dynamic", per_channel=False)]
         if has_calibration:
-            configs.append(replace(base, mode="static", per_channel=True, format="qdq", calibration="percentile"))
+            configs.append(replace(base, mode="static", per_channel=True, format="qdq", calibration="minmax"))
         return configs
     configs = []
     if has_calibration:
@@ -119,6 +119,7 @@ class Quantize(Technique):
         "objective": ChoiceParam(("latency", "size"), "latency"),
         "sensitivity": ChoiceParam(("both", "float", "none"), "both"),
         "sensitivity_samples": IntParam(1, 100_000, 100),
+        "rank_by": AnyParam("auto"),
         "max_float_fraction": FloatParam(0.0, 1.0, 0.5),
         "configs": AnyParam(None),
         "latency_probe": AnyParam(None),
@@ -187,7 +188,8 @@ class Quantize(Technique):
             decisions["int4_matmuls"] = quantize_int4(source, target, block_size=params["block_size"],
                                                       nodes_to_exclude=list(base.nodes_to_exclude))
         else:
-            target, report = self._auto(handle, float_handle, source, base, params, context, work, probe)
+            with cached_weight_quantization():
+                target, report = self._auto(handle, float_handle, source, base, params, context, work, probe)
             decisions.update({k: v for k, v in report.items() if k in ("chosen_config", "float_ops", "target")})
         return self._guard(handle, float_handle, target, params, probe, decisions, report, context)
 
@@ -222,12 +224,20 @@ class Quantize(Technique):
         ranking = nodes
         if params["sensitivity"] != "none" and nodes:
             sens_eval = Evaluator(task, float_handle, "validation", params["sensitivity_samples"], context.threads)
-            sens_float = sens_eval(Path(float_handle.path)).value  # type: ignore[arg-type]
-            sens_all = sens_eval(first).value
+            sens_float = sens_eval(Path(float_handle.path))  # type: ignore[arg-type]
+            sens_all = sens_eval(first)
+            rank_by = params["rank_by"]
+            if rank_by == "auto":  # a mean is a steadier ranking signal than a minimum over few samples
+                rank_by = "cosine_mean" if "cosine_mean" in sens_all.details else "primary"
+            if rank_by != "primary" and rank_by not in sens_all.details:
+                raise ParameterError(f"The 'rank_by' parameter of Quantize names '{rank_by}', which the metric does "
+                                     f"not report; it reports {', '.join(sens_all.details) or 'no details'}.")
             sensitivity = analyze_sensitivity(
-                source, configs[0], nodes, sens_eval, work, calibration=calibration, float_quality=sens_float,
-                all_quantized_quality=sens_all, both=params["sensitivity"] == "both", progress=say,
-                deadline=context.deadline)
+                source, configs[0], nodes, sens_eval, work, calibration=calibration, float_quality=sens_float.value,
+                all_quantized_quality=sens_all.value, both=params["sensitivity"] == "both", progress=say,
+                deadline=context.deadline, rank_by=rank_by,
+                float_rank=sens_float.details.get(rank_by, sens_float.value),
+                all_quantized_rank=sens_all.details.get(rank_by, sens_all.value))
             ranking = sensitivity.ranking()
             report["sensitivity"] = sensitivity.to_dict()
             report["sensitivity_plot"] = str(plot_sensitivity(sensitivity, work / "sensitivity.png"))
