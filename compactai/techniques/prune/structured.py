@@ -185,7 +185,7 @@ class StructuredPrune(Technique):
             graph.score(criterion.build())
             work.zero_grad(set_to_none=True)
             wanted_total = params["ratio"] * step / params["steps"]
-            current = metric(module)
+            current = start_value if step == 1 else metric(module)  # one measurement less (latency)
             goal = 1 - (1 - wanted_total) * start_value / current  # fraction of the current model to remove
             if goal <= 0:
                 continue
