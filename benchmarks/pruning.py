@@ -124,7 +124,7 @@ def minilm_ffn(quick: bool) -> dict[str, Any]:
     right_after = figures(pruned, example.task, None, quick)
     tuned, tune_decisions, tune_seconds = run_technique(
         "structured_prune", example.handle, example.task, ratio=0.5, target="channels", scope="ffn",
-        criterion="l2", finetune_epochs=1, lr=1e-4, batch_size=32, max_batches=5 if quick else 120)
+        criterion="l2", finetune_epochs=1, lr=1e-4, batch_size=32, max_batches=5 if quick else 80)
     after_tune = figures(tuned, example.task, None, quick)
     return {"name": "minilm, 50% of FFN neurons", "baseline": base, "pruned": right_after,
             "pruned_finetuned": after_tune, "ratios": compare(base, right_after), "seconds": seconds,
@@ -171,6 +171,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="Few queries and fine-tune batches (smoke run).")
     parser.add_argument("--only", default="digits,minilm,sparse")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
     wanted = args.only.split(",")
     cases = {"digits": digits_structured, "minilm": minilm_ffn, "sparse": digits_unstructured}
     results: dict[str, Any] = {"environment": environment(), "quick": args.quick, "cases": {}}
@@ -179,6 +180,7 @@ def main() -> int:
             print(f"running {name} ...", file=sys.stderr)
             results["cases"][name] = case = run(args.quick)
             print_case(case)
+            save(results)  # after every case: a long run keeps what it measured
     summary = []
     if "digits" in results["cases"]:
         case = results["cases"]["digits"]
@@ -205,10 +207,14 @@ def main() -> int:
     for line in summary:
         print(f"- {line}")
     results["summary"] = summary
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(to_jsonable(results), indent=2))
+    save(results)
     print(f"\nwrote {RESULTS}")
     return 0
+
+
+def save(results: dict[str, Any]) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(to_jsonable(results), indent=2))
 
 
 if __name__ == "__main__":
