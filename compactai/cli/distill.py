@@ -27,7 +27,10 @@ def distill(
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, warm-up then cosine decay)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Training batch size."),
     embedding_loss: str = typer.Option("cosine+mse", "--embedding-loss", help="Encoders: cosine, mse or cosine+mse."),
+    hidden_weight: float = typer.Option(0.0, "--hidden-weight", help="Encoders: weight of the token-state MSE."),
     augment: str = typer.Option("none", "--augment", help="Classifiers on images: none or shift."),
+    dropout: str = typer.Option("keep", "--dropout", help="Student dropout while training: keep or off."),
+    freeze: str = typer.Option("none", "--freeze", help="Keep the student's embedding tables fixed: none or embeddings."),
     patience: int = typer.Option(3, "--patience", help="Validations without improvement before stopping."),
     max_minutes: float = typer.Option(30.0, "--max-minutes", help="Training time budget; the best model so far is kept."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint of the same run in the work dir."),
@@ -54,7 +57,8 @@ def distill(
     parse_student_spec(student)  # bad specs fail before any model is loaded
     technique = create_technique(
         "distill", student=student, temperature=temperature, alpha=alpha, epochs=epochs, lr=lr,
-        batch_size=batch_size, embedding_loss=embedding_loss, augment=augment, patience=patience,
+        batch_size=batch_size, embedding_loss=embedding_loss, hidden_weight=hidden_weight, augment=augment,
+        dropout=dropout, freeze=freeze, patience=patience,
         max_minutes=max_minutes, resume=resume)
     technique.validate()
     with out.progress("Distilling") as say:

@@ -4,6 +4,9 @@ improve, exact resumption after an interruption, and clear errors for incompatib
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,6 +151,15 @@ def test_layer_dropping_copies_teacher_layers(tmp_path):
         create_technique("distill", student="layers:0,4").apply(teacher, Context(task=task, work_dir=tmp_path))
 
 
+def test_frozen_embeddings_stay_the_teachers(tmp_path):
+    torch.manual_seed(0)
+    teacher = _encoder_handle(TinyEncoder(depth=2))
+    out = create_technique("distill", student="layers:1", epochs=1, lr=1e-2, freeze="embeddings",
+                           dropout="off").apply(teacher, Context(task=_text_task(teacher, n=64), work_dir=tmp_path))
+    assert torch.equal(out.module.embed.weight, teacher.module.embed.weight)
+    assert not torch.allclose(out.module.layer[0].linear.weight, teacher.module.layer[1].linear.weight)
+
+
 def test_layer_dropping_needs_a_layer_stack(small_handle, tmp_path):
     task = _classification_task(small_handle, size=16)
     with pytest.raises(ParameterError, match="stack of repeated layers"):
@@ -272,12 +284,9 @@ def test_parameters_are_validated():
 
 # -- command line --------------------------------------------------------------------------------
 
-def _run_cli(*args: str):
-    import subprocess
-    import sys
-
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", "from compactai.cli import main; main()", "distill", *args],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
 
 
 def test_cli_bad_student_spec_exits_2_with_one_line():

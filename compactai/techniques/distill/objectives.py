@@ -34,10 +34,14 @@ def to_tensors(feeds: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in feeds.items()}
 
 
-def shift_images(images: torch.Tensor, generator: torch.Generator, pixels: int = 2) -> torch.Tensor:
-    """Roll a batch of images by up to ``pixels`` in each direction (cheap augmentation)."""
-    shifts = torch.randint(-pixels, pixels + 1, (2,), generator=generator).tolist()
-    return torch.roll(images, shifts=shifts, dims=(-2, -1))
+# Fixed image shifts (rows, columns) for augment="shift": the teacher labels each view once and
+# the student sees a random view per batch, so augmentation costs no teacher time per step.
+SHIFT_VIEWS: tuple[tuple[int, int], ...] = ((0, 0), (1, 1), (-1, -1), (2, -1), (-2, 1), (1, -2), (-1, 2), (0, 2))
+
+
+def shift_images(images: torch.Tensor, shift: tuple[int, int]) -> torch.Tensor:
+    """Roll a batch of images by ``shift`` pixels along (height, width)."""
+    return torch.roll(images, shifts=shift, dims=(-2, -1))
 
 
 def sorted_batches(split: Split, batch_size: int) -> list[np.ndarray]:
@@ -88,34 +92,55 @@ class Objective:
 
 
 class LogitObjective(Objective):
-    """Soft-target KL at temperature T mixed with hard-label cross-entropy by alpha."""
+    """Soft-target KL at temperature T mixed with hard-label cross-entropy by alpha.
 
-    name = "logits"
+    With ``augment="shift"`` every batch is one of ``SHIFT_VIEWS`` of the images, and the
+    teacher's logits are precomputed for every view (views x samples x classes)."""
 
     def __init__(self, teacher: nn.Module, input_names: list[str], temperature: float, alpha: float,
                  augment: str = "none") -> None:
         super().__init__(teacher, input_names)
         self.temperature, self.alpha, self.augment = temperature, alpha, augment
+        self.views = SHIFT_VIEWS if augment == "shift" else ((0, 0),)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "logits" if self.augment == "none" else f"logits-{self.augment}{len(self.views)}"
 
     @property
     def needs_targets(self) -> bool:
-        # augmented inputs differ every step, so the teacher runs per batch; alpha 0 needs no teacher
-        return self.alpha > 0 and self.augment == "none"
+        return self.alpha > 0  # alpha 0 is training on labels alone: no teacher needed
+
+    def view_inputs(self, inputs: dict[str, torch.Tensor], view: int) -> dict[str, torch.Tensor]:
+        if view == 0:
+            return inputs
+        first = self.input_names[0]
+        return {**inputs, first: shift_images(inputs[first], self.views[view])}
+
+    def prepare(self, split: Split, batch_size: int, progress: Callable[[str], None]) -> None:
+        batches = sorted_batches(split, batch_size)
+        order = torch.from_numpy(np.concatenate(batches))
+        per_view = []
+        for view in range(len(self.views)):
+            outputs = [self.run_teacher(self.view_inputs(to_tensors({k: v[index] for k, v in split.inputs.items()}), view))
+                       for index in batches]
+            logits = torch.cat(outputs)
+            targets = torch.empty_like(logits)
+            targets[order] = logits
+            per_view.append(targets)
+            progress(f"teacher targets: view {view + 1}/{len(self.views)}")
+        self.targets = torch.stack(per_view)
 
     def loss(self, student: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None,
              index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        if self.augment == "shift":
-            first = self.input_names[0]
-            inputs = {**inputs, first: shift_images(inputs[first], generator)}
-        if self.alpha == 0:
-            teacher_logits = None
-        elif self.targets is not None:
-            teacher_logits = self.targets[index]
-        else:
-            teacher_logits = self.run_teacher(inputs)
+        view = int(torch.randint(len(self.views), (1,), generator=generator))
+        inputs = self.view_inputs(inputs, view)
         student_logits = first_output(student(*[inputs[n] for n in self.input_names]))
-        reference = teacher_logits if teacher_logits is not None else student_logits.detach()
-        return logit_distillation_loss(student_logits, reference, labels, self.temperature, self.alpha)
+        if self.alpha == 0 or self.targets is None:
+            teacher_logits = student_logits.detach()  # unused by the loss at alpha 0
+        else:
+            teacher_logits = self.targets[view][index]
+        return logit_distillation_loss(student_logits, teacher_logits, labels, self.temperature, self.alpha)
 
 
 class EmbeddingObjective(Objective):

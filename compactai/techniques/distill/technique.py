@@ -124,6 +124,8 @@ class Distill(Technique):
         "embedding_loss": ChoiceParam(EMBEDDING_LOSSES, "cosine+mse"),
         "hidden_weight": FloatParam(0.0, 100.0, 0.0),
         "augment": ChoiceParam(AUGMENTATIONS, "none"),
+        "dropout": ChoiceParam(("keep", "off"), "keep"),
+        "freeze": ChoiceParam(("none", "embeddings"), "none"),
         "epochs": IntParam(1, 10_000, 10),
         "lr": FloatParam(1e-6, 1.0, 1e-3, log=True, open_high=True),
         "batch_size": IntParam(1, 65_536, 64),
@@ -156,10 +158,15 @@ class Distill(Technique):
         objective_name = choose_objective(params["objective"], rank, task)
         student = fit_student_output(student, teacher, objective_name, feeds)
         objective = self.make_objective(objective_name, teacher, params, train)
+        if params["freeze"] == "embeddings":  # token tables are most of a small encoder's weights
+            for module in student.modules():
+                if isinstance(module, nn.Embedding):
+                    module.weight.requires_grad_(False)
         config = TrainConfig(
             epochs=params["epochs"], lr=params["lr"], batch_size=params["batch_size"],
             weight_decay=params["weight_decay"], patience=params["patience"], max_minutes=params["max_minutes"],
             seed=context.seed, checkpoint_every=params["checkpoint_every"], resume=params["resume"],
+            dropout=params["dropout"] == "keep",
         )
         work_dir = context.work_dir / f"distill-{self.run_key(teacher, spec, params, context, len(train))}"
         teacher_key = self.targets_key(teacher, objective, train)
