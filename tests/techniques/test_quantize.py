@@ -215,7 +215,7 @@ def test_qat_returns_an_int8_onnx_model_that_runs(cnn_task, tmp_path):
 
 def write_npz(task: Task, path: Path) -> Path:
     arrays = {}
-    for split in ("calibration", "validation", "test"):
+    for split in ("train", "calibration", "validation", "test"):
         part = task.split(split)
         for name, value in part.inputs.items():
             arrays[f"{split}/{name}"] = value
@@ -262,3 +262,18 @@ def test_cli_unknown_mode_and_unmet_target(tiny, tmp_path, capsys):
     assert "best reached" in err
     assert (out / "model.onnx").exists()
     assert json.loads((out / "results.json").read_text())["status"] == "target_not_met"
+
+
+def test_cli_qat_on_a_flattened_pt2_says_what_to_do(tiny, tmp_path, capsys):
+    from compactai.cli import main
+
+    handle, task = tiny
+    model_path = tmp_path / "tiny.pt2"
+    example = (torch.from_numpy(task.split("test").inputs["x"][:2]),)
+    batch = {"x": {0: torch.export.Dim("batch", min=1, max=1024)}}
+    torch.export.save(torch.export.export(handle.module, example, dynamic_shapes=batch), model_path)
+    data = write_npz(task, tmp_path / "tiny.npz")
+    code = main(["quantize", str(model_path), "--data", str(data), "--mode", "qat", "--epochs", "1",
+                 "--max-batches", "2", "-o", str(tmp_path / "qat"), *CLI_FAST])
+    assert code == 2
+    assert "no Conv or Linear module" in capsys.readouterr().err

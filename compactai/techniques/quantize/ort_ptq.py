@@ -110,8 +110,10 @@ def preprocess(source: Path, target: Path, kind: str = "generic") -> str:
             from onnxruntime.transformers.optimizer import optimize_model
 
             fused = target.with_name(target.stem + ".fused.onnx")
-            optimize_model(str(current), model_type="bert", num_heads=0, hidden_size=0, opt_level=1).save_model_to_file(str(fused))
-            current, _ = fused, done.append("transformer fusion")
+            optimized = optimize_model(str(current), model_type="bert", num_heads=0, hidden_size=0, opt_level=1)
+            optimized.save_model_to_file(str(fused))
+            current = fused
+            done.append("transformer fusion")
         except Exception as exc:  # the optimizer raises many types on unusual graphs
             log.info("transformer fusion skipped: %s", exc)
     try:

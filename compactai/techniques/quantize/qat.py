@@ -56,6 +56,11 @@ def make_fake_quant(module: Any, per_channel: bool, bits: int = 8, reduce_range:
     from torch import nn
 
     class FakeQuant(nn.Module):
+        low: torch.Tensor
+        high: torch.Tensor
+        seen: torch.Tensor
+        inner: Any
+
         def __init__(self, inner: nn.Module) -> None:
             super().__init__()
             self.inner = inner
@@ -72,15 +77,15 @@ def make_fake_quant(module: Any, per_channel: bool, bits: int = 8, reduce_range:
                     else:
                         self.low.lerp_(low, momentum), self.high.lerp_(high, momentum)
             scale = float((self.high - self.low).clamp(min=1e-8)) / 255.0
-            zero = int(round(-float(self.low) / scale))
+            zero = round(-float(self.low) / scale)
             return torch.fake_quantize_per_tensor_affine(x, scale, min(max(zero, 0), 255), 0, 255)
 
         def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
             if per_channel:
                 dims = tuple(range(1, weight.dim()))
-                scale = (weight.detach().abs().amax(dim=dims) * 2 / (qmax - qmin)).clamp(min=1e-12).float()
-                zero = torch.zeros_like(scale, dtype=torch.int32)
-                return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, qmin, qmax)
+                scales = (weight.detach().abs().amax(dim=dims) * 2 / (qmax - qmin)).clamp(min=1e-12).float()
+                zero = torch.zeros_like(scales, dtype=torch.int32)
+                return torch.fake_quantize_per_channel_affine(weight, scales, zero, 0, qmin, qmax)
             scale = max(float(weight.detach().abs().max()) * 2 / (qmax - qmin), 1e-12)
             return torch.fake_quantize_per_tensor_affine(weight, scale, 0, qmin, qmax)
 
@@ -165,8 +170,10 @@ class QAT(Technique):
         wrapped = swap_modules(model, lambda m: make_fake_quant(
             m, params["per_channel"], params["weight_bits"], params["reduce_range"]) if isinstance(m, fake) else m)
         if wrapped == 0:
-            raise ParameterError(f"QAT found no Conv or Linear layer in '{handle.name}' to quantize.")
-        teacher = handle.module
+            raise ParameterError(
+                f"QAT found no Conv or Linear module in '{handle.name}' to quantize (a .pt2 file holds a flattened "
+                "graph without them); pass your nn.Module through the Python API, or use mode='static'.")
+        teacher: Any = handle.module
         train = context.task.split("train")
         optimizer = torch.optim.Adam(model.parameters(), lr=params["lr"])
         rng = np.random.default_rng(context.seed)
