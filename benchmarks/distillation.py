@@ -117,9 +117,10 @@ def bench_minilm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     rows = [teacher, figures(handle.derive(module=undistilled, name="undistilled"), task,
                              f"undistilled layers {layers}", parameter_count(undistilled))]
     log(f"minilm: distilling layers {layers} for at most {args.minilm_minutes} minutes")
-    student, decisions = distill(handle, task, work, student=f"layers:{layers}", epochs=args.minilm_epochs,
-                                 lr=args.minilm_lr, batch_size=32, max_minutes=args.minilm_minutes,
-                                 embedding_loss="cosine+mse", patience=args.minilm_epochs, checkpoint_every=100)
+    recipe = {"student": f"layers:{layers}", "epochs": args.minilm_epochs, "lr": args.minilm_lr, "batch_size": 32,
+              "max_minutes": args.minilm_minutes, "embedding_loss": "cosine+mse", "dropout": "off",
+              "freeze": "embeddings", "patience": args.minilm_epochs, "checkpoint_every": 100}
+    student, decisions = distill(handle, task, work, **recipe)
     distilled = figures(student, task, f"distilled layers {layers}", decisions["student_params"])
     distilled["train_seconds"], distilled["epochs_run"] = decisions["train_seconds"], decisions["epochs_run"]
     rows.append(distilled)
@@ -136,7 +137,7 @@ def bench_minilm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "speedup_p50": distilled["speedup_p50"],
         "int8_within_0.01_of_float": abs(rows[3]["cosine_mean"] - distilled["cosine_mean"]) <= 0.01,
     }
-    return {"layers": layers, "rows": rows, "run": decisions, "quantization": how, "bars": bars}
+    return {"recipe": recipe, "rows": rows, "run": decisions, "quantization": how, "bars": bars}
 
 
 def print_table(title: str, rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> None:
@@ -160,12 +161,12 @@ def main() -> None:
     parser.add_argument("--digits-widths", default="4,8,16")
     parser.add_argument("--digits-epochs", type=int, default=15)
     parser.add_argument("--digits-lr", type=float, default=5e-3)
-    parser.add_argument("--digits-alpha", type=float, default=0.9)
-    parser.add_argument("--digits-temperature", type=float, default=4.0)
+    parser.add_argument("--digits-alpha", type=float, default=0.5)
+    parser.add_argument("--digits-temperature", type=float, default=2.0)
     parser.add_argument("--digits-seeds", default="0,1")
-    parser.add_argument("--minilm-layers", default="0,2,4")
-    parser.add_argument("--minilm-epochs", type=int, default=2)
-    parser.add_argument("--minilm-lr", type=float, default=3e-4)
+    parser.add_argument("--minilm-layers", default="0,2,5")
+    parser.add_argument("--minilm-epochs", type=int, default=4)
+    parser.add_argument("--minilm-lr", type=float, default=1e-3)
     parser.add_argument("--minilm-minutes", type=float, default=14.0)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("COMPACTAI_THREADS", "2")))
