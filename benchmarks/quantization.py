@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from compactai.models.handle import ModelHandle
 from compactai.techniques import create_technique
 
 RESULTS = Path(__file__).parent / "results" / "quantization.json"
-WORK = Path(__file__).parent / ".work-quantization"
+WORK = Path(tempfile.gettempdir()) / "compactai-bench-quantization"  # models are large: keep them out of the repo
 console = Console(width=140)
 ROUNDS = 3
 
