@@ -41,8 +41,9 @@ class Output:
 
     def emit(self, data: dict[str, Any]) -> None:
         if self.json_mode:
-            sys.stdout.write(json.dumps(to_jsonable(data)) + "\n")
-            sys.stdout.flush()
+            out = sys.__stdout__ or sys.stdout  # the real stdout: run_app sends stray prints to stderr
+            out.write(json.dumps(to_jsonable(data)) + "\n")
+            out.flush()
 
     @contextmanager
     def progress(self, what: str) -> Iterator[Any]:
@@ -98,8 +99,14 @@ def run_app(argv: list[str]) -> int:
     debug = "--debug" in argv or os.environ.get("COMPACTAI_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import contextlib
+
+    # With --json, stdout carries exactly one JSON object: libraries that print (ONNX Runtime's
+    # calibrators do) are sent to stderr instead.
+    redirect = contextlib.redirect_stdout(sys.stderr) if "--json" in argv else contextlib.nullcontext()
     try:
-        returned = app(argv, standalone_mode=False)  # click returns typer.Exit's code in this mode
+        with redirect:
+            returned = app(argv, standalone_mode=False)  # click returns typer.Exit's code in this mode
     except CompactAIError as exc:
         if debug:
             raise
