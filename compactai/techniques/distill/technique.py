@@ -133,6 +133,7 @@ class Distill(Technique):
         "patience": IntParam(1, 10_000, 3),
         "max_minutes": FloatParam(0.0, 100_000.0, 30.0, open_low=True),
         "checkpoint_every": IntParam(1, 10**9, 100),
+        "train_samples": IntParam(0, 10**9, 0),  # use only the first N training samples (0: all)
         "resume": ChoiceParam((False, True), False),
     }
     searchable = ("temperature", "alpha", "lr")
@@ -148,6 +149,8 @@ class Distill(Technique):
         set_eval(teacher.module)
         task = context.task
         train = task.split("train")
+        if params["train_samples"]:
+            train = train.take(min(params["train_samples"], len(train)))
         torch.manual_seed(context.seed)
         context.progress(f"building student {spec}")
         student = build_student(spec, handle, context)
