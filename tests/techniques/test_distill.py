@@ -275,6 +275,18 @@ def test_time_budget_stops_and_keeps_a_validated_model(mlp_teacher, tmp_path):
     assert decisions["best_validation"] == pytest.approx(1.0)  # the untrained copy of the teacher
 
 
+def test_quick_params_keep_the_signature_and_export(small_handle, tmp_path):
+    from compactai.techniques.distill import Distill
+
+    task = _classification_task(small_handle, size=96)
+    out = create_technique("distill", **Distill.quick).apply(small_handle, Context(task=task, work_dir=tmp_path))
+    assert out.inputs == small_handle.inputs and out.outputs == small_handle.outputs
+    assert out.module is not small_handle.module
+    assert out.metadata["history"][-1]["decisions"]["steps"] == 2  # 64 samples, batch 32, one epoch
+    onnx = out.to_onnx(tmp_path / "student.onnx")
+    assert onnx.path.exists()
+
+
 def test_parameters_are_validated():
     with pytest.raises(ParameterError, match="temperature"):
         create_technique("distill", temperature=0.5).validate()

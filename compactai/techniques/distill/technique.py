@@ -137,7 +137,8 @@ class Distill(Technique):
         "resume": ChoiceParam((False, True), False),
     }
     searchable = ("temperature", "alpha", "lr")
-    quick: ClassVar[dict[str, Any]] = {"student": "self", "epochs": 1, "batch_size": 32, "max_minutes": 1.0, "patience": 1}
+    quick: ClassVar[dict[str, Any]] = {"student": "self", "epochs": 1, "batch_size": 32, "max_minutes": 1.0, "patience": 1,
+                                       "train_samples": 64}
 
     def apply(self, handle: ModelHandle, context: Context) -> ModelHandle:
         params = self.validate()
