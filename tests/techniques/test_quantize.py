@@ -227,7 +227,7 @@ def write_npz(task: Task, path: Path) -> Path:
 CLI_FAST = ["--queries", "5", "--seconds", "0.01"]
 
 
-def test_cli_static_writes_model_and_results(tiny, tmp_path, capsys):
+def test_cli_static_writes_model_and_results(tiny, tmp_path, capfd):
     from compactai.cli import main
 
     handle, task = tiny
@@ -236,8 +236,9 @@ def test_cli_static_writes_model_and_results(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["quantize", str(model), "--data", str(data), "--mode", "static", "--objective", "size",
                  "--calibration-samples", "16", "-o", str(out), "--json", *CLI_FAST])
-    assert code == 0
-    printed = json.loads(capsys.readouterr().out)
+    captured = capfd.readouterr()
+    assert code == 0, captured.err[-2000:]
+    printed = json.loads(captured.out.strip().splitlines()[-1])
     assert printed["status"] == "ok" and printed["quantization"]["kept"] == "quantized"
     assert (out / "model.onnx").exists()
     written = json.loads((out / "results.json").read_text())
@@ -245,26 +246,26 @@ def test_cli_static_writes_model_and_results(tiny, tmp_path, capsys):
     assert written["lineage"][-1]["technique"] == "quantize"
 
 
-def test_cli_unknown_mode_and_unmet_target(tiny, tmp_path, capsys):
+def test_cli_unknown_mode_and_unmet_target(tiny, tmp_path, capfd):
     from compactai.cli import main
 
     handle, task = tiny
     model = handle.to_onnx(tmp_path / "tiny.onnx").path
     data = write_npz(task, tmp_path / "tiny.npz")
     assert main(["quantize", str(model), "--data", str(data), "--mode", "int3"]) == 2
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "Unknown quantization mode 'int3'" in err and "dynamic, static, fp16, bf16, int4, qat, auto" in err
     out = tmp_path / "unmet"
     code = main(["quantize", str(model), "--data", str(data), "--mode", "auto", "--min-quality", "1.5",
                  "--sensitivity-samples", "16", "-o", str(out), *CLI_FAST])
     assert code == 3
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "best reached" in err
     assert (out / "model.onnx").exists()
     assert json.loads((out / "results.json").read_text())["status"] == "target_not_met"
 
 
-def test_cli_qat_on_a_flattened_pt2_says_what_to_do(tiny, tmp_path, capsys):
+def test_cli_qat_on_a_flattened_pt2_says_what_to_do(tiny, tmp_path, capfd):
     from compactai.cli import main
 
     handle, task = tiny
@@ -276,4 +277,4 @@ def test_cli_qat_on_a_flattened_pt2_says_what_to_do(tiny, tmp_path, capsys):
     code = main(["quantize", str(model_path), "--data", str(data), "--mode", "qat", "--epochs", "1",
                  "--max-batches", "2", "-o", str(tmp_path / "qat"), *CLI_FAST])
     assert code == 2
-    assert "no Conv or Linear module" in capsys.readouterr().err
+    assert "no Conv or Linear module" in capfd.readouterr().err
