@@ -44,31 +44,36 @@ def bench_lock() -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def figures(handle: Any, task: Any, big_batch: int | None, quick: bool) -> dict[str, Any]:
-    """ORT and torch measurements (quality, size, params, MACs, batch-1 p50/p90), ORT at ``big_batch``."""
+def figures(handles: dict[str, Any], task: Any, big_batch: int | None, quick: bool) -> dict[str, dict[str, Any]]:
+    """Each model's quality (outside the lock), then every latency figure of all models back to back
+    under one lock, runtime by runtime, so that they share the machine's load at that moment."""
     config = MeasureConfig(min_queries=60 if quick else 200, min_seconds=0.5 if quick else 2.0, warmup=20,
-                           memory=False, energy=False)
+                           memory=False, energy=False, quality=False)
     # PyTorch eager is the secondary runtime here: fewer queries keep the run short on a shared machine
     torch_config = MeasureConfig(min_queries=20 if quick else 50, min_seconds=0.5 if quick else 1.0, warmup=5,
-                                 memory=False, energy=False, throughput_min_batches=2)
-    onnx_handle = handle.to_onnx()
+                                 memory=False, energy=False, quality=False, throughput_min_batches=2)
+    results: dict[str, dict[str, Any]] = {}
+    for label, handle in handles.items():
+        onnx_handle = handle.to_onnx()
+        results[label] = {"quality": task.evaluate(make_runner(onnx_handle, "onnxruntime")).to_dict(),
+                          "gzip_mb": compressed_size(onnx_handle.path) / 1e6}
     with bench_lock():
-        ort = measure(handle, task, runtime="onnxruntime", config=config)
-        torch_figures = measure(handle, None, runtime="torch", config=torch_config)
-        result: dict[str, Any] = {
-            "quality": ort.quality, "params": torch_figures.params, "macs": ort.macs, "size_mb": ort.size_mb,
-            "gzip_mb": compressed_size(onnx_handle.path) / 1e6,
-            "ort_p50_ms": ort.latency_p50_ms, "ort_p90_ms": ort.latency_p90_ms,
-            "torch_p50_ms": torch_figures.latency_p50_ms, "torch_p90_ms": torch_figures.latency_p90_ms,
-            "ort_throughput": ort.throughput_items_per_s,
-        }
-        if big_batch:
-            runner = make_runner(onnx_handle, "onnxruntime")
-            single = {k: v[:1] for k, v in handle.example_inputs.items()}
-            stats = measure_latency(runner, batch_feeds(single, big_batch), min_queries=8 if quick else 30,
-                                    min_seconds=1.0 if quick else 4.0, warmup=3)
-            result[f"ort_b{big_batch}_p50_ms"] = stats.p50_ms
-    return result
+        for label, handle in handles.items():
+            ort = measure(handle, None, runtime="onnxruntime", config=config)
+            results[label].update({"macs": ort.macs, "size_mb": ort.size_mb, "ort_p50_ms": ort.latency_p50_ms,
+                                   "ort_p90_ms": ort.latency_p90_ms, "ort_throughput": ort.throughput_items_per_s})
+        for label, handle in handles.items():
+            if big_batch:
+                runner = make_runner(handle.to_onnx(), "onnxruntime")
+                single = {k: v[:1] for k, v in handle.example_inputs.items()}
+                stats = measure_latency(runner, batch_feeds(single, big_batch), min_queries=8 if quick else 30,
+                                        min_seconds=1.0 if quick else 4.0, warmup=3)
+                results[label][f"ort_b{big_batch}_p50_ms"] = stats.p50_ms
+        for label, handle in handles.items():
+            eager = measure(handle, None, runtime="torch", config=torch_config)
+            results[label].update({"params": eager.params, "torch_p50_ms": eager.latency_p50_ms,
+                                   "torch_p90_ms": eager.latency_p90_ms})
+    return results
 
 
 def compare(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -89,12 +94,12 @@ def run_technique(name: str, handle: Any, task: Any, **params: Any) -> tuple[Any
 
 def digits_structured(quick: bool) -> dict[str, Any]:
     example = compactai.load_example("digits")
-    base = figures(example.handle, example.task, 256, quick)
     pruned, decisions, seconds = run_technique(
         "structured_prune", example.handle, example.task, ratio=0.5, target="macs", criterion="l2",
         finetune_epochs=1 if quick else 4, kd_weight=0.5, lr=1e-3, max_batches=4 if quick else None,
     )
-    new = figures(pruned, example.task, 256, quick)
+    measured = figures({"baseline": example.handle, "pruned": pruned}, example.task, 256, quick)
+    base, new = measured["baseline"], measured["pruned"]
     return {"name": "digits structured, 50% of MACs, fine-tuned", "baseline": base, "pruned": new,
             "ratios": compare(base, new), "seconds": seconds,
             "decisions": {k: v for k, v in decisions.items() if k != "history"},
@@ -103,12 +108,12 @@ def digits_structured(quick: bool) -> dict[str, Any]:
 
 def digits_unstructured(quick: bool) -> dict[str, Any]:
     example = compactai.load_example("digits")
-    base = figures(example.handle, example.task, 256, quick)
     sparse, decisions, seconds = run_technique(
         "unstructured_prune", example.handle, example.task, ratio=0.8, ranking="global", steps=2,
-        finetune_epochs=1, kd_weight=0.5, max_batches=4 if quick else None,
+        finetune_epochs=1, kd_weight=0.5, max_batches=4 if quick else 10,
     )
-    new = figures(sparse, example.task, 256, quick)
+    measured = figures({"baseline": example.handle, "pruned": sparse}, example.task, 256, quick)
+    base, new = measured["baseline"], measured["pruned"]
     return {"name": "digits unstructured 80%, fine-tuned", "baseline": base, "pruned": new,
             "ratios": compare(base, new), "seconds": seconds,
             "decisions": {k: v for k, v in decisions.items() if k != "per_layer_sparsity"},
@@ -117,15 +122,14 @@ def digits_unstructured(quick: bool) -> dict[str, Any]:
 
 def minilm_ffn(quick: bool) -> dict[str, Any]:
     example = compactai.load_example("minilm")
-    base = figures(example.handle, example.task, None, quick)
     pruned, decisions, seconds = run_technique(
         "structured_prune", example.handle, example.task, ratio=0.5, target="channels", scope="ffn",
         criterion="l2")
-    right_after = figures(pruned, example.task, None, quick)
     tuned, tune_decisions, tune_seconds = run_technique(
         "structured_prune", example.handle, example.task, ratio=0.5, target="channels", scope="ffn",
         criterion="l2", finetune_epochs=1, lr=1e-4, batch_size=32, max_batches=5 if quick else 80)
-    after_tune = figures(tuned, example.task, None, quick)
+    measured = figures({"baseline": example.handle, "pruned": pruned, "tuned": tuned}, example.task, None, quick)
+    base, right_after, after_tune = measured["baseline"], measured["pruned"], measured["tuned"]
     return {"name": "minilm, 50% of FFN neurons", "baseline": base, "pruned": right_after,
             "pruned_finetuned": after_tune, "ratios": compare(base, right_after), "seconds": seconds,
             "finetune": tune_decisions["steps"][0].get("finetune"), "finetune_seconds": tune_seconds,
@@ -169,11 +173,11 @@ def print_case(case: dict[str, Any]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="Few queries and fine-tune batches (smoke run).")
-    parser.add_argument("--only", default="digits,minilm,sparse")
+    parser.add_argument("--only", default="digits,sparse,minilm")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
     wanted = args.only.split(",")
-    cases = {"digits": digits_structured, "minilm": minilm_ffn, "sparse": digits_unstructured}
+    cases = {"digits": digits_structured, "sparse": digits_unstructured, "minilm": minilm_ffn}
     results: dict[str, Any] = {"environment": environment(), "quick": args.quick, "cases": {}}
     for name, run in cases.items():
         if name in wanted:
