@@ -17,27 +17,46 @@ CLI_MODES = ("dynamic", "static", "fp16", "bf16", "int4", "qat", "auto")
 
 @app.command()
 def quantize(
-    path: str | None = typer.Argument(None, help="Model: .onnx, .pt2 or Hugging Face directory; or --example."),
+    path: str | None = typer.Argument(
+        None, help="Model: .onnx, .pt2 or Hugging Face directory; or --example."
+    ),
     example: str | None = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
-    data: Path | None = typer.Option(None, "--data", help="Task data for PATH: .npz with '<split>/<input>' arrays "
-                                        "(splits calibration, validation, test; optional '<split>/labels')."),
+    data: Path | None = typer.Option(
+        None,
+        "--data",
+        help="Task data for PATH: .npz with '<split>/<input>' arrays "
+        "(splits calibration, validation, test; optional '<split>/labels').",
+    ),
     mode: str = typer.Option("auto", "--mode", "-m", help="dynamic, static, fp16, bf16, int4, qat or auto."),
-    min_quality: float | None = typer.Option(None, "--min-quality", help="auto: absolute quality to keep "
-                                                "(validation split), e.g. 0.99 cosine."),
-    max_drop: float | None = typer.Option(None, "--max-drop", help="auto: allowed drop in metric points "
-                                             "(0.5 = half an accuracy point). Default for auto: 1.0."),
-    per_tensor: bool = typer.Option(False, "--per-tensor", help="One weight scale per tensor (default per channel)."),
+    min_quality: float | None = typer.Option(
+        None, "--min-quality", help="auto: absolute quality to keep (validation split), e.g. 0.99 cosine."
+    ),
+    max_drop: float | None = typer.Option(
+        None,
+        "--max-drop",
+        help="auto: allowed drop in metric points (0.5 = half an accuracy point). Default for auto: 1.0.",
+    ),
+    per_tensor: bool = typer.Option(
+        False, "--per-tensor", help="One weight scale per tensor (default per channel)."
+    ),
     fmt: str = typer.Option("qoperator", "--format", help="Static int8 format: qoperator or qdq."),
     calibration: str = typer.Option("minmax", help="Static calibration: minmax, entropy or percentile."),
-    calibration_samples: int = typer.Option(128, "--calibration-samples", help="Rows of the calibration split."),
+    calibration_samples: int = typer.Option(
+        128, "--calibration-samples", help="Rows of the calibration split."
+    ),
     reduce_range: bool = typer.Option(False, "--reduce-range", help="7-bit weights (for CPUs without VNNI)."),
     weight_bits: int = typer.Option(8, "--weight-bits", help="8, or 4 (static QDQ / QAT only)."),
-    block_size: int = typer.Option(32, "--block-size", help="int4 weight-only block size: 16, 32, 64 or 128."),
+    block_size: int = typer.Option(
+        32, "--block-size", help="int4 weight-only block size: 16, 32, 64 or 128."
+    ),
     exclude: list[str] = typer.Option([], "--exclude", help="Node name to keep in float (repeat)."),
     objective: str = typer.Option("latency", help="latency (keep float if int8 is not faster) or size."),
-    sensitivity_samples: int = typer.Option(100, "--sensitivity-samples", help="auto: validation rows per "
-                                            "sensitivity evaluation."),
-    max_float_fraction: float = typer.Option(0.5, "--max-float-fraction", help="auto: most ops left in float."),
+    sensitivity_samples: int = typer.Option(
+        100, "--sensitivity-samples", help="auto: validation rows per sensitivity evaluation."
+    ),
+    max_float_fraction: float = typer.Option(
+        0.5, "--max-float-fraction", help="auto: most ops left in float."
+    ),
     epochs: int = typer.Option(3, help="qat: fine-tuning epochs."),
     lr: float = typer.Option(1e-4, help="qat: learning rate."),
     max_batches: int = typer.Option(0, "--max-batches", help="qat: cap on batches per epoch (0 = all)."),
@@ -60,20 +79,45 @@ def quantize(
         raise UnknownNameError(f"Unknown quantization mode '{mode}'; choose one of: {', '.join(CLI_MODES)}.")
     out = Output(json_output)
     if mode == "qat":
-        technique = create_technique("qat", epochs=epochs, lr=lr, max_batches=max_batches, per_channel=not per_tensor,
-                                     format=fmt, calibration=calibration, calibration_samples=calibration_samples,
-                                     reduce_range=reduce_range, weight_bits=weight_bits)
+        technique = create_technique(
+            "qat",
+            epochs=epochs,
+            lr=lr,
+            max_batches=max_batches,
+            per_channel=not per_tensor,
+            format=fmt,
+            calibration=calibration,
+            calibration_samples=calibration_samples,
+            reduce_range=reduce_range,
+            weight_bits=weight_bits,
+        )
     else:
         technique = create_technique(
-            "quantize", mode=mode, per_channel=not per_tensor, format=fmt, calibration=calibration,
-            calibration_samples=calibration_samples, reduce_range=reduce_range, weight_bits=weight_bits,
-            block_size=block_size, nodes_to_exclude=list(exclude) or None, min_quality=min_quality, max_drop=max_drop,
-            objective=objective, sensitivity_samples=sensitivity_samples, max_float_fraction=max_float_fraction)
+            "quantize",
+            mode=mode,
+            per_channel=not per_tensor,
+            format=fmt,
+            calibration=calibration,
+            calibration_samples=calibration_samples,
+            reduce_range=reduce_range,
+            weight_bits=weight_bits,
+            block_size=block_size,
+            nodes_to_exclude=list(exclude) or None,
+            min_quality=min_quality,
+            max_drop=max_drop,
+            objective=objective,
+            sensitivity_samples=sensitivity_samples,
+            max_float_fraction=max_float_fraction,
+        )
     technique.validate()  # bad parameters fail before any model is loaded
-    config = MeasureConfig(min_queries=queries, min_seconds=seconds, memory=False, energy=False, threads=threads)
+    config = MeasureConfig(
+        min_queries=queries, min_seconds=seconds, memory=False, energy=False, threads=threads
+    )
     result: dict[str, Any] = {"command": "quantize", "mode": mode, "technique": technique.name}
     with out.progress("Quantizing") as say:
-        handle, task, info = resolve_model(path, example, progress=lambda e, n, acc: say(f"training example {e}/{n}"))
+        handle, task, info = resolve_model(
+            path, example, progress=lambda e, n, acc: say(f"training example {e}/{n}")
+        )
         if data is not None:
             task = task_from_npz(data, handle)
         result["source"] = info
@@ -84,8 +128,15 @@ def quantize(
             baseline[runtime] = measure(handle, task, runtime=runtime, config=config)
         result["baseline"] = {k: v.to_dict() for k, v in baseline.items()}
         work_dir = (out_dir or Path.cwd()) / ".compactai-work"
-        context = Context(task=task, teacher=handle, seed=seed, progress=say, threads=threads, work_dir=work_dir,
-                          deadline=time.monotonic() + time_limit if time_limit else None)
+        context = Context(
+            task=task,
+            teacher=handle,
+            seed=seed,
+            progress=say,
+            threads=threads,
+            work_dir=work_dir,
+            deadline=time.monotonic() + time_limit if time_limit else None,
+        )
         started = time.monotonic()
         try:
             quantized = technique.apply(handle, context)
@@ -103,15 +154,25 @@ def quantize(
     out.emit(result)
 
 
-def finish(out: Output, result: dict[str, Any], quantized: Any, task: Any, config: Any, out_dir: Path | None,
-           seed: int, seconds: float) -> None:
+def finish(
+    out: Output,
+    result: dict[str, Any],
+    quantized: Any,
+    task: Any,
+    config: Any,
+    out_dir: Path | None,
+    seed: int,
+    seconds: float,
+) -> None:
     """Measure the quantized model and write OUT/model.onnx + results.json (+ the sensitivity plot)."""
     from compactai.measure import measure
     from compactai.results import save_model, write_results
 
     summary = dict(quantized.metadata.get("quantize", {}))
     result["seconds"] = round(seconds, 1)
-    result["measurements"] = {"onnxruntime": measure(quantized, task, runtime="onnxruntime", config=config).to_dict()}
+    result["measurements"] = {
+        "onnxruntime": measure(quantized, task, runtime="onnxruntime", config=config).to_dict()
+    }
     result["quality"] = result["measurements"]["onnxruntime"].get("quality")
     result["sensitivity"] = summary.pop("sensitivity", None)
     plot = summary.pop("sensitivity_plot", None)
@@ -148,8 +209,10 @@ def task_from_npz(path: Path, handle: Any) -> Any:
             splits[split] = Split(inputs, arrays.get(f"{split}/labels"))
     missing = [s for s in ("calibration", "validation", "test") if s not in splits]
     if missing:
-        raise BadInputError(f"{path} lacks the {', '.join(missing)} split(s); store arrays named "
-                            f"'<split>/<input>' for inputs {handle.input_names}.")
+        raise BadInputError(
+            f"{path} lacks the {', '.join(missing)} split(s); store arrays named "
+            f"'<split>/<input>' for inputs {handle.input_names}."
+        )
     has_labels = splits["test"].labels is not None
     metric = Accuracy() if has_labels else EmbeddingFidelity(make_runner(handle, "onnxruntime").run)
     task = Task(name=Path(path).stem, metric=metric, splits=splits)
@@ -164,33 +227,65 @@ def print_quantize(out: Output, result: dict[str, Any]) -> None:
     rows: list[list[Any]] = []
 
     def ratio(a: Any, b: Any, word: str) -> str:
-        return f"{a / b:.2f}x {word}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else "-"
+        return (
+            f"{a / b:.2f}x {word}"
+            if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b
+            else "-"
+        )
 
     quality = new.get("quality")
     if quality:
         details = quality.get("details", {})
-        rows.append([f"quality ({quality['metric']})", quality["baseline"], quality["value"],
-                     f"{quality['value'] - quality['baseline']:+.4f}" if quality.get("baseline") is not None else "-"])
+        rows.append(
+            [
+                f"quality ({quality['metric']})",
+                quality["baseline"],
+                quality["value"],
+                f"{quality['value'] - quality['baseline']:+.4f}"
+                if quality.get("baseline") is not None
+                else "-",
+            ]
+        )
         for key in ("cosine_mean", "knn_overlap"):
             if key in details:
-                rows.append([f"  {key}", (base.get("quality") or {}).get("details", {}).get(key), details[key], ""])
-    rows.append(["ONNX size (MB)", base["size_mb"], new["size_mb"], ratio(base["size_mb"], new["size_mb"], "smaller")])
+                rows.append(
+                    [f"  {key}", (base.get("quality") or {}).get("details", {}).get(key), details[key], ""]
+                )
+    rows.append(
+        ["ONNX size (MB)", base["size_mb"], new["size_mb"], ratio(base["size_mb"], new["size_mb"], "smaller")]
+    )
     for q in ("p50", "p90"):
         key = f"latency_{q}_ms"
         rows.append([f"ORT latency {q} (ms)", base[key], new[key], ratio(base[key], new[key], "speed-up")])
-    rows.append([f"ORT throughput @{new['throughput_batch']} (items/s)", base["throughput_items_per_s"],
-                 new["throughput_items_per_s"], ratio(new["throughput_items_per_s"], base["throughput_items_per_s"], "")])
+    rows.append(
+        [
+            f"ORT throughput @{new['throughput_batch']} (items/s)",
+            base["throughput_items_per_s"],
+            new["throughput_items_per_s"],
+            ratio(new["throughput_items_per_s"], base["throughput_items_per_s"], ""),
+        ]
+    )
     if torch_base:
-        rows.append(["vs PyTorch eager p50 (ms)", torch_base["latency_p50_ms"], new["latency_p50_ms"],
-                     ratio(torch_base["latency_p50_ms"], new["latency_p50_ms"], "speed-up")])
-    out.console.print(table(f"compactai quantize (mode {result['mode']})", ["figure", "float", "quantized", "change"], rows))
+        rows.append(
+            [
+                "vs PyTorch eager p50 (ms)",
+                torch_base["latency_p50_ms"],
+                new["latency_p50_ms"],
+                ratio(torch_base["latency_p50_ms"], new["latency_p50_ms"], "speed-up"),
+            ]
+        )
+    out.console.print(
+        table(f"compactai quantize (mode {result['mode']})", ["figure", "float", "quantized", "change"], rows)
+    )
     summary = result.get("quantization", {})
     if summary.get("kept") == "float" or summary.get("note"):
         out.console.print(f"[yellow]note:[/yellow] {summary.get('note')}")
     if summary.get("float_ops") is not None:
-        out.console.print(f"auto: {len(summary['float_ops'])} op(s) kept in float; config "
-                          f"{summary.get('chosen_config', {}).get('mode')} "
-                          f"{'per-channel' if summary.get('chosen_config', {}).get('per_channel') else 'per-tensor'}")
+        out.console.print(
+            f"auto: {len(summary['float_ops'])} op(s) kept in float; config "
+            f"{summary.get('chosen_config', {}).get('mode')} "
+            f"{'per-channel' if summary.get('chosen_config', {}).get('per_channel') else 'per-tensor'}"
+        )
     sensitivity = result.get("sensitivity")
     if sensitivity:
         from compactai.techniques.quantize.sensitivity import (
@@ -200,8 +295,13 @@ def print_quantize(out: Output, result: dict[str, Any]) -> None:
         )
 
         report = report_from_dict(sensitivity)
-        out.console.print(table(f"Per-op sensitivity ({report.split}, {report.samples} samples; float "
-                                f"{report.float_quality:.4f}, all int8 {report.all_quantized_quality:.4f}), top 15",
-                                SENSITIVITY_COLUMNS, sensitivity_rows(report, 15)))
+        out.console.print(
+            table(
+                f"Per-op sensitivity ({report.split}, {report.samples} samples; float "
+                f"{report.float_quality:.4f}, all int8 {report.all_quantized_quality:.4f}), top 15",
+                SENSITIVITY_COLUMNS,
+                sensitivity_rows(report, 15),
+            )
+        )
     if "paths" in result:
         out.console.print("wrote " + ", ".join(result["paths"].values()))

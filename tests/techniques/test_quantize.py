@@ -28,7 +28,9 @@ class TinyEncoder(nn.Module):
         super().__init__()
         self.inp = nn.Linear(16, dim)
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)) for _ in range(2))
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+            for _ in range(2)
+        )
         self.head = nn.Linear(dim, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,8 +45,10 @@ def make_task(handle, inputs: np.ndarray, name: str) -> Task:
     labels = handle.run_torch({handle.input_names[0]: inputs})[0].argmax(axis=-1)
     cut = np.cumsum([len(inputs) // 4] * 3)
     parts = np.split(np.arange(len(inputs)), cut)
-    splits = {split: Split({handle.input_names[0]: inputs[idx]}, labels[idx])
-              for split, idx in zip(("train", "calibration", "validation", "test"), parts)}
+    splits = {
+        split: Split({handle.input_names[0]: inputs[idx]}, labels[idx])
+        for split, idx in zip(("train", "calibration", "validation", "test"), parts)
+    }
     task = Task(name, Accuracy(), splits, batch_size=64)
     task.baseline = 1.0
     return task
@@ -86,22 +90,31 @@ def agreement(a, b, feeds) -> float:
     return float((out_a.argmax(-1) == out_b.argmax(-1)).mean())
 
 
-@pytest.mark.parametrize("params", [
-    {"mode": "dynamic"},
-    {"mode": "static", "format": "qoperator", "calibration": "minmax"},
-    {"mode": "static", "format": "qdq", "calibration": "entropy", "per_channel": False},
-    {"mode": "static", "format": "qdq", "calibration": "percentile", "reduce_range": True},
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"mode": "dynamic"},
+        {"mode": "static", "format": "qoperator", "calibration": "minmax"},
+        {"mode": "static", "format": "qdq", "calibration": "entropy", "per_channel": False},
+        {"mode": "static", "format": "qdq", "calibration": "percentile", "reduce_range": True},
+    ],
+)
 def test_int8_modes_on_a_transformer_like_mlp(tiny, tmp_path, params):
     handle, task = tiny
     fingerprint = handle.fingerprint()
-    result = create_technique("quantize", calibration_samples=16, latency_probe=quantized_wins, **params).apply(
-        handle, context(task, tmp_path))
+    result = create_technique(
+        "quantize", calibration_samples=16, latency_probe=quantized_wins, **params
+    ).apply(handle, context(task, tmp_path))
     assert handle.fingerprint() == fingerprint
     assert result.framework == "onnx" and Path(result.path).is_relative_to(tmp_path / "work")
     ops = {n.op_type for n in onnx.load(str(result.path)).graph.node}
-    expected = {"dynamic": "MatMulInteger", "static": "QLinearMatMul" if params.get("format") == "qoperator" else "QuantizeLinear"}
-    assert expected[params["mode"]] in ops | {"DynamicQuantizeMatMul"} and (params["mode"] != "dynamic" or ops & {"MatMulInteger", "DynamicQuantizeMatMul"})
+    expected = {
+        "dynamic": "MatMulInteger",
+        "static": "QLinearMatMul" if params.get("format") == "qoperator" else "QuantizeLinear",
+    }
+    assert expected[params["mode"]] in ops | {"DynamicQuantizeMatMul"} and (
+        params["mode"] != "dynamic" or ops & {"MatMulInteger", "DynamicQuantizeMatMul"}
+    )
     decisions = result.metadata["history"][-1]["decisions"]
     assert decisions["kept"] == "quantized" and decisions["config"]["mode"] == params["mode"]
     feeds = {"x": task.split("test").inputs["x"]}
@@ -111,13 +124,19 @@ def test_int8_modes_on_a_transformer_like_mlp(tiny, tmp_path, params):
 def test_guard_rail_keeps_float_when_int8_is_slower(tiny, tmp_path):
     handle, task = tiny
     slower = lambda h: 1.0 if h.path.name == "float.onnx" else 2.0
-    result = create_technique("quantize", mode="dynamic", latency_probe=slower).apply(handle, context(task, tmp_path))
+    result = create_technique("quantize", mode="dynamic", latency_probe=slower).apply(
+        handle, context(task, tmp_path)
+    )
     decisions = result.metadata["history"][-1]["decisions"]
     assert decisions["kept"] == "float" and "not faster" in decisions["note"]
     assert result.path.name == "float.onnx"
-    assert not any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in onnx.load(str(result.path)).graph.node)
+    assert not any(
+        n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")
+        for n in onnx.load(str(result.path)).graph.node
+    )
     sized = create_technique("quantize", mode="dynamic", latency_probe=slower, objective="size").apply(
-        handle, context(task, tmp_path))
+        handle, context(task, tmp_path)
+    )
     assert sized.metadata["history"][-1]["decisions"]["kept"] == "quantized"
     assert sized.path.name != "float.onnx"
 
@@ -127,7 +146,9 @@ def test_fp16_and_bf16_run_or_say_they_are_not_offered(tiny, tmp_path):
     feeds = {"x": task.split("test").inputs["x"][:32]}
     for mode in ("fp16", "bf16"):
         try:
-            result = create_technique("quantize", mode=mode, objective="size").apply(handle, context(task, tmp_path))
+            result = create_technique("quantize", mode=mode, objective="size").apply(
+                handle, context(task, tmp_path)
+            )
         except TechniqueError as exc:
             assert "not offered" in str(exc) and mode in str(exc)
             continue
@@ -138,16 +159,21 @@ def test_fp16_and_bf16_run_or_say_they_are_not_offered(tiny, tmp_path):
 
 def test_int4_weight_only_on_matmuls_and_a_clear_error_without_them(tiny, small_handle, tmp_path):
     handle, task = tiny
-    result = create_technique("quantize", mode="int4", block_size=16, objective="size").apply(handle, context(task, tmp_path))
+    result = create_technique("quantize", mode="int4", block_size=16, objective="size").apply(
+        handle, context(task, tmp_path)
+    )
     assert sum(n.op_type == "MatMulNBits" for n in onnx.load(str(result.path)).graph.node) >= 4
     assert result.metadata["history"][-1]["decisions"]["int4_matmuls"] >= 4
     with pytest.raises(TechniqueError, match="no MatMul"):
-        create_technique("quantize", mode="int4", preprocess=False).apply(small_handle, Context(task=None, work_dir=tmp_path))
+        create_technique("quantize", mode="int4", preprocess=False).apply(
+            small_handle, Context(task=None, work_dir=tmp_path)
+        )
 
 
 def test_static_int8_digits_is_4x_smaller_and_keeps_accuracy(digits, tmp_path):
     result = create_technique("quantize", mode="static", calibration_samples=16, objective="size").apply(
-        digits.handle, context(digits.task, tmp_path))
+        digits.handle, context(digits.task, tmp_path)
+    )
     decisions = result.metadata["history"][-1]["decisions"]
     assert decisions["size_ratio"] >= 3.5
     assert decisions["float_size_bytes"] / Path(result.path).stat().st_size >= 3.5
@@ -158,29 +184,43 @@ def test_static_int8_digits_is_4x_smaller_and_keeps_accuracy(digits, tmp_path):
 def test_auto_meets_the_target_with_sensitivity_table_and_plot(tiny, tmp_path):
     handle, task = tiny
     result = create_technique(
-        "quantize", mode="auto", max_drop=0.0, latency_probe=quantized_wins, sensitivity_samples=32,
+        "quantize",
+        mode="auto",
+        max_drop=0.0,
+        latency_probe=quantized_wins,
+        sensitivity_samples=32,
         configs=[{"mode": "dynamic", "per_channel": False, "reduce_range": True}, {"mode": "static"}],
     ).apply(handle, context(task, tmp_path))
     summary = result.metadata["quantize"]
     sensitivity = summary["sensitivity"]
     assert len(sensitivity["ops"]) == 6  # inp, 2 x 2 block linears, head
-    assert all(op["quality_alone_quantized"] is not None and op["quality_alone_float"] is not None
-               for op in sensitivity["ops"])
+    assert all(
+        op["quality_alone_quantized"] is not None and op["quality_alone_float"] is not None
+        for op in sensitivity["ops"]
+    )
     assert Path(summary["sensitivity_plot"]).stat().st_size > 1000
     search = summary["search"]
     assert search["chosen"]["meets_target"] and search["chosen"]["quality"] >= 1.0
     assert all(c["meets_target"] for c in search["candidates"])
     # the chosen one is the fastest of the passing candidates (by the injected probe: all equal -> first)
     assert summary["float_ops"] == search["chosen_float_ops"]
-    ranking = sorted(sensitivity["ops"], key=lambda op: (-(op["gain_alone_float"] + op["loss_alone_quantized"]),
-                                                          -op["loss_alone_quantized"]))
+    ranking = sorted(
+        sensitivity["ops"],
+        key=lambda op: (-(op["gain_alone_float"] + op["loss_alone_quantized"]), -op["loss_alone_quantized"]),
+    )
     assert set(summary["float_ops"]) == {op["node"] for op in ranking[: len(summary["float_ops"])]}
 
 
 def test_auto_unreachable_target_raises_with_best_model_written(tiny, tmp_path):
     handle, task = tiny
-    technique = create_technique("quantize", mode="auto", min_quality=1.5, sensitivity="none",
-                                 latency_probe=quantized_wins, configs=[{"mode": "dynamic"}])
+    technique = create_technique(
+        "quantize",
+        mode="auto",
+        min_quality=1.5,
+        sensitivity="none",
+        latency_probe=quantized_wins,
+        configs=[{"mode": "dynamic"}],
+    )
     with pytest.raises(QualityTargetNotMetError, match="best reached") as info:
         technique.apply(handle, context(task, tmp_path))
     assert info.value.exit_code == 3
@@ -204,7 +244,9 @@ def test_bad_parameters_fail_with_one_clear_line(tiny, tmp_path):
 def test_qat_returns_an_int8_onnx_model_that_runs(cnn_task, tmp_path):
     handle, task = cnn_task
     fingerprint = handle.fingerprint()
-    result = create_technique("qat", epochs=1, max_batches=2, calibration_samples=8).apply(handle, context(task, tmp_path))
+    result = create_technique("qat", epochs=1, max_batches=2, calibration_samples=8).apply(
+        handle, context(task, tmp_path)
+    )
     assert handle.fingerprint() == fingerprint
     decisions = result.metadata["history"][-1]["decisions"]
     assert decisions["batchnorm_folded"] and decisions["fake_quant_layers"] == 4
@@ -234,8 +276,24 @@ def test_cli_static_writes_model_and_results(tiny, tmp_path, capfd):
     model = handle.to_onnx(tmp_path / "tiny.onnx").path
     data = write_npz(task, tmp_path / "tiny.npz")
     out = tmp_path / "out"
-    code = main(["quantize", str(model), "--data", str(data), "--mode", "static", "--objective", "size",
-                 "--calibration-samples", "16", "-o", str(out), "--json", *CLI_FAST])
+    code = main(
+        [
+            "quantize",
+            str(model),
+            "--data",
+            str(data),
+            "--mode",
+            "static",
+            "--objective",
+            "size",
+            "--calibration-samples",
+            "16",
+            "-o",
+            str(out),
+            "--json",
+            *CLI_FAST,
+        ]
+    )
     captured = capfd.readouterr()
     assert code == 0, captured.err[-2000:]
     printed = json.loads(captured.out.strip().splitlines()[-1])
@@ -256,8 +314,23 @@ def test_cli_unknown_mode_and_unmet_target(tiny, tmp_path, capfd):
     err = capfd.readouterr().err
     assert "Unknown quantization mode 'int3'" in err and "dynamic, static, fp16, bf16, int4, qat, auto" in err
     out = tmp_path / "unmet"
-    code = main(["quantize", str(model), "--data", str(data), "--mode", "auto", "--min-quality", "1.5",
-                 "--sensitivity-samples", "16", "-o", str(out), *CLI_FAST])
+    code = main(
+        [
+            "quantize",
+            str(model),
+            "--data",
+            str(data),
+            "--mode",
+            "auto",
+            "--min-quality",
+            "1.5",
+            "--sensitivity-samples",
+            "16",
+            "-o",
+            str(out),
+            *CLI_FAST,
+        ]
+    )
     assert code == 3
     err = capfd.readouterr().err
     assert "best reached" in err
@@ -274,7 +347,22 @@ def test_cli_qat_on_a_flattened_pt2_says_what_to_do(tiny, tmp_path, capfd):
     batch = {"x": {0: torch.export.Dim("batch", min=1, max=1024)}}
     torch.export.save(torch.export.export(handle.module, example, dynamic_shapes=batch), model_path)
     data = write_npz(task, tmp_path / "tiny.npz")
-    code = main(["quantize", str(model_path), "--data", str(data), "--mode", "qat", "--epochs", "1",
-                 "--max-batches", "2", "-o", str(tmp_path / "qat"), *CLI_FAST])
+    code = main(
+        [
+            "quantize",
+            str(model_path),
+            "--data",
+            str(data),
+            "--mode",
+            "qat",
+            "--epochs",
+            "1",
+            "--max-batches",
+            "2",
+            "-o",
+            str(tmp_path / "qat"),
+            *CLI_FAST,
+        ]
+    )
     assert code == 2
     assert "no Conv or Linear module" in capfd.readouterr().err

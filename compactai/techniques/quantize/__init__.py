@@ -7,6 +7,14 @@ from compactai.techniques.quantize.sensitivity import SensitivityReport, analyze
 from compactai.techniques.quantize.technique import MODES, QualityTargetNotMetError, Quantize
 
 __all__ = [
-    "MODES", "QAT", "Int8Config", "QualityTargetNotMetError", "Quantize", "SensitivityReport",
-    "analyze_sensitivity", "plot_sensitivity", "preprocess", "quantize_int8",
+    "MODES",
+    "QAT",
+    "Int8Config",
+    "QualityTargetNotMetError",
+    "Quantize",
+    "SensitivityReport",
+    "analyze_sensitivity",
+    "plot_sensitivity",
+    "preprocess",
+    "quantize_int8",
 ]

@@ -21,8 +21,9 @@ WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 LatencyProbe = Callable[[ModelHandle], float]
 
 
-def measured_latency_ms(handle: ModelHandle, batch: int = 1, queries: int = 60, seconds: float = 0.3,
-                        threads: int | None = None) -> float:
+def measured_latency_ms(
+    handle: ModelHandle, batch: int = 1, queries: int = 60, seconds: float = 0.3, threads: int | None = None
+) -> float:
     """Median latency of ``handle`` on ONNX Runtime at ``batch`` (example inputs tiled), in ms."""
     from compactai.measure import batch_feeds, make_runner, measure_latency
 
@@ -46,8 +47,11 @@ def weight_nodes(model_path: Path, op_types: tuple[str, ...] = WEIGHT_OPS) -> li
     model = onnx.load(str(model_path), load_external_data=False)
     constants = {i.name for i in model.graph.initializer}
     constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
-    return [n.name for n in model.graph.node
-            if n.op_type in op_types and len(n.input) > 1 and n.input[1] in constants]
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type in op_types and len(n.input) > 1 and n.input[1] in constants
+    ]
 
 
 def name_unnamed_nodes(model_path: Path) -> None:

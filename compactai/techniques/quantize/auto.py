@@ -35,8 +35,14 @@ class Trial:
     latency_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config.label(), "float_ops": self.floats, "quality": self.quality,
-                "details": self.details, "meets_target": self.meets, "latency_p50_ms": self.latency_ms}
+        return {
+            "config": self.config.label(),
+            "float_ops": self.floats,
+            "quality": self.quality,
+            "details": self.details,
+            "meets_target": self.meets,
+            "latency_p50_ms": self.latency_ms,
+        }
 
 
 @dataclass
@@ -48,11 +54,13 @@ class AutoResult:
     complete: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        return {"trials": [t.to_dict() for t in self.trials],
-                "candidates": [t.to_dict() for t in self.per_config],
-                "chosen": self.chosen.to_dict() if self.chosen else None,
-                "chosen_float_ops": list(self.chosen.config.nodes_to_exclude) if self.chosen else [],
-                "complete": self.complete}
+        return {
+            "trials": [t.to_dict() for t in self.trials],
+            "candidates": [t.to_dict() for t in self.per_config],
+            "chosen": self.chosen.to_dict() if self.chosen else None,
+            "chosen_float_ops": list(self.chosen.config.nodes_to_exclude) if self.chosen else [],
+            "complete": self.complete,
+        }
 
 
 def search_mixed_precision(
@@ -83,7 +91,9 @@ def search_mixed_precision(
         progress(f"auto: {candidate.label()}")
         quantize_int8(source, path, candidate, calibration, names)
         quality = evaluate(path)
-        trial = Trial(candidate, floats, quality.value, quality.details, path, meets(quality.value, quality.details))
+        trial = Trial(
+            candidate, floats, quality.value, quality.details, path, meets(quality.value, quality.details)
+        )
         result.trials.append(trial)
         if result.best is None or trial.quality > result.best.quality:
             result.best = trial

@@ -83,7 +83,15 @@ def cached_weight_quantization() -> Iterator[None]:
         import numpy as np
 
         array = np.asarray(data)
-        key = (array.dtype.str, array.shape, array.tobytes(), qType, symmetric, args, tuple(sorted(kwargs.items())))
+        key = (
+            array.dtype.str,
+            array.shape,
+            array.tobytes(),
+            qType,
+            symmetric,
+            args,
+            tuple(sorted(kwargs.items())),
+        )
         if key not in cache:
             cache[key] = original(data, qType, symmetric, *args, **kwargs)
         return tuple(v.copy() if hasattr(v, "copy") else v for v in cache[key])
@@ -110,7 +118,9 @@ def preprocess(source: Path, target: Path, kind: str = "generic") -> str:
             from onnxruntime.transformers.optimizer import optimize_model
 
             fused = target.with_name(target.stem + ".fused.onnx")
-            optimized = optimize_model(str(current), model_type="bert", num_heads=0, hidden_size=0, opt_level=1)
+            optimized = optimize_model(
+                str(current), model_type="bert", num_heads=0, hidden_size=0, opt_level=1
+            )
             optimized.save_model_to_file(str(fused))
             current = fused
             done.append("transformer fusion")
@@ -130,8 +140,13 @@ def preprocess(source: Path, target: Path, kind: str = "generic") -> str:
     return ", ".join(done) or "none"
 
 
-def quantize_int8(source: Path, target: Path, config: Int8Config, calibration: Split | None = None,
-                  input_names: list[str] | None = None) -> Path:
+def quantize_int8(
+    source: Path,
+    target: Path,
+    config: Int8Config,
+    calibration: Split | None = None,
+    input_names: list[str] | None = None,
+) -> Path:
     """Quantize the (pre-processed) float ONNX file ``source`` to ``target`` with ``config``."""
     import onnx
     from onnxruntime.quantization import (
@@ -142,28 +157,44 @@ def quantize_int8(source: Path, target: Path, config: Int8Config, calibration: S
         quantize_static,
     )
 
-    extra = {"MatMulConstBOnly": config.const_weights_only, "DefaultTensorType": onnx.TensorProto.FLOAT,
-             **config.extra_options}
-    common = dict(per_channel=config.per_channel, reduce_range=config.reduce_range,
-                  nodes_to_exclude=list(config.nodes_to_exclude) or None,
-                  op_types_to_quantize=list(config.op_types) if config.op_types else None, extra_options=extra)
+    extra = {
+        "MatMulConstBOnly": config.const_weights_only,
+        "DefaultTensorType": onnx.TensorProto.FLOAT,
+        **config.extra_options,
+    }
+    common = dict(
+        per_channel=config.per_channel,
+        reduce_range=config.reduce_range,
+        nodes_to_exclude=list(config.nodes_to_exclude) or None,
+        op_types_to_quantize=list(config.op_types) if config.op_types else None,
+        extra_options=extra,
+    )
     try:
         if config.mode == "dynamic":
             if config.weight_bits != 8:
-                raise TechniqueError("Dynamic quantization stores int8 weights only; use mode='static' with format='qdq' for int4.")
+                raise TechniqueError(
+                    "Dynamic quantization stores int8 weights only; use mode='static' with format='qdq' for int4."
+                )
             quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, **common)
         elif config.mode == "static":
             if calibration is None or input_names is None:
-                raise TechniqueError("Static int8 needs a task with a calibration split; use mode='dynamic' without one.")
+                raise TechniqueError(
+                    "Static int8 needs a task with a calibration split; use mode='dynamic' without one."
+                )
             if config.weight_bits == 4 and config.format != "qdq":
-                raise TechniqueError("int4 weights (weight_bits=4) need format='qdq'; QOperator kernels are int8 only.")
+                raise TechniqueError(
+                    "int4 weights (weight_bits=4) need format='qdq'; QOperator kernels are int8 only."
+                )
             reader = calibration_reader(calibration, input_names, config.calibration_samples)
             quantize_static(
-                str(source), str(target), reader,
+                str(source),
+                str(target),
+                reader,
                 quant_format=QuantFormat.QDQ if config.format == "qdq" else QuantFormat.QOperator,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt4 if config.weight_bits == 4 else QuantType.QInt8,
-                calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[config.calibration]), **common,
+                calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[config.calibration]),
+                **common,
             )
         else:
             raise TechniqueError(f"Unknown int8 mode '{config.mode}'; use dynamic or static.")

@@ -48,8 +48,9 @@ def weight_range(bits: int, reduce_range: bool) -> tuple[int, int]:
     return (-127, 127) if bits == 8 else (-8, 7)
 
 
-def make_fake_quant(module: Any, per_channel: bool, bits: int = 8, reduce_range: bool = False,
-                    momentum: float = 0.1) -> Any:
+def make_fake_quant(
+    module: Any, per_channel: bool, bits: int = 8, reduce_range: bool = False, momentum: float = 0.1
+) -> Any:
     """Wrap a Conv/Linear so that its weight and input pass through fake quantizers."""
     qmin, qmax = weight_range(bits, reduce_range)
     import torch
@@ -167,12 +168,19 @@ class QAT(Technique):
         torch.manual_seed(context.seed)
         model, folded = fold_batchnorm(copy.deepcopy(handle.module))
         fake = _fake_quant_modules()
-        wrapped = swap_modules(model, lambda m: make_fake_quant(
-            m, params["per_channel"], params["weight_bits"], params["reduce_range"]) if isinstance(m, fake) else m)
+        wrapped = swap_modules(
+            model,
+            lambda m: (
+                make_fake_quant(m, params["per_channel"], params["weight_bits"], params["reduce_range"])
+                if isinstance(m, fake)
+                else m
+            ),
+        )
         if wrapped == 0:
             raise ParameterError(
                 f"QAT found no Conv or Linear module in '{handle.name}' to quantize (a .pt2 file holds a flattened "
-                "graph without them); pass your nn.Module through the Python API, or use mode='static'.")
+                "graph without them); pass your nn.Module through the Python API, or use mode='static'."
+            )
         teacher: Any = handle.module
         train = context.task.split("train")
         optimizer = torch.optim.Adam(model.parameters(), lr=params["lr"])
@@ -188,7 +196,7 @@ class QAT(Technique):
                     break
                 if context.out_of_time():
                     break
-                part = train.take(order[start:start + params["batch_size"]])
+                part = train.take(order[start : start + params["batch_size"]])
                 args = [torch.from_numpy(np.ascontiguousarray(part.inputs[n])) for n in handle.input_names]
                 output = model(*args)
                 output = output[0] if isinstance(output, (tuple, list)) else output
@@ -204,7 +212,9 @@ class QAT(Technique):
                 optimizer.step()
                 losses.append(float(loss.detach()))
             epochs_done += 1
-            say(f"QAT epoch {epoch + 1}/{params['epochs']}: loss {np.mean(losses[-20:]) if losses else float('nan'):.4f}")
+            say(
+                f"QAT epoch {epoch + 1}/{params['epochs']}: loss {np.mean(losses[-20:]) if losses else float('nan'):.4f}"
+            )
             if context.out_of_time():
                 break
         model.eval()
@@ -215,16 +225,33 @@ class QAT(Technique):
         trained = handle.derive(module=model).to_onnx(work / "qat-float.onnx")
         source = work / "preprocessed.onnx"
         preprocess(Path(trained.path), source, handle.kind)  # type: ignore[arg-type]
-        config = Int8Config(mode="static", per_channel=params["per_channel"], reduce_range=params["reduce_range"],
-                            format=params["format"], calibration=params["calibration"],
-                            calibration_samples=params["calibration_samples"], weight_bits=params["weight_bits"])
+        config = Int8Config(
+            mode="static",
+            per_channel=params["per_channel"],
+            reduce_range=params["reduce_range"],
+            format=params["format"],
+            calibration=params["calibration"],
+            calibration_samples=params["calibration_samples"],
+            weight_bits=params["weight_bits"],
+        )
         say(f"int8 with ONNX Runtime: {config.label()}")
-        target = quantize_int8(source, work / "model.qat.onnx", config, context.task.splits.get("calibration", train),
-                               handle.input_names)
+        target = quantize_int8(
+            source,
+            work / "model.qat.onnx",
+            config,
+            context.task.splits.get("calibration", train),
+            handle.input_names,
+        )
         result = trained.as_onnx(target)
         result.metadata.pop("parity", None)
-        decisions = {"batchnorm_folded": folded, "fake_quant_layers": wrapped, "epochs_done": epochs_done,
-                     "final_loss": float(np.mean(losses[-20:])) if losses else None, "config": config.to_dict(),
-                     "float_size_bytes": file_size(Path(trained.path)), "quantized_size_bytes": file_size(target)}  # type: ignore[arg-type]
+        decisions = {
+            "batchnorm_folded": folded,
+            "fake_quant_layers": wrapped,
+            "epochs_done": epochs_done,
+            "final_loss": float(np.mean(losses[-20:])) if losses else None,
+            "config": config.to_dict(),
+            "float_size_bytes": file_size(Path(trained.path)),
+            "quantized_size_bytes": file_size(target),
+        }  # type: ignore[arg-type]
         result.metadata["quantize"] = {"mode": "qat", **decisions}
         return self.record(result, params, **decisions)

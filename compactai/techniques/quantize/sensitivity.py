@@ -49,6 +49,7 @@ class SensitivityReport:
         """Ops, most sensitive first: by the sum of both figures (in the ranking figure). One op
         left in float barely moves a model with many int8 ops, so the gain alone is noisy; the
         loss when the op alone is int8 carries the clearer signal, and the sum uses both."""
+
         def key(op: OpSensitivity) -> tuple[float, float]:
             gain, loss = op.rank_gain_alone_float or 0.0, op.rank_loss_alone_quantized or 0.0
             return (-(gain + loss), -loss)
@@ -56,9 +57,16 @@ class SensitivityReport:
         return [op.node for op in sorted(self.ops, key=key)]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config, "split": self.split, "samples": self.samples,
-                "float_quality": self.float_quality, "all_quantized_quality": self.all_quantized_quality,
-                "complete": self.complete, "rank_by": self.rank_by, "ops": [op.to_dict() for op in self.ops]}
+        return {
+            "config": self.config,
+            "split": self.split,
+            "samples": self.samples,
+            "float_quality": self.float_quality,
+            "all_quantized_quality": self.all_quantized_quality,
+            "complete": self.complete,
+            "rank_by": self.rank_by,
+            "ops": [op.to_dict() for op in self.ops],
+        }
 
 
 def analyze_sensitivity(
@@ -84,8 +92,13 @@ def analyze_sensitivity(
     minimum over few samples); "primary" ranks by the metric's value. Stops early
     (``complete=False``) at ``deadline``; ops not reached keep ``None``.
     """
+
     def figure(quality: Any) -> float:
-        return float(quality.details.get(rank_by, quality.value)) if rank_by != "primary" else float(quality.value)
+        return (
+            float(quality.details.get(rank_by, quality.value))
+            if rank_by != "primary"
+            else float(quality.value)
+        )
 
     float_rank = float_quality if float_rank is None else float_rank
     all_quantized_rank = all_quantized_quality if all_quantized_rank is None else all_quantized_rank
@@ -99,33 +112,69 @@ def analyze_sensitivity(
             break
         progress(f"sensitivity {i + 1}/{len(rows)}: {row.node}")
         others = [n for n in nodes if n != row.node]
-        quantize_int8(source, candidate, config.excluding(list(config.nodes_to_exclude) + [row.node]), calibration, names)
+        quantize_int8(
+            source,
+            candidate,
+            config.excluding(list(config.nodes_to_exclude) + [row.node]),
+            calibration,
+            names,
+        )
         scored = evaluate(candidate)
         row.quality_alone_float = scored.value
         row.gain_alone_float = row.quality_alone_float - all_quantized_quality
         row.rank_gain_alone_float = figure(scored) - all_quantized_rank
         if both:
-            quantize_int8(source, candidate, config.excluding(list(config.nodes_to_exclude) + others), calibration, names)
+            quantize_int8(
+                source,
+                candidate,
+                config.excluding(list(config.nodes_to_exclude) + others),
+                calibration,
+                names,
+            )
             scored = evaluate(candidate)
             row.quality_alone_quantized = scored.value
             row.loss_alone_quantized = float_quality - row.quality_alone_quantized
             row.rank_loss_alone_quantized = float_rank - figure(scored)
     candidate.unlink(missing_ok=True)
-    return SensitivityReport(config.to_dict(), evaluate.split_name, len(evaluate.split), float_quality,
-                             all_quantized_quality, rows, complete, rank_by)
+    return SensitivityReport(
+        config.to_dict(),
+        evaluate.split_name,
+        len(evaluate.split),
+        float_quality,
+        all_quantized_quality,
+        rows,
+        complete,
+        rank_by,
+    )
 
 
 def sensitivity_rows(report: SensitivityReport, top: int | None = None) -> list[list[Any]]:
     """Table rows (rank, op, quality alone quantized, loss, quality alone float, gain), most sensitive first."""
     by_name = {op.node: op for op in report.ops}
     order = report.ranking()[: top or None]
-    return [[rank + 1, by_name[n].node, by_name[n].quality_alone_quantized, by_name[n].loss_alone_quantized,
-             by_name[n].quality_alone_float, by_name[n].gain_alone_float, by_name[n].rank_gain_alone_float]
-            for rank, n in enumerate(order)]
+    return [
+        [
+            rank + 1,
+            by_name[n].node,
+            by_name[n].quality_alone_quantized,
+            by_name[n].loss_alone_quantized,
+            by_name[n].quality_alone_float,
+            by_name[n].gain_alone_float,
+            by_name[n].rank_gain_alone_float,
+        ]
+        for rank, n in enumerate(order)
+    ]
 
 
-SENSITIVITY_COLUMNS = ["rank", "op", "quality (only this int8)", "loss", "quality (only this float)", "gain",
-                       "gain (ranking figure)"]
+SENSITIVITY_COLUMNS = [
+    "rank",
+    "op",
+    "quality (only this int8)",
+    "loss",
+    "quality (only this float)",
+    "gain",
+    "gain (ranking figure)",
+]
 
 
 def plot_sensitivity(report: SensitivityReport, path: Path) -> Path:
@@ -149,7 +198,9 @@ def plot_sensitivity(report: SensitivityReport, path: Path) -> Path:
     for ax in axes:
         ax.set_xlabel(f"metric points on {report.split} ({report.samples} samples)")
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"Per-op int8 sensitivity (float {report.float_quality:.4f}, all int8 {report.all_quantized_quality:.4f})")
+    fig.suptitle(
+        f"Per-op int8 sensitivity (float {report.float_quality:.4f}, all int8 {report.all_quantized_quality:.4f})"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -170,6 +221,13 @@ def short_name(node: str) -> str:
 
 def report_from_dict(data: dict[str, Any]) -> SensitivityReport:
     """The inverse of ``SensitivityReport.to_dict`` (for reading results.json)."""
-    return SensitivityReport(data["config"], data["split"], data["samples"], data["float_quality"],
-                             data["all_quantized_quality"], [OpSensitivity(**op) for op in data["ops"]],
-                             data.get("complete", True), data.get("rank_by", "primary"))
+    return SensitivityReport(
+        data["config"],
+        data["split"],
+        data["samples"],
+        data["float_quality"],
+        data["all_quantized_quality"],
+        [OpSensitivity(**op) for op in data["ops"]],
+        data.get("complete", True),
+        data.get("rank_by", "primary"),
+    )

@@ -23,7 +23,12 @@ from compactai.techniques.base import (
 from compactai.techniques.quantize._common import Evaluator, default_probe, file_size, weight_nodes
 from compactai.techniques.quantize.auto import search_mixed_precision
 from compactai.techniques.quantize.float import CONVERTERS, check_executes
-from compactai.techniques.quantize.ort_ptq import Int8Config, cached_weight_quantization, preprocess, quantize_int8
+from compactai.techniques.quantize.ort_ptq import (
+    Int8Config,
+    cached_weight_quantization,
+    preprocess,
+    quantize_int8,
+)
 from compactai.techniques.quantize.sensitivity import analyze_sensitivity, plot_sensitivity
 from compactai.techniques.quantize.weight_only import quantize_int4
 
@@ -72,15 +77,20 @@ def default_configs(kind: str, has_calibration: bool, base: Int8Config) -> list[
     from dataclasses import replace
 
     if kind in ("transformer", "mlp"):
-        configs = [replace(base, mode="dynamic", per_channel=True), replace(base, mode="dynamic", per_channel=False)]
+        configs = [
+            replace(base, mode="dynamic", per_channel=True),
+            replace(base, mode="dynamic", per_channel=False),
+        ]
         if has_calibration:
             configs.append(replace(base, mode="static", per_channel=True, format="qdq", calibration="minmax"))
         return configs
     configs = []
     if has_calibration:
-        configs += [replace(base, mode="static", per_channel=True, format="qoperator", calibration="minmax"),
-                    replace(base, mode="static", per_channel=True, format="qdq", calibration="minmax"),
-                    replace(base, mode="static", per_channel=True, format="qoperator", calibration="percentile")]
+        configs += [
+            replace(base, mode="static", per_channel=True, format="qoperator", calibration="minmax"),
+            replace(base, mode="static", per_channel=True, format="qdq", calibration="minmax"),
+            replace(base, mode="static", per_channel=True, format="qoperator", calibration="percentile"),
+        ]
     configs.append(replace(base, mode="dynamic", per_channel=True))
     return configs
 
@@ -126,8 +136,11 @@ class Quantize(Technique):
     }
     searchable = ("mode", "per_channel", "calibration")
     # the optimizer tries the cheap, always-offered int8 settings; auto/fp16/bf16/int4 are asked for by name
-    search_space = {"mode": ChoiceParam(("static", "dynamic"), "static"), "per_channel": ChoiceParam((True, False), True),
-                    "calibration": ChoiceParam(("minmax", "percentile"), "minmax")}
+    search_space = {
+        "mode": ChoiceParam(("static", "dynamic"), "static"),
+        "per_channel": ChoiceParam((True, False), True),
+        "calibration": ChoiceParam(("minmax", "percentile"), "minmax"),
+    }
     quick = {"mode": "static", "calibration_samples": 8}
 
     def validate(self) -> dict[str, Any]:
@@ -136,15 +149,23 @@ class Quantize(Technique):
         for key in ("min_quality", "max_drop"):
             value = params[key]
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ParameterError(f"The '{key}' parameter of {owner} must be a number or None. Got {value!r} instead.")
+                raise ParameterError(
+                    f"The '{key}' parameter of {owner} must be a number or None. Got {value!r} instead."
+                )
         if params["max_drop"] is not None and params["max_drop"] < 0:
-            raise ParameterError(f"The 'max_drop' parameter of {owner} must be >= 0 (metric points). Got {params['max_drop']!r} instead.")
+            raise ParameterError(
+                f"The 'max_drop' parameter of {owner} must be >= 0 (metric points). Got {params['max_drop']!r} instead."
+            )
         for key in ("nodes_to_exclude", "op_types"):
             value = params[key]
             if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
-                raise ParameterError(f"The '{key}' parameter of {owner} must be a list of node/op names. Got {value!r} instead.")
+                raise ParameterError(
+                    f"The '{key}' parameter of {owner} must be a list of node/op names. Got {value!r} instead."
+                )
         if params["latency_probe"] is not None and not callable(params["latency_probe"]):
-            raise ParameterError(f"The 'latency_probe' parameter of {owner} must be a callable (handle -> ms). Got {params['latency_probe']!r} instead.")
+            raise ParameterError(
+                f"The 'latency_probe' parameter of {owner} must be a callable (handle -> ms). Got {params['latency_probe']!r} instead."
+            )
         return params
 
     def apply(self, handle: ModelHandle, context: Context) -> ModelHandle:
@@ -159,11 +180,16 @@ class Quantize(Technique):
         float_path = Path(float_handle.path)  # type: ignore[arg-type]
         probe = params["latency_probe"] or default_probe(context.threads)
         base = Int8Config(
-            mode=mode if mode in ("dynamic", "static") else "dynamic", per_channel=params["per_channel"],
-            reduce_range=params["reduce_range"], format=params["format"], calibration=params["calibration"],
-            calibration_samples=params["calibration_samples"], weight_bits=params["weight_bits"],
+            mode=mode if mode in ("dynamic", "static") else "dynamic",
+            per_channel=params["per_channel"],
+            reduce_range=params["reduce_range"],
+            format=params["format"],
+            calibration=params["calibration"],
+            calibration_samples=params["calibration_samples"],
+            weight_bits=params["weight_bits"],
             const_weights_only=params["const_weights_only"],
-            nodes_to_exclude=tuple(params["nodes_to_exclude"] or ()), op_types=tuple(params["op_types"]) if params["op_types"] else None,
+            nodes_to_exclude=tuple(params["nodes_to_exclude"] or ()),
+            op_types=tuple(params["op_types"]) if params["op_types"] else None,
             extra_options=dict(params["extra_options"] or {}),
         )
         calibration = context.task.splits.get("calibration") if context.task is not None else None
@@ -185,22 +211,36 @@ class Quantize(Technique):
             decisions["max_relative_error"] = check_executes(float_handle.as_onnx(target), float_handle, mode)
         elif mode == "int4":
             say(f"int4 weight-only, block size {params['block_size']}")
-            decisions["int4_matmuls"] = quantize_int4(source, target, block_size=params["block_size"],
-                                                      nodes_to_exclude=list(base.nodes_to_exclude))
+            decisions["int4_matmuls"] = quantize_int4(
+                source, target, block_size=params["block_size"], nodes_to_exclude=list(base.nodes_to_exclude)
+            )
         else:
             with cached_weight_quantization():
                 target, report = self._auto(handle, float_handle, source, base, params, context, work, probe)
-            decisions.update({k: v for k, v in report.items() if k in ("chosen_config", "float_ops", "target")})
+            decisions.update(
+                {k: v for k, v in report.items() if k in ("chosen_config", "float_ops", "target")}
+            )
         return self._guard(handle, float_handle, target, params, probe, decisions, report, context)
 
-    def _auto(self, handle: ModelHandle, float_handle: ModelHandle, source: Path, base: Int8Config,
-              params: dict[str, Any], context: Context, work: Path, probe: Any) -> tuple[Path, dict[str, Any]]:
+    def _auto(
+        self,
+        handle: ModelHandle,
+        float_handle: ModelHandle,
+        source: Path,
+        base: Int8Config,
+        params: dict[str, Any],
+        context: Context,
+        work: Path,
+        probe: Any,
+    ) -> tuple[Path, dict[str, Any]]:
         """Sensitivity analysis + mixed-precision search; returns the chosen file and the report."""
         from dataclasses import replace
 
         task = context.task
         if task is None:
-            raise ParameterError("mode='auto' needs a task with a validation split (the quality target is checked on it).")
+            raise ParameterError(
+                "mode='auto' needs a task with a validation split (the quality target is checked on it)."
+            )
         say = context.progress
         calibration = task.splits.get("calibration")
         evaluate = Evaluator(task, float_handle, "validation", threads=context.threads)
@@ -214,36 +254,68 @@ class Quantize(Technique):
         else:
             configs = default_configs(handle.kind, calibration is not None, base)
         nodes = [n for n in weight_nodes(source) if n not in base.nodes_to_exclude]
-        say(f"auto: {len(nodes)} quantizable ops, target {target.describe()} (threshold {target.threshold:.4f})")
+        say(
+            f"auto: {len(nodes)} quantizable ops, target {target.describe()} (threshold {target.threshold:.4f})"
+        )
         first = work / "all-int8.onnx"
         quantize_int8(source, first, configs[0], calibration, handle.input_names)
         all_quantized = evaluate(first).value
-        report: dict[str, Any] = {"target": {"min_quality": params["min_quality"], "max_drop": max_drop,
-                                             "threshold": target.threshold, "split": "validation",
-                                             "float_quality": float_quality}}
+        report: dict[str, Any] = {
+            "target": {
+                "min_quality": params["min_quality"],
+                "max_drop": max_drop,
+                "threshold": target.threshold,
+                "split": "validation",
+                "float_quality": float_quality,
+            }
+        }
         ranking = nodes
         if params["sensitivity"] != "none" and nodes:
-            sens_eval = Evaluator(task, float_handle, "validation", params["sensitivity_samples"], context.threads)
+            sens_eval = Evaluator(
+                task, float_handle, "validation", params["sensitivity_samples"], context.threads
+            )
             sens_float = sens_eval(Path(float_handle.path))  # type: ignore[arg-type]
             sens_all = sens_eval(first)
             rank_by = params["rank_by"]
             if rank_by == "auto":  # a mean is a steadier ranking signal than a minimum over few samples
                 rank_by = "cosine_mean" if "cosine_mean" in sens_all.details else "primary"
             if rank_by != "primary" and rank_by not in sens_all.details:
-                raise ParameterError(f"The 'rank_by' parameter of Quantize names '{rank_by}', which the metric does "
-                                     f"not report; it reports {', '.join(sens_all.details) or 'no details'}.")
+                raise ParameterError(
+                    f"The 'rank_by' parameter of Quantize names '{rank_by}', which the metric does "
+                    f"not report; it reports {', '.join(sens_all.details) or 'no details'}."
+                )
             sensitivity = analyze_sensitivity(
-                source, configs[0], nodes, sens_eval, work, calibration=calibration, float_quality=sens_float.value,
-                all_quantized_quality=sens_all.value, both=params["sensitivity"] == "both", progress=say,
-                deadline=context.deadline, rank_by=rank_by,
+                source,
+                configs[0],
+                nodes,
+                sens_eval,
+                work,
+                calibration=calibration,
+                float_quality=sens_float.value,
+                all_quantized_quality=sens_all.value,
+                both=params["sensitivity"] == "both",
+                progress=say,
+                deadline=context.deadline,
+                rank_by=rank_by,
                 float_rank=sens_float.details.get(rank_by, sens_float.value),
-                all_quantized_rank=sens_all.details.get(rank_by, sens_all.value))
+                all_quantized_rank=sens_all.details.get(rank_by, sens_all.value),
+            )
             ranking = sensitivity.ranking()
             report["sensitivity"] = sensitivity.to_dict()
             report["sensitivity_plot"] = str(plot_sensitivity(sensitivity, work / "sensitivity.png"))
         search = search_mixed_precision(
-            source, configs, ranking, evaluate, target.meets, work, probe=probe, calibration=calibration,
-            max_float_fraction=params["max_float_fraction"], progress=say, deadline=context.deadline)
+            source,
+            configs,
+            ranking,
+            evaluate,
+            target.meets,
+            work,
+            probe=probe,
+            calibration=calibration,
+            max_float_fraction=params["max_float_fraction"],
+            progress=say,
+            deadline=context.deadline,
+        )
         report["search"] = search.to_dict()
         if search.chosen is None:
             best = search.best
@@ -253,36 +325,57 @@ class Quantize(Technique):
                 f"No int8 configuration met the quality target ({target.describe()}) on the validation split "
                 f"with at most {params['max_float_fraction']:.0%} of the ops in float; the best reached "
                 f"{reached:.4f} (float model: {float_quality:.4f}). The best model so far is at {best.path if best else '-'}; "
-                "relax the target or raise max_float_fraction.", best_handle, reached)
+                "relax the target or raise max_float_fraction.",
+                best_handle,
+                reached,
+            )
         report["chosen_config"] = search.chosen.config.to_dict()
         report["float_ops"] = list(search.chosen.config.nodes_to_exclude)
         return search.chosen.path, report
 
-    def _guard(self, handle: ModelHandle, float_handle: ModelHandle, target: Path, params: dict[str, Any],
-               probe: Any, decisions: dict[str, Any], report: dict[str, Any], context: Context) -> ModelHandle:
+    def _guard(
+        self,
+        handle: ModelHandle,
+        float_handle: ModelHandle,
+        target: Path,
+        params: dict[str, Any],
+        probe: Any,
+        decisions: dict[str, Any],
+        report: dict[str, Any],
+        context: Context,
+    ) -> ModelHandle:
         """Keep the quantized model only if it is faster at batch 1 (or the objective is size)."""
         float_path = Path(float_handle.path)  # type: ignore[arg-type]
         quantized = float_handle.as_onnx(target)
         context.progress("measuring batch-1 latency: float vs quantized")
         float_ms, quant_ms = float(probe(float_handle)), float(probe(quantized))
         float_size, quant_size = file_size(float_path), file_size(target)
-        decisions.update({
-            "float_latency_p50_ms": float_ms, "quantized_latency_p50_ms": quant_ms,
-            "float_size_bytes": float_size, "quantized_size_bytes": quant_size,
-            "size_ratio": float_size / max(quant_size, 1), "speedup": float_ms / max(quant_ms, 1e-9),
-        })
+        decisions.update(
+            {
+                "float_latency_p50_ms": float_ms,
+                "quantized_latency_p50_ms": quant_ms,
+                "float_size_bytes": float_size,
+                "quantized_size_bytes": quant_size,
+                "size_ratio": float_size / max(quant_size, 1),
+                "speedup": float_ms / max(quant_ms, 1e-9),
+            }
+        )
         faster = quant_ms < float_ms
         if faster or params["objective"] == "size":
             decisions["kept"] = "quantized"
             if not faster:
-                decisions["note"] = (f"the {params['mode']} model is not faster than float on this machine at batch 1 "
-                                     f"({quant_ms:.2f} vs {float_ms:.2f} ms); kept because objective='size'")
+                decisions["note"] = (
+                    f"the {params['mode']} model is not faster than float on this machine at batch 1 "
+                    f"({quant_ms:.2f} vs {float_ms:.2f} ms); kept because objective='size'"
+                )
             result = quantized
         else:
             decisions["kept"] = "float"
-            decisions["note"] = (f"the {params['mode']} model is not faster than the float model on this machine at "
-                                 f"batch 1 ({quant_ms:.2f} vs {float_ms:.2f} ms p50), so the float model is kept; "
-                                 "pass objective='size' (--objective size) to keep it for its size.")
+            decisions["note"] = (
+                f"the {params['mode']} model is not faster than the float model on this machine at "
+                f"batch 1 ({quant_ms:.2f} vs {float_ms:.2f} ms p50), so the float model is kept; "
+                "pass objective='size' (--objective size) to keep it for its size."
+            )
             result = float_handle.as_onnx(float_path)
         if handle.framework == "torch":
             result.metadata.pop("parity", None)

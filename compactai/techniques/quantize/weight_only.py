@@ -13,8 +13,15 @@ from pathlib import Path
 from compactai.errors import TechniqueError
 
 
-def quantize_int4(source: Path, target: Path, *, block_size: int = 32, symmetric: bool = True,
-                  accuracy_level: int = 4, nodes_to_exclude: list[str] | None = None) -> int:
+def quantize_int4(
+    source: Path,
+    target: Path,
+    *,
+    block_size: int = 32,
+    symmetric: bool = True,
+    accuracy_level: int = 4,
+    nodes_to_exclude: list[str] | None = None,
+) -> int:
     """Write the int4 model to ``target``; returns how many MatMuls were converted."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import (
@@ -23,15 +30,24 @@ def quantize_int4(source: Path, target: Path, *, block_size: int = 32, symmetric
     )
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level)
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level
+    )
     try:
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), block_size=block_size, is_symmetric=symmetric,
-                                         accuracy_level=accuracy_level, nodes_to_exclude=nodes_to_exclude or [],
-                                         algo_config=config)
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(source)),
+            block_size=block_size,
+            is_symmetric=symmetric,
+            accuracy_level=accuracy_level,
+            nodes_to_exclude=nodes_to_exclude or [],
+            algo_config=config,
+        )
         quantizer.process()
         model = quantizer.model.model
     except Exception as exc:
-        raise TechniqueError(f"ONNX Runtime could not apply int4 weight-only quantization: {str(exc).splitlines()[0][:300]}") from exc
+        raise TechniqueError(
+            f"ONNX Runtime could not apply int4 weight-only quantization: {str(exc).splitlines()[0][:300]}"
+        ) from exc
     converted = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits")
     if converted == 0:
         raise TechniqueError(
