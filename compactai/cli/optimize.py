@@ -14,6 +14,8 @@ from compactai.cli._common import Output, app, fmt, resolve_model, table
 def optimize(
     path: Optional[str] = typer.Argument(None, help="Model: .onnx, .pt2 or Hugging Face directory."),
     example: Optional[str] = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Task data for PATH: .npz with '<split>/<input>' arrays "
+                                        "(train, calibration, validation, test) and optional '<split>/labels'."),
     budget: Optional[str] = typer.Option(
         None, "--budget", "-b",
         help="Constraints, e.g. 'latency_p90_ms<=2,size_mb<=10,memory_mb<=200'. A limit ending in x is a multiple "
@@ -71,11 +73,15 @@ def optimize(
         raise BadInputError(f"Unknown executor '{config.executor}'; choose local or ray.")
     with out.progress("Optimizing") as say:
         handle, task, info = resolve_model(path, example, progress=lambda e, n, acc: say(f"training example {e}/{n}"))
+        if task is None and data is not None:
+            from compactai.cli.quantize import task_from_npz  # the shared .npz task format
+
+            task = task_from_npz(data, handle)
         if task is None:
             from compactai.errors import BadInputError
 
-            raise BadInputError("optimize needs task data to keep quality; use --example NAME (data for your own "
-                                "models: see the README's 'Your own model' section).")
+            raise BadInputError("optimize needs task data to keep quality: pass --data FILE.npz with your model "
+                                "(see the README's 'Your own model' section) or use --example NAME.")
         if spec is not None and spec.search_space:
             space = space_from_config([s.model_dump() for s in spec.search_space])
         else:
