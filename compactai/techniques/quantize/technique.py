@@ -143,6 +143,12 @@ class Quantize(Technique):
     }
     quick = {"mode": "static", "calibration_samples": 8}
 
+    @classmethod
+    def search_defaults(cls, kind: str) -> dict[str, Any]:
+        """Static int8 of transformer encoders loses too much to activation outliers (see
+        docs/quantization.md); the optimizer searches dynamic int8 for them."""
+        return {"mode": "dynamic"} if kind == "transformer" else {}
+
     def validate(self) -> dict[str, Any]:
         params = super().validate()
         owner = type(self).__name__
