@@ -26,7 +26,7 @@ from compactai.techniques.base import (
     register_technique,
 )
 from compactai.techniques.prune.engine import check_protected, check_prunable, layer_names
-from compactai.techniques.prune.finetune import FinetuneConfig, default_loss, finetune
+from compactai.techniques.prune.finetune import FinetuneConfig, default_loss, finetune, recalibrate_batchnorm
 
 DENSE_RUNTIME_NOTE = (
     "Unstructured sparsity keeps every weight tensor's shape: dense runtimes (ONNX Runtime CPU, PyTorch eager) "
@@ -134,6 +134,8 @@ class UnstructuredPrune(Technique):
             masks = magnitude_masks(weights, sparsity, params["ranking"])
             apply_masks(module)
             record: dict[str, Any] = {"step": step, "sparsity": sparsity}
+            if task is not None and recalibrate_batchnorm(module, handle.input_names, task, seed=context.seed):
+                record["batchnorm_recalibrated"] = True  # the zeroed weights shift every activation's statistics
             if params["finetune_epochs"] > 0 and task is not None:
                 record["finetune"] = finetune(
                     module, handle.input_names, task, teacher=teacher, loss=loss, after_step=apply_masks,
