@@ -239,8 +239,8 @@ class Trainer:
         state["history"].append({"epoch": round(epochs, 3), "step": state["global_step"], "loss": loss,
                                  "validation": metric, "best": improved})
         self.progress(ProgressMessage.of(
-            f"epoch {epochs:.2f}/{self.config.epochs} loss {loss if loss is not None else float('nan'):.4f} "
-            f"validation {metric if metric is not None else float('nan'):.4f}",
+            f"epoch {epochs:.2f}/{self.config.epochs} loss {'-' if loss is None else f'{loss:.4f}'} "
+            f"validation {'-' if metric is None else f'{metric:.4f}'}",
             state["global_step"], self.total_steps))
         return metric is not None and state["bad_validations"] >= self.config.patience
 
