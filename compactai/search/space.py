@@ -135,9 +135,13 @@ def default_space(kind: str, framework: str = "torch", techniques: list[str] | N
         search = {n: searched_params(registry[n]) for n in members}
         fixed: dict[str, dict[str, Any]] = {}
         for n in members:
-            fixed[n] = dict(registry[n].search_defaults(kind))
-            for pname in fixed[n]:
-                search[n].pop(pname, None)
+            fixed[n] = {}
+            for pname, value in registry[n].search_defaults(kind).items():
+                if isinstance(value, (ChoiceParam, FloatParam, IntParam)):
+                    search[n][pname] = value  # a kind-specific range to search
+                else:
+                    fixed[n][pname] = value
+                    search[n].pop(pname, None)
             for pname, value in (overrides or {}).get(n, {}).items():
                 spec = _param_from_override(pname, value, registry[n].space.get(pname))
                 if spec is None:

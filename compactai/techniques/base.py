@@ -124,7 +124,8 @@ class Technique(ABC):
 
     @classmethod
     def search_defaults(cls, kind: str) -> dict[str, Any]:
-        """Fixed parameters for the optimizer on a model of ``kind`` (e.g. a default student)."""
+        """The optimizer's settings on a model of ``kind``: plain values are fixed, param specs
+        (ChoiceParam, FloatParam, IntParam) are kind-specific ranges to search."""
         return {}
 
     def __init__(self, **params: Any) -> None:

@@ -137,8 +137,23 @@ class Distill(Technique):
         "resume": ChoiceParam((False, True), False),
     }
     searchable = ("temperature", "alpha", "lr")
+    search_space: ClassVar[dict[str, Param]] = {
+        "temperature": FloatParam(1.0, 8.0, 2.0),
+        "alpha": FloatParam(0.3, 0.9, 0.5),
+        "lr": FloatParam(3e-4, 5e-3, 1e-3, log=True),
+    }
     quick: ClassVar[dict[str, Any]] = {"student": "self", "epochs": 1, "batch_size": 32, "max_minutes": 1.0, "patience": 1,
                                        "train_samples": 64}
+
+    @classmethod
+    def search_defaults(cls, kind: str) -> dict[str, Any]:
+        """For the optimizer: the student is the incoming model ("self": after pruning, recover
+        it from the original teacher) or a smaller one built here; budgets suit a search trial."""
+        if kind == "transformer":  # the recipe of docs/distillation.md, shortened for a trial
+            return {"student": ChoiceParam(("layers:0,2,5", "self"), "layers:0,2,5"), "epochs": 3,
+                    "max_minutes": 8.0, "dropout": "off", "freeze": "embeddings", "batch_size": 32}
+        return {"student": ChoiceParam(("width:0.5", "self"), "width:0.5"), "epochs": 8, "max_minutes": 2.0,
+                "augment": "shift" if kind == "cnn" else "none"}
 
     def apply(self, handle: ModelHandle, context: Context) -> ModelHandle:
         params = self.validate()
