@@ -74,30 +74,54 @@ class SearchSpace:
             recipe.append({"technique": name, "params": params})
         return recipe
 
-    def single_technique_trials(self) -> list[dict[str, Any]]:
-        """Optuna parameter sets for "each technique alone, with its defaults" (enqueued first,
-        so the search starts from the obvious candidates and the report can compare them)."""
+    def _defaults(self, index: int, name: str) -> dict[str, Any]:
         registry = available_techniques()
-        trials = []
-        for j, only in enumerate(self.stages):
-            for name in only.techniques:
-                if not all(s.optional for k, s in enumerate(self.stages) if k != j):
-                    continue
-                params: dict[str, Any] = {}
-                for i, stage in enumerate(self.stages):
-                    options = stage.techniques + ([SKIP] if stage.optional else [])
-                    if len(options) > 1:
-                        params[f"{i}.technique"] = name if i == j else SKIP
-                space = registry[name].space
-                for pname, spec in only.search.get(name, {}).items():
-                    default = only.fixed.get(name, {}).get(pname, space[pname].default if pname in space else None)
-                    if isinstance(spec, ChoiceParam) and default not in spec.choices:
-                        default = spec.choices[0]
-                    if isinstance(spec, (FloatParam, IntParam)) and not (spec.low <= default <= spec.high):
-                        default = spec.low
-                    params[f"{j}.{name}.{pname}"] = default
-                trials.append(params)
-        return trials
+        stage = self.stages[index]
+        space = registry[name].space
+        params: dict[str, Any] = {}
+        for pname, spec in stage.search.get(name, {}).items():
+            default = stage.fixed.get(name, {}).get(pname, getattr(spec, "default", None))
+            if default is None and pname in space:
+                default = space[pname].default
+            if isinstance(spec, ChoiceParam) and default not in spec.choices:
+                default = spec.choices[0]
+            if isinstance(spec, (FloatParam, IntParam)) and not (spec.low <= default <= spec.high):
+                default = spec.low
+            params[f"{index}.{name}.{pname}"] = default
+        return params
+
+    def _pipeline(self, chosen: dict[int, str]) -> dict[str, Any]:
+        """Optuna parameters selecting ``chosen[stage index] = technique`` (others skipped)."""
+        params: dict[str, Any] = {}
+        for i, stage in enumerate(self.stages):
+            options = stage.techniques + ([SKIP] if stage.optional else [])
+            if len(options) > 1:
+                params[f"{i}.technique"] = chosen.get(i, SKIP)
+            if i in chosen:
+                params.update(self._defaults(i, chosen[i]))
+        return params
+
+    def seed_trials(self) -> list[dict[str, Any]]:
+        """Trials enqueued before the sampler takes over, cheapest first: each technique alone
+        with its defaults (so the report can compare combinations with single techniques), and
+        the stack of every stage's cheapest technique that does not train a new model."""
+        registry = available_techniques()
+        if not all(s.optional for s in self.stages):
+            return []
+        singles = sorted(((registry[name].cost, i, name) for i, stage in enumerate(self.stages)
+                          for name in stage.techniques), key=lambda item: (item[0], item[1]))
+        trials = [(cost, self._pipeline({i: name})) for cost, i, name in singles]
+        stack: dict[int, str] = {}
+        for i, stage in enumerate(self.stages):
+            cheapest = min(stage.techniques, key=lambda n: registry[n].cost)
+            if registry[cheapest].cost < 3:
+                stack[i] = cheapest
+        if len(stack) > 1:
+            trials.append((max(registry[n].cost for n in stack.values()) + 0.5, self._pipeline(stack)))
+        return [params for _, params in sorted(trials, key=lambda item: item[0])]
+
+    def single_technique_trials(self) -> list[dict[str, Any]]:
+        return self.seed_trials()
 
 
 def _param_from_override(name: str, value: Any, base: Param | None) -> Param | None:

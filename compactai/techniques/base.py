@@ -121,6 +121,9 @@ class Technique(ABC):
     # empty means: the ``searchable`` entries of ``space``.
     search_space: ClassVar[dict[str, Param]] = {}
     in_default_search: ClassVar[bool] = True  # False: searched only when named (e.g. no speed-up expected)
+    # Rough cost of one application: 0 seconds-cheap (PTQ), 1 a short fine-tune, 2 training, 3 training a new
+    # model. The optimizer tries cheap candidates first so an anytime run has results early.
+    cost: ClassVar[int] = 1
 
     @classmethod
     def search_defaults(cls, kind: str) -> dict[str, Any]:

@@ -137,6 +137,7 @@ class Distill(Technique):
         "resume": ChoiceParam((False, True), False),
     }
     searchable = ("temperature", "alpha", "lr")
+    cost = 3
     search_space: ClassVar[dict[str, Param]] = {
         "temperature": FloatParam(1.0, 8.0, 2.0),
         "alpha": FloatParam(0.3, 0.9, 0.5),

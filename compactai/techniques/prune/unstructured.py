@@ -93,6 +93,7 @@ class UnstructuredPrune(Technique):
         "augment": AnyParam(None),  # callable(list of input tensors) -> list, for fine-tuning batches
     }
     searchable = ("ratio", "ranking")
+    in_default_search = False  # a dense runtime gains no speed from zeros; searched only when named
     quick: ClassVar[dict[str, Any]] = {"ratio": 0.5, "finetune_epochs": 0}
 
     def apply(self, handle: ModelHandle, context: Context) -> ModelHandle:

@@ -152,6 +152,7 @@ class QAT(Technique):
         "weight_bits": ChoiceParam((8, 4), 8),
     }
     searchable = ("epochs", "lr")
+    cost = 2
     search_space = {"epochs": IntParam(1, 5, 2), "lr": FloatParam(1e-5, 1e-3, 1e-4, log=True)}
     in_default_search = False  # it trains: searched only when named
     quick = {"epochs": 1, "max_batches": 2, "calibration_samples": 8}

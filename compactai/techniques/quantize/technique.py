@@ -135,6 +135,7 @@ class Quantize(Technique):
         "latency_probe": AnyParam(None),
     }
     searchable = ("mode", "per_channel", "calibration")
+    cost = 0
     # the optimizer tries the cheap, always-offered int8 settings; auto/fp16/bf16/int4 are asked for by name
     search_space = {
         "mode": ChoiceParam(("static", "dynamic"), "static"),
