@@ -22,6 +22,7 @@ install: $(STAMP)
 # The main job on the built-in example: the default budget (p90 latency <= 0.5x, size <= 0.25x,
 # quality >= 0.99x of the original), anytime-bounded to finish in under 5 minutes on 2 cores.
 demo: $(STAMP)
+	$(VENV)/bin/compactai profile --example digits
 	rm -rf out/demo
 	$(VENV)/bin/compactai optimize --example digits --max-minutes 2.5 -o out/demo
 

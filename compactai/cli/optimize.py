@@ -136,12 +136,17 @@ def print_summary(out: Output, results: dict[str, Any]) -> None:
                        ("throughput (items/s)", "throughput_items_per_s"), ("peak memory (MB)", "peak_memory_mb"),
                        ("energy (mJ/inf, " + str(base.get("energy_method")) + ")", "energy_mj")):
         before, after = base.get(key), (chosen or {}).get(key)
-        ratio = f"{before / after:.2f}x" if isinstance(before, (int, float)) and isinstance(after, (int, float)) and after else "-"
+        ratio = "-"
+        if isinstance(before, (int, float)) and isinstance(after, (int, float)) and after and before:
+            if key in ("quality", "throughput_items_per_s"):
+                ratio = f"{after / before:.2f}x"
+            else:
+                ratio = f"{before / after:.2f}x smaller" if after <= before else f"{after / before:.2f}x larger"
         rows.append([label, before, after, ratio])
     if chosen:
         rows.append(["test-split quality", results["task"]["baseline_test"], chosen["test_quality"]["value"], "-"])
     out.console.print(table(f"Original vs chosen ({results['model']['name']})", ["figure", "original", "chosen",
-                                                                                  "original/chosen"], rows))
+                                                                                  "change"], rows))
     out.console.print(results["selection"]["explanation"])
     if results.get("chosen"):
         out.console.print(f"chosen pipeline: {results['chosen']['label']}")

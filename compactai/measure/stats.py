@@ -33,7 +33,10 @@ def count_macs(handle: ModelHandle) -> int | None:
     """
     if handle.module is not None:
         return _torch_macs(handle)
-    return _onnx_macs(handle)
+    counted = _onnx_macs(handle)
+    if counted is None and handle.metadata.get("macs") is not None:
+        return int(handle.metadata["macs"])  # e.g. quantized: same MACs as the float model it came from
+    return counted
 
 
 def _batch_one(handle: ModelHandle) -> dict[str, np.ndarray]:
@@ -85,7 +88,7 @@ def _onnx_macs(handle: ModelHandle) -> int | None:
             continue
         out = shapes.get(node.output[0])
         if not out or any(d < 0 for d in out):
-            continue
+            return None  # shape inference stopped (e.g. at a contrib op): unknown, not undercounted
         total += _node_macs(node, shapes, out)
     return int(total)
 

@@ -99,6 +99,10 @@ def apply_recipe(
         if hit is not None:
             current, cached = hit, cached + 1
             continue
+        if current.module is not None:  # quantization keeps MACs; carry them to the ONNX result
+            from compactai.measure import count_macs
+
+            current.metadata["macs"] = count_macs(current)
         technique = create_technique(step["technique"], **step["params"])
         step_dir = work_dir / f"step{index}-{step['technique']}-{key}"
         step_dir.mkdir(parents=True, exist_ok=True)

@@ -148,12 +148,12 @@ class Distill(Technique):
 
     @classmethod
     def search_defaults(cls, kind: str) -> dict[str, Any]:
-        """For the optimizer: the student is the incoming model ("self": after pruning, recover
-        it from the original teacher) or a smaller one built here; budgets suit a search trial."""
+        """For the optimizer: a smaller student built from the incoming model (fewer layers, or
+        structurally narrower), trained from the original teacher; budgets suit a search trial."""
         if kind == "transformer":  # the recipe of docs/distillation.md, shortened for a trial
-            return {"student": ChoiceParam(("layers:0,2,5", "self"), "layers:0,2,5"), "epochs": 3,
+            return {"student": ChoiceParam(("layers:0,2,5", "layers:0,3,5"), "layers:0,2,5"), "epochs": 3,
                     "max_minutes": 8.0, "dropout": "off", "freeze": "embeddings", "batch_size": 32}
-        return {"student": ChoiceParam(("width:0.5", "self"), "width:0.5"), "epochs": 8, "max_minutes": 2.0,
+        return {"student": ChoiceParam(("width:0.5", "width:0.35"), "width:0.5"), "epochs": 8, "max_minutes": 2.0,
                 "augment": "shift" if kind == "cnn" else "none"}
 
     def apply(self, handle: ModelHandle, context: Context) -> ModelHandle:
