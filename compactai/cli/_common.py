@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from compactai.errors import CompactAIError
+from compactai.results import to_jsonable
 
 app = typer.Typer(
     name="compactai",
@@ -59,20 +60,6 @@ class Output:
             return
         with console.status(what) as status:
             yield lambda message: status.update(f"{what}: {message}")
-
-
-def to_jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return value.item()
-    if isinstance(value, float) and value != value:
-        return None
-    return value
 
 
 def fmt(value: Any, digits: int = 3) -> str:

@@ -108,7 +108,9 @@ def _fail_abandoned(study: Any) -> int:
 
     count = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(trial._trial_id, "abandoned", True)
+        record = TrialResult(trial.number, [], "failed",
+                             error=f"interrupted: the run was stopped during this trial (parameters {trial.params})")
+        study._storage.set_trial_user_attr(trial._trial_id, RESULT_ATTR, json.dumps(record.to_dict()))
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         count += 1
     return count
@@ -192,8 +194,7 @@ def run_search(
                     on_trial(result)
     except KeyboardInterrupt:
         interrupted, stopped_by = True, "interrupt"
-        for running in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            study._storage.set_trial_state_values(running._trial_id, optuna.trial.TrialState.FAIL)
+        _fail_abandoned(study)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         executor.close()
