@@ -163,6 +163,8 @@ def _load_artifact(handle: ModelHandle, result: TrialResult) -> ModelHandle:
     loaded = load_onnx(Path(result.artifact), name=handle.name, kind=handle.kind)  # type: ignore[arg-type]
     loaded.example_inputs = dict(handle.example_inputs)
     loaded.metadata["history"] = result.lineage
+    if result.figures.get("macs") is not None:
+        loaded.metadata["macs"] = result.figures["macs"]
     return loaded
 
 
