@@ -8,6 +8,7 @@ table (``CALIBRATION_METHODS``) so that adding one is a one-line change.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -129,7 +130,14 @@ def preprocess(source: Path, target: Path, kind: str = "generic") -> str:
     try:
         from onnxruntime.quantization import quant_pre_process
 
-        quant_pre_process(str(current), str(target), skip_symbolic_shape=kind != "transformer")
+        # ORT's pre-processing writes temporary files (symbolic shape inference, external data)
+        # into the working directory; run it from the target's folder so nothing lands in the user's.
+        previous = os.getcwd()
+        os.chdir(target.parent)
+        try:
+            quant_pre_process(str(current.resolve()), str(target.resolve()), skip_symbolic_shape=kind != "transformer")
+        finally:
+            os.chdir(previous)
         done.append("shape inference + ORT optimization")
     except Exception as exc:
         log.info("quant_pre_process skipped: %s", exc)
