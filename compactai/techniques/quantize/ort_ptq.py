@@ -119,10 +119,15 @@ def preprocess(source: Path, target: Path, kind: str = "generic") -> str:
             from onnxruntime.transformers.optimizer import optimize_model
 
             fused = target.with_name(target.stem + ".fused.onnx")
-            optimized = optimize_model(
-                str(current), model_type="bert", num_heads=0, hidden_size=0, opt_level=1
-            )
-            optimized.save_model_to_file(str(fused))
+            previous = os.getcwd()
+            os.chdir(target.parent)  # the optimizer leaves temporary files in the working directory
+            try:
+                optimized = optimize_model(
+                    str(Path(current).resolve()), model_type="bert", num_heads=0, hidden_size=0, opt_level=1
+                )
+                optimized.save_model_to_file(str(fused.resolve()))
+            finally:
+                os.chdir(previous)
             current = fused
             done.append("transformer fusion")
         except Exception as exc:  # the optimizer raises many types on unusual graphs
