@@ -16,7 +16,7 @@ def test_accuracy_counts_argmax_hits():
 def test_mean_pool_ignores_padding():
     hidden = np.array([[[1.0, 1.0], [3.0, 5.0], [100.0, 100.0]]])
     mask = np.array([[1, 1, 0]])
-    np.testing.assert_allclose(mean_pool(hidden, mask), [[2.0, 3.0]])
+    assert np.allclose(mean_pool(hidden, mask), [[2.0, 3.0]])
 
 
 def test_trim_padding_cuts_shared_pad_columns():

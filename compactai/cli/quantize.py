@@ -78,29 +78,15 @@ def quantize(
     if mode not in CLI_MODES:
         raise UnknownNameError(f"Unknown quantization mode '{mode}'; choose one of: {', '.join(CLI_MODES)}.")
     out = Output(json_output)
+    # settings both techniques share: how the int8 model is laid out and calibrated
+    common = dict(per_channel=not per_tensor, format=fmt, calibration=calibration,
+                  calibration_samples=calibration_samples, reduce_range=reduce_range, weight_bits=weight_bits)
     if mode == "qat":
-        technique = create_technique(
-            "qat",
-            epochs=epochs,
-            lr=lr,
-            max_batches=max_batches,
-            per_channel=not per_tensor,
-            format=fmt,
-            calibration=calibration,
-            calibration_samples=calibration_samples,
-            reduce_range=reduce_range,
-            weight_bits=weight_bits,
-        )
+        technique = create_technique("qat", epochs=epochs, lr=lr, max_batches=max_batches, **common)
     else:
         technique = create_technique(
             "quantize",
             mode=mode,
-            per_channel=not per_tensor,
-            format=fmt,
-            calibration=calibration,
-            calibration_samples=calibration_samples,
-            reduce_range=reduce_range,
-            weight_bits=weight_bits,
             block_size=block_size,
             nodes_to_exclude=list(exclude) or None,
             min_quality=min_quality,
@@ -108,6 +94,7 @@ def quantize(
             objective=objective,
             sensitivity_samples=sensitivity_samples,
             max_float_fraction=max_float_fraction,
+            **common,
         )
     technique.validate()  # bad parameters fail before any model is loaded
     config = MeasureConfig(

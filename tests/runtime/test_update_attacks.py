@@ -24,7 +24,7 @@ from compactai.bundle import (
 from compactai.runtime import UpdateAgent
 
 
-def assert_refused(agent: UpdateAgent, source: Path | str, reason: str) -> None:
+def check_refused(agent: UpdateAgent, source: Path | str, reason: str) -> None:
     """The update is refused for ``reason``, logged and counted, and version 1 still runs intact."""
     before = agent.counters()["refusals"].get(reason, 0)
     result = agent.update(source)
@@ -46,13 +46,13 @@ def test_flipped_byte_in_model(agent_v1, make_bundle):
     data = bytearray((bundle / "model.onnx").read_bytes())
     data[-5] ^= 0x01
     (bundle / "model.onnx").write_bytes(bytes(data))
-    assert_refused(agent_v1, bundle, "hash-mismatch")
+    check_refused(agent_v1, bundle, "hash-mismatch")
 
 
 def test_missing_signature(agent_v1, make_bundle):
     bundle = make_bundle(2)
     (bundle / SIGNATURE_FILE).unlink()
-    assert_refused(agent_v1, bundle, "missing-signature")
+    check_refused(agent_v1, bundle, "missing-signature")
 
 
 def test_bad_signature_after_manifest_edit(agent_v1, make_bundle):
@@ -60,18 +60,18 @@ def test_bad_signature_after_manifest_edit(agent_v1, make_bundle):
     manifest = json.loads((bundle / MANIFEST_FILE).read_text())
     manifest["expires"] = "2099-01-01T00:00:00Z"  # extend the validity without the key
     (bundle / MANIFEST_FILE).write_bytes(canonical_bytes(manifest))
-    assert_refused(agent_v1, bundle, "bad-signature")
+    check_refused(agent_v1, bundle, "bad-signature")
 
 
 def test_garbage_signature(agent_v1, make_bundle):
     bundle = make_bundle(2)
     (bundle / SIGNATURE_FILE).write_text("not a signature")
-    assert_refused(agent_v1, bundle, "bad-signature")
+    check_refused(agent_v1, bundle, "bad-signature")
 
 
 def test_unknown_key(agent_v1, make_bundle, tmp_path):
     other, _ = generate_keypair(tmp_path / "attacker")
-    assert_refused(agent_v1, make_bundle(2, key=load_private_key(other)), "unknown-key")
+    check_refused(agent_v1, make_bundle(2, key=load_private_key(other)), "unknown-key")
 
 
 def test_older_version_refused_also_after_restart(agent_v1, make_bundle, keys):
@@ -89,25 +89,25 @@ def test_older_version_refused_also_after_restart(agent_v1, make_bundle, keys):
 
 def test_expired_manifest(agent_v1, make_bundle):
     ten_days_ago = time.time() - 10 * 86400
-    assert_refused(agent_v1, make_bundle(2, now=ten_days_ago, expires_days=1), "expired")
+    check_refused(agent_v1, make_bundle(2, now=ten_days_ago, expires_days=1), "expired")
 
 
 def test_extra_file(agent_v1, make_bundle):
     bundle = make_bundle(2)
     (bundle / "notes.txt").write_text("not in the manifest")
-    assert_refused(agent_v1, bundle, "extra-file")
+    check_refused(agent_v1, bundle, "extra-file")
 
 
 def test_missing_file(agent_v1, make_bundle):
     bundle = make_bundle(2)
     (bundle / "golden_outputs.npz").unlink()
-    assert_refused(agent_v1, bundle, "missing-file")
+    check_refused(agent_v1, bundle, "missing-file")
 
 
 def test_mix_and_match_files_of_two_versions(agent_v1, make_bundle):
     bundle, other = make_bundle(2, scale=3.0), make_bundle(3, scale=4.0)
     (bundle / "model.onnx").write_bytes((other / "model.onnx").read_bytes())
-    assert_refused(agent_v1, bundle, "hash-mismatch")
+    check_refused(agent_v1, bundle, "hash-mismatch")
 
 
 def test_dotdot_path_in_signed_manifest(agent_v1, make_bundle, keys, tmp_path, resign):
@@ -115,13 +115,13 @@ def test_dotdot_path_in_signed_manifest(agent_v1, make_bundle, keys, tmp_path, r
     (tmp_path / "outside.bin").write_bytes(b"x")
     resign(bundle, keys[0], lambda m: m["files"].append(
         {"path": "../outside.bin", "size": 1, "sha256": "0" * 64}))
-    assert_refused(agent_v1, bundle, "unsafe-path")
+    check_refused(agent_v1, bundle, "unsafe-path")
 
 
 def test_absolute_path_in_signed_manifest(agent_v1, make_bundle, keys, resign):
     bundle = make_bundle(2)
     resign(bundle, keys[0], lambda m: m["files"].append({"path": "/etc/hostname", "size": 1, "sha256": "0" * 64}))
-    assert_refused(agent_v1, bundle, "unsafe-path")
+    check_refused(agent_v1, bundle, "unsafe-path")
 
 
 def test_dotdot_entry_in_archive(agent_v1, make_bundle, tmp_path):
@@ -131,7 +131,7 @@ def test_dotdot_entry_in_archive(agent_v1, make_bundle, tmp_path):
         for path in sorted(bundle.iterdir()):
             tar.add(path, arcname=path.name)
         tar.add(bundle / "model.onnx", arcname="../escaped.onnx")
-    assert_refused(agent_v1, archive, "unsafe-path")
+    check_refused(agent_v1, archive, "unsafe-path")
     assert not (agent_v1.install_dir / "escaped.onnx").exists()
 
 
@@ -140,7 +140,7 @@ def test_symlink_in_bundle_even_with_matching_hash(agent_v1, make_bundle, tmp_pa
     outside = tmp_path / "outside.npz"
     os.replace(bundle / "golden_inputs.npz", outside)  # same bytes, so the hash would match
     (bundle / "golden_inputs.npz").symlink_to(outside)
-    assert_refused(agent_v1, bundle, "symlink")
+    check_refused(agent_v1, bundle, "symlink")
 
 
 def test_symlink_in_archive(agent_v1, make_bundle, tmp_path):
@@ -152,7 +152,7 @@ def test_symlink_in_archive(agent_v1, make_bundle, tmp_path):
         link = tarfile.TarInfo("passwd")
         link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
         tar.addfile(link)
-    assert_refused(agent_v1, archive, "symlink")
+    check_refused(agent_v1, archive, "symlink")
 
 
 class _Payload:
@@ -171,7 +171,7 @@ def test_pickle_file_never_unpickled(agent_v1, make_bundle, keys, tmp_path, name
     bundle = make_bundle(2)
     (bundle / name).write_bytes(pickle.dumps(_Payload(marker)))
     resign(bundle, keys[0])  # even a correctly signed pickle is refused
-    assert_refused(agent_v1, bundle, "pickle")
+    check_refused(agent_v1, bundle, "pickle")
     assert not marker.exists()
 
 
@@ -210,4 +210,4 @@ def test_external_data_inside_bundle_is_accepted(agent_v1, keys, tmp_path, resig
 
 def test_external_data_pointing_outside_the_bundle(agent_v1, keys, tmp_path, resign):
     bundle = _external_data_bundle(tmp_path, keys[0], "../secret.data", resign)
-    assert_refused(agent_v1, bundle, "external-data")
+    check_refused(agent_v1, bundle, "external-data")
