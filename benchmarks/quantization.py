@@ -35,7 +35,7 @@ WORK = (
     Path(tempfile.gettempdir()) / "compactai-bench-quantization"
 )  # models are large: keep them out of the repo
 console = Console(width=140)
-ROUNDS = 3
+ROUNDS = 5
 
 
 def latencies(

@@ -50,6 +50,15 @@ def quantize(
         32, "--block-size", help="int4 weight-only block size: 16, 32, 64 or 128."
     ),
     exclude: list[str] = typer.Option([], "--exclude", help="Node name to keep in float (repeat)."),
+    outlier_scaling: str = typer.Option(
+        "auto", "--outlier-scaling",
+        help="auto (transformers), on or off: rescale activation channels whose calibrated range exceeds "
+        "--outlier-threshold x the median channel, so per-tensor int8 activations keep their precision.",
+    ),
+    outlier_threshold: float = typer.Option(3.0, "--outlier-threshold", help="Outlier channel: range > this x median."),
+    preprocess: bool = typer.Option(
+        True, "--preprocess/--no-preprocess", help="Graph pre-processing (attention fusion, shape inference)."
+    ),
     objective: str = typer.Option("latency", help="latency (keep float if int8 is not faster) or size."),
     sensitivity_samples: int = typer.Option(
         100, "--sensitivity-samples", help="auto: validation rows per sensitivity evaluation."
@@ -94,6 +103,9 @@ def quantize(
             objective=objective,
             sensitivity_samples=sensitivity_samples,
             max_float_fraction=max_float_fraction,
+            outlier_scaling=outlier_scaling,
+            outlier_threshold=outlier_threshold,
+            preprocess=preprocess,
             **common,
         )
     technique.validate()  # bad parameters fail before any model is loaded

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,57 @@ def _dynamic_axes(handle: ModelHandle) -> dict[str, dict[int, str]]:
     return axes
 
 
+@contextlib.contextmanager
+def export_friendly_attention(module: Any) -> Iterator[None]:
+    """Export Hugging Face attention in its plain ("eager") form.
+
+    transformers defaults to SDPA attention, which exports as a graph ONNX Runtime's transformer
+    optimizer cannot fuse into its Attention op (so its quantized form loses the fused QAttention
+    kernel). The eager form computes the same function; the torch model keeps its own setting
+    after the export.
+    """
+    switched: list[tuple[Any, str]] = []
+    for sub in module.modules() if hasattr(module, "modules") else ():
+        config = getattr(sub, "config", None)
+        current = getattr(config, "_attn_implementation", None)
+        if current in ("sdpa", "flash_attention_2", "flex_attention") and hasattr(sub, "set_attn_implementation"):
+            try:
+                sub.set_attn_implementation("eager")
+            except Exception:  # an architecture without an eager path keeps what it has
+                log.debug("cannot switch %s to eager attention", type(sub).__name__, exc_info=True)
+                continue
+            switched.append((sub, current))
+    try:
+        yield
+    finally:
+        for sub, previous in switched:
+            sub.set_attn_implementation(previous)
+
+
+def attention_shape(module: Any) -> dict[str, int]:
+    """Heads and hidden width of a Hugging Face encoder (ORT's attention fusion needs them);
+    empty when the layers disagree (e.g. after head pruning), so no fusion is attempted."""
+    if not hasattr(module, "modules"):
+        return {}
+    hidden = None
+    for sub in module.modules():
+        value = getattr(getattr(sub, "config", None), "hidden_size", None)
+        if isinstance(value, int):
+            hidden = value
+            break
+    shapes = {
+        (sub.num_attention_heads, sub.all_head_size)
+        for sub in module.modules()
+        if isinstance(getattr(sub, "num_attention_heads", None), int) and isinstance(getattr(sub, "all_head_size", None), int)
+    }
+    if hidden is None or len(shapes) != 1:
+        return {}
+    heads, width = shapes.pop()
+    if heads <= 0 or width != hidden:
+        return {}
+    return {"attention_heads": heads, "hidden_size": hidden}
+
+
 def export_onnx(
     handle: ModelHandle,
     path: str | Path,
@@ -78,7 +131,7 @@ def export_onnx(
     errors: list[str] = []
     for dynamo in (False, True):
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), export_friendly_attention(module):
                 warnings.simplefilter("ignore")
                 if dynamo:
                     _export_dynamo(module, args, path, handle)
@@ -105,7 +158,7 @@ def export_onnx(
         example_inputs=dict(handle.example_inputs),
         path=path,
         kind=handle.kind,
-        metadata={**handle.metadata, "exported_from": "torch"},
+        metadata={**handle.metadata, "exported_from": "torch", **attention_shape(module)},
     )
     if check_parity:
         feeds = parity_inputs or handle.example_inputs

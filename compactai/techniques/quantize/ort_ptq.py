@@ -104,32 +104,53 @@ def cached_weight_quantization() -> Iterator[None]:
         base_quantizer.quantize_data = original
 
 
-def preprocess(source: Path, target: Path, kind: str = "generic") -> str:
+def preprocess(source: Path, target: Path, kind: str = "generic", heads: int = 0, hidden: int = 0) -> str:
     """Graph pre-processing before quantizing; returns what was done.
 
-    Transformers go through ONNX Runtime's transformer optimizer (SkipLayerNorm, BiasGelu,
-    attention fusion where the pattern matches); every model then gets ORT's
-    ``quant_pre_process`` (symbolic shape inference, constant folding, Conv+BN folding).
-    Any step that fails is skipped, never fatal: the model is still valid without it.
+    Transformers go through ONNX Runtime's transformer optimizer with attention fusion only
+    (given ``heads``/``hidden`` of the encoder; the Attention op quantizes to the fused
+    QAttention kernel), and their residual Add before each LayerNorm is written as Sum (see
+    :func:`~compactai.techniques.quantize.equalize.residual_adds_as_sum`). Every model then gets
+    ORT's ``quant_pre_process`` (shape inference, constant folding, Conv+BN folding). A step
+    that fails is skipped, never fatal: the model is still valid without it.
     """
+    from compactai.techniques.quantize.equalize import residual_adds_as_sum
+
     done = []
     current = source
-    if kind == "transformer":
+    if kind == "transformer" and heads > 0 and hidden > 0:
         try:
+            from onnxruntime.transformers.fusion_options import FusionOptions
             from onnxruntime.transformers.optimizer import optimize_model
 
+            options = FusionOptions("bert")
+            # SkipLayerNorm/BiasGelu/EmbedLayerNorm fusions measured slower here once quantized
+            for flag in (
+                "enable_skip_layer_norm",
+                "enable_bias_skip_layer_norm",
+                "enable_bias_gelu",
+                "enable_gelu",
+                "enable_embed_layer_norm",
+            ):
+                setattr(options, flag, False)
             fused = target.with_name(target.stem + ".fused.onnx")
             previous = os.getcwd()
             os.chdir(target.parent)  # the optimizer leaves temporary files in the working directory
             try:
                 optimized = optimize_model(
-                    str(Path(current).resolve()), model_type="bert", num_heads=0, hidden_size=0, opt_level=1
+                    str(Path(current).resolve()),
+                    model_type="bert",
+                    num_heads=heads,
+                    hidden_size=hidden,
+                    opt_level=0,
+                    optimization_options=options,
                 )
                 optimized.save_model_to_file(str(fused.resolve()))
             finally:
                 os.chdir(previous)
             current = fused
-            done.append("transformer fusion")
+            attention = sum(1 for n in optimized.model.graph.node if n.op_type == "Attention")
+            done.append(f"attention fusion ({attention} layers)")
         except Exception as exc:  # the optimizer raises many types on unusual graphs
             log.info("transformer fusion skipped: %s", exc)
     try:
@@ -150,6 +171,8 @@ def preprocess(source: Path, target: Path, kind: str = "generic") -> str:
     if current != source:
         current.unlink(missing_ok=True)
     name_unnamed_nodes(target)
+    if kind == "transformer" and residual_adds_as_sum(target):
+        done.append("residual Add as Sum")
     return ", ".join(done) or "none"
 
 

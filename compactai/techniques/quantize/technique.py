@@ -22,6 +22,7 @@ from compactai.techniques.base import (
 )
 from compactai.techniques.quantize._common import Evaluator, default_probe, file_size, weight_nodes
 from compactai.techniques.quantize.auto import search_mixed_precision
+from compactai.techniques.quantize.equalize import scale_outlier_channels
 from compactai.techniques.quantize.float import CONVERTERS, check_executes
 from compactai.techniques.quantize.ort_ptq import (
     Int8Config,
@@ -70,6 +71,26 @@ class Target:
         if self.max_drop is not None:
             parts.append(f"max_drop {self.max_drop:g} points from {self.float_quality:.4f}")
         return " and ".join(parts)
+
+
+def check_equivalent(float_handle: ModelHandle, rewritten: Path, tolerance: float = 1e-3) -> float:
+    """The float rewrites (fusion, Sum, outlier scaling) must not change the outputs; returns the
+    max abs difference on the example inputs, raising if it exceeds ``tolerance``."""
+    import numpy as np
+
+    from compactai.errors import TechniqueError
+    from compactai.measure import make_runner
+
+    feeds = float_handle.example_inputs
+    expected = make_runner(float_handle).run(feeds)
+    got = make_runner(float_handle.as_onnx(rewritten)).run(feeds)
+    diff = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) for a, b in zip(expected, got))
+    if not diff <= tolerance:
+        raise TechniqueError(
+            f"Graph pre-processing changed the model's outputs (max abs diff {diff:.3g} > {tolerance:g}); "
+            "pass preprocess=False (--no-preprocess) and outlier_scaling='off' to quantize the graph as exported."
+        )
+    return diff
 
 
 def default_configs(kind: str, has_calibration: bool, base: Int8Config) -> list[Int8Config]:
@@ -123,6 +144,8 @@ class Quantize(Technique):
         "op_types": AnyParam(None),
         "extra_options": AnyParam(None),
         "preprocess": ChoiceParam((True, False), True),
+        "outlier_scaling": ChoiceParam(("auto", "on", "off"), "auto"),
+        "outlier_threshold": FloatParam(1.0, 1000.0, 3.0),
         "block_size": ChoiceParam((16, 32, 64, 128), 32),
         "min_quality": AnyParam(None),
         "max_drop": AnyParam(None),
@@ -205,7 +228,29 @@ class Quantize(Technique):
         if params["preprocess"] and mode in ("dynamic", "static", "auto", "int4"):
             say("pre-processing the graph")
             source = work / "preprocessed.onnx"
-            decisions["preprocess"] = preprocess(float_path, source, handle.kind)
+            meta = float_handle.metadata
+            decisions["preprocess"] = preprocess(
+                float_path, source, handle.kind, int(meta.get("attention_heads", 0)), int(meta.get("hidden_size", 0))
+            )
+        scaling = params["outlier_scaling"]
+        if scaling == "auto":
+            scaling = "on" if handle.kind == "transformer" else "off"
+        if scaling == "on" and mode in ("dynamic", "static", "auto"):
+            if calibration is None:
+                if params["outlier_scaling"] == "on":
+                    raise ParameterError(
+                        "outlier_scaling='on' measures activation ranges on the task's calibration split; "
+                        "give a task with one, or pass outlier_scaling='off'."
+                    )
+            else:
+                say("measuring activation ranges for outlier-channel scaling")
+                scaled = work / "scaled.onnx"
+                decisions["outlier_scaling"] = scale_outlier_channels(
+                    source, scaled, calibration, handle.input_names, threshold=params["outlier_threshold"]
+                )
+                source = scaled
+        if source != float_path:
+            decisions["preprocess_parity_max_abs_diff"] = check_equivalent(float_handle, source)
         target = work / f"model.{mode}.onnx"
         report: dict[str, Any] = {}
         if mode in ("dynamic", "static"):

@@ -1,0 +1,105 @@
+"""What makes int8 keep a transformer encoder's quality: outlier-channel scaling (the model's
+function unchanged, the int8 error smaller), the residual Add written as Sum, and exporting
+Hugging Face attention in the form ONNX Runtime fuses; on a toy graph and on MiniLM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from compactai import Context, load_model
+from compactai.measure import make_runner
+from compactai.tasks import Split
+from compactai.techniques import create_technique
+from compactai.techniques.quantize.equalize import residual_adds_as_sum, scale_outlier_channels
+from compactai.techniques.quantize.ort_ptq import Int8Config, quantize_int8
+
+
+class Block(nn.Module):
+    """LayerNorm -> Linear -> GELU -> Linear with a residual, then a final LayerNorm."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.up, self.down = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.out = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x + self.down(torch.nn.functional.gelu(self.up(self.norm(x)))))
+
+
+def outlier_inputs(rows: int, seed: int) -> np.ndarray:
+    """Token sequences whose first token carries a few huge channels, like BERT's [CLS]."""
+    data = np.random.default_rng(seed).standard_normal((rows, 6, 32)).astype(np.float32)
+    data[:, 0, :3] *= 60.0
+    return data
+
+
+@pytest.fixture(scope="module")
+def block(tmp_path_factory):
+    torch.manual_seed(0)
+    model = Block().eval()
+    with torch.no_grad():  # a LayerNorm gain that keeps the outlier channels large after normalising
+        model.norm.weight[:3] = 20.0
+    handle = load_model(model, torch.from_numpy(outlier_inputs(1, 0)), name="block", output_names=["y"])
+    return handle.to_onnx(tmp_path_factory.mktemp("block") / "float.onnx")
+
+
+def run(path: Path, handle, x: np.ndarray) -> np.ndarray:
+    return make_runner(handle.as_onnx(path)).run({handle.input_names[0]: x})[0]
+
+
+def test_outlier_scaling_keeps_the_function_and_cuts_the_int8_error(block, tmp_path):
+    calibration = Split({block.input_names[0]: outlier_inputs(32, 1)})
+    scaled = tmp_path / "scaled.onnx"
+    info = scale_outlier_channels(Path(block.path), scaled, calibration, block.input_names, threshold=3.0)
+    assert info["scaled_inputs"] >= 1 and info["scaled_channels"] >= 3
+    x = outlier_inputs(16, 2)
+    reference = run(Path(block.path), block, x)
+    np.testing.assert_allclose(run(scaled, block, x), reference, rtol=1e-4, atol=1e-4)
+    errors = {}
+    for name, source in (("plain", Path(block.path)), ("scaled", scaled)):
+        target = tmp_path / f"{name}.int8.onnx"
+        quantize_int8(source, target, Int8Config(mode="dynamic", per_channel=True))
+        errors[name] = float(np.abs(run(target, block, x) - reference).mean())
+    assert errors["scaled"] < 0.7 * errors["plain"], errors
+
+
+def test_nothing_to_scale_leaves_the_model_as_it_was(block, tmp_path):
+    calibration = Split({block.input_names[0]: np.random.default_rng(3).standard_normal((16, 6, 32)).astype(np.float32)})
+    info = scale_outlier_channels(Path(block.path), tmp_path / "same.onnx", calibration, block.input_names, threshold=1000.0)
+    assert info["scaled_inputs"] == 0
+
+
+def test_residual_add_before_layernorm_is_written_as_sum(block, tmp_path):
+    path = tmp_path / "sum.onnx"
+    path.write_bytes(Path(block.path).read_bytes())
+    assert residual_adds_as_sum(path) == 1
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "Sum" in ops
+    x = outlier_inputs(4, 4)
+    np.testing.assert_allclose(run(path, block, x), run(Path(block.path), block, x), rtol=1e-5, atol=1e-5)
+
+
+def test_minilm_int8_fuses_attention_and_outlier_scaling_lifts_fidelity(minilm, tmp_path):
+    handle, task = minilm.handle, minilm.task
+    config = handle.module.encoder.config
+    assert config._attn_implementation == "sdpa"
+    results = {}
+    for scaling in ("on", "off"):
+        context = Context(task=task, work_dir=tmp_path / scaling)
+        quantized = create_technique(
+            "quantize", mode="dynamic", objective="size", outlier_scaling=scaling
+        ).apply(handle, context)
+        decisions = quantized.metadata["quantize"]
+        assert decisions["preprocess"].startswith("attention fusion (6 layers)")
+        assert decisions["size_ratio"] > 3.5
+        results[scaling] = task.evaluate(make_runner(quantized), split="validation").details
+    assert config._attn_implementation == "sdpa"  # the torch model keeps its own attention
+    assert results["on"]["cosine_min"] > results["off"]["cosine_min"] + 0.002, results
+    assert results["on"]["cosine_mean"] >= 0.996, results
