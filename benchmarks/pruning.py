@@ -6,10 +6,14 @@
    short fine-tune (embedding loss to the unpruned model).
 3. digits CNN, unstructured 80% sparsity, fine-tuned: real zero fraction, accuracy, gzip size,
    and the dense speed-up (absent).
+4. MiniLM, 5/10/20% of FFN neurons, no fine-tuning: validation fidelity with and without
+   least-squares reconstruction (l2 and fluctuation criteria), ORT batch-1 and batch-32 latency
+   of the pruned and unpruned models, measured in interleaved rounds.
 
-Run:  .venv/bin/python benchmarks/pruning.py [--quick] [--only digits,minilm,sparse]
-Latency measurements take /tmp/compactai-bench.lock so only one benchmark measures at a time.
-Writes benchmarks/results/pruning.json.
+Run:  .venv/bin/python benchmarks/pruning.py [--quick] [--only digits,minilm,sparse,reconstruct]
+Latency measurements take /tmp/compactai-bench.lock so only one benchmark measures at a time;
+when the caller already holds it (flock /tmp/compactai-bench.lock ... --lock-held), they don't.
+Writes benchmarks/results/pruning.json, keeping the cases of earlier runs that were not re-run.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import argparse
 import contextlib
 import fcntl
 import json
+import os
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -25,17 +31,29 @@ from pathlib import Path
 from typing import Any
 
 import compactai
-from compactai.measure import MeasureConfig, batch_feeds, environment, make_runner, measure, measure_latency
+from compactai.measure import (
+    MeasureConfig,
+    batch_feeds,
+    count_macs,
+    environment,
+    make_runner,
+    measure,
+    measure_latency,
+)
 from compactai.results import to_jsonable
 from compactai.techniques import Context, create_technique
 from compactai.techniques.prune import compressed_size
 
 RESULTS = Path(__file__).parent / "results" / "pruning.json"
 LOCK = "/tmp/compactai-bench.lock"
+LOCK_HELD = False  # --lock-held: the caller runs this script under flock LOCK (taking it again would deadlock)
 
 
 @contextlib.contextmanager
 def bench_lock() -> Iterator[None]:
+    if LOCK_HELD:
+        yield
+        return
     with open(LOCK, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -136,6 +154,90 @@ def minilm_ffn(quick: bool) -> dict[str, Any]:
             "decisions": {k: v for k, v in decisions.items() if k != "history"}}
 
 
+def interleaved_latency(handles: dict[str, Any], batches: tuple[int, ...], rounds: int, quick: bool
+                        ) -> dict[str, dict[str, Any]]:
+    """ORT p50/p90 per model and batch size, measured in ``rounds`` rounds that visit every model in
+    turn (load that comes and goes on a shared machine then hits all models alike); per model and
+    batch the median over rounds, and each round's p50."""
+    runners = {label: make_runner(handle.to_onnx(), "onnxruntime") for label, handle in handles.items()}
+    samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    with bench_lock():
+        for _ in range(rounds):
+            for batch in batches:
+                for label, handle in handles.items():
+                    single = {k: v[:1] for k, v in handle.example_inputs.items()}
+                    feeds = batch_feeds(single, batch) if batch > 1 else single
+                    stats = measure_latency(runners[label], feeds, min_queries=(50 if quick else 200) // batch + 5,
+                                            min_seconds=0.3 if quick else 1.0, warmup=5)
+                    samples.setdefault((label, batch), []).append((stats.p50_ms, stats.p90_ms))
+    result: dict[str, dict[str, Any]] = {label: {} for label in handles}
+    for (label, batch), values in samples.items():
+        result[label][f"ort_b{batch}_p50_ms"] = statistics.median(v[0] for v in values)
+        result[label][f"ort_b{batch}_p90_ms"] = statistics.median(v[1] for v in values)
+        result[label][f"ort_b{batch}_p50_rounds_ms"] = [v[0] for v in values]
+    return result
+
+
+def minilm_reconstruct(quick: bool) -> dict[str, Any]:
+    """Light FFN pruning without fine-tuning: plain vs least-squares reconstruction, per ratio."""
+    example = compactai.load_example("minilm")
+    handle, task = example.handle, example.task
+    ratios = (0.1,) if quick else (0.05, 0.1, 0.2)
+    variants = (("l2", False), ("l2", True), ("fluctuation", False), ("fluctuation", True))
+    rows, latency_models = [], {"baseline": handle}
+    for ratio in ratios:
+        for criterion, reconstruct in variants:
+            pruned, decisions, seconds = run_technique(
+                "structured_prune", handle, task, ratio=ratio, target="channels", scope="ffn", criterion=criterion,
+                reconstruct=reconstruct, reconstruct_samples=256 if quick else 1024)
+            quality = task.evaluate(make_runner(pruned, "onnxruntime"), split="validation").details
+            fits = decisions["steps"][0].get("reconstruction") or []
+            rows.append({"ratio": ratio, "criterion": criterion, "reconstruct": reconstruct, "seconds": seconds,
+                         "cosine_min": quality["cosine_min"], "cosine_mean": quality["cosine_mean"],
+                         "knn_overlap": quality["knn_overlap"], "params": decisions["after"]["params"],
+                         "fits": fits})
+            print(f"  ratio {ratio} {criterion} reconstruct={reconstruct}: cosine_min {quality['cosine_min']:.4f} "
+                  f"mean {quality['cosine_mean']:.4f} ({seconds:.0f} s)")
+            if criterion == "fluctuation" and reconstruct:
+                # every variant of a ratio has the same shapes, so one of them stands for its latency
+                latency_models[f"ffn -{ratio:.0%}"] = pruned
+    load_before = os.getloadavg()[0]
+    latency = interleaved_latency(latency_models, (1, 32), 3 if quick else 8, quick)
+    for label, model in latency_models.items():
+        latency[label]["macs"] = count_macs(model)
+        for batch in (1, 32):  # speed-up within each round, where baseline and model shared the same load
+            key = f"ort_b{batch}_p50_rounds_ms"
+            paired = [b / m for b, m in zip(latency["baseline"][key], latency[label][key])]
+            latency[label][f"ort_b{batch}_speedup"] = statistics.median(paired)
+            latency[label][f"ort_b{batch}_speedup_range"] = [min(paired), max(paired)]
+    base_quality = task.evaluate(make_runner(handle, "onnxruntime"), split="validation").details
+    return {"name": "minilm, 5/10/20% of FFN neurons, no fine-tuning: least-squares reconstruction",
+            "split": "validation", "environment": environment(), "quick": quick, "rows": rows,
+            "latency": latency, "baseline_quality": base_quality,
+            "load_average_1min": {"before_latency": load_before, "after_latency": os.getloadavg()[0]}}
+
+
+def print_reconstruct(case: dict[str, Any]) -> None:
+    latency = case["latency"]
+    print(f"\n## {case['name']}")
+    print("| FFN removed | criterion | reconstruct | cosine_min | cosine_mean | 10-NN overlap | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for row in case["rows"]:
+        print(f"| {row['ratio']:.0%} | {row['criterion']} | {'yes' if row['reconstruct'] else 'no'} | "
+              f"{row['cosine_min']:.4f} | {row['cosine_mean']:.4f} | {row['knn_overlap']:.3f} | {row['seconds']:.0f} |")
+    print("\n| model | MACs | ORT p50 b1 ms | speed-up b1 (range over rounds) | ORT p50 b32 ms | speed-up b32 |")
+    print("|---|---|---|---|---|---|")
+
+    def speedup(row: dict[str, Any], batch: int) -> str:
+        low, high = row[f"ort_b{batch}_speedup_range"]
+        return f"{row[f'ort_b{batch}_speedup']:.2f}x ({low:.2f}-{high:.2f})"
+
+    for label, row in latency.items():
+        print(f"| {label} | {fmt(row['macs'])} | {row['ort_b1_p50_ms']:.2f} | {speedup(row, 1)} | "
+              f"{row['ort_b32_p50_ms']:.1f} | {speedup(row, 32)} |")
+    print(f"load average (1 min) around the latency rounds: {case['load_average_1min']}")
+
+
 def fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -173,17 +275,27 @@ def print_case(case: dict[str, Any]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="Few queries and fine-tune batches (smoke run).")
-    parser.add_argument("--only", default="digits,sparse,minilm")
+    parser.add_argument("--only", default="digits,sparse,minilm,reconstruct")
+    parser.add_argument("--lock-held", action="store_true", help=f"The caller holds {LOCK} (flock ... python "
+                        "benchmarks/pruning.py --lock-held): measure without taking it again.")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
+    global LOCK_HELD
+    LOCK_HELD = args.lock_held
     wanted = args.only.split(",")
-    cases = {"digits": digits_structured, "sparse": digits_unstructured, "minilm": minilm_ffn}
+    cases = {"digits": digits_structured, "sparse": digits_unstructured, "minilm": minilm_ffn,
+             "reconstruct": minilm_reconstruct}
     results: dict[str, Any] = {"environment": environment(), "quick": args.quick, "cases": {}}
+    if RESULTS.exists():  # cases not re-run keep their earlier figures
+        results["cases"] = json.loads(RESULTS.read_text()).get("cases", {})
     for name, run in cases.items():
         if name in wanted:
             print(f"running {name} ...", file=sys.stderr)
             results["cases"][name] = case = run(args.quick)
-            print_case(case)
+            if name == "reconstruct":
+                print_reconstruct(case)
+            else:
+                print_case(case)
             save(results)  # after every case: a long run keeps what it measured
     summary = []
     if "digits" in results["cases"]:
@@ -207,6 +319,18 @@ def main() -> int:
             f"cosine_mean {case['pruned']['quality']['details']['cosine_mean']:.3f} -> "
             f"{case['pruned_finetuned']['quality']['details']['cosine_mean']:.3f} after "
             f"{case['finetune_seconds']:.0f} s of pruning + fine-tuning")
+    if "reconstruct" in results["cases"]:
+        case = results["cases"]["reconstruct"]
+        for ratio in sorted({row["ratio"] for row in case["rows"]}):
+            plain = next(r for r in case["rows"] if r["ratio"] == ratio and r["criterion"] == "l2"
+                         and not r["reconstruct"])
+            best = max((r for r in case["rows"] if r["ratio"] == ratio), key=lambda r: r["cosine_min"])
+            timing = case["latency"].get(f"ffn -{ratio:.0%}")
+            speed = (f"; ORT speed-up b1 {timing['ort_b1_speedup']:.2f}x, b32 {timing['ort_b32_speedup']:.2f}x "
+                     "(median of paired rounds)" if timing else "")
+            summary.append(f"minilm FFN {ratio:.0%}, no fine-tuning: cosine_min {plain['cosine_min']:.3f} (l2) -> "
+                           f"{best['cosine_min']:.3f} ({best['criterion']}"
+                           f"{' + reconstruction' if best['reconstruct'] else ''}){speed}")
     print("\n## Summary")
     for line in summary:
         print(f"- {line}")

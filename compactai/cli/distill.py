@@ -20,7 +20,7 @@ def distill(
                                           help="Teacher model (.pt2 or Hugging Face directory); needs --example for data."),
     example: str | None = typer.Option(None, "--example", "-e", help="Built-in example (teacher and data): digits or minilm."),
     student: str = typer.Option("auto", "--student", "-s",
-                                help="layers:0,2,4 | width:0.5 | digits-cnn:12,24,48 | self | auto | a .pt2 file."),
+                                help="layers:0,2,4 | width:0.5 | digits-cnn:12,24,48 | mlp:128 | self | auto | a .pt2 file."),
     temperature: float = typer.Option(4.0, "--temperature", "-T", help="Softmax temperature of the soft targets."),
     alpha: float = typer.Option(0.9, "--alpha", help="Weight of the soft-target loss (1 - alpha: hard labels)."),
     epochs: int = typer.Option(10, "--epochs", help="Maximum epochs (early stopping on validation may end sooner)."),
@@ -28,10 +28,21 @@ def distill(
     batch_size: int = typer.Option(64, "--batch-size", help="Training batch size."),
     embedding_loss: str = typer.Option("cosine+mse", "--embedding-loss", help="Encoders: cosine, mse or cosine+mse."),
     hidden_weight: float = typer.Option(0.0, "--hidden-weight", help="Encoders: weight of the token-state MSE."),
-    augment: str = typer.Option("none", "--augment", help="Classifiers on images: none or shift."),
+    augment: str = typer.Option("none", "--augment",
+                                help="Classifiers on images: none, shift (8 fixed rolled shifts) or translate (random "
+                                     "shifts up to 1/8 of the image, --views per image); the teacher labels each view."),
+    mixup: float = typer.Option(0.0, "--mixup",
+                                help="Classifiers: blend each view with another training input, weight ~ Beta(m, m) "
+                                     "(e.g. 1.0; 0: off); the teacher labels the blend, labels are blended one-hot."),
+    views: int = typer.Option(16, "--views",
+                              help="Augmented views per training sample for translate or mixup, each labelled once by the "
+                                   "teacher (teacher time grows with views x training samples)."),
     dropout: str = typer.Option("keep", "--dropout", help="Student dropout while training: keep or off."),
     freeze: str = typer.Option("none", "--freeze", help="Keep the student's embedding tables fixed: none or embeddings."),
     patience: int = typer.Option(3, "--patience", help="Validations without improvement before stopping."),
+    final_weights: str = typer.Option("best", "--final-weights",
+                             help="Weights to return: best (on the validation split) or last (after the learning rate "
+                                  "has decayed; steadier when the validation split is small)."),
     max_minutes: float = typer.Option(30.0, "--max-minutes", help="Training time budget; the best model so far is kept."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint of the same run in the work dir."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation and data order."),
@@ -58,7 +69,7 @@ def distill(
     technique = create_technique(
         "distill", student=student, temperature=temperature, alpha=alpha, epochs=epochs, lr=lr,
         batch_size=batch_size, embedding_loss=embedding_loss, hidden_weight=hidden_weight, augment=augment,
-        dropout=dropout, freeze=freeze, patience=patience,
+        mixup=mixup, views=views, dropout=dropout, freeze=freeze, patience=patience, final_weights=final_weights,
         max_minutes=max_minutes, resume=resume)
     technique.validate()
     with out.progress("Distilling") as say:

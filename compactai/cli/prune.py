@@ -20,7 +20,8 @@ def prune(
     ratio: float = typer.Option(0.5, help="Fraction of the --target quantity to remove, in (0, 1)."),
     target: str = typer.Option("params", help="What --ratio reduces: params, macs, latency (measured ORT p50) "
                                               "or channels (channels/neurons/heads)."),
-    criterion: str = typer.Option("l2", help="Importance: l1, l2, taylor (weight x gradient on task data), bn."),
+    criterion: str = typer.Option("l2", help="Importance: l1, l2, taylor (weight x gradient on task data), bn, "
+                                             "fluctuation (input variance x weight on calibration data)."),
     ranking: str = typer.Option("layer", help="layer (each layer loses the same fraction) or global."),
     scope: str = typer.Option("auto", help="auto, channels, ffn, heads or ffn+heads (transformers)."),
     steps: int = typer.Option(1, help="Pruning steps (iterative: prune, fine-tune, repeat)."),
@@ -29,6 +30,10 @@ def prune(
     lr: float = typer.Option(1e-3, help="Fine-tune learning rate (AdamW)."),
     kd_weight: float = typer.Option(0.0, "--kd-weight", help="Weight of KL to the unpruned model (classification)."),
     protect: list[str] = typer.Option([], "--protect", help="Layer name whose output channels are kept (repeat)."),
+    reconstruct: bool = typer.Option(False, "--reconstruct", help="Transformers, --scope ffn or ffn+heads: re-fit "
+                                     "each pruned FFN's output projection by least squares on train tokens so "
+                                     "the layer outputs stay close to the original (no fine-tuning needed)."),
+    reconstruct_samples: int = typer.Option(1024, "--reconstruct-samples", help="Train sequences for --reconstruct."),
     unstructured: bool = typer.Option(False, "--unstructured", help="Zero the smallest weights instead (no "
                                                                     "speed-up on dense runtimes; measured)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write model.onnx and results.json here."),
@@ -42,7 +47,7 @@ def prune(
 ) -> None:
     """Prune a model so it is physically smaller and measure it next to the baseline: params, MACs,
     p50/p90 latency on ONNX Runtime and PyTorch, quality; writes OUT/model.onnx + results.json."""
-    from compactai.errors import UnknownNameError
+    from compactai.errors import ParameterError, UnknownNameError
     from compactai.measure import RUNTIMES, MeasureConfig, measure
     from compactai.results import save_model, write_results
     from compactai.techniques import Context, create_technique
@@ -54,10 +59,14 @@ def prune(
     common: dict[str, Any] = {"ratio": ratio, "steps": steps, "finetune_epochs": finetune_epochs, "lr": lr,
                               "kd_weight": kd_weight, "max_batches": max_batches, "protect": list(protect)}
     if unstructured:
+        if reconstruct:
+            raise ParameterError("--reconstruct re-fits layers after structured FFN pruning; drop --unstructured "
+                                 "or --reconstruct.")
         technique = create_technique("unstructured_prune", ranking=ranking, **common)
     else:
         technique = create_technique("structured_prune", target=target, criterion=criterion, ranking=ranking,
-                                     scope=scope, **common)
+                                     scope=scope, reconstruct=reconstruct, reconstruct_samples=reconstruct_samples,
+                                     **common)
     technique.validate()  # bad parameters fail before any model is loaded
     config = MeasureConfig(min_queries=queries, min_seconds=seconds, warmup=min(20, queries), memory=False,
                            energy=False, threads=threads, throughput_min_batches=10 if queries >= 50 else 3)
@@ -66,6 +75,10 @@ def prune(
         from compactai.techniques.prune.engine import check_prunable
 
         check_prunable(handle)  # before any measurement: fail fast on a model that cannot be pruned
+        if reconstruct:
+            from compactai.techniques.prune.structured import check_reconstructable
+
+            check_reconstructable(handle.module, scope)
         if data is not None:
             from compactai.cli.quantize import task_from_npz  # the shared .npz task format
 

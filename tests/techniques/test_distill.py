@@ -311,7 +311,8 @@ def test_cli_bad_student_spec_exits_2_with_one_line():
 def test_cli_distills_digits_and_writes_model_and_results(tmp_path: Path):
     import json
 
-    result = _run_cli("--example", "digits", "--student", "digits-cnn:4,8,8", "--epochs", "1", "--alpha", "0", "--json",
+    result = _run_cli("--example", "digits", "--student", "digits-cnn:4,8,8", "--epochs", "1", "--alpha", "0.5",
+                      "--augment", "translate", "--mixup", "1", "--views", "2", "--final-weights", "last", "--json",
                       "--queries", "20", "-o", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)

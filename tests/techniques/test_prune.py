@@ -1,5 +1,5 @@
 """Pruning: structured (residual CNN, MobileNetV2-style, MLP, MiniLM heads + FFN), criteria,
-protected layers, targets, replay, unstructured sparsity and bad input."""
+protected layers, targets, replay, FFN reconstruction, unstructured sparsity and bad input."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 from compactai import load_model
 from compactai.errors import BadInputError, ParameterError, TechniqueError
 from compactai.models import zoo
-from compactai.tasks import Accuracy, Split, Task
+from compactai.tasks import Accuracy, EmbeddingFidelity, Split, Task
 from compactai.techniques import Context, create_technique
 from compactai.techniques.prune import replay
 from compactai.techniques.prune.engine import attention_modules
@@ -194,6 +194,77 @@ def test_unprunable_architecture_names_the_layer_and_returns_nothing_half_pruned
         prune(handle, ratio=0.5, target="channels")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert isinstance(TechniqueError("x"), RuntimeError) and not isinstance(TechniqueError("x"), BadInputError)
+
+
+@pytest.fixture
+def tiny_bert():
+    """A 2-layer BERT (hidden 32, FFN 64) with random weights and a task of random token ids
+    with padding; offline, a second to build."""
+    from transformers import BertConfig, BertModel
+
+    from compactai.models.load import SentenceEncoder
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32)
+    encoder = SentenceEncoder(BertModel(config).eval()).eval()
+    rng = np.random.default_rng(0)
+
+    def split(size: int) -> Split:
+        lengths = rng.integers(4, 17, size)
+        mask = (np.arange(16)[None, :] < lengths[:, None]).astype(np.int64)
+        return Split({"input_ids": rng.integers(1, 100, (size, 16)) * mask, "attention_mask": mask})
+
+    splits = {"train": split(256), "calibration": split(32), "validation": split(64), "test": split(64)}
+    handle = load_model(encoder, {k: v[:2] for k, v in splits["test"].inputs.items()}, name="tiny-bert")
+    task = Task("tiny-embeddings", EmbeddingFidelity(lambda feeds: handle.run_torch(feeds)), splits,
+                eval_split="validation")
+    return handle, task
+
+
+def token_error(handle, pruned, split: Split) -> float:
+    """Mean squared error of the real tokens' embeddings, pruned vs original."""
+    reference, candidate = handle.run_torch(split.inputs)[0], pruned.run_torch(split.inputs)[0]
+    real = split.inputs["attention_mask"].astype(bool)
+    return float(((reference - candidate)[real] ** 2).mean())
+
+
+@pytest.mark.parametrize("scope", ["ffn", "ffn+heads"])
+def test_ffn_reconstruction_lowers_the_output_error(tiny_bert, scope):
+    handle, task = tiny_bert
+    settings = {"ratio": 0.25, "target": "channels", "scope": scope, "criterion": "l2"}
+    plain = prune(handle, task, **settings)
+    rebuilt = prune(handle, task, reconstruct=True, **settings)
+    assert [m.out_features for n, m in rebuilt.module.named_modules() if n.endswith("intermediate.dense")] == [48, 48]
+    assert decisions(rebuilt)["history"] == decisions(plain)["history"]  # same neurons removed, only re-fitted
+    held_out = task.split("validation")
+    assert token_error(handle, rebuilt, held_out) < 0.5 * token_error(handle, plain, held_out)
+    fits = decisions(rebuilt)["steps"][0]["reconstruction"]
+    assert [f["layer"] for f in fits] == [f"encoder.encoder.layer.{i}.output.dense" for i in (0, 1)]
+    assert all(f["error_after"] < f["error_before"] and f["tokens"] > 1000 for f in fits)
+    json.dumps(fits)  # plain data
+    assert_exports_with_parity(rebuilt)
+
+
+def test_fluctuation_criterion_uses_activations(tiny_bert):
+    handle, task = tiny_bert
+    settings = {"ratio": 0.25, "target": "channels", "scope": "ffn+heads"}
+    by_activation = decisions(prune(handle, task, criterion="fluctuation", **settings))["history"]
+    by_weight = decisions(prune(handle, task, criterion="l2", **settings))["history"]
+    assert {e["kind"] for e in by_activation} == {"ffn", "heads"}
+    assert [e["removed"] for e in by_activation] != [e["removed"] for e in by_weight]
+    with pytest.raises(ParameterError, match="fluctuation criterion needs task data"):
+        prune(handle, None, criterion="fluctuation", **settings)
+
+
+def test_reconstruction_is_refused_where_it_does_not_apply(tiny_bert, small_handle):
+    handle, task = tiny_bert
+    with pytest.raises(ParameterError, match=r"'reconstruct' parameter.*prunes heads.*scope='ffn'"):
+        prune(handle, task, ratio=0.25, scope="heads", reconstruct=True)
+    with pytest.raises(ParameterError, match=r"'reconstruct' parameter.*without attention layers"):
+        prune(small_handle, tiny_task((1, 16, 16)), ratio=0.25, reconstruct=True)
+    with pytest.raises(ParameterError, match="Reconstruction needs task data"):
+        prune(handle, None, ratio=0.25, scope="ffn", reconstruct=True)
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ def logit_distillation_loss(
 ) -> torch.Tensor:
     """alpha * soft-target KL + (1 - alpha) * hard-label cross-entropy.
 
+    ``labels`` are class indices, or class probabilities (e.g. blended one-hot labels of mixup).
     alpha = 1 is pure distillation (no labels needed); alpha = 0 is training on labels alone."""
     loss = student_logits.new_zeros(())
     if alpha > 0:

@@ -21,9 +21,9 @@ from compactai.techniques.distill.losses import (
     logit_distillation_loss,
     masked_mean_pool,
 )
+from compactai.techniques.distill.views import make_view_bank
 
 OBJECTIVES = ("auto", "logits", "embeddings")
-AUGMENTATIONS = ("none", "shift")
 
 
 def first_output(result: Any) -> torch.Tensor:
@@ -32,16 +32,6 @@ def first_output(result: Any) -> torch.Tensor:
 
 def to_tensors(feeds: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in feeds.items()}
-
-
-# Fixed image shifts (rows, columns) for augment="shift": the teacher labels each view once and
-# the student sees a random view per batch, so augmentation costs no teacher time per step.
-SHIFT_VIEWS: tuple[tuple[int, int], ...] = ((0, 0), (1, 1), (-1, -1), (2, -1), (-2, 1), (1, -2), (-1, 2), (0, 2))
-
-
-def shift_images(images: torch.Tensor, shift: tuple[int, int]) -> torch.Tensor:
-    """Roll a batch of images by ``shift`` pixels along (height, width)."""
-    return torch.roll(images, shifts=shift, dims=(-2, -1))
 
 
 def sorted_batches(split: Split, batch_size: int) -> list[np.ndarray]:
@@ -94,52 +84,61 @@ class Objective:
 class LogitObjective(Objective):
     """Soft-target KL at temperature T mixed with hard-label cross-entropy by alpha.
 
-    With ``augment="shift"`` every batch is one of ``SHIFT_VIEWS`` of the images, and the
-    teacher's logits are precomputed for every view (views x samples x classes)."""
+    With ``augment`` or ``mixup`` the student trains on augmented views of the training inputs
+    (``views.py``): the teacher's logits are precomputed for every view (views x samples x
+    classes) and every sample of a batch gets one of its views at random, so the teacher always
+    labels exactly what the student sees. Hard labels of blended views are blended one-hot labels."""
 
     def __init__(self, teacher: nn.Module, input_names: list[str], temperature: float, alpha: float,
-                 augment: str = "none") -> None:
+                 augment: str = "none", mixup: float = 0.0, views: int = 1, train: Split | None = None) -> None:
         super().__init__(teacher, input_names)
-        self.temperature, self.alpha, self.augment = temperature, alpha, augment
-        self.views = SHIFT_VIEWS if augment == "shift" else ((0, 0),)
+        self.temperature, self.alpha, self.augment, self.mixup = temperature, alpha, augment, mixup
+        self.data = torch.from_numpy(np.ascontiguousarray(train.inputs[input_names[0]])) if train is not None else None
+        self.labels = torch.from_numpy(train.labels) if train is not None and train.labels is not None else None
+        self.bank = make_view_bank(augment, mixup, views, self.data) if self.data is not None else None
+        self.views = self.bank.count if self.bank is not None else 1
 
     @property
     def name(self) -> str:  # type: ignore[override]
-        return "logits" if self.augment == "none" else f"logits-{self.augment}{len(self.views)}"
+        if self.bank is None:
+            return "logits"
+        return f"logits-{self.augment}{self.views}" + (f"-mixup{self.mixup:g}" if self.mixup else "")
 
     @property
     def needs_targets(self) -> bool:
         return self.alpha > 0  # alpha 0 is training on labels alone: no teacher needed
 
-    def view_inputs(self, inputs: dict[str, torch.Tensor], view: int) -> dict[str, torch.Tensor]:
-        if view == 0:
-            return inputs
-        first = self.input_names[0]
-        return {**inputs, first: shift_images(inputs[first], self.views[view])}
-
     def prepare(self, split: Split, batch_size: int, progress: Callable[[str], None]) -> None:
-        batches = sorted_batches(split, batch_size)
-        order = torch.from_numpy(np.concatenate(batches))
+        if self.bank is None or self.data is None:
+            super().prepare(split, batch_size, progress)
+            assert self.targets is not None
+            self.targets = self.targets.unsqueeze(0)  # one view: the inputs as they are
+            return
         per_view = []
-        for view in range(len(self.views)):
-            outputs = [self.run_teacher(self.view_inputs(to_tensors({k: v[index] for k, v in split.inputs.items()}), view))
-                       for index in batches]
-            logits = torch.cat(outputs)
-            targets = torch.empty_like(logits)
-            targets[order] = logits
-            per_view.append(targets)
-            progress(f"teacher targets: view {view + 1}/{len(self.views)}")
+        every = torch.arange(len(self.data))
+        for view in range(self.views):
+            outputs = []
+            for index in every.split(batch_size):
+                inputs = to_tensors({k: v[index.numpy()] for k, v in split.inputs.items()})
+                inputs[self.input_names[0]] = self.bank.inputs(self.data, index, torch.full_like(index, view))
+                outputs.append(self.run_teacher(inputs))
+            per_view.append(torch.cat(outputs))
+            progress(f"teacher targets: view {view + 1}/{self.views}")
         self.targets = torch.stack(per_view)
 
     def loss(self, student: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None,
              index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        view = int(torch.randint(len(self.views), (1,), generator=generator))
-        inputs = self.view_inputs(inputs, view)
+        view = torch.zeros_like(index)
+        if self.bank is not None and self.data is not None:
+            view = torch.randint(self.views, (len(index),), generator=generator)
+            inputs = {**inputs, self.input_names[0]: self.bank.inputs(self.data, index, view)}
         student_logits = first_output(student(*[inputs[n] for n in self.input_names]))
+        if self.bank is not None and self.labels is not None:
+            labels = self.bank.labels(self.labels, index, view, student_logits.shape[-1])
         if self.alpha == 0 or self.targets is None:
             teacher_logits = student_logits.detach()  # unused by the loss at alpha 0
         else:
-            teacher_logits = self.targets[view][index]
+            teacher_logits = self.targets[view, index]
         return logit_distillation_loss(student_logits, teacher_logits, labels, self.temperature, self.alpha)
 
 

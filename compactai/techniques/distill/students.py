@@ -7,6 +7,7 @@ A spec is ``NAME`` or ``NAME:ARGS``. Builders (``STUDENT_BUILDERS``):
 - ``width:0.5``      the teacher structurally pruned to keep this fraction of its channels
                      (the ``structured_prune`` technique, through the technique registry)
 - ``digits-cnn:12,24,48``  the digits residual CNN at these stage widths (random init)
+- ``mlp:128``        a multilayer perceptron on the flattened input, these hidden widths (random init)
 - ``self``           a copy of the incoming model (fine-tune a pruned model from the original)
 - ``auto``           every other layer of the layer stack if there is one, else ``self``
 
@@ -22,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from compactai.errors import ParameterError, TechniqueError, UnknownNameError
-from compactai.models.handle import ModelHandle
+from compactai.models.handle import ModelHandle, flatten_outputs
 
 StudentBuilder = Callable[[str, ModelHandle, Any], nn.Module]
 STUDENT_BUILDERS: dict[str, StudentBuilder] = {}
@@ -70,7 +72,7 @@ def parse_student_spec(spec: Any) -> StudentSpec:
     if not isinstance(spec, str) or not spec.strip():
         raise ParameterError(
             "The 'student' parameter of Distill must be a spec such as 'layers:0,2,4', 'width:0.5', "
-            f"'digits-cnn:12,24,48', 'self', a .pt2 path or an nn.Module. Got {spec!r} instead."
+            f"'digits-cnn:12,24,48', 'mlp:128', 'self', a .pt2 path or an nn.Module. Got {spec!r} instead."
         )
     spec = spec.strip()
     if spec.endswith(".pt2"):
@@ -207,6 +209,46 @@ def digits_cnn(args: str, handle: ModelHandle, context: Any) -> nn.Module:
         raise _spec_error(f"digits-cnn:{args}", "widths must be positive.")
     torch.manual_seed(getattr(context, "seed", 0))
     return build_digits_cnn(widths)
+
+
+class MLPStudent(nn.Module):
+    """Flatten the input, then Linear + ReLU per hidden width, then Linear to the outputs."""
+
+    def __init__(self, features: int, hidden: list[int], outputs: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [nn.Linear(features, width), nn.ReLU()]
+            features = width
+        self.net = nn.Sequential(*layers, nn.Linear(features, outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.flatten(x, 1))
+
+
+@register_student("mlp", _int_list("mlp", "128"))
+def mlp(args: str, handle: ModelHandle, context: Any) -> nn.Module:
+    """An MLP on the flattened input with the teacher's number of outputs, randomly initialised: a
+    student with none of a CNN's built-in knowledge of images, which it can learn from the teacher."""
+    hidden = _int_list("mlp", "128")(args)
+    if any(w == 0 for w in hidden):
+        raise _spec_error(f"mlp:{args}", "hidden widths must be positive.")
+    teacher = _teacher_module(handle)
+    if len(handle.input_names) != 1:
+        raise ParameterError(
+            f"Student 'mlp:{args}' takes one input, and '{handle.name}' has {len(handle.input_names)} "
+            f"({', '.join(handle.input_names)}); use 'layers:...' or 'width:R' instead."
+        )
+    example = torch.from_numpy(np.ascontiguousarray(handle.example_inputs[handle.input_names[0]]))
+    with torch.no_grad():
+        outputs = flatten_outputs(teacher(example))[0]
+    if not example.is_floating_point() or outputs.dim() != 2:
+        raise ParameterError(
+            f"Student 'mlp:{args}' maps float inputs to one output vector per sample; '{handle.name}' takes "
+            f"{example.dtype} inputs and returns shape {tuple(outputs.shape)}. Use 'layers:...' or 'width:R'."
+        )
+    torch.manual_seed(getattr(context, "seed", 0))
+    return MLPStudent(int(example[0].numel()), hidden, int(outputs.shape[-1]))
 
 
 def _no_args(name: str) -> Callable[[str], str]:

@@ -25,7 +25,6 @@ from compactai.techniques.base import (
 )
 from compactai.techniques.distill.losses import EMBEDDING_LOSSES
 from compactai.techniques.distill.objectives import (
-    AUGMENTATIONS,
     OBJECTIVES,
     EmbeddingObjective,
     LogitObjective,
@@ -35,6 +34,7 @@ from compactai.techniques.distill.objectives import (
 )
 from compactai.techniques.distill.students import build_student, parameter_count, parse_student_spec
 from compactai.techniques.distill.trainer import TrainConfig, Trainer
+from compactai.techniques.distill.views import AUGMENTATIONS
 
 
 class ProjectedStudent(nn.Module):
@@ -103,11 +103,30 @@ def validation_scorer(task: Task, input_names: list[str]) -> Any:
     return score
 
 
+def check_augmentable(augment: str, mixup: float, train: Any, input_names: list[str]) -> None:
+    """Augmented views transform the first input: shifts need images (samples x ... x H x W),
+    mixup needs floats; anything else is a ParameterError before the teacher runs."""
+    if augment == "none" and mixup == 0:
+        return
+    data = train.inputs[input_names[0]]
+    if augment != "none" and data.ndim < 3:
+        raise ParameterError(
+            f"The 'augment' parameter of Distill is '{augment}', which shifts images, but the input "
+            f"'{input_names[0]}' has shape {tuple(data.shape)}; use augment='none' for non-image inputs."
+        )
+    if mixup > 0 and not np.issubdtype(data.dtype, np.floating):
+        raise ParameterError(
+            f"The 'mixup' parameter of Distill is {mixup:g}, which blends inputs, but the input "
+            f"'{input_names[0]}' holds {data.dtype} values (e.g. token ids) that cannot be blended; use mixup=0."
+        )
+
+
 @register_technique
 class Distill(Technique):
     """Knowledge distillation: a student (fewer layers, narrower, or any architecture) trained on
     the teacher's soft targets (classifiers) or embeddings (encoders), with early stopping on the
-    validation split, a time budget and resumable checkpoints in ``context.work_dir``.
+    validation split, a time budget and resumable checkpoints in ``context.work_dir``. Classifiers
+    can train on augmented views (shifts, mixup) that the teacher labels, see ``views.py``.
 
     The teacher is ``context.teacher`` when it is a torch model, else the incoming model; the
     student is built from the incoming model (see ``students.py`` for the specs)."""
@@ -123,7 +142,9 @@ class Distill(Technique):
         "alpha": FloatParam(0.0, 1.0, 0.9),
         "embedding_loss": ChoiceParam(EMBEDDING_LOSSES, "cosine+mse"),
         "hidden_weight": FloatParam(0.0, 100.0, 0.0),
-        "augment": ChoiceParam(AUGMENTATIONS, "none"),
+        "augment": ChoiceParam(tuple(AUGMENTATIONS), "none"),
+        "mixup": FloatParam(0.0, 100.0, 0.0),  # Beta(m, m) blend of two training inputs per view (0: off)
+        "views": IntParam(1, 4096, 16),  # augmented views per training sample, each labelled once by the teacher
         "dropout": ChoiceParam(("keep", "off"), "keep"),
         "freeze": ChoiceParam(("none", "embeddings"), "none"),
         "epochs": IntParam(1, 10_000, 10),
@@ -131,6 +152,7 @@ class Distill(Technique):
         "batch_size": IntParam(1, 65_536, 64),
         "weight_decay": FloatParam(0.0, 1.0, 1e-4),
         "patience": IntParam(1, 10_000, 3),
+        "final_weights": ChoiceParam(("best", "last"), "best"),  # weights returned: best on validation, or the last step's
         "max_minutes": FloatParam(0.0, 100_000.0, 30.0, open_low=True),
         "checkpoint_every": IntParam(1, 10**9, 100),
         "train_samples": IntParam(0, 10**9, 0),  # use only the first N training samples (0: all)
@@ -186,7 +208,7 @@ class Distill(Technique):
             epochs=params["epochs"], lr=params["lr"], batch_size=params["batch_size"],
             weight_decay=params["weight_decay"], patience=params["patience"], max_minutes=params["max_minutes"],
             seed=context.seed, checkpoint_every=params["checkpoint_every"], resume=params["resume"],
-            dropout=params["dropout"] == "keep",
+            dropout=params["dropout"] == "keep", final_weights=params["final_weights"],
         )
         work_dir = context.work_dir / f"distill-{self.run_key(teacher, spec, params, context, len(train))}"
         teacher_key = self.targets_key(teacher, objective, train)
@@ -220,7 +242,9 @@ class Distill(Technique):
                 f"The 'alpha' parameter of Distill is {alpha:g}, which mixes in hard labels, but the training "
                 "split has none; set alpha=1 to distill from the teacher alone."
             )
-        return LogitObjective(teacher.module, teacher.input_names, params["temperature"], alpha, params["augment"])
+        check_augmentable(params["augment"], params["mixup"], train, teacher.input_names)
+        return LogitObjective(teacher.module, teacher.input_names, params["temperature"], alpha, params["augment"],
+                              params["mixup"], params["views"], train)
 
     @staticmethod
     def targets_key(teacher: ModelHandle, objective: Objective, train: Any) -> str:

@@ -54,6 +54,7 @@ class TrainConfig:
     progress_every: int = 10  # steps
     resume: bool = False
     dropout: bool = True  # False: dropout off while training (closer imitation, faster convergence)
+    final_weights: str = "best"  # the weights returned: "best" on validation, or "last" (end of the decayed schedule)
 
 
 @dataclass
@@ -136,7 +137,8 @@ def _atomic_json(path: Path, data: dict[str, Any]) -> None:
 
 class Trainer:
     """Trains ``student`` on ``objective`` over ``train``; ``evaluate(student) -> float`` (higher is
-    better) scores it on the validation split after each epoch."""
+    better) scores it on the validation split after each epoch. The student ends with the best
+    validated weights, or with ``config.final_weights == "last"`` the weights of the last step."""
 
     def __init__(self, student: nn.Module, objective: Objective, train: Split, config: TrainConfig,
                  evaluate: Callable[[nn.Module], float] | None = None, work_dir: Path | None = None,
@@ -294,7 +296,7 @@ class Trainer:
         finally:
             for module, p in restore_dropout.items():
                 module.p = p
-        if self.best_weights is not None:
+        if self.best_weights is not None and config.final_weights == "best":
             self.student.load_state_dict(self.best_weights)
         self.student.eval()
         return TrainResult(

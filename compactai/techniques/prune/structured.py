@@ -2,7 +2,9 @@
 
 One-shot (``steps=1``) or iterative (prune a step, fine-tune, repeat) to a target given as a
 fraction of channels/neurons/heads, of parameters, of MACs, or of *measured* ONNX Runtime
-batch-1 p50 latency. The result is an ordinary, smaller ``nn.Module``.
+batch-1 p50 latency. The result is an ordinary, smaller ``nn.Module``. On BERT-family encoders
+``reconstruct=True`` re-fits each pruned FFN's output projection by least squares on calibration
+tokens (``reconstruct.py``), which keeps light FFN pruning faithful without fine-tuning.
 """
 
 from __future__ import annotations
@@ -36,7 +38,13 @@ from compactai.techniques.prune.engine import (
     resolve_scope,
 )
 from compactai.techniques.prune.finetune import FinetuneConfig, default_loss, finetune, recalibrate_batchnorm
-from compactai.techniques.prune.importance import CRITERIA, get_criterion, task_gradients
+from compactai.techniques.prune.importance import (
+    CRITERIA,
+    activation_statistics,
+    get_criterion,
+    task_gradients,
+)
+from compactai.techniques.prune.reconstruct import calibration_batches, find_ffns, reconstruct_ffns
 from compactai.techniques.prune.schedule import TARGETS, solve
 
 
@@ -79,6 +87,25 @@ def target_metric(target: str, handle: ModelHandle, graph_units: Callable[[Any],
     return latency
 
 
+ACTIVATION_SAMPLES = 256  # sequences for the fluctuation criterion's input variances
+
+
+def check_reconstructable(module: Any, scope: str) -> None:
+    """Raise ParameterError unless ``reconstruct=True`` applies: FFN neurons of a BERT-family model."""
+    resolved = resolve_scope(module, scope)
+    if "ffn" not in resolved:
+        raise ParameterError(
+            f"The 'reconstruct' parameter of StructuredPrune re-fits transformer FFN layers after their neurons "
+            f"are removed, but this run prunes {resolved}"
+            f"{' (a model without attention layers)' if resolved == 'channels' else ''}. "
+            "Use scope='ffn' or 'ffn+heads' on a BERT-family model, or reconstruct=False."
+        )
+    try:
+        find_ffns(module)
+    except TechniqueError as exc:
+        raise ParameterError(str(exc)) from exc
+
+
 @register_technique
 class StructuredPrune(Technique):
     """Remove whole channels (CNN), neurons (MLP) or attention heads and FFN neurons (BERT family),
@@ -87,6 +114,8 @@ class StructuredPrune(Technique):
     ``ratio`` is the fraction of the ``target`` quantity to remove (channels, params, macs, or
     measured ORT latency). ``steps > 1`` prunes iteratively, fine-tuning ``finetune_epochs``
     after each step on the task's train split (best validation checkpoint kept).
+    ``reconstruct=True`` (FFN scopes of BERT-family models) re-fits the FFN output projections on
+    ``reconstruct_samples`` train sequences after each step, before any fine-tuning.
     """
 
     name = "structured_prune"
@@ -96,7 +125,7 @@ class StructuredPrune(Technique):
     space: ClassVar[dict[str, Param]] = {
         "ratio": FloatParam(0.0, 1.0, 0.5, open_low=True, open_high=True),
         "target": ChoiceParam(TARGETS, "params"),
-        "criterion": ChoiceParam(("l1", "l2", "taylor", "bn"), "l2"),
+        "criterion": ChoiceParam(("l1", "l2", "taylor", "bn", "fluctuation"), "l2"),
         "ranking": ChoiceParam(("layer", "global"), "layer"),
         "scope": ChoiceParam(SCOPES, "auto"),
         "steps": IntParam(1, 20, 1),
@@ -111,6 +140,8 @@ class StructuredPrune(Technique):
         "taylor_batches": IntParam(1, 1000, 4),
         "loss": AnyParam(None),  # fine-tune loss(student, teacher, labels, feeds); default per task
         "augment": AnyParam(None),  # callable(list of input tensors) -> list, for fine-tuning batches
+        "reconstruct": ChoiceParam((False, True), False),  # least-squares re-fit of pruned FFNs (transformers)
+        "reconstruct_samples": IntParam(16, 100_000, 1024),  # sequences of the train split for the re-fit
     }
     searchable = ("ratio", "criterion", "ranking")
     search_space: ClassVar[dict[str, Any]] = {
@@ -123,10 +154,11 @@ class StructuredPrune(Technique):
     @classmethod
     def search_defaults(cls, kind: str) -> dict[str, Any]:
         """For the optimizer: prune MACs with a short fine-tune (KD from the unpruned model);
-        on encoders the FFN neurons (heads cost more quality per millisecond saved)."""
+        on encoders the FFN neurons (heads cost more quality per millisecond saved), chosen by
+        fluctuation and re-fitted by least squares, which keeps small ratios faithful."""
         if kind == "transformer":
-            return {"target": "channels", "scope": "ffn", "ratio": FloatParam(0.1, 0.5, 0.25),
-                    "finetune_epochs": 1, "max_batches": 60}
+            return {"target": "channels", "scope": "ffn", "ratio": FloatParam(0.05, 0.3, 0.1),
+                    "criterion": "fluctuation", "reconstruct": True, "finetune_epochs": 1, "max_batches": 60}
         return {"target": "macs", "finetune_epochs": 3, "kd_weight": 0.5}
 
     def validate(self) -> dict[str, Any]:
@@ -157,6 +189,13 @@ class StructuredPrune(Technique):
                 f"{'Fine-tuning' if params['finetune_epochs'] else 'The taylor criterion'} needs task data with "
                 "train and validation splits; pass a task, or use finetune_epochs=0 with criterion l1/l2/bn."
             )
+        for wanted, what in ((criterion.needs_activations, f"The {criterion.name} criterion"),
+                             (params["reconstruct"], "Reconstruction")):
+            if wanted and (task is None or not {"train", "calibration"} & set(task.splits)):
+                raise ParameterError(
+                    f"{what} needs task data with a train or calibration split; pass a task, or use criterion "
+                    "l1/l2/bn and reconstruct=False."
+                )
         args = example_args(handle)
         original: Any = handle.module
         set_eval(original)
@@ -168,6 +207,8 @@ class StructuredPrune(Technique):
             # the last layer makes the outputs: its width is never touched
             protect = list(dict.fromkeys(protect + [names[-1]] + ([names[0]] if params["protect_first"] else [])))
         scope = params["scope"]
+        if params["reconstruct"]:
+            check_reconstructable(original, scope)
 
         def units_total(module: Any) -> int:  # channels, neurons and heads still prunable
             return sum(u.size for u in Graph(copy.deepcopy(module), args, scope, protect).units)
@@ -196,6 +237,10 @@ class StructuredPrune(Technique):
             if criterion.needs_gradients:
                 task_gradients(work, handle.input_names, task, teacher, params["taylor_batches"],
                                params["batch_size"], context.seed + step)
+            if criterion.needs_activations:
+                split = "calibration" if "calibration" in task.splits else "train"
+                activation_statistics(work, calibration_batches(task, handle.input_names, ACTIVATION_SAMPLES,
+                                                                split=split, seed=context.seed + step))
             graph.score(criterion.build())
             work.zero_grad(set_to_none=True)
             wanted_total = params["ratio"] * step / params["steps"]
@@ -223,6 +268,11 @@ class StructuredPrune(Technique):
             }
             if task is not None and recalibrate_batchnorm(module, handle.input_names, task, seed=context.seed):
                 record["batchnorm_recalibrated"] = True
+            if params["reconstruct"]:
+                context.progress(f"pruning step {step}: least-squares reconstruction of the FFN outputs")
+                batches = calibration_batches(task, handle.input_names, params["reconstruct_samples"],
+                                              seed=context.seed + step)
+                record["reconstruction"] = reconstruct_ffns(module, original, batches, progress=context.progress)
             if params["finetune_epochs"] > 0 and task is not None:
                 context.progress(f"pruning step {step}: fine-tuning {params['finetune_epochs']} epoch(s)")
                 record["finetune"] = finetune(
