@@ -36,6 +36,10 @@ def optimize(
     resume: bool = typer.Option(False, "--resume", help="Continue the study in the output directory."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads for measuring (default: all CPUs)."),
     quick: bool = typer.Option(False, "--quick", help="Fewer timed queries per trial (noisier, faster)."),
+    remeasure_rounds: int = typer.Option(3, "--remeasure-rounds", min=0, max=20,
+                                         help="Before choosing, measure the original and the contenders (trials that "
+                                              "meet every non-latency limit) again in this many interleaved rounds and "
+                                              "use the medians; 0: keep each trial's single measurement."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Search pipelines of the registered techniques (prune -> distill -> quantize) for the best model
@@ -66,6 +70,7 @@ def optimize(
         seed=seed if seed is not None else (spec.seed if spec else 0),
         executor=executor if executor != "local" or spec is None else spec.executor,
         ray_address=ray_address, storage=storage, resume=resume, measure=measure,
+        remeasure_rounds=remeasure_rounds,
     )
     if config.executor not in ("local", "ray"):
         from compactai.errors import BadInputError

@@ -44,6 +44,7 @@ class SearchConfig:
     measure: MeasureConfig = field(default_factory=lambda: MeasureConfig(
         min_queries=100, min_seconds=0.5, warmup=10, throughput_min_batches=5, memory=False))
     enqueue_singles: bool = True
+    remeasure_rounds: int = 3  # interleaved re-measurement of the contenders before selection (remeasure.py)
 
 
 @dataclass

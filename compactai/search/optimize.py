@@ -16,6 +16,7 @@ from compactai.measure import MeasureConfig, environment, make_runner, measure
 from compactai.models.handle import ModelHandle
 from compactai.results import save_model, to_jsonable
 from compactai.search.engine import SearchConfig, describe, run_search
+from compactai.search.remeasure import interleaved_selection_figures
 from compactai.search.select import Selection, select
 from compactai.search.space import SearchSpace, default_space
 from compactai.search.trial import StepCache, TrialResult, apply_recipe, figures_for
@@ -79,10 +80,14 @@ def optimize(
     selection_baseline = task.evaluate(runner, split=selection_split).value
     baseline_quick = measure_candidate(baseline_handle, task, config.measure, selection_split, selection_baseline)
     requested = str(budget)
+    unresolved = budget
     budget = budget.resolve(baseline_quick)
     say(f"budget: {budget}")
     outcome = run_search(handle, task, budget, space, out, config, source=source,
                          selection_baseline=selection_baseline, on_trial=on_trial, progress=say)
+    budget, remeasured = interleaved_selection_figures(
+        lambda trial: _load_artifact(handle, trial), baseline_handle, outcome.trials, unresolved, budget,
+        baseline_quick, config.measure, rounds=config.remeasure_rounds, progress=say)
     selection = select(outcome.trials, budget)
     say("final measurement of the original and the chosen model")
     baseline_final = measure_candidate(baseline_handle, task, FINAL_MEASURE_with(config), selection_split,
@@ -114,7 +119,7 @@ def optimize(
         "search": {"space": space.to_dict(), "max_trials": config.max_trials, "max_minutes": config.max_minutes,
                    "executor": config.executor, "storage": outcome.storage, "stopped_by": outcome.stopped_by,
                    "interrupted": outcome.interrupted, "seconds": time.monotonic() - started,
-                   "trials_finished": len(outcome.trials)},
+                   "trials_finished": len(outcome.trials), "remeasured": remeasured},
         "baseline": _strip(baseline_final),
         "chosen": None if selection.chosen is None else {
             "trial": selection.chosen.number, "recipe": selection.chosen.recipe,

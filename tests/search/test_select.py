@@ -29,3 +29,15 @@ def test_nothing_fits_names_the_failed_constraint():
     assert [r.number for r in selection.closest] == [1, 0]
     text = selection.explain(budget)
     assert "latency_p90_ms" in text and "beyond the limit" in text
+
+
+def test_contenders_are_the_trials_that_only_latency_could_rule_out():
+    from compactai.search.remeasure import contenders
+
+    budget = parse_budget("latency_p90_ms<=1.0,size_mb<=3", "0.98")
+    results = [trial(0, 0.99, 2.0, 4.0), trial(1, 0.985, 1.5, 1.0), trial(2, 0.97, 0.5, 1.0),
+               trial(3, 0.99, 1.2, 2.0), trial(4, 0.99, 0.1, 1.0, "failed")]
+    for r in results:
+        r.artifact = f"trials/{r.number}/model.onnx"
+    assert [r.number for r in contenders(results, budget, limit=5)] == [3, 1]  # fastest first
+    assert [r.number for r in contenders(results, budget, limit=1)] == [3]

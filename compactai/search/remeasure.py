@@ -1,0 +1,103 @@
+"""Re-measuring the contenders before selection.
+
+Each trial's latency was measured once, minutes apart from the others, on a machine whose load
+comes and goes; two graphs of the same structure have measured 2x apart that way. Before the
+choice, the trials that could win (every non-latency constraint met) are measured again with
+the original model in interleaved rounds, so a change in load hits all of them alike, and each
+gets the median over rounds. A relative latency budget ("0.5x") is resolved again against the
+original's figure from the same rounds.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+from compactai.budget import Budget
+from compactai.measure import MeasureConfig, make_runner
+from compactai.measure.latency import measure_latency
+from compactai.models.handle import ModelHandle
+from compactai.search.trial import TrialResult
+
+LATENCY_KEYS = ("latency_p50_ms", "latency_p90_ms")
+
+
+def contenders(trials: list[TrialResult], budget: Budget, limit: int) -> list[TrialResult]:
+    """Up to ``limit`` finished trials that meet every constraint but the latency ones, fastest first."""
+    other = Budget([c for c in budget.constraints if c.key not in LATENCY_KEYS])
+    able = [t for t in trials if t.status == "ok" and t.artifact and other.satisfied(t.figures)]
+    return sorted(able, key=lambda t: t.figures.get("latency_p90_ms", float("inf")))[:limit]
+
+
+def remeasure(
+    baseline: ModelHandle,
+    candidates: list[tuple[TrialResult, ModelHandle]],
+    config: MeasureConfig,
+    rounds: int = 3,
+    progress: Callable[[str], None] = lambda message: None,
+) -> dict[str, float]:
+    """Measure batch-1 latency of ``baseline`` and every candidate in ``rounds`` interleaved rounds;
+    write each candidate's medians into its figures (the search's own values kept as
+    ``search_latency_*``) and return the baseline's medians."""
+    models: list[tuple[TrialResult | None, ModelHandle]] = [(None, baseline), *candidates]
+    feeds = {k: v[:1] for k, v in baseline.example_inputs.items()}
+    runners = [make_runner(handle, "onnxruntime", config.threads) for _, handle in models]
+    samples: list[list[tuple[float, float]]] = [[] for _ in models]
+    for round_number in range(rounds):
+        progress(f"re-measuring the original and {len(candidates)} contender(s), round {round_number + 1}/{rounds}")
+        for index, runner in enumerate(runners):
+            stats = measure_latency(runner, feeds, min_queries=config.min_queries, min_seconds=config.min_seconds,
+                                    warmup=config.warmup)
+            samples[index].append((stats.p50_ms, stats.p90_ms))
+    medians = [{"latency_p50_ms": statistics.median(s[0] for s in values),
+                "latency_p90_ms": statistics.median(s[1] for s in values)} for values in samples]
+    for (trial, _), values, median in zip(models, samples, medians):
+        if trial is None:
+            continue
+        for key in LATENCY_KEYS:
+            trial.figures.setdefault(f"search_{key}", trial.figures.get(key))
+        trial.figures.update(median)
+        trial.figures["latency_rounds_ms"] = [{"p50": p50, "p90": p90} for p50, p90 in values]
+    return {**medians[0], "rounds": rounds}
+
+
+def rescore(trials: list[TrialResult], budget: Budget) -> None:
+    """Feasibility and distance to the budget again, after figures changed."""
+    for trial in trials:
+        if trial.status == "ok":
+            trial.feasible = budget.satisfied(trial.figures)
+            trial.violation = budget.violation(trial.figures)
+
+
+def interleaved_selection_figures(
+    load: Callable[[TrialResult], ModelHandle],
+    baseline: ModelHandle,
+    trials: list[TrialResult],
+    requested: Budget,
+    resolved: Budget,
+    baseline_figures: dict[str, Any],
+    config: MeasureConfig,
+    *,
+    limit: int = 6,
+    rounds: int = 3,
+    progress: Callable[[str], None] = lambda message: None,
+) -> tuple[Budget, dict[str, Any] | None]:
+    """Re-measure the contenders (see the module docstring); returns the budget to select with
+    (re-resolved when it had relative latency terms) and what was done, or None when there was
+    nothing to compare (no latency constraint, or no contender)."""
+    if rounds < 1 or not resolved.keys & set(LATENCY_KEYS):
+        return resolved, None
+    chosen = contenders(trials, resolved, limit)
+    if not chosen:
+        return resolved, None
+    original = remeasure(baseline, [(t, load(t)) for t in chosen], config, rounds, progress)
+    budget = requested.resolve({**baseline_figures, **original})
+    rescore(trials, budget)
+    report = {"rounds": rounds, "trials": [t.number for t in chosen], "baseline": original,
+              "budget": str(budget), "budget_before": str(resolved)}
+    progress(f"budget after re-measuring: {budget}")
+    return budget, report
+
+
+__all__ = ["contenders", "interleaved_selection_figures", "remeasure", "rescore"]
