@@ -155,10 +155,12 @@ class StructuredPrune(Technique):
     def search_defaults(cls, kind: str) -> dict[str, Any]:
         """For the optimizer: prune MACs with a short fine-tune (KD from the unpruned model);
         on encoders the FFN neurons (heads cost more quality per millisecond saved), chosen by
-        fluctuation and re-fitted by least squares, which keeps small ratios faithful."""
+        fluctuation and re-fitted by least squares, which keeps small ratios faithful. No
+        fine-tune there: on MiniLM after reconstruction (10%, 150 batches at lr 3e-5) it did not
+        raise the validation score above the reconstructed start, so it only cost minutes."""
         if kind == "transformer":
             return {"target": "channels", "scope": "ffn", "ratio": FloatParam(0.05, 0.3, 0.1),
-                    "criterion": "fluctuation", "reconstruct": True, "finetune_epochs": 1, "max_batches": 60}
+                    "criterion": "fluctuation", "reconstruct": True, "finetune_epochs": 0}
         return {"target": "macs", "finetune_epochs": 3, "kd_weight": 0.5}
 
     def validate(self) -> dict[str, Any]:
