@@ -10,6 +10,7 @@ original's figure from the same rounds.
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -23,11 +24,20 @@ from compactai.search.trial import TrialResult
 LATENCY_KEYS = ("latency_p50_ms", "latency_p90_ms")
 
 
+def recipe_key(trial: TrialResult) -> str:
+    return json.dumps(trial.recipe, sort_keys=True, default=str)
+
+
 def contenders(trials: list[TrialResult], budget: Budget, limit: int) -> list[TrialResult]:
-    """Up to ``limit`` finished trials that meet every constraint but the latency ones, fastest first."""
+    """Up to ``limit`` finished trials that meet every constraint but the latency ones, fastest
+    first, one per recipe (the sampler may propose a recipe again; its result is reused, and it
+    is one model to measure)."""
     other = Budget([c for c in budget.constraints if c.key not in LATENCY_KEYS])
     able = [t for t in trials if t.status == "ok" and t.artifact and other.satisfied(t.figures)]
-    return sorted(able, key=lambda t: t.figures.get("latency_p90_ms", float("inf")))[:limit]
+    unique: dict[str, TrialResult] = {}
+    for trial in sorted(able, key=lambda t: t.figures.get("latency_p90_ms", float("inf"))):
+        unique.setdefault(recipe_key(trial), trial)
+    return list(unique.values())[:limit]
 
 
 def remeasure(
@@ -92,6 +102,13 @@ def interleaved_selection_figures(
     if not chosen:
         return resolved, None
     original = remeasure(baseline, [(t, load(t)) for t in chosen], config, rounds, progress)
+    measured = {recipe_key(t): t for t in chosen}
+    for trial in trials:  # repeats of a measured recipe are the same model: same figures
+        source = measured.get(recipe_key(trial))
+        if trial.status == "ok" and source is not None and source is not trial:
+            for key in LATENCY_KEYS:
+                trial.figures.setdefault(f"search_{key}", trial.figures.get(key))
+            trial.figures.update({k: source.figures[k] for k in (*LATENCY_KEYS, "latency_rounds_ms")})
     budget = requested.resolve({**baseline_figures, **original})
     rescore(trials, budget)
     report = {"rounds": rounds, "trials": [t.number for t in chosen], "baseline": original,

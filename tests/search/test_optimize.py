@@ -238,17 +238,21 @@ def test_contenders_are_remeasured_interleaved_and_relative_budget_resolved_agai
 
     baseline = digits.handle.to_onnx(tmp_path / "baseline.onnx")
     figures = {"quality": 0.99, "quality_relative": 1.0, "latency_p50_ms": 50.0, "latency_p90_ms": 60.0, "size_mb": 1.0}
-    fast = TrialResult(0, [], "ok", figures=dict(figures), artifact=str(baseline.path))
+    recipe = [{"technique": "quantize", "params": {}}]
+    fast = TrialResult(0, recipe, "ok", figures=dict(figures), artifact=str(baseline.path))
     poor = TrialResult(1, [], "ok", figures={**figures, "quality_relative": 0.5}, artifact=str(baseline.path))
+    repeat = TrialResult(2, recipe, "ok", figures=dict(figures), artifact=str(baseline.path))
     requested = parse_budget("latency_p90_ms<=0.5x", "0.99")
     resolved = requested.resolve({"latency_p90_ms": 1000.0})
     seen = []
     budget, report = interleaved_selection_figures(
-        lambda t: seen.append(t.number) or baseline, baseline, [fast, poor], requested, resolved,
+        lambda t: seen.append(t.number) or baseline, baseline, [fast, poor, repeat], requested, resolved,
         {"latency_p90_ms": 1000.0, "size_mb": 1.0}, MeasureConfig.quick(), rounds=3)
     assert seen == [0] and report["trials"] == [0]  # the low-quality trial is not a contender
     assert len(fast.figures["latency_rounds_ms"]) == 3 and fast.figures["search_latency_p90_ms"] == 60.0
     assert fast.figures["latency_p90_ms"] != 60.0 and poor.figures["latency_p90_ms"] == 60.0
+    assert repeat.figures["latency_p90_ms"] == fast.figures["latency_p90_ms"]  # a repeated recipe: measured once
+    assert repeat.figures["search_latency_p90_ms"] == 60.0 and repeat.feasible is False
     limit = budget.constraints[0].value  # 0.5x the original's p90 from the same rounds, not the 1000 ms given
     assert limit == pytest.approx(0.5 * report["baseline"]["latency_p90_ms"], rel=1e-5)
     assert fast.feasible is False  # the same model as the original cannot be within 0.5x of it

@@ -39,5 +39,9 @@ def test_contenders_are_the_trials_that_only_latency_could_rule_out():
                trial(3, 0.99, 1.2, 2.0), trial(4, 0.99, 0.1, 1.0, "failed")]
     for r in results:
         r.artifact = f"trials/{r.number}/model.onnx"
+        r.recipe = [{"technique": "prune", "params": {"ratio": r.number / 10}}]
     assert [r.number for r in contenders(results, budget, limit=5)] == [3, 1]  # fastest first
     assert [r.number for r in contenders(results, budget, limit=1)] == [3]
+    again = trial(5, 0.99, 1.2, 2.0)  # the sampler proposed trial 3's recipe again: one model, measured once
+    again.recipe, again.artifact = results[3].recipe, "trials/5/model.onnx"
+    assert [r.number for r in contenders([*results, again], budget, limit=5)] == [3, 1]
