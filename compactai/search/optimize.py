@@ -16,7 +16,7 @@ from compactai.measure import MeasureConfig, environment, make_runner, measure
 from compactai.models.handle import ModelHandle
 from compactai.results import save_model, to_jsonable
 from compactai.search.engine import SearchConfig, describe, run_search
-from compactai.search.remeasure import interleaved_selection_figures
+from compactai.search.remeasure import interleave_final, interleaved_selection_figures
 from compactai.search.select import Selection, select
 from compactai.search.space import SearchSpace, default_space
 from compactai.search.trial import StepCache, TrialResult, apply_recipe, figures_for
@@ -98,6 +98,8 @@ def optimize(
         chosen_handle = _load_artifact(handle, selection.chosen)
         chosen_final = measure_candidate(chosen_handle, task, FINAL_MEASURE_with(config), selection_split,
                                          selection_baseline)
+        interleave_final(baseline_final, chosen_final, (baseline_handle, chosen_handle), FINAL_MEASURE_with(config),
+                         config.remeasure_rounds, say)
         save_model(chosen_handle, out)
         say("per-technique contribution of the chosen pipeline")
         waterfall = build_waterfall(handle, task, selection.chosen, outcome.trials, baseline_quick, out, config,

@@ -40,6 +40,28 @@ def contenders(trials: list[TrialResult], budget: Budget, limit: int) -> list[Tr
     return list(unique.values())[:limit]
 
 
+def interleaved_latency(
+    handles: list[ModelHandle],
+    config: MeasureConfig,
+    rounds: int,
+    progress: Callable[[int], None] = lambda round_number: None,
+) -> list[dict[str, Any]]:
+    """Batch-1 ONNX Runtime latency of each of ``handles``, measured in ``rounds`` rounds that
+    visit every model in turn; per model the median p50/p90 over rounds and each round's values."""
+    feeds = {k: v[:1] for k, v in handles[0].example_inputs.items()}
+    runners = [make_runner(handle, "onnxruntime", config.threads) for handle in handles]
+    samples: list[list[tuple[float, float]]] = [[] for _ in handles]
+    for round_number in range(rounds):
+        progress(round_number)
+        for index, runner in enumerate(runners):
+            stats = measure_latency(runner, feeds, min_queries=config.min_queries, min_seconds=config.min_seconds,
+                                    warmup=config.warmup)
+            samples[index].append((stats.p50_ms, stats.p90_ms))
+    return [{"latency_p50_ms": statistics.median(s[0] for s in values),
+             "latency_p90_ms": statistics.median(s[1] for s in values),
+             "latency_rounds_ms": [{"p50": p50, "p90": p90} for p50, p90 in values]} for values in samples]
+
+
 def remeasure(
     baseline: ModelHandle,
     candidates: list[tuple[TrialResult, ModelHandle]],
@@ -50,26 +72,31 @@ def remeasure(
     """Measure batch-1 latency of ``baseline`` and every candidate in ``rounds`` interleaved rounds;
     write each candidate's medians into its figures (the search's own values kept as
     ``search_latency_*``) and return the baseline's medians."""
-    models: list[tuple[TrialResult | None, ModelHandle]] = [(None, baseline), *candidates]
-    feeds = {k: v[:1] for k, v in baseline.example_inputs.items()}
-    runners = [make_runner(handle, "onnxruntime", config.threads) for _, handle in models]
-    samples: list[list[tuple[float, float]]] = [[] for _ in models]
-    for round_number in range(rounds):
-        progress(f"re-measuring the original and {len(candidates)} contender(s), round {round_number + 1}/{rounds}")
-        for index, runner in enumerate(runners):
-            stats = measure_latency(runner, feeds, min_queries=config.min_queries, min_seconds=config.min_seconds,
-                                    warmup=config.warmup)
-            samples[index].append((stats.p50_ms, stats.p90_ms))
-    medians = [{"latency_p50_ms": statistics.median(s[0] for s in values),
-                "latency_p90_ms": statistics.median(s[1] for s in values)} for values in samples]
-    for (trial, _), values, median in zip(models, samples, medians):
-        if trial is None:
-            continue
+    measured = interleaved_latency(
+        [baseline, *(handle for _, handle in candidates)], config, rounds,
+        lambda r: progress(f"re-measuring the original and {len(candidates)} contender(s), round {r + 1}/{rounds}"))
+    for (trial, _), figures in zip(candidates, measured[1:]):
         for key in LATENCY_KEYS:
             trial.figures.setdefault(f"search_{key}", trial.figures.get(key))
-        trial.figures.update(median)
-        trial.figures["latency_rounds_ms"] = [{"p50": p50, "p90": p90} for p50, p90 in values]
-    return {**medians[0], "rounds": rounds}
+        trial.figures.update(figures)
+    return {k: measured[0][k] for k in LATENCY_KEYS} | {"rounds": rounds}
+
+
+def interleave_final(baseline: dict[str, Any], chosen: dict[str, Any], handles: tuple[ModelHandle, ModelHandle],
+                     config: MeasureConfig, rounds: int, progress: Callable[[str], None] = lambda m: None) -> None:
+    """The final original-vs-chosen comparison: each model's full measurement ran once, at its own
+    moment; re-time both in ``rounds`` interleaved rounds and report the medians as their p50/p90
+    (the single run's values are kept as ``single_run_latency_*``; its samples still feed the
+    latency distribution plot)."""
+    if rounds < 1:
+        return
+    measured = interleaved_latency(list(handles), config, rounds,
+                                   lambda r: progress(f"final latency, original and chosen in turn: round {r + 1}/{rounds}"))
+    for figures, medians in zip((baseline, chosen), measured):
+        for key in LATENCY_KEYS:
+            figures[f"single_run_{key}"] = figures.get(key)
+        figures.update(medians)
+        figures["latency_rounds"] = rounds
 
 
 def rescore(trials: list[TrialResult], budget: Budget) -> None:
@@ -117,4 +144,5 @@ def interleaved_selection_figures(
     return budget, report
 
 
-__all__ = ["contenders", "interleaved_selection_figures", "remeasure", "rescore"]
+__all__ = ["contenders", "interleave_final", "interleaved_latency", "interleaved_selection_figures", "remeasure",
+           "rescore"]

@@ -58,6 +58,9 @@ def test_optimize_writes_model_results_and_report(finished_run):
     chosen = data["chosen"]
     assert chosen["figures"]["quality_relative"] >= 0.99
     assert data["baseline"]["latency_queries"] >= 50
+    for figures in (data["baseline"], chosen["figures"]):  # original and chosen re-timed in turn, medians reported
+        assert figures["latency_rounds"] == 3 and len(figures["latency_rounds_ms"]) == 3
+        assert figures["single_run_latency_p90_ms"] > 0 and figures["latency_p90_ms"] > 0
     assert data["waterfall"][0]["step"] == "original"
     assert set(data["selection"]["pareto_front"]) <= {t["number"] for t in data["trials"]}
     html = (out / "report.html").read_text()
