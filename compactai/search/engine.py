@@ -93,12 +93,17 @@ def _study_exists(url: str) -> bool:
         return False
 
 
+REPEAT_ATTR = "repeat_of"  # set on a trial whose recipe an earlier trial already ran
+MAX_REPEATS_IN_A_ROW = 10  # the sampler proposing only known recipes: the space is exhausted
+
+
 def finished_results(study: Any) -> list[TrialResult]:
-    """Results of every finished trial in the study (from its stored user attributes)."""
+    """Results of every finished trial in the study (from its stored user attributes), one per
+    recipe: a repeat the sampler proposed is kept in the study, not among the results."""
     results = []
     for trial in study.get_trials(deepcopy=False):
         data = trial.user_attrs.get(RESULT_ATTR)
-        if data and trial.state.is_finished():
+        if data and trial.state.is_finished() and REPEAT_ATTR not in trial.user_attrs:
             results.append(TrialResult.from_dict(json.loads(data) if isinstance(data, str) else data))
     return sorted(results, key=lambda r: r.number)
 
@@ -150,14 +155,21 @@ def run_search(
     executor = make_executor(config, handle, task, budget, out_dir, source=source,
                              selection_baseline=selection_baseline)
     seen: dict[str, TrialResult] = {json.dumps(r.recipe, sort_keys=True): r for r in finished_results(study)}
-    stopped_by, interrupted = "max_trials", False
+    stopped_by, interrupted, repeats_in_a_row = "max_trials", False, 0
     previous_handler = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         while True:
-            done = len([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
+            # repeats of a finished recipe cost nothing and do not count: max_trials distinct recipes
+            done = len([t for t in study.get_trials(deepcopy=False)
+                        if t.state.is_finished() and REPEAT_ATTR not in t.user_attrs])
             if done >= config.max_trials:
                 stopped_by = "max_trials"
+                break
+            if repeats_in_a_row >= MAX_REPEATS_IN_A_ROW:
+                stopped_by = "exhausted"
+                say(f"the sampler proposed only recipes already run {MAX_REPEATS_IN_A_ROW} times in a row: "
+                    "the search space looks exhausted")
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 stopped_by = "time"
@@ -168,17 +180,21 @@ def run_search(
                 trial = study.ask()
                 recipe = space.sample(trial)
                 asked.append((trial, recipe))
-                say(f"trial {trial.number + 1}/{config.max_trials}: {describe(recipe)}")
+                if json.dumps(recipe, sort_keys=True) not in seen:
+                    say(f"trial {done + len(asked)}/{config.max_trials}: {describe(recipe)}")
             results: dict[int, TrialResult] = {}
             jobs = []
             for trial, recipe in asked:
                 key = json.dumps(recipe, sort_keys=True)
-                if key in seen:  # identical recipe: reuse the measured result (content-addressed)
+                if key in seen:  # identical recipe: tell the sampler the measured result again (content-addressed)
                     previous = seen[key]
                     results[trial.number] = TrialResult.from_dict(
                         {**previous.to_dict(), "number": trial.number, "seconds": 0.0, "cached_steps": len(recipe)})
+                    trial.set_user_attr(REPEAT_ATTR, previous.number)
+                    repeats_in_a_row += 1
                 else:
                     jobs.append((trial.number, recipe))
+                    repeats_in_a_row = 0
             for result in executor.run_many(jobs, deadline):
                 results[result.number] = result
             for trial, recipe in asked:
@@ -186,12 +202,12 @@ def run_search(
                 trial.set_user_attr(RESULT_ATTR, json.dumps(result.to_dict()))
                 trial.set_user_attr("recipe", describe(recipe))
                 if result.status == "ok":
-                    seen[json.dumps(recipe, sort_keys=True)] = result
+                    seen.setdefault(json.dumps(recipe, sort_keys=True), result)
                     trial.set_constraint("budget_violation", result.violation)
                     study.tell(trial, objective_values(result))
                 else:
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                if on_trial is not None:
+                if on_trial is not None and REPEAT_ATTR not in trial.user_attrs:
                     on_trial(result)
     except KeyboardInterrupt:
         interrupted, stopped_by = True, "interrupt"

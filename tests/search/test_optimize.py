@@ -175,7 +175,11 @@ def test_killed_run_resumes_without_repeating_finished_trials(tmp_path):
     subprocess.run([sys.executable, str(script)], cwd=tmp_path, check=True, timeout=600)
     data = json.loads((out / "results.json").read_text())
     numbers = [t["number"] for t in data["trials"]]
-    assert len(numbers) == 6 == len(set(numbers))
+    ran = [json.dumps(t["recipe"], sort_keys=True) for t in data["trials"] if t["status"] == "ok"]
+    # 6 trials (the one killed mid-way is recorded as failed), each finished recipe once; or fewer when
+    # the sampler ran out of new recipes (the space is small)
+    assert len(numbers) == len(set(numbers)) and len(ran) == len(set(ran))
+    assert len(numbers) == 6 or data["search"]["stopped_by"] == "exhausted"
     with sqlite3.connect(out / "study.db") as con:
         after = dict(con.execute(
             "select t.number, a.value_json from trials t join trial_user_attributes a on a.trial_id = t.trial_id "
@@ -262,3 +266,13 @@ def test_contenders_are_remeasured_interleaved_and_relative_budget_resolved_agai
     none, nothing = interleaved_selection_figures(lambda t: baseline, baseline, [fast], requested, resolved, {},
                                                   MeasureConfig.quick(), rounds=0)
     assert none is resolved and nothing is None
+
+
+def test_repeated_recipes_do_not_use_up_the_trial_budget(digits, round_technique, tmp_path):
+    """The test space has 4 recipes (skip, or bits 2/4/8): asking for 6 gets the 4, then the
+    search stops as exhausted instead of filling the budget with repeats."""
+    results = optimize(digits.handle, digits.task, parse_budget("", "0.5"), tmp_path / "run",
+                       quick_config(max_trials=6, remeasure_rounds=0), space=space())
+    recipes = [json.dumps(t["recipe"], sort_keys=True) for t in results["trials"]]
+    assert len(recipes) == len(set(recipes)) == 4
+    assert results["search"]["stopped_by"] == "exhausted"
