@@ -29,6 +29,7 @@ import torch
 
 from compactai import load_example, measure
 from compactai.measure import MeasureConfig
+from compactai.measure import interleaved_latency as measure_in_turn
 from compactai.results import to_jsonable
 from compactai.techniques import Context, available_techniques, create_technique
 from compactai.techniques.distill.students import drop_layers, parameter_count
@@ -55,16 +56,12 @@ def interleaved_latency(rows: list[dict[str, Any]], handles: list[Any], rounds: 
     if rounds <= 0:
         return
     config = MeasureConfig(min_queries=200, min_seconds=1.0, memory=False, energy=False, quality=False)
-    samples: list[list[tuple[float, float]]] = [[] for _ in handles]
-    for round_number in range(rounds):
-        log(f"latency round {round_number + 1}/{rounds}")
-        for i, handle in enumerate(handles):
-            m = measure(handle, None, runtime="onnxruntime", config=config)
-            samples[i].append((m.latency_p50_ms, m.latency_p90_ms))
-    for row, values in zip(rows, samples):
-        row["latency_rounds_p50_ms"] = [v[0] for v in values]
-        row["latency_p50_ms"] = statistics.median(v[0] for v in values)
-        row["latency_p90_ms"] = statistics.median(v[1] for v in values)
+    measured = measure_in_turn([h.to_onnx() for h in handles], config, rounds,
+                               lambda r: log(f"latency round {r + 1}/{rounds}"))
+    for row, figures in zip(rows, measured):
+        row["latency_rounds_p50_ms"] = [v["p50"] for v in figures["latency_rounds_ms"]]
+        row["latency_p50_ms"] = figures["latency_p50_ms"]
+        row["latency_p90_ms"] = figures["latency_p90_ms"]
 
 
 def distill(handle: Any, task: Any, work: Path, seed: int = 0, **params: Any) -> tuple[Any, dict[str, Any]]:

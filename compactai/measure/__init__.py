@@ -22,7 +22,7 @@ from compactai.models.handle import ModelHandle
 
 __all__ = [
     "RUNTIMES", "LatencyStats", "MeasureConfig", "Measurement", "OnnxRuntimeRunner", "Runner", "TorchRunner",
-    "batch_feeds", "count_macs", "default_threads", "environment", "make_runner", "measure", "measure_latency",
+    "batch_feeds", "count_macs", "default_threads", "environment", "interleaved_latency", "make_runner", "measure", "measure_latency",
     "measure_throughput", "parameter_count", "size_on_disk",
 ]
 
@@ -84,6 +84,31 @@ class Measurement:
         if not samples:
             data.pop("latency_samples_ms")
         return data
+
+
+def interleaved_latency(
+    handles: list[ModelHandle],
+    config: MeasureConfig,
+    rounds: int,
+    progress: Callable[[int], None] = lambda round_number: None,
+) -> list[dict[str, Any]]:
+    """Batch-1 ONNX Runtime latency of each of ``handles``, measured in ``rounds`` rounds that
+    visit every model in turn (load that comes and goes on a shared machine then hits all models
+    alike); per model the median p50/p90 over rounds and each round's values."""
+    import statistics
+
+    feeds = {k: v[:1] for k, v in handles[0].example_inputs.items()}
+    runners = [make_runner(handle, "onnxruntime", config.threads) for handle in handles]
+    samples: list[list[tuple[float, float]]] = [[] for _ in handles]
+    for round_number in range(rounds):
+        progress(round_number)
+        for index, runner in enumerate(runners):
+            stats = measure_latency(runner, feeds, min_queries=config.min_queries, min_seconds=config.min_seconds,
+                                    warmup=config.warmup)
+            samples[index].append((stats.p50_ms, stats.p90_ms))
+    return [{"latency_p50_ms": statistics.median(s[0] for s in values),
+             "latency_p90_ms": statistics.median(s[1] for s in values),
+             "latency_rounds_ms": [{"p50": p50, "p90": p90} for p50, p90 in values]} for values in samples]
 
 
 def batch_feeds(example: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:

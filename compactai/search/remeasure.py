@@ -11,13 +11,11 @@ original's figure from the same rounds.
 from __future__ import annotations
 
 import json
-import statistics
 from collections.abc import Callable
 from typing import Any
 
 from compactai.budget import Budget
-from compactai.measure import MeasureConfig, make_runner
-from compactai.measure.latency import measure_latency
+from compactai.measure import MeasureConfig, interleaved_latency
 from compactai.models.handle import ModelHandle
 from compactai.search.trial import TrialResult
 
@@ -38,28 +36,6 @@ def contenders(trials: list[TrialResult], budget: Budget, limit: int) -> list[Tr
     for trial in sorted(able, key=lambda t: t.figures.get("latency_p90_ms", float("inf"))):
         unique.setdefault(recipe_key(trial), trial)
     return list(unique.values())[:limit]
-
-
-def interleaved_latency(
-    handles: list[ModelHandle],
-    config: MeasureConfig,
-    rounds: int,
-    progress: Callable[[int], None] = lambda round_number: None,
-) -> list[dict[str, Any]]:
-    """Batch-1 ONNX Runtime latency of each of ``handles``, measured in ``rounds`` rounds that
-    visit every model in turn; per model the median p50/p90 over rounds and each round's values."""
-    feeds = {k: v[:1] for k, v in handles[0].example_inputs.items()}
-    runners = [make_runner(handle, "onnxruntime", config.threads) for handle in handles]
-    samples: list[list[tuple[float, float]]] = [[] for _ in handles]
-    for round_number in range(rounds):
-        progress(round_number)
-        for index, runner in enumerate(runners):
-            stats = measure_latency(runner, feeds, min_queries=config.min_queries, min_seconds=config.min_seconds,
-                                    warmup=config.warmup)
-            samples[index].append((stats.p50_ms, stats.p90_ms))
-    return [{"latency_p50_ms": statistics.median(s[0] for s in values),
-             "latency_p90_ms": statistics.median(s[1] for s in values),
-             "latency_rounds_ms": [{"p50": p50, "p90": p90} for p50, p90 in values]} for values in samples]
 
 
 def remeasure(
@@ -144,5 +120,4 @@ def interleaved_selection_figures(
     return budget, report
 
 
-__all__ = ["contenders", "interleave_final", "interleaved_latency", "interleaved_selection_figures", "remeasure",
-           "rescore"]
+__all__ = ["contenders", "interleave_final", "interleaved_selection_figures", "remeasure", "rescore"]
