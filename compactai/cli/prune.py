@@ -30,9 +30,10 @@ def prune(
     lr: float = typer.Option(1e-3, help="Fine-tune learning rate (AdamW)."),
     kd_weight: float = typer.Option(0.0, "--kd-weight", help="Weight of KL to the unpruned model (classification)."),
     protect: list[str] = typer.Option([], "--protect", help="Layer name whose output channels are kept (repeat)."),
-    reconstruct: bool = typer.Option(False, "--reconstruct", help="Transformers, --scope ffn or ffn+heads: re-fit "
-                                     "each pruned FFN's output projection by least squares on train tokens so "
-                                     "the layer outputs stay close to the original (no fine-tuning needed)."),
+    reconstruct: bool = typer.Option(False, "--reconstruct", help="Transformers (--scope ffn, heads or "
+                                     "ffn+heads): re-fit each pruned FFN's output projection, and the attention "
+                                     "output projection of each layer that lost heads, by least squares on train "
+                                     "tokens so the layer outputs stay close to the original (no fine-tuning)."),
     reconstruct_samples: int = typer.Option(1024, "--reconstruct-samples", help="Train sequences for --reconstruct."),
     unstructured: bool = typer.Option(False, "--unstructured", help="Zero the smallest weights instead (no "
                                                                     "speed-up on dense runtimes; measured)."),
@@ -60,7 +61,7 @@ def prune(
                               "kd_weight": kd_weight, "max_batches": max_batches, "protect": list(protect)}
     if unstructured:
         if reconstruct:
-            raise ParameterError("--reconstruct re-fits layers after structured FFN pruning; drop --unstructured "
+            raise ParameterError("--reconstruct re-fits layers after structured pruning of FFN neurons or heads; drop --unstructured "
                                  "or --reconstruct.")
         technique = create_technique("unstructured_prune", ranking=ranking, **common)
     else:

@@ -240,9 +240,27 @@ def test_ffn_reconstruction_lowers_the_output_error(tiny_bert, scope):
     held_out = task.split("validation")
     assert token_error(handle, rebuilt, held_out) < 0.5 * token_error(handle, plain, held_out)
     fits = decisions(rebuilt)["steps"][0]["reconstruction"]
-    assert [f["layer"] for f in fits] == [f"encoder.encoder.layer.{i}.output.dense" for i in (0, 1)]
+    ffn_fits = [f"encoder.encoder.layer.{i}.output.dense" for i in (0, 1)]
+    assert [f["layer"] for f in fits if "attention" not in f["layer"]] == ffn_fits
     assert all(f["error_after"] < f["error_before"] and f["tokens"] > 1000 for f in fits)
     json.dumps(fits)  # plain data
+    assert_exports_with_parity(rebuilt)
+
+
+def test_head_reconstruction_refits_the_attention_output_of_layers_that_lost_heads(tiny_bert):
+    handle, task = tiny_bert
+    # heads ranked globally: the layers lose different numbers of heads, possibly none
+    settings = {"ratio": 0.25, "target": "channels", "scope": "heads", "criterion": "l2", "ranking": "global"}
+    plain = prune(handle, task, **settings)
+    rebuilt = prune(handle, task, reconstruct=True, **settings)
+    assert decisions(rebuilt)["history"] == decisions(plain)["history"]
+    narrowed = sorted({e["layer"].rsplit(".", 2)[0] for e in decisions(rebuilt)["history"]})
+    assert narrowed, "nothing was pruned"
+    fits = decisions(rebuilt)["steps"][0]["reconstruction"]
+    assert [f["layer"] for f in fits] == [f"{layer}.output.dense" for layer in narrowed]  # in forward order
+    assert all(f["error_after"] < f["error_before"] for f in fits)
+    held_out = task.split("validation")
+    assert token_error(handle, rebuilt, held_out) < 0.7 * token_error(handle, plain, held_out)
     assert_exports_with_parity(rebuilt)
 
 
@@ -259,9 +277,7 @@ def test_fluctuation_criterion_uses_activations(tiny_bert):
 
 def test_reconstruction_is_refused_where_it_does_not_apply(tiny_bert, small_handle):
     handle, task = tiny_bert
-    with pytest.raises(ParameterError, match=r"'reconstruct' parameter.*prunes heads.*scope='ffn'"):
-        prune(handle, task, ratio=0.25, scope="heads", reconstruct=True)
-    with pytest.raises(ParameterError, match=r"'reconstruct' parameter.*without attention layers"):
+    with pytest.raises(ParameterError, match=r"'reconstruct' parameter.*without attention layers.*scope='ffn', 'heads'"):
         prune(small_handle, tiny_task((1, 16, 16)), ratio=0.25, reconstruct=True)
     with pytest.raises(ParameterError, match="Reconstruction needs task data"):
         prune(handle, None, ratio=0.25, scope="ffn", reconstruct=True)

@@ -37,6 +37,40 @@ class FFN:
     down: str
 
 
+def find_attention_outputs(module: Any) -> list[FFN]:
+    """The attention output projections of a BERT-family model, in layer order: ``up`` is the
+    self-attention (its heads are the pruned unit), ``block`` its ``*.attention.output``
+    (``block(context, residual)`` adds the residual and normalises), ``down`` the projection."""
+    from torch import nn
+
+    from compactai.techniques.prune.engine import attention_modules
+
+    modules = dict(module.named_modules())
+    found = []
+    for up in attention_modules(module):
+        block = up[: -len("self")] + "output" if up.endswith(".self") else ""
+        down = modules.get(block + ".dense")
+        if block not in modules or not isinstance(down, nn.Linear):
+            raise TechniqueError(
+                f"Reconstruction needs a BERT-style attention block ('{up}' feeding an 'attention.output.dense'), "
+                f"which {type(module).__name__} does not have; use reconstruct=False."
+            )
+        found.append(FFN(up, block, block + ".dense"))
+    return found
+
+
+def find_blocks(module: Any, attention: bool = False, ffn: bool = True) -> list[FFN]:
+    """The blocks to re-fit, in forward order (a layer's attention output before its FFN)."""
+    import re
+
+    blocks = (find_attention_outputs(module) if attention else []) + (find_ffns(module) if ffn else [])
+
+    def order(block: FFN) -> tuple[int, ...]:
+        return (*(int(n) for n in re.findall(r"\.(\d+)\.", block.block)), "attention" not in block.block)
+
+    return sorted(blocks, key=order)
+
+
 def find_ffns(module: Any) -> list[FFN]:
     """The FFN blocks of a BERT-family model, in layer order (``*.intermediate.dense`` -> ``*.output.dense``)."""
     from torch import nn
@@ -181,14 +215,16 @@ def _tokens(tensor: Any, mask: Any) -> Any:
 
 
 def reconstruct_ffns(pruned: Any, original: Any, batches: Iterable[Batch], ridge: float = 1e-3,
-                     progress: Callable[[str], None] = lambda message: None) -> list[dict[str, Any]]:
-    """Re-fit each FFN down-projection of ``pruned`` (in place, layer by layer) so that its layers
-    reproduce ``original``'s on ``batches`` (model args, attention mask). Returns, per layer, the
-    mean squared error of the pre-layer-norm sum before and after the fit."""
+                     progress: Callable[[str], None] = lambda message: None,
+                     blocks: list[FFN] | None = None) -> list[dict[str, Any]]:
+    """Re-fit each FFN down-projection (or each of ``blocks``, in forward order) of ``pruned`` (in
+    place, layer by layer) so that its layers reproduce ``original``'s on ``batches`` (model args,
+    attention mask). Returns, per layer, the mean squared error of the pre-layer-norm sum before
+    and after the fit."""
     import torch
 
     batches = list(batches)
-    ffns = find_ffns(pruned)
+    ffns = find_ffns(pruned) if blocks is None else blocks
     originals = dict(original.named_modules())
     targets: list[list[Any]] = [[] for _ in ffns]  # the unpruned model's pre-layer-norm sums
     for seen in _captured(original, [f.block for f in ffns], batches, stop=False):

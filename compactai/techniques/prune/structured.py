@@ -3,8 +3,9 @@
 One-shot (``steps=1``) or iterative (prune a step, fine-tune, repeat) to a target given as a
 fraction of channels/neurons/heads, of parameters, of MACs, or of *measured* ONNX Runtime
 batch-1 p50 latency. The result is an ordinary, smaller ``nn.Module``. On BERT-family encoders
-``reconstruct=True`` re-fits each pruned FFN's output projection by least squares on calibration
-tokens (``reconstruct.py``), which keeps light FFN pruning faithful without fine-tuning.
+``reconstruct=True`` re-fits by least squares on calibration tokens (``reconstruct.py``) each
+pruned FFN's output projection and, where heads were removed, the attention output projection,
+which keeps light pruning faithful without fine-tuning.
 """
 
 from __future__ import annotations
@@ -44,7 +45,14 @@ from compactai.techniques.prune.importance import (
     get_criterion,
     task_gradients,
 )
-from compactai.techniques.prune.reconstruct import calibration_batches, find_ffns, reconstruct_ffns
+from compactai.techniques.prune.reconstruct import (
+    FFN,
+    calibration_batches,
+    find_attention_outputs,
+    find_blocks,
+    find_ffns,
+    reconstruct_ffns,
+)
 from compactai.techniques.prune.schedule import TARGETS, solve
 
 
@@ -91,19 +99,33 @@ ACTIVATION_SAMPLES = 256  # sequences for the fluctuation criterion's input vari
 
 
 def check_reconstructable(module: Any, scope: str) -> None:
-    """Raise ParameterError unless ``reconstruct=True`` applies: FFN neurons of a BERT-family model."""
+    """Raise ParameterError unless ``reconstruct=True`` applies: FFN neurons or attention heads
+    of a BERT-family model."""
     resolved = resolve_scope(module, scope)
-    if "ffn" not in resolved:
+    if resolved == "channels":
         raise ParameterError(
-            f"The 'reconstruct' parameter of StructuredPrune re-fits transformer FFN layers after their neurons "
-            f"are removed, but this run prunes {resolved}"
-            f"{' (a model without attention layers)' if resolved == 'channels' else ''}. "
-            "Use scope='ffn' or 'ffn+heads' on a BERT-family model, or reconstruct=False."
+            "The 'reconstruct' parameter of StructuredPrune re-fits transformer layers after their FFN neurons "
+            "or attention heads are removed, but this run prunes channels (a model without attention layers). "
+            "Use scope='ffn', 'heads' or 'ffn+heads' on a BERT-family model, or reconstruct=False."
         )
     try:
-        find_ffns(module)
+        find_ffns(module) if "ffn" in resolved else None
+        find_attention_outputs(module) if "heads" in resolved else None
     except TechniqueError as exc:
         raise ParameterError(str(exc)) from exc
+
+
+def reconstruction_blocks(pruned: Any, original: Any, scope: str) -> list[FFN]:
+    """What to re-fit, in forward order: every FFN output projection when FFN neurons are pruned,
+    and the attention output projection of each layer that lost heads. (Re-fitting attention
+    outputs of layers that kept their heads did not help: on MiniLM at 5% FFN it went from
+    0.9912 to 0.9907 min cosine, an over-fit to the calibration tokens.)"""
+    resolved = resolve_scope(pruned, scope)
+    originals, modules = dict(original.named_modules()), dict(pruned.named_modules())
+    narrowed = {b.up for b in (find_attention_outputs(pruned) if "heads" in resolved else [])
+                if modules[b.down].in_features < originals[b.down].in_features}
+    blocks = find_blocks(pruned, attention="heads" in resolved, ffn="ffn" in resolved)
+    return [b for b in blocks if "attention" not in b.block or b.up in narrowed]
 
 
 @register_technique
@@ -114,8 +136,9 @@ class StructuredPrune(Technique):
     ``ratio`` is the fraction of the ``target`` quantity to remove (channels, params, macs, or
     measured ORT latency). ``steps > 1`` prunes iteratively, fine-tuning ``finetune_epochs``
     after each step on the task's train split (best validation checkpoint kept).
-    ``reconstruct=True`` (FFN scopes of BERT-family models) re-fits the FFN output projections on
-    ``reconstruct_samples`` train sequences after each step, before any fine-tuning.
+    ``reconstruct=True`` (BERT-family models) re-fits the FFN output projections and the attention
+    output projections of layers that lost heads on ``reconstruct_samples`` train sequences after
+    each step, before any fine-tuning.
     """
 
     name = "structured_prune"
@@ -140,7 +163,7 @@ class StructuredPrune(Technique):
         "taylor_batches": IntParam(1, 1000, 4),
         "loss": AnyParam(None),  # fine-tune loss(student, teacher, labels, feeds); default per task
         "augment": AnyParam(None),  # callable(list of input tensors) -> list, for fine-tuning batches
-        "reconstruct": ChoiceParam((False, True), False),  # least-squares re-fit of pruned FFNs (transformers)
+        "reconstruct": ChoiceParam((False, True), False),  # least-squares re-fit of pruned FFNs/heads (transformers)
         "reconstruct_samples": IntParam(16, 100_000, 1024),  # sequences of the train split for the re-fit
     }
     searchable = ("ratio", "criterion", "ranking")
@@ -271,10 +294,12 @@ class StructuredPrune(Technique):
             if task is not None and recalibrate_batchnorm(module, handle.input_names, task, seed=context.seed):
                 record["batchnorm_recalibrated"] = True
             if params["reconstruct"]:
-                context.progress(f"pruning step {step}: least-squares reconstruction of the FFN outputs")
+                context.progress(f"pruning step {step}: least-squares reconstruction of the pruned layers' outputs")
                 batches = calibration_batches(task, handle.input_names, params["reconstruct_samples"],
                                               seed=context.seed + step)
-                record["reconstruction"] = reconstruct_ffns(module, original, batches, progress=context.progress)
+                record["reconstruction"] = reconstruct_ffns(
+                    module, original, batches, progress=context.progress,
+                    blocks=reconstruction_blocks(module, original, scope))
             if params["finetune_epochs"] > 0 and task is not None:
                 context.progress(f"pruning step {step}: fine-tuning {params['finetune_epochs']} epoch(s)")
                 record["finetune"] = finetune(
