@@ -9,8 +9,12 @@
 4. MiniLM, 5/10/20% of FFN neurons, no fine-tuning: validation fidelity with and without
    least-squares reconstruction (l2 and fluctuation criteria), ORT batch-1 and batch-32 latency
    of the pruned and unpruned models, measured in interleaved rounds.
+5. MiniLM, pruning as a second stage before dynamic int8 (what `compactai optimize` searches):
+   FFN neurons or attention heads removed with reconstruction, then int8; fidelity to the fp32
+   model before and after int8, against the quantization fidelity bar (validation cosine
+   min >= 0.99, mean >= 0.997), and batch-1 latency paired with int8 alone in interleaved rounds.
 
-Run:  .venv/bin/python benchmarks/pruning.py [--quick] [--only digits,minilm,sparse,reconstruct]
+Run:  .venv/bin/python benchmarks/pruning.py [--quick] [--only digits,minilm,sparse,reconstruct,second_stage]
 Latency measurements take /tmp/compactai-bench.lock so only one benchmark measures at a time;
 when the caller already holds it (flock /tmp/compactai-bench.lock ... --lock-held), they don't.
 Writes benchmarks/results/pruning.json, keeping the cases of earlier runs that were not re-run.
@@ -217,6 +221,59 @@ def minilm_reconstruct(quick: bool) -> dict[str, Any]:
             "load_average_1min": {"before_latency": load_before, "after_latency": os.getloadavg()[0]}}
 
 
+FIDELITY_BAR = {"cosine_min": 0.99, "cosine_mean": 0.997}  # the quantization issue's bar
+
+
+def minilm_second_stage(quick: bool) -> dict[str, Any]:
+    """Does any pruning stage before int8 keep the fidelity bar and beat int8 alone on speed?"""
+    example = compactai.load_example("minilm")
+    handle, task = example.handle, example.task
+    stages = [("ffn", 0.03), ("ffn", 0.05), ("ffn", 0.1), ("heads", 0.05), ("heads", 0.1)]
+    if quick:
+        stages = [("ffn", 0.05), ("heads", 0.05)]
+    int8 = {"mode": "dynamic", "per_channel": True}
+    quantized, _, seconds = run_technique("quantize", handle, task, **int8)
+    rows = [{"pipeline": "int8 alone", "seconds": seconds,
+             "int8": task.evaluate(make_runner(quantized, "onnxruntime"), split="validation").details}]
+    models = {"int8 alone": quantized}
+    for scope, ratio in stages:
+        label = f"{scope} -{ratio:.0%} -> int8"
+        pruned, decisions, seconds = run_technique(
+            "structured_prune", handle, task, ratio=ratio, target="channels", scope=scope, ranking="global",
+            criterion="fluctuation", reconstruct=True, reconstruct_samples=256 if quick else 1024)
+        both, _, more = run_technique("quantize", pruned, task, **int8)
+        rows.append({"pipeline": label, "seconds": seconds + more, "removed": sum(e["count"] for e in
+                                                                                   decisions["history"]),
+                     "float": task.evaluate(make_runner(pruned, "onnxruntime"), split="validation").details,
+                     "int8": task.evaluate(make_runner(both, "onnxruntime"), split="validation").details})
+        models[label] = both
+        print(f"  {label}: float cosine_min {rows[-1]['float']['cosine_min']:.4f}, int8 "
+              f"{rows[-1]['int8']['cosine_min']:.4f} / {rows[-1]['int8']['cosine_mean']:.4f}")
+    latency = interleaved_latency(models, (1,), 3 if quick else 8, quick)
+    for row in rows:
+        timing = latency[row["pipeline"]]
+        paired = [q / m for q, m in zip(latency["int8 alone"]["ort_b1_p50_rounds_ms"], timing["ort_b1_p50_rounds_ms"])]
+        row.update(ort_b1_p50_ms=timing["ort_b1_p50_ms"], ort_b1_p90_ms=timing["ort_b1_p90_ms"],
+                   speedup_vs_int8=statistics.median(paired), speedup_range=[min(paired), max(paired)],
+                   meets_bar=all(row["int8"][k] >= v for k, v in FIDELITY_BAR.items()))
+    return {"name": "minilm, pruning + reconstruction before dynamic int8 (per-channel), against int8 alone",
+            "split": "validation", "bar": FIDELITY_BAR, "environment": environment(), "quick": quick,
+            "rows": rows}
+
+
+def print_second_stage(case: dict[str, Any]) -> None:
+    print(f"\n## {case['name']}")
+    print("| pipeline | float cos min | int8 cos min | int8 cos mean | meets bar | ORT b1 p50 ms | "
+          "speed-up vs int8 alone (range) |")
+    print("|---|---|---|---|---|---|---|")
+    for row in case["rows"]:
+        low, high = row["speedup_range"]
+        floating = f"{row['float']['cosine_min']:.4f}" if "float" in row else "-"
+        print(f"| {row['pipeline']} | {floating} | {row['int8']['cosine_min']:.4f} | {row['int8']['cosine_mean']:.4f} "
+              f"| {'yes' if row['meets_bar'] else 'no'} | {row['ort_b1_p50_ms']:.2f} | "
+              f"{row['speedup_vs_int8']:.2f}x ({low:.2f}-{high:.2f}) |")
+
+
 def print_reconstruct(case: dict[str, Any]) -> None:
     latency = case["latency"]
     print(f"\n## {case['name']}")
@@ -275,7 +332,7 @@ def print_case(case: dict[str, Any]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="Few queries and fine-tune batches (smoke run).")
-    parser.add_argument("--only", default="digits,sparse,minilm,reconstruct")
+    parser.add_argument("--only", default="digits,sparse,minilm,reconstruct,second_stage")
     parser.add_argument("--lock-held", action="store_true", help=f"The caller holds {LOCK} (flock ... python "
                         "benchmarks/pruning.py --lock-held): measure without taking it again.")
     args = parser.parse_args()
@@ -284,7 +341,7 @@ def main() -> int:
     LOCK_HELD = args.lock_held
     wanted = args.only.split(",")
     cases = {"digits": digits_structured, "sparse": digits_unstructured, "minilm": minilm_ffn,
-             "reconstruct": minilm_reconstruct}
+             "reconstruct": minilm_reconstruct, "second_stage": minilm_second_stage}
     results: dict[str, Any] = {"environment": environment(), "quick": args.quick, "cases": {}}
     if RESULTS.exists():  # cases not re-run keep their earlier figures
         results["cases"] = json.loads(RESULTS.read_text()).get("cases", {})
@@ -294,6 +351,8 @@ def main() -> int:
             results["cases"][name] = case = run(args.quick)
             if name == "reconstruct":
                 print_reconstruct(case)
+            elif name == "second_stage":
+                print_second_stage(case)
             else:
                 print_case(case)
             save(results)  # after every case: a long run keeps what it measured
@@ -331,6 +390,13 @@ def main() -> int:
             summary.append(f"minilm FFN {ratio:.0%}, no fine-tuning: cosine_min {plain['cosine_min']:.3f} (l2) -> "
                            f"{best['cosine_min']:.3f} ({best['criterion']}"
                            f"{' + reconstruction' if best['reconstruct'] else ''}){speed}")
+    if "second_stage" in results["cases"]:
+        rows = results["cases"]["second_stage"]["rows"]
+        faster = [r for r in rows[1:] if r["meets_bar"] and r["speedup_vs_int8"] > 1]
+        summary.append("minilm prune -> int8: " + (", ".join(f"{r['pipeline']} keeps the fidelity bar at "
+                                                            f"{r['speedup_vs_int8']:.2f}x int8 alone" for r in faster)
+                                                 or "no pruning stage keeps the fidelity bar ("
+                       + ", ".join(f"{r['pipeline']} {r['int8']['cosine_min']:.4f}" for r in rows) + " cosine min)"))
     print("\n## Summary")
     for line in summary:
         print(f"- {line}")

@@ -103,3 +103,39 @@ def test_minilm_int8_fuses_attention_and_outlier_scaling_lifts_fidelity(minilm, 
     assert config._attn_implementation == "sdpa"  # the torch model keeps its own attention
     assert results["on"]["cosine_min"] > results["off"]["cosine_min"] + 0.002, results
     assert results["on"]["cosine_mean"] >= 0.996, results
+
+
+def test_head_pruned_encoder_still_gets_fused_attention(tmp_path):
+    """Layers that kept different numbers of heads: ORT's fusion would fall back to one model-wide
+    count and fuse nothing; the head counts spelled out in the graph let every layer fuse."""
+    from transformers import BertConfig, BertModel
+
+    from compactai.models.load import SentenceEncoder
+    from compactai.tasks import EmbeddingFidelity, Task
+    from compactai.techniques.prune.engine import attention_modules
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 100, (48, 12))
+    mask = (np.arange(12)[None, :] < rng.integers(4, 13, 48)[:, None]).astype(np.int64)
+    data = Split({"input_ids": ids * mask, "attention_mask": mask})
+    model = BertModel(config).eval()
+    with torch.no_grad():  # trained-looking biases: all-zero ones would be shared by the exporter
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.02)
+    handle = load_model(SentenceEncoder(model).eval(), {k: v[:2] for k, v in data.inputs.items()}, name="tiny-bert")
+    task = Task("tiny", EmbeddingFidelity(handle.run_torch), {"calibration": data, "validation": data},
+                eval_split="validation")
+    pruned = create_technique("structured_prune", ratio=0.25, target="channels", scope="heads", criterion="l2",
+                              ranking="global", protect_first=False).apply(handle, Context(task=task, work_dir=tmp_path))
+    heads = [a.num_attention_heads for a in attention_modules(pruned.module).values()]
+    assert heads != [4, 4], heads
+    quantized = create_technique("quantize", mode="dynamic", outlier_scaling="off").apply(
+        pruned, Context(task=task, work_dir=tmp_path / "q"))
+    assert quantized.metadata["quantize"]["preprocess"].startswith("attention fusion (2 layers)")
+    graph = onnx.load(str(quantized.path)).graph
+    assert sum(n.op_type == "QAttention" for n in graph.node) == 2
+    assert task.evaluate(make_runner(quantized)).details["cosine_min"] > 0.99

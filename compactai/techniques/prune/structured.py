@@ -245,7 +245,8 @@ class StructuredPrune(Technique):
         before = {"params": count_params(module), params["target"]: start_value}
         history: list[dict[str, Any]] = []
         steps: list[dict[str, Any]] = []
-        loss = params["loss"] or (default_loss(task, params["kd_weight"]) if task is not None else None)
+        loss = params["loss"] or (default_loss(task, params["kd_weight"])
+                                  if task is not None and params["finetune_epochs"] > 0 else None)
         stopped = None
         for step in range(1, params["steps"] + 1):
             if step > 1 and context.out_of_time():

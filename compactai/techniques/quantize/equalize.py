@@ -137,3 +137,71 @@ def residual_adds_as_sum(path: Path) -> int:
     if changed:
         onnx.save(model, str(path))
     return changed
+
+
+def explicit_head_counts(source: Path, target: Path) -> int:
+    """Write ``source`` to ``target`` with each attention reshape's head count spelled out.
+
+    Hugging Face encoders reshape Q/K/V to ``(batch, seq, -1, head_size)``. ONNX Runtime's
+    attention fusion reads the head count from that shape and, finding ``-1``, falls back to one
+    model-wide count, so an encoder whose layers kept different numbers of heads (after head
+    pruning) gets no fused attention at all and runs slower once quantized. Replacing the ``-1``
+    by the layer's own count (the width of the projection feeding the reshape / head size) lets
+    the fusion detect every layer. Returns how many reshapes changed; ``target`` is written even
+    when none did.
+    """
+    import onnx
+    import onnx.helper
+    from onnx import numpy_helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    initializers = {i.name: i for i in graph.initializer}
+
+    def constant(name: str) -> np.ndarray | None:
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name])
+        node = producers.get(name)
+        if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+        if node is not None and node.op_type == "Identity":  # the exporter aliases equal initializers
+            return constant(node.input[0])
+        return None
+
+    def width(name: str) -> int | None:
+        """Output width of a biased projection (MatMul + Add with a constant 1-D bias)."""
+        node = producers.get(name)
+        if node is None or node.op_type != "Add":
+            return None
+        for value in (constant(i) for i in node.input):
+            if value is not None and value.ndim == 1:
+                return int(value.shape[0])
+        return None
+
+    changed = 0
+    nodes = []
+    for node in graph.node:
+        concat = producers.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
+        if concat is not None and concat.op_type == "Concat" and len(concat.input) == 4:
+            heads, size = constant(concat.input[2]), constant(concat.input[3])
+            projection = width(node.input[0])
+            head_size = int(size.reshape(-1)[0]) if size is not None and size.size == 1 else 0
+            if (heads is not None and heads.size == 1 and int(heads.reshape(-1)[0]) == -1 and projection
+                    and head_size > 0 and projection % head_size == 0):
+                # the exporter shares one shape Concat between reshapes (and layers): each gets its own
+                name = f"{node.name or node.output[0]}/explicit_heads"
+                graph.initializer.append(numpy_helper.from_array(
+                    np.array([projection // head_size], dtype=heads.dtype).reshape(heads.shape), name))
+                inputs = list(concat.input)
+                inputs[2] = name
+                axis = next((a.i for a in concat.attribute if a.name == "axis"), 0)
+                nodes.append(onnx.helper.make_node("Concat", inputs, [name + "/shape"], name=name + "/concat",
+                                                   axis=axis))
+                node.input[1] = name + "/shape"
+                changed += 1
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(target))
+    return changed

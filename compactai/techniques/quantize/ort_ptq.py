@@ -108,17 +108,29 @@ def preprocess(source: Path, target: Path, kind: str = "generic", heads: int = 0
     """Graph pre-processing before quantizing; returns what was done.
 
     Transformers go through ONNX Runtime's transformer optimizer with attention fusion only
-    (given ``heads``/``hidden`` of the encoder; the Attention op quantizes to the fused
-    QAttention kernel), and their residual Add before each LayerNorm is written as Sum (see
+    (given ``heads``/``hidden`` of the encoder, or, when its layers kept different numbers of
+    heads, each layer's own count spelled out in the graph by :func:`~compactai.techniques.
+    quantize.equalize.explicit_head_counts`; the Attention op quantizes to the fused QAttention
+    kernel), and their residual Add before each LayerNorm is written as Sum (see
     :func:`~compactai.techniques.quantize.equalize.residual_adds_as_sum`). Every model then gets
     ORT's ``quant_pre_process`` (shape inference, constant folding, Conv+BN folding). A step
     that fails is skipped, never fatal: the model is still valid without it.
     """
-    from compactai.techniques.quantize.equalize import residual_adds_as_sum
+    from compactai.techniques.quantize.equalize import explicit_head_counts, residual_adds_as_sum
 
     done = []
     current = source
-    if kind == "transformer" and heads > 0 and hidden > 0:
+    explicit = 0
+    if kind == "transformer":
+        spelled = target.with_name(target.stem + ".heads.onnx")
+        try:
+            explicit = explicit_head_counts(source, spelled)
+            current = spelled
+        except Exception as exc:  # an unusual graph: fuse with the model-wide counts, or not at all
+            log.info("explicit head counts skipped: %s", exc)
+        if not (heads > 0 and hidden > 0):
+            heads = hidden = 0  # layers differ (head pruning): the fusion reads each layer's own count
+    if kind == "transformer" and (heads > 0 or explicit):
         try:
             from onnxruntime.transformers.fusion_options import FusionOptions
             from onnxruntime.transformers.optimizer import optimize_model
@@ -148,6 +160,8 @@ def preprocess(source: Path, target: Path, kind: str = "generic", heads: int = 0
                 optimized.save_model_to_file(str(fused.resolve()))
             finally:
                 os.chdir(previous)
+            if current != source:
+                current.unlink(missing_ok=True)
             current = fused
             attention = sum(1 for n in optimized.model.graph.node if n.op_type == "Attention")
             done.append(f"attention fusion ({attention} layers)")
