@@ -182,7 +182,7 @@ class StructuredPrune(Technique):
         fine-tune there: on MiniLM after reconstruction (10%, 150 batches at lr 3e-5) it did not
         raise the validation score above the reconstructed start, so it only cost minutes."""
         if kind == "transformer":
-            return {"target": "channels", "scope": "ffn", "ratio": FloatParam(0.05, 0.3, 0.1),
+            return {"target": "channels", "scope": "ffn", "ratio": FloatParam(0.03, 0.3, 0.1),
                     "criterion": "fluctuation", "reconstruct": True, "finetune_epochs": 0}
         return {"target": "macs", "finetune_epochs": 3, "kd_weight": 0.5}
 
