@@ -276,7 +276,7 @@ def test_fluctuation_criterion_uses_activations(tiny_bert):
 
 
 def test_reconstruction_is_refused_where_it_does_not_apply(tiny_bert, small_handle):
-    handle, task = tiny_bert
+    handle, _ = tiny_bert
     with pytest.raises(ParameterError, match=r"'reconstruct' parameter.*without attention layers.*scope='ffn', 'heads'"):
         prune(small_handle, tiny_task((1, 16, 16)), ratio=0.25, reconstruct=True)
     with pytest.raises(ParameterError, match="Reconstruction needs task data"):
