@@ -166,9 +166,12 @@ def interleaved_latency(handles: dict[str, Any], batches: tuple[int, ...], round
     runners = {label: make_runner(handle.to_onnx(), "onnxruntime") for label, handle in handles.items()}
     samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
     with bench_lock():
-        for _ in range(rounds):
+        labels = list(handles)
+        for round_number in range(rounds):
+            start = round_number % len(labels)  # each round starts one model further along
             for batch in batches:
-                for label, handle in handles.items():
+                for label in labels[start:] + labels[:start]:
+                    handle = handles[label]
                     single = {k: v[:1] for k, v in handle.example_inputs.items()}
                     feeds = batch_feeds(single, batch) if batch > 1 else single
                     stats = measure_latency(runners[label], feeds, min_queries=(50 if quick else 200) // batch + 5,

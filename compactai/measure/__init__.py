@@ -94,7 +94,9 @@ def interleaved_latency(
 ) -> list[dict[str, Any]]:
     """Batch-1 ONNX Runtime latency of each of ``handles``, measured in ``rounds`` rounds that
     visit every model in turn (load that comes and goes on a shared machine then hits all models
-    alike); per model the median p50/p90 over rounds and each round's values."""
+    alike); per model the median p50/p90 over rounds and each round's values. Each round starts
+    one model further along, so no model is always the one measured first (or right after the
+    slowest) in its round."""
     import statistics
 
     feeds = {k: v[:1] for k, v in handles[0].example_inputs.items()}
@@ -102,8 +104,9 @@ def interleaved_latency(
     samples: list[list[tuple[float, float]]] = [[] for _ in handles]
     for round_number in range(rounds):
         progress(round_number)
-        for index, runner in enumerate(runners):
-            stats = measure_latency(runner, feeds, min_queries=config.min_queries, min_seconds=config.min_seconds,
+        for step in range(len(runners)):
+            index = (step + round_number) % len(runners)
+            stats = measure_latency(runners[index], feeds, min_queries=config.min_queries, min_seconds=config.min_seconds,
                                     warmup=config.warmup)
             samples[index].append((stats.p50_ms, stats.p90_ms))
     return [{"latency_p50_ms": statistics.median(s[0] for s in values),

@@ -83,3 +83,24 @@ def test_size_counts_external_data(tmp_path, small_handle):
     onnx.save_model(model, str(tmp_path / "b.onnx"), save_as_external_data=True,
                     location="b.onnx.data", size_threshold=0)
     assert size_on_disk(tmp_path / "b.onnx") > (tmp_path / "b.onnx").stat().st_size
+
+
+def test_interleaved_rounds_rotate_which_model_goes_first(monkeypatch, small_handle):
+    import sys
+
+    measure_module = sys.modules["compactai.measure"]  # the package: ``compactai.measure`` is also a function
+    order: list[int] = []
+    runners = iter(range(3))
+    monkeypatch.setattr(measure_module, "make_runner", lambda handle, runtime, threads=None: next(runners))
+
+    class Stats:
+        p50_ms = p90_ms = 1.0
+
+    def fake_latency(runner, feeds, **kwargs):
+        order.append(runner)
+        return Stats()
+
+    monkeypatch.setattr(measure_module, "measure_latency", fake_latency)
+    result = measure_module.interleaved_latency([small_handle] * 3, MeasureConfig(), rounds=3)
+    assert order == [0, 1, 2, 1, 2, 0, 2, 0, 1]
+    assert [len(r["latency_rounds_ms"]) for r in result] == [3, 3, 3]
