@@ -43,6 +43,7 @@ from compactai.measure import (
     make_runner,
     measure,
     measure_latency,
+    turn_order,
 )
 from compactai.results import to_jsonable
 from compactai.techniques import Context, create_technique
@@ -168,9 +169,8 @@ def interleaved_latency(handles: dict[str, Any], batches: tuple[int, ...], round
     with bench_lock():
         labels = list(handles)
         for round_number in range(rounds):
-            start = round_number % len(labels)  # each round starts one model further along
             for batch in batches:
-                for label in labels[start:] + labels[:start]:
+                for label in (labels[i] for i in turn_order(len(labels), round_number)):
                     handle = handles[label]
                     single = {k: v[:1] for k, v in handle.example_inputs.items()}
                     feeds = batch_feeds(single, batch) if batch > 1 else single

@@ -22,7 +22,7 @@ from compactai.models.handle import ModelHandle
 
 __all__ = [
     "RUNTIMES", "LatencyStats", "MeasureConfig", "Measurement", "OnnxRuntimeRunner", "Runner", "TorchRunner",
-    "batch_feeds", "count_macs", "default_threads", "environment", "interleaved_latency", "make_runner", "measure", "measure_latency",
+    "batch_feeds", "count_macs", "default_threads", "environment", "interleaved_latency", "make_runner", "measure", "measure_latency", "turn_order",
     "measure_throughput", "parameter_count", "size_on_disk",
 ]
 
@@ -86,6 +86,14 @@ class Measurement:
         return data
 
 
+def turn_order(count: int, round_number: int) -> list[int]:
+    """The order of ``count`` models in round ``round_number`` of interleaved timing: each round
+    starts one model further along, so no model is always measured first (or right after the
+    slowest)."""
+    start = round_number % count
+    return [*range(start, count), *range(start)]
+
+
 def interleaved_latency(
     handles: list[ModelHandle],
     config: MeasureConfig,
@@ -94,9 +102,8 @@ def interleaved_latency(
 ) -> list[dict[str, Any]]:
     """Batch-1 ONNX Runtime latency of each of ``handles``, measured in ``rounds`` rounds that
     visit every model in turn (load that comes and goes on a shared machine then hits all models
-    alike); per model the median p50/p90 over rounds and each round's values. Each round starts
-    one model further along, so no model is always the one measured first (or right after the
-    slowest) in its round."""
+    alike, and :func:`turn_order` rotates who goes first); per model the median p50/p90 over
+    rounds and each round's values."""
     import statistics
 
     feeds = {k: v[:1] for k, v in handles[0].example_inputs.items()}
@@ -104,8 +111,7 @@ def interleaved_latency(
     samples: list[list[tuple[float, float]]] = [[] for _ in handles]
     for round_number in range(rounds):
         progress(round_number)
-        for step in range(len(runners)):
-            index = (step + round_number) % len(runners)
+        for index in turn_order(len(runners), round_number):
             stats = measure_latency(runners[index], feeds, min_queries=config.min_queries, min_seconds=config.min_seconds,
                                     warmup=config.warmup)
             samples[index].append((stats.p50_ms, stats.p90_ms))

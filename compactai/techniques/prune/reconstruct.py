@@ -28,16 +28,17 @@ Batch = tuple[list[Any], Any]  # (model args, attention mask or None)
 
 
 @dataclass(frozen=True)
-class FFN:
-    """A BERT-style feed-forward block: ``up`` (the pruned unit) -> GELU -> ``down``, inside
-    ``block`` (``block(activations, residual)`` adds the residual and normalises)."""
+class Block:
+    """A re-fittable output projection ``down`` inside ``block`` (``block(inputs, residual)`` adds
+    the residual and normalises), fed by ``up``, the pruned unit: a BERT feed-forward block (``up``
+    the FFN up-projection, GELU in between) or an attention block (``up`` the self-attention)."""
 
     up: str
     block: str
     down: str
 
 
-def find_attention_outputs(module: Any) -> list[FFN]:
+def find_attention_outputs(module: Any) -> list[Block]:
     """The attention output projections of a BERT-family model, in layer order: ``up`` is the
     self-attention (its heads are the pruned unit), ``block`` its ``*.attention.output``
     (``block(context, residual)`` adds the residual and normalises), ``down`` the projection."""
@@ -55,23 +56,23 @@ def find_attention_outputs(module: Any) -> list[FFN]:
                 f"Reconstruction needs a BERT-style attention block ('{up}' feeding an 'attention.output.dense'), "
                 f"which {type(module).__name__} does not have; use reconstruct=False."
             )
-        found.append(FFN(up, block, block + ".dense"))
+        found.append(Block(up, block, block + ".dense"))
     return found
 
 
-def find_blocks(module: Any, attention: bool = False, ffn: bool = True) -> list[FFN]:
+def find_blocks(module: Any, attention: bool = False, ffn: bool = True) -> list[Block]:
     """The blocks to re-fit, in forward order (a layer's attention output before its FFN)."""
     import re
 
     blocks = (find_attention_outputs(module) if attention else []) + (find_ffns(module) if ffn else [])
 
-    def order(block: FFN) -> tuple[int, ...]:
+    def order(block: Block) -> tuple[int, ...]:
         return (*(int(n) for n in re.findall(r"\.(\d+)\.", block.block)), "attention" not in block.block)
 
     return sorted(blocks, key=order)
 
 
-def find_ffns(module: Any) -> list[FFN]:
+def find_ffns(module: Any) -> list[Block]:
     """The FFN blocks of a BERT-family model, in layer order (``*.intermediate.dense`` -> ``*.output.dense``)."""
     from torch import nn
 
@@ -85,7 +86,7 @@ def find_ffns(module: Any) -> list[FFN]:
                 f"Reconstruction needs a BERT-style FFN ('{up}' feeding '{block}.dense'), which "
                 f"{type(module).__name__} does not have; use reconstruct=False."
             )
-        found.append(FFN(up, block, block + ".dense"))
+        found.append(Block(up, block, block + ".dense"))
     return found
 
 
@@ -216,7 +217,7 @@ def _tokens(tensor: Any, mask: Any) -> Any:
 
 def reconstruct_ffns(pruned: Any, original: Any, batches: Iterable[Batch], ridge: float = 1e-3,
                      progress: Callable[[str], None] = lambda message: None,
-                     blocks: list[FFN] | None = None) -> list[dict[str, Any]]:
+                     blocks: list[Block] | None = None) -> list[dict[str, Any]]:
     """Re-fit each FFN down-projection (or each of ``blocks``, in forward order) of ``pruned`` (in
     place, layer by layer) so that its layers reproduce ``original``'s on ``batches`` (model args,
     attention mask). Returns, per layer, the mean squared error of the pre-layer-norm sum before
@@ -252,4 +253,4 @@ def reconstruct_ffns(pruned: Any, original: Any, batches: Iterable[Batch], ridge
     return records
 
 
-__all__ = ["FFN", "LeastSquares", "calibration_batches", "find_ffns", "reconstruct_ffns"]
+__all__ = ["Block", "LeastSquares", "calibration_batches", "find_ffns", "reconstruct_ffns"]

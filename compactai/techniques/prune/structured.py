@@ -46,7 +46,7 @@ from compactai.techniques.prune.importance import (
     task_gradients,
 )
 from compactai.techniques.prune.reconstruct import (
-    FFN,
+    Block,
     calibration_batches,
     find_attention_outputs,
     find_blocks,
@@ -115,7 +115,7 @@ def check_reconstructable(module: Any, scope: str) -> None:
         raise ParameterError(str(exc)) from exc
 
 
-def reconstruction_blocks(pruned: Any, original: Any, scope: str) -> list[FFN]:
+def reconstruction_blocks(pruned: Any, original: Any, scope: str) -> list[Block]:
     """What to re-fit, in forward order: every FFN output projection when FFN neurons are pruned,
     and the attention output projection of each layer that lost heads. (Re-fitting attention
     outputs of layers that kept their heads did not help: on MiniLM at 5% FFN it went from
