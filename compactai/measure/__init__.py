@@ -22,8 +22,8 @@ from compactai.models.handle import ModelHandle
 
 __all__ = [
     "RUNTIMES", "LatencyStats", "MeasureConfig", "Measurement", "OnnxRuntimeRunner", "Runner", "TorchRunner",
-    "batch_feeds", "count_macs", "default_threads", "environment", "interleaved_latency", "make_runner", "measure", "measure_latency", "turn_order",
-    "measure_throughput", "parameter_count", "size_on_disk",
+    "batch_feeds", "count_macs", "default_threads", "environment", "interleaved_latency", "make_runner", "measure", "measure_latency",
+    "measure_throughput", "parameter_count", "size_on_disk", "turn_order",
 ]
 
 
