@@ -30,7 +30,7 @@ def run(name: str, minutes: float | None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     args = list(RUNS[name]) + (["--max-minutes", str(minutes)] if minutes and name != "digits" else [])
     proc = subprocess.run([sys.executable, "-m", "compactai.cli", "optimize", *args, "-o", str(out), "--json"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     data = json.loads((out / "results.json").read_text())
     data["exit_code"] = proc.returncode
     return data
@@ -45,7 +45,7 @@ def report(name: str, data: dict) -> None:
     chosen = (data.get("chosen") or {}).get("figures") or {}
     print(f"\n## {name}: budget {data['budget']['text']} (exit code {data['exit_code']})")
     print(data["selection"]["explanation"])
-    print(f"| figure | original | chosen |\n|---|---|---|")
+    print("| figure | original | chosen |\n|---|---|---|")
     for label, key in KEYS:
         print(f"| {label} | {data['baseline'].get(key)} | {chosen.get(key)} |")
     if chosen:

@@ -16,7 +16,13 @@ from compactai.models import ModelHandle, TensorSpec, load_model
 from compactai.profile import profile_model
 from compactai.search import SearchConfig, optimize
 from compactai.tasks import Accuracy, CallableMetric, EmbeddingFidelity, Quality, Split, Task
-from compactai.techniques import Context, Technique, available_techniques, create_technique, register_technique
+from compactai.techniques import (
+    Context,
+    Technique,
+    available_techniques,
+    create_technique,
+    register_technique,
+)
 
 __version__ = "0.1.0"
 

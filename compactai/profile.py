@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-
 from compactai.export.onnx import compare_outputs
 from compactai.measure import MeasureConfig, environment, make_runner, measure
 from compactai.models.handle import ModelHandle
@@ -36,7 +35,7 @@ def export_parity(handle: ModelHandle, task: Task | None, samples: int = 64) -> 
     ort_out = make_runner(onnx_handle, "onnxruntime").run(feeds)
     report = compare_outputs(torch_out, ort_out, handle.output_names, tolerance=1e-3)
     result = report.to_dict()
-    result["samples"] = int(len(next(iter(feeds.values()))))
+    result["samples"] = len(next(iter(feeds.values())))
     return result
 
 

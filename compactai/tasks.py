@@ -65,7 +65,7 @@ class Quality:
     def relative(self) -> float | None:
         if self.baseline in (None, 0):
             return None
-        return self.value / self.baseline  # type: ignore[operator]
+        return self.value / self.baseline
 
     @property
     def drop(self) -> float | None:

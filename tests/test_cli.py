@@ -14,7 +14,7 @@ import pytest
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", "from compactai.cli import main; main()", *args],
-        capture_output=True, text=True, cwd=cwd, timeout=900,
+        capture_output=True, text=True, cwd=cwd, timeout=900, check=False,
     )
 
 

@@ -3,7 +3,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compactai.tasks import Accuracy, CallableMetric, EmbeddingFidelity, Quality, Split, Task, knn_overlap, mean_pool, trim_padding
+from compactai.tasks import (
+    Accuracy,
+    CallableMetric,
+    EmbeddingFidelity,
+    Quality,
+    Split,
+    Task,
+    knn_overlap,
+    mean_pool,
+    trim_padding,
+)
 
 
 def test_accuracy_counts_argmax_hits():
@@ -41,7 +51,9 @@ def test_embedding_fidelity_identical_and_perturbed():
     assert same == pytest.approx(1.0, abs=1e-6) and details["knn_overlap"] == pytest.approx(1.0)
     noisy = hidden + rng.standard_normal(hidden.shape).astype(np.float32)
 
-    def perturbed(feeds, state={"i": 0}):
+    state = {"i": 0}
+
+    def perturbed(feeds):
         start = state["i"]
         state["i"] = (start + len(feeds["input_ids"])) % 30
         return [noisy[start : start + len(feeds["input_ids"])]]

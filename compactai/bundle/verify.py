@@ -323,7 +323,7 @@ def extract_archive(archive: Path, target: Path, max_bytes: int = MAX_ARCHIVE_BY
     target.mkdir(parents=True, exist_ok=True)
     total = 0
     try:
-        tar = tarfile.open(archive, "r:*")  # noqa: SIM115 (closed by the with below; open errors handled here)
+        tar = tarfile.open(archive, "r:*")  # noqa: SIM115 (closed by `with tar:` below)
     except tarfile.TarError as exc:
         raise BundleRefused("bad-archive", f"{archive.name} is not a tar archive ({exc}).") from exc
     with tar:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -49,10 +49,10 @@ def bundle_command(
     out_path: Path = typer.Option(..., "--out", "-o", help="Bundle to write: a directory, or a .tar/.tar.gz archive."),
     key: Path = typer.Option(..., "--key", "-k", help="Private signing key (from compactai keygen)."),
     version: int = typer.Option(..., "--version", "-v", help="Monotonic integer version (devices refuse older)."),
-    semver: Optional[str] = typer.Option(None, "--semver", help="Semantic version label (default 0.VERSION.0)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Model name (default: from results.json or the file)."),
+    semver: str | None = typer.Option(None, "--semver", help="Semantic version label (default 0.VERSION.0)."),
+    name: str | None = typer.Option(None, "--name", help="Model name (default: from results.json or the file)."),
     expires_days: float = typer.Option(365.0, "--expires-days", help="Days until devices refuse this bundle."),
-    golden: Optional[Path] = typer.Option(None, "--golden-inputs", help=".npz of self-test inputs (default: "
+    golden: Path | None = typer.Option(None, "--golden-inputs", help=".npz of self-test inputs (default: "
                                           "synthesized from the model's signature)."),
     rtol: float = typer.Option(1e-3, "--rtol", help="Relative tolerance of the golden-output self-test."),
     atol: float = typer.Option(1e-4, "--atol", help="Absolute tolerance of the golden-output self-test."),
@@ -129,7 +129,7 @@ def verify(
 
 @app.command()
 def update(
-    source: Optional[str] = typer.Option(None, "--source", "-s", help="Bundle directory, .tar, or http(s) URL "
+    source: str | None = typer.Option(None, "--source", "-s", help="Bundle directory, .tar, or http(s) URL "
                                          "of a served bundle directory. Omit to only recover and show status."),
     install_dir: Path = typer.Option(..., "--install-dir", "-d", help="Where versions live (state.json, versions/)."),
     trusted_key: list[str] = typer.Option([], "--trusted-key", "-t", help="Trusted public key (repeatable)."),

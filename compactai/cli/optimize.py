@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -12,29 +12,29 @@ from compactai.cli._common import Output, app, fmt, resolve_model, table
 
 @app.command()
 def optimize(
-    path: Optional[str] = typer.Argument(None, help="Model: .onnx, .pt2 or Hugging Face directory."),
-    example: Optional[str] = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Task data for PATH: .npz with '<split>/<input>' arrays "
+    path: str | None = typer.Argument(None, help="Model: .onnx, .pt2 or Hugging Face directory."),
+    example: str | None = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
+    data: Path | None = typer.Option(None, "--data", help="Task data for PATH: .npz with '<split>/<input>' arrays "
                                         "(train, calibration, validation, test) and optional '<split>/labels'."),
-    budget: Optional[str] = typer.Option(
+    budget: str | None = typer.Option(
         None, "--budget", "-b",
         help="Constraints, e.g. 'latency_p90_ms<=2,size_mb<=10,memory_mb<=200'. A limit ending in x is a multiple "
              "of the original's figure ('latency_p90_ms<=0.5x'). Default: 'latency_p90_ms<=0.5x,size_mb<=0.25x'."),
-    min_quality: Optional[str] = typer.Option(
+    min_quality: str | None = typer.Option(
         None, "--min-quality", "-q",
         help="Quality to keep: a fraction of the original's (0.99), or 'abs:VALUE' on the metric. Default 0.99."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML/JSON recipe file (model, budget, space, seed...)."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output directory (default: out/optimize-NAME)."),
-    max_trials: Optional[int] = typer.Option(None, "--max-trials", help="Stop after this many trials (default 20)."),
-    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop starting trials after this long."),
-    techniques: Optional[str] = typer.Option(None, "--techniques", help="Comma list to search (default: all that fit)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the sampler and the techniques (default 0)."),
+    recipe: Path | None = typer.Option(None, "--recipe", help="YAML/JSON recipe file (model, budget, space, seed...)."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Output directory (default: out/optimize-NAME)."),
+    max_trials: int | None = typer.Option(None, "--max-trials", help="Stop after this many trials (default 20)."),
+    max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop starting trials after this long."),
+    techniques: str | None = typer.Option(None, "--techniques", help="Comma list to search (default: all that fit)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of the sampler and the techniques (default 0)."),
     executor: str = typer.Option("local", "--executor", help="local, or ray (needs compactai[distributed])."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (default: start one)."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL shared by workers "
+    ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster address (default: start one)."),
+    storage: str | None = typer.Option(None, "--storage", help="Optuna storage URL shared by workers "
                                           "(default: SQLite in the output directory)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the study in the output directory."),
-    threads: Optional[int] = typer.Option(None, help="Intra-op threads for measuring (default: all CPUs)."),
+    threads: int | None = typer.Option(None, help="Intra-op threads for measuring (default: all CPUs)."),
     quick: bool = typer.Option(False, "--quick", help="Fewer timed queries per trial (noisier, faster)."),
     remeasure_rounds: int = typer.Option(3, "--remeasure-rounds", min=0, max=20,
                                          help="Before choosing, measure the original and the contenders (trials that "
@@ -112,10 +112,10 @@ def optimize(
 
             results_path = target / "results.json"
             if results_path.exists():
-                data = json.loads(results_path.read_text())
-                data["paths"] = _paths(target, chosen=False)
-                print_summary(out, data)
-                out.emit(data)
+                saved: dict[str, Any] = json.loads(results_path.read_text())
+                saved["paths"] = _paths(target, chosen=False)
+                print_summary(out, saved)
+                out.emit(saved)
             raise
     results["paths"] = _paths(target, chosen=True)
     print_summary(out, results)

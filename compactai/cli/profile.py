@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -12,10 +12,10 @@ from compactai.errors import UnknownNameError
 
 @app.command()
 def profile(
-    path: Optional[str] = typer.Argument(None, help="Model: .onnx file, .pt2 file or Hugging Face directory."),
-    example: Optional[str] = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
+    path: str | None = typer.Argument(None, help="Model: .onnx file, .pt2 file or Hugging Face directory."),
+    example: str | None = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
     runtime: str = typer.Option("all", "--runtime", "-r", help="onnxruntime, torch, or all."),
-    threads: Optional[int] = typer.Option(None, help="Intra-op threads (default: all CPUs of this process)."),
+    threads: int | None = typer.Option(None, help="Intra-op threads (default: all CPUs of this process)."),
     queries: int = typer.Option(200, help="Minimum timed batch-1 queries (after warm-up)."),
     seconds: float = typer.Option(1.0, help="Minimum seconds of timed batch-1 queries."),
     batch: int = typer.Option(32, help="Batch size for offline throughput."),
@@ -25,8 +25,8 @@ def profile(
 ) -> None:
     """Measure a model: quality vs baseline, size, params, MACs, p50/p90/p99 latency, throughput,
     peak memory and energy, on PyTorch eager and ONNX Runtime (with an export parity check)."""
+    from compactai.measure import RUNTIMES, MeasureConfig
     from compactai.profile import profile_model
-    from compactai.measure import MeasureConfig, RUNTIMES
 
     out = Output(json_output)
     wanted = list(RUNTIMES) if runtime == "all" else [runtime]
@@ -70,7 +70,7 @@ def print_profile(out: Output, result: dict[str, Any]) -> None:
     row("energy method", "energy_method")
     row("threads", "threads")
     model = result["model"]
-    out.console.print(table(f"Profile of {model['name']} ({model['kind']}, {model['framework']})", ["figure"] + names, rows))
+    out.console.print(table(f"Profile of {model['name']} ({model['kind']}, {model['framework']})", ["figure", *names], rows))
     parity = result.get("parity")
     if parity:
         diffs = ", ".join(f"{k} {v:.2e}" for k, v in parity["max_abs_diff"].items())

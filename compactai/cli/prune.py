@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -13,9 +13,9 @@ from compactai.cli._common import Output, app, resolve_model, table
 
 @app.command()
 def prune(
-    path: Optional[str] = typer.Argument(None, help="Model: a Hugging Face encoder directory (BERT family), or use --example."),
-    example: Optional[str] = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Task data for PATH: .npz with '<split>/<input>' arrays "
+    path: str | None = typer.Argument(None, help="Model: a Hugging Face encoder directory (BERT family), or use --example."),
+    example: str | None = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
+    data: Path | None = typer.Option(None, "--data", help="Task data for PATH: .npz with '<split>/<input>' arrays "
                                         "(splits train, calibration, validation, test; optional '<split>/labels')."),
     ratio: float = typer.Option(0.5, help="Fraction of the --target quantity to remove, in (0, 1)."),
     target: str = typer.Option("params", help="What --ratio reduces: params, macs, latency (measured ORT p50) "
@@ -26,7 +26,7 @@ def prune(
     scope: str = typer.Option("auto", help="auto, channels, ffn, heads or ffn+heads (transformers)."),
     steps: int = typer.Option(1, help="Pruning steps (iterative: prune, fine-tune, repeat)."),
     finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="Fine-tune epochs after each step."),
-    max_batches: Optional[int] = typer.Option(None, "--max-batches", help="Cap on batches per fine-tune epoch."),
+    max_batches: int | None = typer.Option(None, "--max-batches", help="Cap on batches per fine-tune epoch."),
     lr: float = typer.Option(1e-3, help="Fine-tune learning rate (AdamW)."),
     kd_weight: float = typer.Option(0.0, "--kd-weight", help="Weight of KL to the unpruned model (classification)."),
     protect: list[str] = typer.Option([], "--protect", help="Layer name whose output channels are kept (repeat)."),
@@ -37,12 +37,12 @@ def prune(
     reconstruct_samples: int = typer.Option(1024, "--reconstruct-samples", help="Train sequences for --reconstruct."),
     unstructured: bool = typer.Option(False, "--unstructured", help="Zero the smallest weights instead (no "
                                                                     "speed-up on dense runtimes; measured)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write model.onnx and results.json here."),
+    out_dir: Path | None = typer.Option(None, "--out", "-o", help="Write model.onnx and results.json here."),
     runtime: str = typer.Option("all", "--runtime", "-r", help="Measure on onnxruntime, torch, or all."),
-    threads: Optional[int] = typer.Option(None, help="Intra-op threads (default: all CPUs of this process)."),
+    threads: int | None = typer.Option(None, help="Intra-op threads (default: all CPUs of this process)."),
     queries: int = typer.Option(200, help="Minimum timed batch-1 queries per measurement."),
     seconds: float = typer.Option(1.0, help="Minimum seconds of timed batch-1 queries."),
-    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds for pruning + fine-tuning."),
+    time_limit: float | None = typer.Option(None, "--time-limit", help="Seconds for pruning + fine-tuning."),
     seed: int = typer.Option(0, help="Seed for data order."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
@@ -119,7 +119,7 @@ def prune(
         from compactai.techniques.prune.unstructured import compressed_size
 
         result["compressed_size_bytes"] = {
-            "baseline": compressed_size(handle.to_onnx().path),  # type: ignore[arg-type]
+            "baseline": compressed_size(handle.to_onnx().path),
             "pruned": compressed_size(pruned.to_onnx().path),  # type: ignore[arg-type]
         }
     if out_dir is not None:

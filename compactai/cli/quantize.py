@@ -88,8 +88,8 @@ def quantize(
         raise UnknownNameError(f"Unknown quantization mode '{mode}'; choose one of: {', '.join(CLI_MODES)}.")
     out = Output(json_output)
     # settings both techniques share: how the int8 model is laid out and calibrated
-    common = dict(per_channel=not per_tensor, format=fmt, calibration=calibration,
-                  calibration_samples=calibration_samples, reduce_range=reduce_range, weight_bits=weight_bits)
+    common = {"per_channel": not per_tensor, "format": fmt, "calibration": calibration,
+                  "calibration_samples": calibration_samples, "reduce_range": reduce_range, "weight_bits": weight_bits}
     if mode == "qat":
         technique = create_technique("qat", epochs=epochs, lr=lr, max_batches=max_batches, **common)
     else:

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,7 +96,7 @@ def _minilm(progress: Any = None) -> Example:
         "all-MiniLM-L6-v2 sentence encoder (packaged offline) on sentences from installed package metadata.",
         {
             "splits": {k: len(v) for k, v in splits.items()},
-            "corpus_sha256": minilm.corpus_fingerprint(sum(texts.values(), [])),
+            "corpus_sha256": minilm.corpus_fingerprint(functools.reduce(operator.iadd, texts.values(), [])),
             "tokenizer_dir": str(directory),
             "texts": texts,
         },

@@ -35,9 +35,9 @@ def load_digits_splits(seed: int = SEED) -> dict[str, Split]:
     from sklearn.model_selection import train_test_split
 
     data = load_digits()
-    images = torch.from_numpy(data.images.astype(np.float32) / 16.0).unsqueeze(1)
-    images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
-    images = ((images - 0.5) / 0.5).numpy().astype(np.float32)
+    small = torch.from_numpy(data.images.astype(np.float32) / 16.0).unsqueeze(1)
+    upsampled = F.interpolate(small, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    images = ((upsampled - 0.5) / 0.5).numpy().astype(np.float32)
     labels = data.target.astype(np.int64)
     index = np.arange(len(labels))
     train_idx, test_idx = train_test_split(index, test_size=0.2, random_state=seed, stratify=labels)
@@ -123,7 +123,7 @@ def train_classifier(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     x = torch.from_numpy(splits["train"].inputs["image"])
-    y = torch.from_numpy(splits["train"].labels)  # type: ignore[arg-type]
+    y = torch.from_numpy(splits["train"].labels)
     steps = epochs * ((len(x) + batch_size - 1) // batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)

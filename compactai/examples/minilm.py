@@ -13,6 +13,7 @@ import hashlib
 import re
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -86,9 +87,10 @@ def build_corpus() -> list[str]:
     corpus: list[str] = []
     descriptions = []
     for dist in metadata.distributions():
-        body = dist.metadata.get_payload() or dist.metadata.get("Description") or ""  # type: ignore[attr-defined]
+        meta: Any = dist.metadata  # an email.message.Message at run time; typeshed's protocol is narrower
+        body = meta.get_payload() or meta.get("Description") or ""
         if isinstance(body, str) and body:
-            descriptions.append((dist.metadata.get("Name") or "", body))
+            descriptions.append((meta.get("Name") or "", body))
     try:  # the Python reference's topic texts ship with CPython: plain prose, always present
         from pydoc_data.topics import topics
 

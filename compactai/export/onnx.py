@@ -127,7 +127,7 @@ def export_onnx(
     module = handle.module
     set_eval(module)
     args = tuple(torch.from_numpy(np.ascontiguousarray(handle.example_inputs[n])) for n in handle.input_names)
-    common = dict(input_names=handle.input_names, output_names=handle.output_names, opset_version=OPSET)
+    common: dict[str, Any] = {"input_names": handle.input_names, "output_names": handle.output_names, "opset_version": OPSET}
     errors: list[str] = []
     for dynamo in (False, True):
         try:
@@ -250,6 +250,6 @@ def output_specs(module: Any, args: tuple, names: list[str] | None = None) -> li
     specs = []
     for i, tensor in enumerate(result):
         name = names[i] if names and i < len(names) else ("output" if len(result) == 1 else f"output_{i}")
-        shape: tuple[int | str, ...] = ("batch",) + tuple(tensor.shape[1:]) if tensor.ndim else ()
+        shape: tuple[int | str, ...] = ("batch", *tuple(tensor.shape[1:])) if tensor.ndim else ()
         specs.append(TensorSpec(name, shape, str(tensor.detach().numpy().dtype)))
     return specs

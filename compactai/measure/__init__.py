@@ -16,7 +16,14 @@ from compactai.measure.energy import measure_energy
 from compactai.measure.environment import environment
 from compactai.measure.latency import LatencyStats, measure_latency, measure_throughput
 from compactai.measure.memory import measure_peak_memory
-from compactai.measure.runtime import RUNTIMES, OnnxRuntimeRunner, Runner, TorchRunner, default_threads, make_runner
+from compactai.measure.runtime import (
+    RUNTIMES,
+    OnnxRuntimeRunner,
+    Runner,
+    TorchRunner,
+    default_threads,
+    make_runner,
+)
 from compactai.measure.stats import count_macs, parameter_count, size_on_disk
 from compactai.models.handle import ModelHandle
 

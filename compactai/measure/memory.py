@@ -32,18 +32,18 @@ def measure_peak_memory(handle: ModelHandle, runtime: str, threads: int, runs: i
     """Peak RSS in MB of a subprocess that loads and runs the model; None if it cannot be measured."""
     with tempfile.TemporaryDirectory(prefix="compactai-mem-") as tmp:
         inputs = Path(tmp) / "inputs.npz"
-        np.savez(inputs, **handle.example_inputs)
+        np.savez(inputs, allow_pickle=False, **handle.example_inputs)
         if runtime == "onnxruntime":
             model_path = handle.to_onnx().path
         else:
             model_path = Path(tmp) / "model.pt2"
             try:
                 _save_pt2(handle, model_path)
-            except Exception:
+            except Exception:  # noqa: BLE001 (best effort: any failure means "not available")
                 return None
         command = [sys.executable, str(PROBE), runtime, str(model_path), str(inputs),
                    "--threads", str(threads), "--runs", str(runs)]
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
         if proc.returncode != 0:
             return None
         data = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -52,7 +52,7 @@ def _torch_macs(handle: ModelHandle) -> int | None:
     try:
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             handle.module(*args)  # type: ignore[misc]
-    except Exception:  # some custom modules cannot be traced by the counter
+    except Exception:  # noqa: BLE001 some custom modules cannot be traced by the counter
         return None
     return int(counter.get_total_flops() // 2)
 
@@ -74,7 +74,7 @@ def _onnx_macs(handle: ModelHandle) -> int | None:
                     dim.Clear()
                     dim.dim_value = int(size)
         model = shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:
+    except Exception:  # noqa: BLE001 (best effort: any failure means "not available")
         return None
     shapes: dict[str, list[int]] = {}
     for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):

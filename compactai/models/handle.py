@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -118,10 +119,8 @@ class ModelHandle:
 
 def set_eval(module: Any) -> None:
     """Put a module in eval mode; modules from torch.export are already frozen and refuse eval()."""
-    try:
+    with contextlib.suppress(NotImplementedError):
         module.eval()
-    except NotImplementedError:
-        pass
 
 
 def flatten_outputs(result: Any) -> list[Any]:

@@ -94,9 +94,8 @@ def is_pickle_file(path: Path) -> bool:
     if head[:2] in (b"(d", b"(l", b"}q", b"]q", b"cc", b"(i"):  # protocol 0/1 opcodes
         return True
     if head == b"PK\x03\x04":
-        with contextlib.suppress(zipfile.BadZipFile):
-            with zipfile.ZipFile(path) as archive:
-                return any(n.endswith(".pkl") for n in archive.namelist()) and not _is_pt2(archive)
+        with contextlib.suppress(zipfile.BadZipFile), zipfile.ZipFile(path) as archive:
+            return any(n.endswith(".pkl") for n in archive.namelist()) and not _is_pt2(archive)
     return False
 
 
@@ -241,7 +240,7 @@ def _from_module(
         inputs.append(TensorSpec(key, shape, value.dtype.name))
     if any(len(s.shape) >= 2 and s.shape[1] == "sequence" for s in inputs):
         outputs = [
-            TensorSpec(o.name, ("batch", "sequence") + o.shape[2:], o.dtype) if len(o.shape) >= 3 else o
+            TensorSpec(o.name, ("batch", "sequence", *o.shape[2:]), o.dtype) if len(o.shape) >= 3 else o
             for o in outputs
         ]
     return ModelHandle(
@@ -283,12 +282,12 @@ def load_hf_directory(path: Path, *, name: str | None = None) -> ModelHandle:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     for file in path.iterdir():
-        if file.suffix in (".bin", ".pt", ".pth", ".pkl") and is_pickle_file(file):
-            if not (path / "model.safetensors").exists():
-                raise UnsafeFormatError(
-                    f"Refusing to load {file}: its weights are pickled. Convert them to model.safetensors "
-                    f"first. {SAFE_ALTERNATIVES}"
-                )
+        pickled = file.suffix in (".bin", ".pt", ".pth", ".pkl") and is_pickle_file(file)
+        if pickled and not (path / "model.safetensors").exists():
+            raise UnsafeFormatError(
+                f"Refusing to load {file}: its weights are pickled. Convert them to model.safetensors "
+                f"first. {SAFE_ALTERNATIVES}"
+            )
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -321,11 +320,11 @@ def _weights_only_torch_load() -> Iterator[None]:
         kwargs["weights_only"] = True
         return original(*args, **kwargs)
 
-    torch.load = safe_load  # type: ignore[assignment]
+    torch.load = safe_load
     try:
         yield
     finally:
-        torch.load = original  # type: ignore[assignment]
+        torch.load = original
 
 
 def load_pt2(path: Path, example_inputs: Any = None, *, name: str | None = None, kind: str | None = None) -> ModelHandle:

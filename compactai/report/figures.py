@@ -8,7 +8,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 OK, MISS, CHOSEN, BASE = "#2b8cbe", "#bdbdbd", "#e6550d", "#31a354"
 
@@ -28,7 +28,7 @@ def pareto_svg(results: dict[str, Any]) -> str:
     chosen = (results.get("chosen") or {}).get("trial")
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     sizes = [t["figures"].get("size_mb") or 0.0 for t in trials] + [results["baseline"].get("size_mb") or 0.0]
-    scale = 250.0 / max(max(sizes), 1e-9)
+    scale = 250.0 / max(*sizes, 1e-09)
 
     def area(size_mb: float | None) -> float:
         return 20.0 + (size_mb or 0.0) * scale

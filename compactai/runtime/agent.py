@@ -12,6 +12,7 @@ committed, and an automatic roll back, with the bad version block-listed, when i
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import shutil
@@ -297,19 +298,19 @@ class UpdateAgent:
         root = self.version_dir(version)
         try:
             model = OnnxModel(root / parse_manifest(read_metadata(root)[0])["model"])
-        except Exception as exc:  # noqa: BLE001 (whatever the runtime raises is a failed probation)
+        except Exception as exc:  # noqa: BLE001 (best effort: any failure means "not available")
             monitor.record(error=exc)
             return
         requests = self._requests(version)
-        try:
-            model.timed_run(requests[0])  # warm-up, not recorded: first runs allocate and are slow
-        except Exception:  # noqa: BLE001, S110 (the recorded run of the same request records the error)
-            pass
+        # warm-up, not recorded: first runs allocate and are slow; the recorded run of the same
+        # request records any error
+        with contextlib.suppress(Exception):
+            model.timed_run(requests[0])
         for i, feeds in enumerate(requests):
             try:
                 latency, outputs = model.timed_run(feeds)
                 monitor.record(latency, outputs)
-            except Exception as exc:  # noqa: BLE001 (any failure of a request counts against the version)
+            except Exception as exc:  # noqa: BLE001 (best effort: any failure means "not available")
                 monitor.record(error=exc)
             if i == 0:
                 crash_point("probation")

@@ -89,7 +89,7 @@ def _study_exists(url: str) -> bool:
 
     try:
         return any(s.study_name == STUDY_NAME for s in optuna.get_all_study_summaries(storage=url))
-    except Exception:
+    except Exception:  # noqa: BLE001 (best effort: any failure means "not available")
         return False
 
 

@@ -51,9 +51,7 @@ def _ray_trial(number: int, recipe: list[dict[str, Any]], deadline_seconds: floa
     """Body of the Ray task: rebuild what it needs and run the same trial code."""
     import time
 
-    from compactai.search import executors
-
-    cache = executors._WORKER_CACHE.setdefault("cache", StepCache())
+    cache = _WORKER_CACHE.setdefault("cache", StepCache())
     deadline = None if deadline_seconds is None else time.monotonic() + deadline_seconds
     result = run_trial(number, shared["handle"], shared["task"], recipe, shared["budget"], Path(shared["out_dir"]),
                        shared["measure"], selection_split=shared["selection_split"],

@@ -155,8 +155,8 @@ def optimize(
     return results
 
 
-def FINAL_MEASURE_with(config: SearchConfig) -> MeasureConfig:  # noqa: N802 - reads like the constant it extends
-    final = MeasureConfig(**{**FINAL_MEASURE.__dict__})
+def FINAL_MEASURE_with(config: SearchConfig) -> MeasureConfig:
+    final = MeasureConfig(**FINAL_MEASURE.__dict__)
     final.threads = config.measure.threads
     final.memory = config.measure.memory or FINAL_MEASURE.memory
     if config.measure.min_queries < 50:  # a quick (test) run stays quick at the end too
@@ -194,7 +194,7 @@ def build_waterfall(handle: ModelHandle, task: Task, chosen: TrialResult, trials
             current, _ = apply_recipe(handle, task, prefix, out / "work", cache=cache, seed=config.seed)
             figures = measure_candidate(current, task, config.measure, config.selection_split, selection_baseline)
             steps.append({"step": label, **_summary(figures)})
-        except Exception as exc:  # the waterfall is a report aid; never lose the result over it
+        except Exception as exc:  # noqa: BLE001 the waterfall is a report aid; never lose the result over it
             steps.append({"step": label, "error": f"{type(exc).__name__}: {exc}"[:300]})
     return steps
 

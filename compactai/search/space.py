@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compactai.errors import BadInputError, UnknownNameError
-from compactai.techniques.base import AnyParam, ChoiceParam, FloatParam, IntParam, Param, Technique, available_techniques
+from compactai.techniques.base import (
+    AnyParam,
+    ChoiceParam,
+    FloatParam,
+    IntParam,
+    Param,
+    Technique,
+    available_techniques,
+)
 
 FAMILY_ORDER = ("prune", "distill", "nas", "quantize")
 
@@ -85,7 +93,7 @@ class SearchSpace:
                 default = space[pname].default
             if isinstance(spec, ChoiceParam) and default not in spec.choices:
                 default = spec.choices[0]
-            if isinstance(spec, (FloatParam, IntParam)) and not (spec.low <= default <= spec.high):
+            if isinstance(spec, (FloatParam, IntParam)) and (default is None or not spec.low <= default <= spec.high):
                 default = spec.low
             params[f"{index}.{name}.{pname}"] = default
         return params
@@ -110,7 +118,7 @@ class SearchSpace:
             return []
         singles = sorted(((registry[name].cost, i, name) for i, stage in enumerate(self.stages)
                           for name in stage.techniques), key=lambda item: (item[0], item[1]))
-        trials = [(cost, self._pipeline({i: name})) for cost, i, name in singles]
+        trials: list[tuple[float, dict[str, Any]]] = [(cost, self._pipeline({i: name})) for cost, i, name in singles]
         stack: dict[int, str] = {}
         for i, stage in enumerate(self.stages):
             cheapest = min(stage.techniques, key=lambda n: registry[n].cost)

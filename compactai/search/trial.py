@@ -171,7 +171,7 @@ def run_trial(
         return result
     except KeyboardInterrupt:
         raise
-    except Exception as exc:  # a failed trial is a record, not a crash
+    except Exception as exc:  # noqa: BLE001 a failed trial is a record, not a crash
         message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
         return TrialResult(number, recipe, "failed", error=message, seconds=time.monotonic() - start,
                            lineage=[{"traceback": traceback.format_exc(limit=4)[-1500:]}])

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import functools
+import operator
+
 import numpy as np
 import pytest
 
@@ -29,7 +32,7 @@ def test_minilm_corpus_is_clean_deduplicated_and_split(minilm):
     texts = minilm.info["texts"]
     assert len(texts["test"]) >= 400 and len(texts["train"]) >= 2000
     assert not set(texts["test"]) & set(texts["train"])
-    everything = sum(texts.values(), [])
+    everything = functools.reduce(operator.iadd, texts.values(), [])
     assert not any("://" in s or "```" in s for s in everything)
     normalized = [s.lower() for s in texts["train"] + texts["test"] + texts["validation"]]
     assert len(normalized) == len(set(normalized))

@@ -35,8 +35,8 @@ def space():
 @pytest.fixture(scope="module")
 def finished_run(digits, tmp_path_factory):
     """One real optimize run shared by the checks below (the search is the slow part)."""
-    from tests.search.conftest import RoundWeights
     from compactai.techniques.base import TECHNIQUES, register_technique
+    from tests.search.conftest import RoundWeights
 
     register_technique(RoundWeights)
     out = tmp_path_factory.mktemp("optimize") / "run"
@@ -197,13 +197,13 @@ def test_killed_run_resumes_without_repeating_finished_trials(tmp_path):
 @pytest.mark.slow
 def test_ray_executor_same_result_format(tmp_path):
     pytest.importorskip("ray")
-    out, log = tmp_path / "ray", tmp_path / "applied.log"
+    out, _log = tmp_path / "ray", tmp_path / "applied.log"
     script = tmp_path / "run.py"
     script.write_text(RAY_RUNNER.format(out=str(out)))
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "COMPACTAI_PLUGINS": "tests.search.ray_plugin",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, check=False)
     if proc.returncode != 0 and ("ray.init" in proc.stderr or "Failed to start" in proc.stderr):
         pytest.skip(f"Ray could not start here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -230,7 +230,7 @@ def test_report_renders_in_headless_chromium(finished_run, tmp_path):
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0"]
     url = (out / "report.html").as_uri()
-    dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=False)
     assert dom.returncode == 0, dom.stderr[-2000:]
     for element in ("pareto-plot", "waterfall-plot", "latency-plot"):
         assert f'id="{element}"' in dom.stdout

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from compactai import Context, MeasureConfig, Task, available_techniques, create_technique, load_model, measure
+from compactai import (
+    Context,
+    MeasureConfig,
+    Task,
+    available_techniques,
+    create_technique,
+    load_model,
+    measure,
+)
 from compactai.errors import ParameterError
 from compactai.measure import make_runner
 from tests.conftest import SmallResidualCNN

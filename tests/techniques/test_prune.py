@@ -156,7 +156,7 @@ def test_ratio_outside_open_interval(small_handle, ratio):
 
 
 def test_bad_input_errors(small_handle, small_onnx):
-    with pytest.raises(ParameterError, match="'criterion'.*l1, l2, taylor, bn"):
+    with pytest.raises(ParameterError, match=r"'criterion'.*l1, l2, taylor, bn"):
         prune(small_handle, criterion="magic")
     with pytest.raises(TechniqueError, match="needs a torch model"):
         prune(load_model(small_onnx), ratio=0.5)
@@ -167,7 +167,7 @@ def test_bad_input_errors(small_handle, small_onnx):
 def test_torch_export_program_is_refused_clearly(small_cnn, tmp_path):
     program = torch.export.export(small_cnn, (torch.randn(1, 1, 16, 16),))
     torch.export.save(program, tmp_path / "small.pt2")
-    with pytest.raises(TechniqueError, match="no nn.Conv/nn.Linear modules.*load_model"):
+    with pytest.raises(TechniqueError, match=r"no nn\.Conv/nn\.Linear modules.*load_model"):
         prune(load_model(tmp_path / "small.pt2"), ratio=0.5)
 
 
@@ -190,7 +190,7 @@ def test_unprunable_architecture_names_the_layer_and_returns_nothing_half_pruned
     model = HardCodedReshape().eval()
     handle = load_model(model, torch.randn(1, 1, 8, 8))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(TechniqueError, match="'conv'.*protect"):
+    with pytest.raises(TechniqueError, match=r"'conv'.*protect"):
         prune(handle, ratio=0.5, target="channels")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert isinstance(TechniqueError("x"), RuntimeError) and not isinstance(TechniqueError("x"), BadInputError)
@@ -217,7 +217,7 @@ def tiny_bert():
 
     splits = {"train": split(256), "calibration": split(32), "validation": split(64), "test": split(64)}
     handle = load_model(encoder, {k: v[:2] for k, v in splits["test"].inputs.items()}, name="tiny-bert")
-    task = Task("tiny-embeddings", EmbeddingFidelity(lambda feeds: handle.run_torch(feeds)), splits,
+    task = Task("tiny-embeddings", EmbeddingFidelity(handle.run_torch), splits,
                 eval_split="validation")
     return handle, task
 
@@ -296,7 +296,7 @@ def test_minilm_heads_and_ffn_neurons(minilm):
     assert ffn == [1152] * 6
     assert pruned.module.encoder.embeddings.word_embeddings.embedding_dim == 384  # hidden size kept
     out = pruned.run_torch(handle.example_inputs)[0]
-    assert out.shape == handle.example_inputs["input_ids"].shape + (384,)
+    assert out.shape == (*handle.example_inputs["input_ids"].shape, 384)
     assert count_params(pruned.module) < count_params(handle.module) - 2_000_000
     assert_exports_with_parity(pruned)
     assert attention_modules(handle.module)["encoder.encoder.layer.0.attention.self"].num_attention_heads == 12

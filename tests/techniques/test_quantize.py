@@ -123,7 +123,8 @@ def test_int8_modes_on_a_transformer_like_mlp(tiny, tmp_path, params):
 
 def test_guard_rail_keeps_float_when_int8_is_slower(tiny, tmp_path):
     handle, task = tiny
-    slower = lambda h: 1.0 if h.path.name == "float.onnx" else 2.0
+    def slower(h):
+        return 1.0 if h.path.name == "float.onnx" else 2.0
     result = create_technique("quantize", mode="dynamic", latency_probe=slower).apply(
         handle, context(task, tmp_path)
     )

@@ -257,7 +257,7 @@ def prune_copy(
 def _forward_problem(module: Any, example_args: tuple[Any, ...], expected: list[tuple[int, ...]]) -> str | None:
     try:
         shapes = output_shapes(module, example_args)
-    except Exception as exc:  # noqa: BLE001 - any failure of the pruned forward is reported with its layer
+    except Exception as exc:  # noqa: BLE001 (best effort: any failure means "not available")
         return f"breaks the forward pass ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
     if shapes != expected:
         return f"changes the output shapes from {expected} to {shapes}"

@@ -14,6 +14,7 @@ contribution of the removed neurons (bias correction). Sums and solves are float
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -198,11 +199,8 @@ def _captured(module: Any, blocks: list[str], batches: list[Batch], stop: bool) 
         for args, batch_mask in batches:
             seen.clear()
             mask[0] = batch_mask
-            with torch.inference_mode():
-                try:
-                    module(*args)
-                except _Stop:
-                    pass
+            with torch.inference_mode(), contextlib.suppress(_Stop):
+                module(*args)
             yield dict(seen)
     finally:
         for handle in handles:

@@ -188,7 +188,7 @@ class StructuredPrune(Technique):
 
     def validate(self) -> dict[str, Any]:
         # criteria are pluggable: any registered name is valid, not only the built-in choices
-        criterion = self.params.get("criterion", self.space["criterion"].default)  # type: ignore[union-attr]
+        criterion = self.params.get("criterion", self.space["criterion"].default)
         if criterion not in CRITERIA:
             raise ParameterError(
                 f"The 'criterion' parameter of {type(self).__name__} must be one of {', '.join(CRITERIA)}. "

@@ -66,8 +66,8 @@ def scale_outlier_channels(
     weights = {i.name: i for i in graph.initializer}
     consumers: dict[str, list[Any]] = {}
     for node in graph.node:
-        if node.op_type in SCALED_OPS and len(node.input) > 1 and node.input[1] in weights:
-            if len(weights[node.input[1]].dims) == 2:
+        if (node.op_type in SCALED_OPS and len(node.input) > 1 and node.input[1] in weights
+                and len(weights[node.input[1]].dims) == 2):
                 consumers.setdefault(node.input[0], []).append(node)
     if not consumers:
         target.write_bytes(source.read_bytes())

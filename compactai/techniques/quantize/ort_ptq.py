@@ -80,7 +80,7 @@ def cached_weight_quantization() -> Iterator[None]:
         return
     cache: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
 
-    def quantize_data(data: Any, qType: Any, symmetric: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N803
+    def quantize_data(data: Any, qType: Any, symmetric: Any, *args: Any, **kwargs: Any) -> Any:
         import numpy as np
 
         array = np.asarray(data)
@@ -126,7 +126,7 @@ def preprocess(source: Path, target: Path, kind: str = "generic", heads: int = 0
         try:
             explicit = explicit_head_counts(source, spelled)
             current = spelled
-        except Exception as exc:  # an unusual graph: fuse with the model-wide counts, or not at all
+        except Exception as exc:  # noqa: BLE001 an unusual graph: fuse with the model-wide counts, or not at all
             log.info("explicit head counts skipped: %s", exc)
         if not (heads > 0 and hidden > 0):
             heads = hidden = 0  # layers differ (head pruning): the fusion reads each layer's own count
@@ -165,7 +165,7 @@ def preprocess(source: Path, target: Path, kind: str = "generic", heads: int = 0
             current = fused
             attention = sum(1 for n in optimized.model.graph.node if n.op_type == "Attention")
             done.append(f"attention fusion ({attention} layers)")
-        except Exception as exc:  # the optimizer raises many types on unusual graphs
+        except Exception as exc:  # noqa: BLE001 the optimizer raises many types on unusual graphs
             log.info("transformer fusion skipped: %s", exc)
     from onnxruntime.quantization import quant_pre_process
 
@@ -183,7 +183,7 @@ def preprocess(source: Path, target: Path, kind: str = "generic", heads: int = 0
             quant_pre_process(str(current.resolve()), str(target.resolve()), skip_symbolic_shape=not symbolic)
             done.append(f"{'symbolic ' if symbolic else ''}shape inference + ORT optimization")
             break
-        except Exception as exc:  # ORT's tooling raises bare Exception
+        except Exception as exc:  # noqa: BLE001 ORT's tooling raises bare Exception
             log.info("quant_pre_process%s failed: %s", " with symbolic shapes" if symbolic else "", exc)
         finally:
             os.chdir(previous)
@@ -219,13 +219,13 @@ def quantize_int8(
         "DefaultTensorType": onnx.TensorProto.FLOAT,
         **config.extra_options,
     }
-    common = dict(
-        per_channel=config.per_channel,
-        reduce_range=config.reduce_range,
-        nodes_to_exclude=list(config.nodes_to_exclude) or None,
-        op_types_to_quantize=list(config.op_types) if config.op_types else None,
-        extra_options=extra,
-    )
+    common = {
+        "per_channel": config.per_channel,
+        "reduce_range": config.reduce_range,
+        "nodes_to_exclude": list(config.nodes_to_exclude) or None,
+        "op_types_to_quantize": list(config.op_types) if config.op_types else None,
+        "extra_options": extra,
+    }
     try:
         if config.mode == "dynamic":
             if config.weight_bits != 8:

@@ -109,7 +109,7 @@ def fold_batchnorm(module: Any) -> tuple[Any, bool]:
 
         module.eval()
         return fuse(torch.fx.symbolic_trace(module)), True
-    except Exception as exc:  # untraceable models train with BatchNorm kept (ORT folds it later)
+    except Exception as exc:  # noqa: BLE001 untraceable models train with BatchNorm kept (ORT folds it later)
         log.info("BatchNorm folding skipped: %s", exc)
         return module, False
 
@@ -251,8 +251,8 @@ class QAT(Technique):
             "epochs_done": epochs_done,
             "final_loss": float(np.mean(losses[-20:])) if losses else None,
             "config": config.to_dict(),
-            "float_size_bytes": file_size(Path(trained.path)),
+            "float_size_bytes": file_size(Path(str(trained.path))),
             "quantized_size_bytes": file_size(target),
-        }  # type: ignore[arg-type]
+        }
         result.metadata["quantize"] = {"mode": "qat", **decisions}
         return self.record(result, params, **decisions)

@@ -115,7 +115,7 @@ def analyze_sensitivity(
         quantize_int8(
             source,
             candidate,
-            config.excluding(list(config.nodes_to_exclude) + [row.node]),
+            config.excluding([*list(config.nodes_to_exclude), row.node]),
             calibration,
             names,
         )
