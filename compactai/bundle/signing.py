@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -31,31 +32,52 @@ def key_id(public_key: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
+def _write_key_file(path: Path, data: bytes, mode: int, replace: bool) -> None:
+    """Write ``data`` to ``path`` with exactly ``mode``, whatever the umask, never through a symlink.
+
+    The bytes go to a fresh temp file in the same directory (O_CREAT|O_EXCL|O_NOFOLLOW, then
+    fchmod), which is then linked into place (refusing any existing entry, a dangling symlink
+    included) or, with ``replace``, renamed over it (a rename replaces a symlink, never its target).
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask narrowed or, with umask 000, did not narrow the mode: set it exactly
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path, follow_symlinks=False)
+            except FileExistsError as exc:
+                raise BadInputError(f"{path} already exists; refusing to overwrite it (pass --force to replace "
+                                    "the key pair).") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def generate_keypair(out_dir: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
     """Write a new key pair into ``out_dir``; returns (private key path, public key path).
 
-    The private key file is created with mode 0600 from the start (never world-readable,
-    not even briefly). Existing keys are not overwritten unless ``overwrite``.
+    The private key file has mode 0600 from its first byte and the public key 0644, whatever the
+    umask; neither is written through a symlink. Existing keys are not overwritten unless ``overwrite``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     private_path, public_path = out / PRIVATE_KEY_FILE, out / PUBLIC_KEY_FILE
-    if not overwrite and (private_path.exists() or public_path.exists()):
+    if not overwrite and (os.path.lexists(private_path) or os.path.lexists(public_path)):
         raise BadInputError(f"A signing key already exists in {out}; refusing to overwrite it. "
                             "Choose another directory or delete the old key first.")
     private_key = Ed25519PrivateKey.generate()
     pem = private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
-    if overwrite and private_path.exists():
-        private_path.unlink()
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as stream:
-        stream.write(pem)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.chmod(private_path, 0o600)  # in case a umask or ACL widened it
-    public_path.write_bytes(private_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    public_pem = private_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                       serialization.PublicFormat.SubjectPublicKeyInfo)
+    _write_key_file(private_path, pem, 0o600, overwrite)
+    _write_key_file(public_path, public_pem, 0o644, overwrite)
     return private_path, public_path
 
 

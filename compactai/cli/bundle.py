@@ -136,17 +136,27 @@ def update(
     probation_queries: int = typer.Option(20, "--probation-queries", help="Synthesized requests in probation."),
     max_latency_ratio: float = typer.Option(5.0, "--max-latency-ratio", help="Roll back if the median latency in "
                                             "probation exceeds this multiple of the previous version's (0 = off)."),
+    download_deadline: float = typer.Option(1800.0, "--download-deadline", help="Seconds the whole download from "
+                                            "a URL may take (refused as slow-retrieval after)."),
+    min_download_rate: float = typer.Option(1024.0, "--min-download-rate", help="Bytes/s a download from a URL "
+                                            "must keep over each 30 s window (0 = no minimum)."),
+    max_version_jump: int = typer.Option(2**32, "--max-version-jump", help="Refuse versions more than this above "
+                                         "the highest trusted one (0 = only the 2^53-1 bound)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Install a signed update atomically, watch it on probation, commit or roll back. Exit 1 if refused."""
     from compactai.errors import ParameterError
-    from compactai.runtime import ProbationPolicy, UpdateAgent
+    from compactai.runtime import ProbationPolicy, UpdateAgent, UpdateLimits
 
     out = Output(json_output)
     if probation_queries < 0:
         raise ParameterError(f"--probation-queries must be >= 0. Got {probation_queries} instead.")
+    if max_version_jump < 0:
+        raise ParameterError(f"--max-version-jump must be >= 0 (0 = no jump bound). Got {max_version_jump} instead.")
     policy = ProbationPolicy(queries=probation_queries, max_latency_ratio=max_latency_ratio or None)
-    agent = UpdateAgent(install_dir, _trusted(trusted_key), probation=policy)
+    limits = UpdateLimits(download_deadline_s=download_deadline, min_download_rate=min_download_rate,
+                          max_version_jump=max_version_jump or None)
+    agent = UpdateAgent(install_dir, _trusted(trusted_key), probation=policy, limits=limits)
     data: dict[str, Any] = {}
     if source is not None:
         with out.progress("Updating") as say:

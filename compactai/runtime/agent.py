@@ -13,8 +13,8 @@ committed, and an automatic roll back, with the bad version block-listed, when i
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -36,6 +36,8 @@ from compactai.bundle.verify import (
 from compactai.errors import BadInputError
 from compactai.runtime.events import UpdateEvents
 from compactai.runtime.fetch import fetch
+from compactai.runtime.limits import UpdateLimits
+from compactai.runtime.locks import FileLock
 from compactai.runtime.probation import (
     HealthMonitor,
     OnnxModel,
@@ -44,6 +46,7 @@ from compactai.runtime.probation import (
     probation_requests,
 )
 from compactai.runtime.state import (
+    BACKUP_FILE,
     EVENTS_FILE,
     STAGING_DIR,
     STATE_FILE,
@@ -52,7 +55,7 @@ from compactai.runtime.state import (
     crash_point,
     fsync_path,
     fsync_tree,
-    load_state,
+    read_pointer,
     save_state,
 )
 
@@ -89,61 +92,104 @@ class UpdateAgent:
     """Installs signed bundles into ``install_dir`` for the holders of ``trusted_keys``."""
 
     def __init__(self, install_dir: str | Path, trusted_keys: list[Ed25519PublicKey], *,
-                 probation: ProbationPolicy | None = None, now: float | None = None) -> None:
+                 probation: ProbationPolicy | None = None, limits: UpdateLimits | None = None,
+                 now: float | None = None) -> None:
         self.install_dir = Path(install_dir)
         self.trusted_keys = list(trusted_keys)
         self.probation = probation or ProbationPolicy()
+        self.limits = (limits or UpdateLimits()).check()
         self.now = now
         self.events = UpdateEvents(self.install_dir / EVENTS_FILE)
         self._recovered = False
-        self._lock_depth = 0
+        # the writer's lock (one update at a time) and the probation lease: held by whoever runs
+        # the probation of the trial, released by the kernel if that process dies, so a trial whose
+        # lease is free was interrupted and is retried
+        self._lock = FileLock(self.install_dir / ".lock")
+        self._lease = FileLock(self.install_dir / ".probation.lock")
 
-    # ---- state -------------------------------------------------------------------------------------------
+    # ---- state (read without any lock: readers must answer while a writer works or stalls) -------------
     @property
     def state(self) -> InstallState:
-        return load_state(self.install_dir)
+        return self._read_state()[0]
 
     def version_dir(self, version: int) -> Path:
         return self.install_dir / VERSIONS_DIR / str(version)
 
     def active_dir(self) -> Path | None:
-        """The directory of the version to serve (None before the first install)."""
-        self.recover()
+        """The directory of the version to serve (None before the first install).
+
+        Never waits: recovery runs first only if no other process holds the install directory
+        and it is writable; otherwise the pointer is read as it stands.
+        """
+        self._try_recover()
         active = self.state.active
         return None if active is None else self.version_dir(active)
 
     def counters(self) -> dict[str, dict[str, float]]:
         return self.events.counters()
 
+    def close(self) -> None:
+        """Let go of the probation lease (a trial left on probation is then retried by the next start)."""
+        self._lease.release()
+
     def status(self) -> dict[str, Any]:
-        self.recover()
-        state = self.state
-        info: dict[str, Any] = {"install_dir": str(self.install_dir), **state.to_dict()}
+        """The pointer and the active version's name and semver; never waits for a writer (see active_dir)."""
+        self._try_recover()
+        state, source = self._read_state()
+        info: dict[str, Any] = {"install_dir": str(self.install_dir), **state.to_dict(), "state_source": source}
         if state.active is not None:
             manifest = parse_manifest(read_metadata(self.version_dir(state.active))[0])
             info["active_name"], info["active_semver"] = manifest["name"], manifest["semver"]
             info["active_dir"] = str(self.version_dir(state.active))
         return info
 
+    def _read_state(self) -> tuple[InstallState, str]:
+        """(state, source): state.json, else its backup if the versions it names verify, else a pointer
+        rebuilt from the installed versions that verify (source "rebuilt"), or an empty one ("new")."""
+        state, source = read_pointer(self.install_dir)
+        if state is not None and source == "state":
+            return state, source
+        if state is not None and all(self._installed_ok(v) for v in (state.active, state.previous) if v is not None):
+            return state, source
+        verified = self._verified_versions()
+        if not verified:
+            return InstallState(blocked=state.blocked if state else {},
+                                highest_trusted=state.highest_trusted if state else 0), "new"
+        # highest verified version wins; it is also the rollback floor (never lower than a backup's)
+        floor = max(verified[-1], state.highest_trusted if state else 0)
+        return InstallState(active=verified[-1], previous=verified[-2] if len(verified) > 1 else None,
+                            highest_trusted=floor, blocked=state.blocked if state else {}), "rebuilt"
+
+    def _verified_versions(self) -> list[int]:
+        root = self.install_dir / VERSIONS_DIR
+        names = [p.name for p in root.iterdir() if p.name.isdigit()] if root.is_dir() else []
+        return sorted(int(n) for n in names if self._installed_ok(int(n)))
+
     @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """One agent at a time per install directory (an flock, released by the kernel if we die)."""
-        if self._lock_depth:
-            self._lock_depth += 1
-            try:
-                yield
-            finally:
-                self._lock_depth -= 1
+    def _locked(self, blocking: bool = True) -> Iterator[None]:
+        """One writer at a time per install directory (an flock, released by the kernel if we die)."""
+        if self._lock.held:
+            yield
             return
         self.install_dir.mkdir(parents=True, exist_ok=True)
-        with (self.install_dir / ".lock").open("w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            self._lock_depth = 1
-            try:
-                yield
-            finally:
-                self._lock_depth = 0
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        if not self._lock.acquire(blocking=blocking):
+            raise BlockingIOError(f"another process is updating {self.install_dir}")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _try_recover(self) -> None:
+        """recover() if the install directory is free and writable; else read as is (a reader never waits)."""
+        if self._recovered or not self.install_dir.is_dir() or not os.access(self.install_dir, os.W_OK):
+            return
+        try:
+            with self._locked(blocking=False):
+                self.recover()
+        except BlockingIOError:
+            return  # a writer holds the directory: it runs the recovery itself
+        except PermissionError:
+            return  # read-only for us (e.g. the lock file): nothing can be repaired, reading still works
 
     # ---- start-up ----------------------------------------------------------------------------------------
     def recover(self) -> None:
@@ -158,14 +204,18 @@ class UpdateAgent:
         with self._locked():
             for sub in (VERSIONS_DIR, STAGING_DIR):
                 (self.install_dir / sub).mkdir(parents=True, exist_ok=True)
-            (self.install_dir / (STATE_FILE + ".tmp")).unlink(missing_ok=True)
+            for name in (STATE_FILE, BACKUP_FILE):
+                (self.install_dir / (name + ".tmp")).unlink(missing_ok=True)
             for leftover in (self.install_dir / STAGING_DIR).iterdir():
                 shutil.rmtree(leftover, ignore_errors=True)
             self._recovered = True
-            state = self.state
+            state, source = self._read_state()
+            if source in ("backup", "rebuilt"):
+                self.events.record("state-restored", source=source, active=state.active, previous=state.previous,
+                                   highest_trusted=state.highest_trusted)
+                save_state(self.install_dir, state)
             if state.trial:
-                self._rollback(state, "uncommitted trial found at start-up: the agent stopped during probation")
-                state = self.state
+                state = self._resume_probation(state)
             if state.active is not None and not self._installed_ok(state.active):
                 fallback = state.previous if state.previous is not None and self._installed_ok(state.previous) else None
                 self.events.record("refused", reason="corrupt-install", version=state.active,
@@ -174,14 +224,18 @@ class UpdateAgent:
                 state.blocked[state.active] = "installed files no longer verify"
                 state.active, state.previous = fallback, None
                 save_state(self.install_dir, state)
-            self._collect_garbage()
+            if source == "state":  # never delete on a guess: only a pointer that was really stored rules
+                self._collect_garbage()
 
     def _installed_ok(self, version: int) -> bool:
+        """Whether versions/<version> holds that very version, signed by a trusted key, every file intact."""
         root = self.version_dir(version)
         try:
             manifest_bytes, signature = read_metadata(root)
             verify_signature(manifest_bytes, signature, self.trusted_keys)
             manifest = parse_manifest(manifest_bytes)
+            if manifest["version"] != version:
+                return False
             for _name, check in FILE_CHECKS:
                 check(root, manifest)
         except (BundleRefused, OSError):
@@ -215,10 +269,12 @@ class UpdateAgent:
             steps: list[str] = []
             manifest: dict[str, Any] | None = None
             try:
-                fetch(source, staging, policy)
+                fetch(source, staging, policy, self.limits)
                 steps.append("fetch")
                 crash_point("fetched")
                 verified = verify_bundle(staging, policy, validate=False)
+                # before the self-test: a broken bundle is block-listed and raises the rollback floor
+                self.limits.check_version(verified.version, state.highest_trusted)
                 manifest = verified.manifest
                 steps += verified.steps
                 validation = validate_model(staging, manifest)
@@ -262,6 +318,8 @@ class UpdateAgent:
         return UpdateResult("refused", version, state.active, refusal.reason, str(refusal), steps)
 
     def _activate(self, staging: Path, version: int, state: InstallState) -> None:
+        if not self._lease.acquire(blocking=False):
+            raise BadInputError(f"Another process is running a probation in {self.install_dir}; retry when it ends.")
         fsync_tree(staging)
         crash_point("synced")
         target = self.version_dir(version)
@@ -271,7 +329,7 @@ class UpdateAgent:
         fsync_path(target.parent)
         fsync_path(staging.parent)
         crash_point("moved")
-        new_state = InstallState(active=version, previous=state.active, trial=True,
+        new_state = InstallState(active=version, previous=state.active, trial=True, probation_attempts=1,
                                  highest_trusted=max(state.highest_trusted, version), blocked=dict(state.blocked))
         save_state(self.install_dir, new_state, crash_prefix="activate")
 
@@ -322,8 +380,9 @@ class UpdateAgent:
             version = state.active
             healthy, why = monitor.verdict()
             if healthy:
-                state.trial = False
+                state.trial, state.probation_attempts = False, 0
                 save_state(self.install_dir, state, crash_prefix="commit")
+                self._lease.release()
                 self.events.record("committed", version=version, detail=why)
                 self._collect_garbage()
                 return UpdateResult("committed", version, version, message=f"version {version} committed: {why}")
@@ -332,12 +391,32 @@ class UpdateAgent:
             return UpdateResult("rolled_back", version, active, "probation-failed",
                                 f"version {version} rolled back to {active}: probation failed: {why}")
 
+    def _resume_probation(self, state: InstallState) -> InstallState:
+        """A trial found at start-up: leave it to a live prober, else run its probation again (a kill
+        must not condemn a good version), up to ``max_attempts`` probations in all."""
+        version = state.active
+        if version is None or self._lease.held or not self._lease.acquire(blocking=False):
+            return state  # this agent or another live process is running its probation
+        if state.probation_attempts >= self.probation.max_attempts:
+            self._rollback(state, f"probation interrupted {state.probation_attempts} times: the process died "
+                                  "during each one")
+            return self.state
+        state.probation_attempts += 1
+        save_state(self.install_dir, state)
+        self.events.record("probation-retried", version=version, attempt=state.probation_attempts,
+                           reason="the process running the probation stopped before its verdict")
+        monitor = self.begin_probation()
+        self._probe(monitor, version)
+        self.finish_probation(monitor)
+        return self.state
+
     def _rollback(self, state: InstallState, reason: str) -> None:
         bad = state.active
         if bad is not None:
             state.blocked[bad] = reason
-        state.active, state.previous, state.trial = state.previous, None, False
+        state.active, state.previous, state.trial, state.probation_attempts = state.previous, None, False, 0
         save_state(self.install_dir, state)
+        self._lease.release()
         self.events.record("rolled_back", version=bad, active=state.active, reason=reason)
         self._collect_garbage()
 

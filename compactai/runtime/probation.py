@@ -27,6 +27,9 @@ class ProbationPolicy:
     max_latency_ratio: float | None = 5.0  # p50 of the new version / p50 of the previous one
     min_latency_increase_ms: float = 1.0  # and slower by at least this much (tiny models' ratios are noise)
     min_requests: int = 1
+    # probations of one trial in all: one interrupted by a kill is run again at the next start, but
+    # a version whose probation kills the process every time is rolled back after this many
+    max_attempts: int = 3
 
 
 @dataclass

@@ -4,13 +4,15 @@ Layout of an install directory::
 
     state.json        the pointer: active version, previous version, trial flag,
                       highest version ever trusted, block-list (the only source of truth)
+    state.json.bak    a copy of the last pointer written, used when state.json is lost or corrupt
     versions/<N>/     verified bundles, side by side
     staging/          downloads in progress (same filesystem, so a rename moves them)
     events.jsonl      one JSON line per event (refusals with their reason, activations, rollbacks)
 
 state.json is only ever replaced by ``os.replace`` of a fully written and fsync'ed temp file,
 followed by an fsync of the directory, so after a crash it holds either the old or the new
-state, never a mix.
+state, never a mix. The backup is written the same way right after it. Readers never take a
+lock: they read whichever complete file ``os.replace`` left in place.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 STATE_FILE = "state.json"
+BACKUP_FILE = "state.json.bak"
 VERSIONS_DIR = "versions"
 STAGING_DIR = "staging"
 EVENTS_FILE = "events.jsonl"
@@ -38,6 +41,7 @@ class InstallState:
     trial: bool = False  # the active version is on probation, not yet committed
     highest_trusted: int = 0
     blocked: dict[int, str] = field(default_factory=dict)
+    probation_attempts: int = 0  # probations started for the current trial (a kill interrupts one)
     updated: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -47,12 +51,22 @@ class InstallState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InstallState:
+        """The state from its JSON form; ValueError if any field has the wrong type (a corrupt file)."""
+        if not isinstance(data, dict):
+            raise ValueError("the state is not a JSON object")
+        active, previous = data.get("active"), data.get("previous")
+        blocked = data.get("blocked") or {}
+        numbers = [active, previous, data.get("highest_trusted", 0), data.get("probation_attempts", 0)]
+        if (not all(n is None or (isinstance(n, int) and not isinstance(n, bool)) for n in numbers)
+                or not isinstance(blocked, dict) or not isinstance(data.get("trial", False), bool)):
+            raise ValueError("the state has a field of the wrong type")
         return cls(
-            active=data.get("active"),
-            previous=data.get("previous"),
-            trial=bool(data.get("trial", False)),
+            active=active,
+            previous=previous,
+            trial=data.get("trial", False),
             highest_trusted=int(data.get("highest_trusted", 0)),
-            blocked={int(k): str(v) for k, v in (data.get("blocked") or {}).items()},
+            blocked={int(k): str(v) for k, v in blocked.items()},
+            probation_attempts=int(data.get("probation_attempts", 0)),
             updated=str(data.get("updated", "")),
         )
 
@@ -84,25 +98,55 @@ def crash_point(step: str) -> None:
         os._exit(86)
 
 
+def read_state_file(path: Path) -> InstallState | None:
+    """The state held in ``path``, or None if it is missing, unreadable, empty or corrupt."""
+    try:
+        return InstallState.from_dict(json.loads(path.read_bytes()))
+    except (OSError, ValueError, TypeError, AttributeError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+
+
+def read_pointer(install_dir: Path) -> tuple[InstallState | None, str]:
+    """(state, where it came from): ``"state"`` (state.json), ``"backup"`` (state.json.bak), or
+    ``"lost"`` (None: neither holds a valid state). Never writes and never locks."""
+    for name, source in ((STATE_FILE, "state"), (BACKUP_FILE, "backup")):
+        state = read_state_file(install_dir / name)
+        if state is not None:
+            return state, source
+    return None, "lost"
+
+
 def load_state(install_dir: Path) -> InstallState:
-    path = install_dir / STATE_FILE
-    if not path.exists():
-        return InstallState()
-    return InstallState.from_dict(json.loads(path.read_text()))
+    """The pointer as stored (state.json, else its backup); an empty state if both are missing or corrupt.
+
+    :class:`~compactai.runtime.UpdateAgent` also rebuilds a lost pointer from the installed,
+    verified versions; this function only reads.
+    """
+    return read_pointer(install_dir)[0] or InstallState()
+
+
+def _replace(path: Path, text: str) -> Path:
+    """Write ``text`` to a temp file next to ``path`` and fsync it; returns the temp file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+    return tmp
 
 
 def save_state(install_dir: Path, state: InstallState, crash_prefix: str = "") -> None:
-    """Replace state.json atomically and durably (temp file, fsync, os.replace, fsync dir)."""
+    """Replace state.json atomically and durably (temp file, fsync, os.replace, fsync dir), then its backup."""
     state.updated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    text = json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n"
     path = install_dir / STATE_FILE
-    tmp = path.with_name(STATE_FILE + ".tmp")
-    with tmp.open("w") as stream:
-        stream.write(json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n")
-        stream.flush()
-        os.fsync(stream.fileno())
+    tmp = _replace(path, text)
     if crash_prefix:
         crash_point(f"{crash_prefix}-state-written")
     os.replace(tmp, path)
     fsync_path(install_dir)
     if crash_prefix:
         crash_point(f"{crash_prefix}-switched")
+    # after state.json, so the backup only ever holds a pointer that was once in force
+    os.replace(_replace(install_dir / BACKUP_FILE, text), install_dir / BACKUP_FILE)
+    fsync_path(install_dir)

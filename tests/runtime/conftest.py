@@ -1,9 +1,12 @@
-"""Fixtures for the update agent: keys, tiny ONNX models, a bundle factory, an install dir at version 1."""
+"""Fixtures for the update agent: keys, tiny ONNX models, a bundle factory, an install dir at version 1,
+and a real HTTP server on 127.0.0.1 that serves bundles (also endlessly or one byte at a time)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +90,84 @@ def resign() -> Callable[..., None]:
         (bundle / SIGNATURE_FILE).write_bytes(sign(private_key, raw))
 
     return do
+
+
+class BundleServer:
+    """Serves bundle directories under /<name>/...; ``endless`` paths stream without Content-Length;
+    ``trickle`` paths announce the real size but send one byte every ``trickle[path]`` seconds
+    (a slow-retrieval attack), for at most ``trickle_limit_s`` seconds so that a test always ends."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, bytes] = {}
+        self.endless: set[str] = set()
+        self.trickle: dict[str, float] = {}
+        self.trickle_limit_s = 90.0
+        self.sent: dict[str, int] = {}
+        self.trickling: dict[str, int] = {}  # bytes of each trickled path sent so far (live)
+        self.stop = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def do_GET(self) -> None:
+                if self.path in server.endless:
+                    self.send_response(200)
+                    self.end_headers()
+                    block, sent = b"\0" * 65536, 0
+                    try:
+                        while sent < 64 * 1024 * 1024:  # an "endless data" attack, bounded for the test
+                            self.wfile.write(block)
+                            sent += len(block)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    server.sent[self.path] = sent
+                    return
+                body = server.routes.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.path in server.trickle:
+                    self._trickle(body, server.trickle[self.path])
+                    return
+                self.wfile.write(body)
+
+            def _trickle(self, body: bytes, interval: float) -> None:
+                sent = 0
+                try:
+                    for _ in range(int(server.trickle_limit_s / interval)):
+                        if sent == len(body) or server.stop.wait(interval):
+                            break
+                        self.wfile.write(body[sent:sent + 1])
+                        self.wfile.flush()
+                        sent += 1
+                        server.trickling[self.path] = sent
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                server.sent[self.path] = sent
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def publish(self, name: str, bundle: Path) -> str:
+        for path in bundle.rglob("*"):
+            if path.is_file():
+                self.routes[f"/{name}/{path.relative_to(bundle).as_posix()}"] = path.read_bytes()
+        return f"{self.url}/{name}/"
+
+
+@pytest.fixture
+def server() -> Iterator[BundleServer]:
+    served = BundleServer()
+    thread = threading.Thread(target=served.httpd.serve_forever, daemon=True)
+    thread.start()
+    yield served
+    served.stop.set()
+    served.httpd.shutdown()
+    served.httpd.server_close()

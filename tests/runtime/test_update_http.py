@@ -2,69 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-
 import pytest
-
-
-class BundleServer:
-    """Serves bundle directories under /<name>/...; ``endless`` paths stream without Content-Length."""
-
-    def __init__(self) -> None:
-        self.routes: dict[str, bytes] = {}
-        self.endless: set[str] = set()
-        self.sent: dict[str, int] = {}
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.0"
-
-            def do_GET(self) -> None:
-                if self.path in server.endless:
-                    self.send_response(200)
-                    self.end_headers()
-                    block, sent = b"\0" * 65536, 0
-                    try:
-                        while sent < 64 * 1024 * 1024:  # an "endless data" attack, bounded for the test
-                            self.wfile.write(block)
-                            sent += len(block)
-                    except (BrokenPipeError, ConnectionResetError):
-                        pass
-                    server.sent[self.path] = sent
-                    return
-                body = server.routes.get(self.path)
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def publish(self, name: str, bundle: Path) -> str:
-        for path in bundle.rglob("*"):
-            if path.is_file():
-                self.routes[f"/{name}/{path.relative_to(bundle).as_posix()}"] = path.read_bytes()
-        return f"{self.url}/{name}/"
-
-
-@pytest.fixture
-def server() -> Iterator[BundleServer]:
-    served = BundleServer()
-    thread = threading.Thread(target=served.httpd.serve_forever, daemon=True)
-    thread.start()
-    yield served
-    served.httpd.shutdown()
-    served.httpd.server_close()
 
 
 def test_update_from_url(agent_v1, make_bundle, server):
