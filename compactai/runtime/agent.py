@@ -55,7 +55,7 @@ from compactai.runtime.state import (
     crash_point,
     fsync_path,
     fsync_tree,
-    read_pointer,
+    recover_pointer,
     save_state,
 )
 
@@ -144,26 +144,8 @@ class UpdateAgent:
         return info
 
     def _read_state(self) -> tuple[InstallState, str]:
-        """(state, source): state.json, else its backup if the versions it names verify, else a pointer
-        rebuilt from the installed versions that verify (source "rebuilt"), or an empty one ("new")."""
-        state, source = read_pointer(self.install_dir)
-        if state is not None and source == "state":
-            return state, source
-        if state is not None and all(self._installed_ok(v) for v in (state.active, state.previous) if v is not None):
-            return state, source
-        verified = self._verified_versions()
-        if not verified:
-            return InstallState(blocked=state.blocked if state else {},
-                                highest_trusted=state.highest_trusted if state else 0), "new"
-        # highest verified version wins; it is also the rollback floor (never lower than a backup's)
-        floor = max(verified[-1], state.highest_trusted if state else 0)
-        return InstallState(active=verified[-1], previous=verified[-2] if len(verified) > 1 else None,
-                            highest_trusted=floor, blocked=state.blocked if state else {}), "rebuilt"
-
-    def _verified_versions(self) -> list[int]:
-        root = self.install_dir / VERSIONS_DIR
-        names = [p.name for p in root.iterdir() if p.name.isdigit()] if root.is_dir() else []
-        return sorted(int(n) for n in names if self._installed_ok(int(n)))
+        """(state, source): see :func:`~compactai.runtime.state.recover_pointer`; never writes."""
+        return recover_pointer(self.install_dir, self._installed_ok)
 
     @contextmanager
     def _locked(self, blocking: bool = True) -> Iterator[None]:
@@ -319,6 +301,7 @@ class UpdateAgent:
 
     def _activate(self, staging: Path, version: int, state: InstallState) -> None:
         if not self._lease.acquire(blocking=False):
+            shutil.rmtree(staging, ignore_errors=True)
             raise BadInputError(f"Another process is running a probation in {self.install_dir}; retry when it ends.")
         fsync_tree(staging)
         crash_point("synced")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,29 @@ def read_pointer(install_dir: Path) -> tuple[InstallState | None, str]:
         if state is not None:
             return state, source
     return None, "lost"
+
+
+def recover_pointer(install_dir: Path, verified: Callable[[int], bool]) -> tuple[InstallState, str]:
+    """The pointer and where it came from, never written and never guessed.
+
+    state.json if it is valid (``"state"``); else the backup if the versions it names pass
+    ``verified`` (``"backup"``); else a pointer rebuilt from the installed versions that pass it
+    (``"rebuilt"``): the highest is active and is the rollback floor (never lower than a readable
+    backup's floor, whose block-list is kept too); ``"new"`` if no version verifies.
+    """
+    state, source = read_pointer(install_dir)
+    if state is not None and source == "state":
+        return state, source
+    if state is not None and all(verified(v) for v in (state.active, state.previous) if v is not None):
+        return state, source
+    root = install_dir / VERSIONS_DIR
+    names = [p.name for p in root.iterdir() if p.name.isdigit()] if root.is_dir() else []
+    versions = sorted(int(n) for n in names if verified(int(n)))
+    floor, blocked = (state.highest_trusted, state.blocked) if state is not None else (0, {})
+    if not versions:
+        return InstallState(highest_trusted=floor, blocked=blocked), "new"
+    return InstallState(active=versions[-1], previous=versions[-2] if len(versions) > 1 else None,
+                        highest_trusted=max(versions[-1], floor), blocked=blocked), "rebuilt"
 
 
 def load_state(install_dir: Path) -> InstallState:

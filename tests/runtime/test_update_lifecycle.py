@@ -81,14 +81,18 @@ def test_healthy_real_requests_commit(agent_v1, make_bundle):
     assert (agent_v1.state.active, agent_v1.state.trial) == (2, False)
 
 
-def test_uncommitted_trial_at_startup_is_rolled_back(agent_v1, make_bundle, keys):
+def test_trial_of_a_live_prober_is_left_alone_and_retried_once_it_is_gone(agent_v1, make_bundle, keys):
     agent_v1.update(make_bundle(2), watch=False)
     assert agent_v1.state.active == 2 and agent_v1.state.trial
-    restarted = UpdateAgent(agent_v1.install_dir, [keys[1]])
-    assert restarted.active_dir() == agent_v1.install_dir / "versions" / "1"
+    other = UpdateAgent(agent_v1.install_dir, [keys[1]])
+    assert other.active_dir() == agent_v1.install_dir / "versions" / "2"  # still on probation in agent_v1
+    assert other.state.trial and 2 not in other.state.blocked
+    agent_v1.close()  # the prober is gone (as if its process died): the next start runs the probation again
+    restarted = UpdateAgent(agent_v1.install_dir, [keys[1]], probation=ProbationPolicy(queries=2))
+    assert restarted.active_dir() == agent_v1.install_dir / "versions" / "2"
     state = restarted.state
-    assert (state.active, state.trial) == (1, False) and 2 in state.blocked
-    assert restarted.events.read()[-1]["event"] == "rolled_back"
+    assert (state.active, state.previous, state.trial) == (2, 1, False) and 2 not in state.blocked
+    assert [e["event"] for e in restarted.events.read()][-2:] == ["probation-retried", "committed"]
 
 
 def test_corrupted_active_version_falls_back_at_startup(agent_v1, make_bundle, keys):
@@ -107,7 +111,8 @@ def _installed_versions(install: Path) -> list[str]:
 @pytest.mark.parametrize("step", ACTIVATION_STEPS)
 def test_crash_at_each_activation_step_leaves_old_or_new(agent_v1, make_bundle, keys, step):
     """The agent process dies (os._exit, like a power cut) at ``step``; after restart exactly one
-    complete version is active: the new one only once its commit reached the disk."""
+    complete version is active: the old one until the activation reached the disk, then the new
+    one, whose interrupted probation is run again at the restart (and passes)."""
     install, bundle = agent_v1.install_dir, make_bundle(2, scale=3.0)
     public = keys[2]
     env = {**os.environ, CRASH_ENV: step}
@@ -119,7 +124,7 @@ def test_crash_at_each_activation_step_leaves_old_or_new(agent_v1, make_bundle, 
     assert process.returncode == 86, process.stderr  # it really died at the step
     restarted = UpdateAgent(install, [keys[1]])
     status = restarted.status()
-    expected = 2 if step == "commit-switched" else 1
+    expected = 2 if ACTIVATION_STEPS.index(step) >= ACTIVATION_STEPS.index("activate-switched") else 1
     assert status["active"] == expected and not status["trial"]
     assert restarted._installed_ok(expected)  # every file of the active version matches its signed manifest
     manifest = json.loads((install / "versions" / str(expected) / "manifest.json").read_text())
