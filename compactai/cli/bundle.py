@@ -155,7 +155,7 @@ def update(
         raise ParameterError(f"--max-version-jump must be >= 0 (0 = no jump bound). Got {max_version_jump} instead.")
     policy = ProbationPolicy(queries=probation_queries, max_latency_ratio=max_latency_ratio or None)
     limits = UpdateLimits(download_deadline_s=download_deadline, min_download_rate=min_download_rate,
-                          max_version_jump=max_version_jump or None)
+                          max_version_jump=max_version_jump or None).check()
     agent = UpdateAgent(install_dir, _trusted(trusted_key), probation=policy, limits=limits)
     data: dict[str, Any] = {}
     if source is not None:

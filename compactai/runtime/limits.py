@@ -16,6 +16,8 @@ from compactai.bundle.manifest import BundleRefused
 from compactai.errors import ParameterError
 
 MAX_VERSION = 2**53 - 1
+_OPTIONS = {"download_deadline_s": " (--download-deadline)", "min_download_rate": " (--min-download-rate)",
+            "max_version_jump": " (--max-version-jump)"}
 
 
 @dataclass
@@ -33,9 +35,11 @@ class UpdateLimits:
         for name in ("download_deadline_s", "rate_window_s", "connect_timeout_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ParameterError(f"The '{name}' of UpdateLimits must be a finite number > 0. Got {value!r} instead.")
+                raise ParameterError(f"The '{name}' of UpdateLimits{_OPTIONS.get(name, '')} must be a finite number "
+                                     f"> 0. Got {value!r} instead.")
         if not (math.isfinite(self.min_download_rate) and self.min_download_rate >= 0):
-            raise ParameterError("The 'min_download_rate' of UpdateLimits must be a finite number >= 0 (bytes/s). "
+            raise ParameterError("The 'min_download_rate' of UpdateLimits (--min-download-rate) must be a finite "
+                                 "number >= 0 (bytes/s). "
                                  f"Got {self.min_download_rate!r} instead.")
         if self.max_version_jump is not None and not (isinstance(self.max_version_jump, int)
                                                       and self.max_version_jump >= 1):

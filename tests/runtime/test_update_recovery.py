@@ -152,3 +152,11 @@ def test_probation_interrupted_every_time_is_finally_rolled_back(agent_v1, make_
     restarted.recover()
     state = restarted.state
     assert (state.active, state.trial) == (1, False) and "interrupted" in state.blocked[2]
+
+
+def test_huge_version_over_http_is_refused_before_any_model_byte(agent_v1, make_bundle, server):
+    url = server.publish("big", make_bundle(2**53))
+    server.endless.add("/big/model.onnx")  # would be noticed if it were requested
+    result = agent_v1.update(url)
+    assert (result.status, result.reason, agent_v1.state.highest_trusted) == ("refused", "version-bound", 1)
+    assert "/big/model.onnx" not in server.sent

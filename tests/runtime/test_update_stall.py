@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from compactai.runtime import ProbationPolicy, UpdateAgent
 
 CLI = [sys.executable, "-c", "from compactai.cli import main; main()"]
@@ -91,3 +93,13 @@ def test_silent_server_is_refused_after_one_window(agent_v1, make_bundle, server
     server.trickle["/v2/model.onnx"] = 30.0
     result = agent.update(url)
     assert (result.status, result.reason, agent.state.active) == ("refused", "slow-retrieval", 1)
+
+
+def test_limits_that_would_disable_a_bound_are_bad_input():
+    from compactai.errors import ParameterError
+    from compactai.runtime import UpdateLimits
+
+    for bad in ({"download_deadline_s": float("nan")}, {"download_deadline_s": 0}, {"min_download_rate": -1.0},
+                {"rate_window_s": float("inf")}, {"max_version_jump": 0}):
+        with pytest.raises(ParameterError, match="UpdateLimits"):
+            UpdateLimits(**bad).check()
