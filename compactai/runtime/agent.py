@@ -177,9 +177,10 @@ class UpdateAgent:
     def recover(self) -> None:
         """Bring the install directory to a clean state after a crash (run once, before any other work).
 
-        Drops a half-written state file and staging leftovers, rolls back an uncommitted trial,
-        falls back to the previous version if the active one no longer verifies, and removes
-        versions that nothing points to.
+        Drops half-written state files and staging leftovers, restores a lost or corrupt pointer
+        (from its backup or the installed, verified versions), runs the probation of a trial whose
+        prober died again (rolled back after ``max_attempts``), falls back to the previous version if
+        the active one no longer verifies, and removes versions that a stored pointer does not name.
         """
         if self._recovered:
             return
