@@ -7,13 +7,13 @@ file is streamed with a hard limit of its signed size: a server that sends more 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from compactai.bundle.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, SIGNATURE_FILE, BundleRefused
-from compactai.bundle.verify import VerifyPolicy, extract_archive, verify_metadata
+from compactai.bundle.stage import stage_bundle
+from compactai.bundle.verify import VerifyPolicy, verify_metadata
 from compactai.errors import BadInputError, ModelNotFoundError
 
 MAX_SIGNATURE_BYTES = 4096
@@ -32,11 +32,8 @@ def fetch(source: str | Path, staging: Path, policy: VerifyPolicy, timeout: floa
     path = Path(text).expanduser()
     if not path.exists():
         raise ModelNotFoundError(f"Update source not found: {path}. Pass a bundle directory, a .tar bundle or a URL.")
-    if path.is_dir():
-        # symlinks are copied as links (never followed) so that verification sees and refuses them
-        shutil.copytree(path, staging, symlinks=True, dirs_exist_ok=True)
-    else:
-        extract_archive(path, staging)
+    # the signed metadata is verified first; then only the listed files are copied or extracted
+    stage_bundle(path, staging, policy)
 
 
 def _download(client: Any, url: str, target: Path, limit: int, what: str) -> bool:
