@@ -40,9 +40,9 @@ def tiny_onnx(directory: Path, location: str | None = None, *, op: str = "MatMul
     return path
 
 
-def tar_header(name: str, size: int) -> bytes:
+def tar_header(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
     info = tarfile.TarInfo(name)
-    info.size, info.mode = size, 0o644
+    info.size, info.mode, info.type = size, 0o644, kind
     return info.tobuf(format=tarfile.GNU_FORMAT)
 
 
@@ -66,11 +66,12 @@ def tar_member(name: str, data: bytes) -> bytes:
 
 
 def write_tar_gz(path: Path, members: Iterable[bytes], *, zeros_member: tuple[str, int] | None = None,
-                 trailing: Iterable[bytes] = ()) -> Path:
+                 zeros_kind: bytes = tarfile.REGTYPE, trailing: Iterable[bytes] = ()) -> Path:
     """A .tar.gz of the given member bytes, then (optionally) a member of ``size`` zero bytes, then ``trailing``.
 
     The zero member is streamed as repeated gzip members of one compressed MiB, so a 1 GiB member
-    costs about 1 MB on disk and no memory.
+    costs about 1 MB on disk and no memory. ``zeros_kind`` makes it another entry type, e.g. a GNU
+    long-name record, whose data tarfile reads into memory while parsing the next header.
     """
     zeros = gzip.compress(b"\0" * ZERO_CHUNK, compresslevel=9)
     with path.open("wb") as out:
@@ -78,7 +79,7 @@ def write_tar_gz(path: Path, members: Iterable[bytes], *, zeros_member: tuple[st
         if zeros_member is not None:
             name, size = zeros_member
             assert size % ZERO_CHUNK == 0
-            out.write(gzip.compress(tar_header(name, size)))
+            out.write(gzip.compress(tar_header(name, size, zeros_kind)))
             for _ in range(size // ZERO_CHUNK):
                 out.write(zeros)
         out.write(gzip.compress(b"".join(trailing) + b"\0" * (2 * BLOCK)))

@@ -64,6 +64,17 @@ def test_signed_metadata_then_a_huge_member(tmp_path, signing_keys, signed, name
     assert disk_used(unpacked) < ZERO_CHUNK
 
 
+@pytest.mark.parametrize(("with_metadata", "reason"), [(False, "missing-manifest"), (True, "oversize")])
+def test_huge_long_name_record_is_cut_off_at_the_byte_cap(tmp_path, signing_keys, signed, with_metadata, reason):
+    # tarfile reads a GNU long-name record whole while parsing headers: the cap under decompression stops it
+    head = bundle_members(signed, METADATA) if with_metadata else []
+    bomb = write_tar_gz(tmp_path / "longname.tar.gz", head, zeros_member=("././@LongLink", BOMB_BYTES),
+                        zeros_kind=tarfile.GNUTYPE_LONGNAME)
+    unpacked = tmp_path / "unpacked"
+    assert refused_reason(bomb, signing_keys, unpacked) == reason
+    assert staged_files(unpacked) == (set(METADATA) if with_metadata else set())
+
+
 @pytest.mark.parametrize(("with_metadata", "reason"), [(False, "missing-manifest"), (True, "extra-file")])
 def test_50000_empty_members_are_refused_having_extracted_nothing(tmp_path, signing_keys, signed, with_metadata,
                                                                   reason):
