@@ -17,19 +17,12 @@ from compactai.bundle.manifest import (
     parse_manifest,
 )
 from compactai.bundle.signing import generate_keypair, key_id, load_private_key, load_public_key
-from compactai.bundle.verify import (
-    VerifiedBundle,
-    VerifyPolicy,
-    extract_archive,
-    read_metadata,
-    validate_model,
-    verify_bundle,
-    verify_metadata,
-)
+from compactai.bundle.stage import VerifyPolicy, read_metadata, stage_bundle, verify_metadata
+from compactai.bundle.verify import VerifiedBundle, validate_model, verify_bundle
 
 __all__ = [
     "GOLDEN_INPUTS_FILE", "GOLDEN_OUTPUTS_FILE", "MANIFEST_FILE", "MODEL_FILE", "SIGNATURE_FILE",
-    "BundleRefused", "VerifiedBundle", "VerifyPolicy", "build_bundle", "canonical_bytes", "extract_archive",
-    "generate_keypair", "key_id", "load_private_key", "load_public_key", "parse_manifest", "read_metadata",
+    "BundleRefused", "VerifiedBundle", "VerifyPolicy", "build_bundle", "canonical_bytes", "generate_keypair",
+    "key_id", "load_private_key", "load_public_key", "parse_manifest", "read_metadata", "stage_bundle",
     "validate_model", "verify_bundle", "verify_metadata", "write_signed_manifest",
 ]

@@ -23,12 +23,16 @@ from compactai.bundle.manifest import (
     GOLDEN_INPUTS_FILE,
     GOLDEN_OUTPUTS_FILE,
     MANIFEST_FILE,
+    METADATA_FILES,
     MODEL_FILE,
+    RESERVED_FILES,
     SIGNATURE_FILE,
+    BundleRefused,
     canonical_bytes,
     check_semver,
     file_entry,
     format_time,
+    open_beneath,
     unsafe_path_reason,
 )
 from compactai.bundle.signing import Ed25519PrivateKey, key_id, sign
@@ -59,22 +63,61 @@ def find_source(source: str | Path) -> tuple[Path, dict[str, Any] | None]:
     return path, None
 
 
-def _model_files(model: Path) -> list[tuple[Path, str]]:
-    """(source file, name in the bundle) for the model and its external-data files."""
+def _model_files(model: Path) -> list[str]:
+    """The external-data files of ``model`` (relative paths), checked before anything is copied or signed.
+
+    Each ``location`` must be a plain relative path inside the model's directory, reached without
+    any symlink (a link would copy and sign its target, e.g. ``model.onnx.data -> /etc/shadow``), be
+    a regular file and not take a name the bundle writes itself. Then the ONNX checker runs on the
+    source path, so the external data is checked too.
+    """
+    import onnx
+
     from compactai.bundle.verify import external_data_locations
 
     try:
         locations = sorted(set(external_data_locations(model)))
-    except Exception as exc:
+    except Exception as exc:  # onnx raises DecodeError and others: all mean "not ONNX"
         raise CorruptModelError(f"{model} is not a valid ONNX file ({str(exc).splitlines()[0][:200]}).") from exc
-    files = [(model, MODEL_FILE)]
     for location in locations:
         reason = unsafe_path_reason(location)
+        if not reason and location in RESERVED_FILES:
+            reason = f"the bundle writes its own {location}"
+        if not reason:
+            try:
+                os.close(open_beneath(model.parent, location))  # no symlink anywhere on the way, a regular file
+            except BundleRefused as refusal:
+                reason = _UNREADABLE.get(refusal.reason, str(refusal))
         if reason:
-            raise BadInputError(f"{model.name} keeps external data at {location!r}, which cannot be bundled: {reason}. "
-                                "Re-save it with the data next to the model.")
-        files.append((model.parent / location, location))
-    return files
+            raise BadInputError(f"{model} keeps external data at {location!r}, which cannot be bundled: {reason}. "
+                                "Re-save the model with its data as regular files in its directory "
+                                "(onnx.save(..., save_as_external_data=True, location='model.onnx.data')).")
+    try:
+        onnx.checker.check_model(str(model))  # by path: external data is checked as well
+    except Exception as exc:  # ValidationError and others: all mean "invalid"
+        raise CorruptModelError(f"{model} fails the ONNX checker ({str(exc).splitlines()[0][:200]}). "
+                                "Re-export it.") from exc
+    return locations
+
+
+_UNREADABLE = {
+    "symlink": "it is a symlink or lies under one (the bundle would carry the link's target)",
+    "missing-file": "the file does not exist",
+    "unsafe-path": "it is not a regular file",
+}
+
+
+def _copy_external_data(model: Path, location: str, work: Path) -> None:
+    """Copy one external-data file, opened again without following links (it may have changed since the check)."""
+    try:
+        fd = open_beneath(model.parent, location)
+    except BundleRefused as refusal:
+        raise BadInputError(f"{model} keeps external data at {location!r}, which cannot be bundled: "
+                            f"{_UNREADABLE.get(refusal.reason, str(refusal))}.") from refusal
+    target = work / location
+    target.parent.mkdir(parents=True, exist_ok=True)  # data in a subdirectory keeps its relative path
+    with os.fdopen(fd, "rb") as source, target.open("xb") as out:
+        shutil.copyfileobj(source, out, 1 << 20)
 
 
 def golden_pair(model: Path, inputs: dict[str, np.ndarray] | None, samples: int = 2) -> tuple[dict, dict]:
@@ -147,11 +190,13 @@ def build_bundle(
     if out_path.exists():
         raise BadInputError(f"{out_path} already exists; bundles are never overwritten. Choose a new -o path.")
     archive = out_path.name.endswith(ARCHIVE_SUFFIXES)
+    external = _model_files(model)  # before anything is written
     out_path.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out_path.parent))
     try:
-        for src, rel in _model_files(model):
-            shutil.copyfile(src, work / rel)
+        shutil.copyfile(model, work / MODEL_FILE)
+        for location in external:
+            _copy_external_data(model, location, work)
         inputs, outputs = golden_pair(work / MODEL_FILE, golden_inputs)
         save_arrays(work / GOLDEN_INPUTS_FILE, inputs)
         save_arrays(work / GOLDEN_OUTPUTS_FILE, outputs)
@@ -200,11 +245,14 @@ def _source_info(model: Path, results: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _write_archive(root: Path, out: Path) -> None:
-    """A tar of the bundle: sorted names, no owner, fixed mode, written via a temp file then renamed."""
+    """A tar of the bundle: the signed metadata first (a verifier reads only the first entries for it),
+    then sorted names; no owner, fixed mode, written via a temp file then renamed."""
     tmp = out.with_name(out.name + ".tmp")
     compressed = out.name.endswith((".tar.gz", ".tgz"))
+    files = [p for p in root.rglob("*") if p.is_file()]
+    order = {name: i for i, name in enumerate(METADATA_FILES)}
     with (tarfile.open(tmp, "w:gz") if compressed else tarfile.open(tmp, "w")) as tar:
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        for path in sorted(files, key=lambda p: (order.get(p.relative_to(root).as_posix(), len(order)), p)):
             info = tar.gettarinfo(str(path), arcname=path.relative_to(root).as_posix())
             info.uid = info.gid = 0
             info.uname = info.gname = ""

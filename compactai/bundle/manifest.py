@@ -14,9 +14,12 @@ file set before it opens anything.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import re
+import stat
 import time
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -30,7 +33,10 @@ MODEL_FILE = "model.onnx"
 GOLDEN_INPUTS_FILE = "golden_inputs.npz"
 GOLDEN_OUTPUTS_FILE = "golden_outputs.npz"
 METADATA_FILES = (MANIFEST_FILE, SIGNATURE_FILE)
+# names the bundle itself writes: a model's external data may not take them
+RESERVED_FILES = (MANIFEST_FILE, SIGNATURE_FILE, MODEL_FILE, GOLDEN_INPUTS_FILE, GOLDEN_OUTPUTS_FILE)
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # a manifest is metadata; refuse anything bigger before parsing
+MAX_SIGNATURE_BYTES = 4096  # the signature file is a small JSON document
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _SEMVER = re.compile(r"^\d+\.\d+\.\d+([-+][0-9A-Za-z.+-]+)?$")
 REQUIRED_KEYS = ("format", "name", "version", "semver", "created", "expires", "model", "files", "golden")
@@ -81,9 +87,22 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
         and isinstance(f.get("sha256"), str) for f in data["files"]
     ):
         raise BundleRefused("bad-manifest", "manifest.json 'files' must be a list of {path, size, sha256}.")
+    golden = data["golden"]
+    if not isinstance(data["model"], str) or not isinstance(golden, dict) or not all(
+        isinstance(golden.get(k), str) for k in ("inputs", "outputs")
+    ) or not all(isinstance(golden.get(k, 0.0), int | float) and not isinstance(golden.get(k), bool)
+                 for k in ("rtol", "atol")):
+        raise BundleRefused("bad-manifest", "manifest.json 'model' must be a path and 'golden' an object "
+                                            "{inputs: path, outputs: path, rtol: number, atol: number}.")
     for key in ("created", "expires"):
         parse_time(data[key], key)
     return data
+
+
+def named_paths(manifest: dict[str, Any]) -> dict[str, str]:
+    """Every path a (parsed) manifest names besides its file list, by role: each must be a listed file."""
+    golden = manifest["golden"]
+    return {"model": manifest["model"], "golden inputs": golden["inputs"], "golden outputs": golden["outputs"]}
 
 
 def parse_time(text: Any, what: str = "time") -> float:
@@ -119,6 +138,49 @@ def unsafe_path_reason(path: str) -> str | None:
     if any(part in ("..", ".", "") for part in path.split("/")):
         return "it holds '..' or '.' or an empty part"
     return None
+
+
+def open_beneath(root: Path, relative: str) -> int:
+    """A read-only descriptor of the regular file ``root/relative``, reached without following any symlink.
+
+    Each directory on the way is opened with O_NOFOLLOW relative to the previous one, so a link
+    swapped in after a check cannot redirect the read. ``relative`` must already be a safe path
+    (see :func:`unsafe_path_reason`). Raises BundleRefused: ``symlink``, ``missing-file`` or
+    ``unsafe-path`` (not a regular file); the caller owns (and closes) the descriptor.
+    """
+    parts = relative.split("/")
+    directory_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below as not a regular file
+    file_flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for i, part in enumerate(parts):
+            try:
+                fd = os.open(part, directory_flags if i < len(parts) - 1 else file_flags, dir_fd=dir_fd)
+            except OSError as exc:
+                raise _refusal(relative, part, dir_fd, exc) from exc
+            os.close(dir_fd)
+            dir_fd = fd
+    except BaseException:
+        os.close(dir_fd)
+        raise
+    if not stat.S_ISREG(os.fstat(dir_fd).st_mode):
+        os.close(dir_fd)
+        raise BundleRefused("unsafe-path", f"{relative} is not a regular file.")
+    return dir_fd
+
+
+def _refusal(relative: str, part: str, dir_fd: int, exc: OSError) -> BundleRefused:
+    if exc.errno == errno.ENOENT:
+        return BundleRefused("missing-file", f"{relative} does not exist.")
+    try:
+        is_link = stat.S_ISLNK(os.stat(part, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        is_link = False
+    if is_link or exc.errno == errno.ELOOP:
+        return BundleRefused("symlink", f"{relative} is a symlink or lies under one; bundles may not "
+                                        "contain symlinks.")
+    return BundleRefused("unsafe-path", f"{relative} cannot be opened as a regular file ({exc.strerror}).")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -6,14 +6,17 @@ reason code (``BundleRefused.reason``) and a one-line message:
 1. ``signature``  the detached Ed25519 signature over manifest.json, by a trusted key
 2. ``expiry``     the manifest has not expired (freeze attack)
 3. ``version``    not block-listed and strictly newer than the highest version ever trusted (rollback)
-4. ``paths``      manifest names are relative without ``..``; no symlinks or special files on disk
+4. ``paths``      manifest names are relative without ``..``, the model and golden files are listed
+                 files; no symlinks or special files on disk
 5. ``file set``   exactly the files the manifest lists, no more, no fewer (mix-and-match)
 6. ``hashes``     every file's size and SHA-256
 7. ``external data``  ONNX external-data locations stay inside the bundle and are listed files
 8. ``pickle``     no pickle-based file anywhere (refused by content, never opened by pickle)
 
-Path names are checked before any listed file is opened, so a hostile name cannot make the
-verifier read outside the bundle. Only then does :func:`validate_model` load the model: ONNX
+Path names are checked before any listed file is opened (the model and golden files must be
+listed files too), so a hostile name cannot make the verifier read outside the bundle; an
+archive is staged by :func:`compactai.bundle.stage.stage_bundle`, which verifies the metadata
+before it extracts anything. Only then does :func:`validate_model` load the model: ONNX
 checker, ONNX Runtime session, golden outputs within the signed tolerance.
 """
 
@@ -21,8 +24,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tarfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,34 +31,15 @@ from typing import Any
 
 import numpy as np
 
-from compactai.bundle.manifest import (
-    MANIFEST_FILE,
-    MAX_MANIFEST_BYTES,
-    METADATA_FILES,
-    SIGNATURE_FILE,
-    BundleRefused,
-    parse_manifest,
-    parse_time,
-    sha256_file,
-    unsafe_path_reason,
+from compactai.bundle.manifest import METADATA_FILES, BundleRefused, sha256_file, unsafe_path_reason
+from compactai.bundle.stage import (  # checks 1-4 live in stage.py, which runs them before staging any file
+    VerifyPolicy,
+    check_manifest_paths,
+    read_metadata,
+    stage_bundle,
+    verify_metadata,
 )
-from compactai.bundle.signing import Ed25519PublicKey, verify_signature
 from compactai.models.load import PICKLE_SUFFIXES, is_pickle_file
-
-MAX_ARCHIVE_BYTES = 16 * 1024**3
-
-
-@dataclass
-class VerifyPolicy:
-    """What a verifier trusts: its keys, the clock, the highest version seen, the block-list."""
-
-    trusted_keys: list[Ed25519PublicKey]
-    now: float | None = None
-    highest_trusted: int = 0  # a bundle must be strictly newer than this
-    blocked: dict[int, str] = field(default_factory=dict)
-
-    def clock(self) -> float:
-        return time.time() if self.now is None else self.now
 
 
 @dataclass
@@ -77,56 +59,6 @@ class VerifiedBundle:
     @property
     def model_path(self) -> Path:
         return self.root / self.manifest["model"]
-
-
-def read_metadata(root: Path) -> tuple[bytes, bytes | None]:
-    """manifest.json and manifest.json.sig bytes of a bundle directory (sig None if absent)."""
-    manifest_path, signature_path = root / MANIFEST_FILE, root / SIGNATURE_FILE
-    for path in (manifest_path, signature_path):
-        if path.is_symlink():
-            raise BundleRefused("symlink", f"{path.name} is a symlink; bundles may not contain symlinks.")
-    if not manifest_path.is_file():
-        raise BundleRefused("missing-manifest", f"{root} has no manifest.json; it is not a compactai bundle.")
-    if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise BundleRefused("oversize", f"manifest.json is over {MAX_MANIFEST_BYTES} bytes; refusing to parse it.")
-    signature = signature_path.read_bytes()[:4096] if signature_path.is_file() else None
-    return manifest_path.read_bytes(), signature
-
-
-def verify_metadata(manifest_bytes: bytes, signature: bytes | None, policy: VerifyPolicy,
-                    steps: list[str] | None = None) -> tuple[dict[str, Any], str]:
-    """Checks 1-3 (signature, expiry, version) on the metadata alone; returns (manifest, key id).
-
-    The update agent runs these before fetching any model file, so an unsigned, stale or old
-    manifest costs no download.
-    """
-    steps = [] if steps is None else steps
-    signer = verify_signature(manifest_bytes, signature, policy.trusted_keys)
-    manifest = parse_manifest(manifest_bytes)
-    steps.append("signature")
-    expires = parse_time(manifest["expires"], "expires")
-    if policy.clock() > expires:
-        raise BundleRefused("expired", f"The manifest of {manifest['name']} v{manifest['version']} expired at "
-                                       f"{manifest['expires']}; ask the publisher for a freshly signed bundle.")
-    steps.append("expiry")
-    version = int(manifest["version"])
-    if version in policy.blocked:
-        raise BundleRefused("blocked", f"Version {version} is block-listed on this device "
-                                       f"({policy.blocked[version]}).")
-    if version <= policy.highest_trusted:
-        raise BundleRefused("rollback", f"Version {version} is not newer than version {policy.highest_trusted}, "
-                                        "the highest this device has trusted; older bundles are refused.")
-    steps.append("version")
-    return manifest, signer
-
-
-def check_manifest_paths(manifest: dict[str, Any]) -> None:
-    """Every name the manifest lists is a safe relative path (checked before it is used as one)."""
-    for entry in manifest["files"]:
-        reason = unsafe_path_reason(entry["path"])
-        if reason or entry["path"] in METADATA_FILES:
-            raise BundleRefused("unsafe-path", f"The manifest lists the path {entry['path']!r}, which is not "
-                                               f"allowed: {reason or 'it names a metadata file'}.")
 
 
 def check_paths(root: Path, manifest: dict[str, Any]) -> None:
@@ -194,7 +126,8 @@ def external_data_locations(model_path: Path) -> list[str]:
 
 def check_external_data(root: Path, manifest: dict[str, Any]) -> None:
     listed = {entry["path"] for entry in manifest["files"]}
-    for onnx_file in sorted(p for p in listed if p.endswith(".onnx")):
+    # the model is checked whatever its name: ONNX Runtime would follow its external data all the same
+    for onnx_file in sorted({p for p in listed if p.endswith(".onnx")} | {manifest["model"]}):
         try:
             locations = external_data_locations(root / onnx_file)
         except Exception as exc:  # a protobuf DecodeError; the file was signed, so the publisher erred
@@ -231,7 +164,8 @@ def verify_bundle(source: str | Path, policy: VerifyPolicy, *, validate: bool = 
                   workdir: str | Path | None = None) -> VerifiedBundle:
     """Run every check on a bundle directory or tar archive; returns the VerifiedBundle or raises BundleRefused.
 
-    Archives are extracted safely into ``workdir`` (a temporary directory by default).
+    An archive's metadata is verified first; then only its listed files are extracted into
+    ``workdir`` (a temporary directory by default), each bounded by its signed size.
     """
     root = Path(source)
     if not root.exists():
@@ -242,7 +176,8 @@ def verify_bundle(source: str | Path, policy: VerifyPolicy, *, validate: bool = 
         import tempfile
 
         target = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="compactai-bundle-"))
-        root = extract_archive(root, target)
+        stage_bundle(root, target, policy)
+        root = target
     steps: list[str] = []
     manifest, signer = verify_metadata(*read_metadata(root), policy, steps)
     for name, check in FILE_CHECKS:
@@ -273,6 +208,7 @@ def validate_model(root: Path, manifest: dict[str, Any], threads: int = 1) -> di
     import onnx
     import onnxruntime as ort
 
+    check_manifest_paths(manifest)  # the model and golden files it opens must be listed files
     model_path = root / manifest["model"]
     try:
         onnx.checker.check_model(str(model_path))
@@ -312,47 +248,3 @@ def validate_model(root: Path, manifest: dict[str, Any], threads: int = 1) -> di
                                                    f"beyond the signed tolerance (rtol {rtol}, atol {atol}).")
     samples = next(iter(inputs.values())).shape[0] if inputs else 0
     return {"max_abs_diff": diffs, "golden_samples": int(samples)}
-
-
-def extract_archive(archive: Path, target: Path, max_bytes: int = MAX_ARCHIVE_BYTES) -> Path:
-    """Extract a bundle tar archive safely into ``target``; returns ``target``.
-
-    Only regular files and directories with safe relative names are extracted; links, devices,
-    absolute or ``..`` names refuse the whole archive, as do archives over ``max_bytes``.
-    """
-    target.mkdir(parents=True, exist_ok=True)
-    total = 0
-    try:
-        tar = tarfile.open(archive, "r:*")  # noqa: SIM115 (closed by `with tar:` below)
-    except tarfile.TarError as exc:
-        raise BundleRefused("bad-archive", f"{archive.name} is not a tar archive ({exc}).") from exc
-    with tar:
-        for member in tar:
-            name = member.name.removeprefix("./")
-            name = name.rstrip("/")
-            if not name or name == ".":
-                continue
-            reason = unsafe_path_reason(name)
-            if reason:
-                raise BundleRefused("unsafe-path", f"Archive entry {member.name!r} is not allowed: {reason}.")
-            if member.issym() or member.islnk():
-                raise BundleRefused("symlink", f"Archive entry {member.name!r} is a link; bundles may not "
-                                               "contain links.")
-            if member.isdir():
-                (target / name).mkdir(parents=True, exist_ok=True)
-                continue
-            if not member.isfile():
-                raise BundleRefused("unsafe-path", f"Archive entry {member.name!r} is not a regular file.")
-            total += member.size
-            if total > max_bytes:
-                raise BundleRefused("oversize", f"{archive.name} unpacks to over {max_bytes} bytes; refused.")
-            path = target / name
-            if path.exists():
-                raise BundleRefused("bad-archive", f"Archive entry {member.name!r} appears twice.")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            source = tar.extractfile(member)
-            assert source is not None  # isfile() members always have data
-            with source, path.open("xb") as out:
-                while block := source.read(1 << 20):
-                    out.write(block)
-    return target

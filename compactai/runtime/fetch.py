@@ -9,18 +9,22 @@ so a server that sends one byte at a time is cut off too (reason ``slow-retrieva
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from compactai.bundle.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, SIGNATURE_FILE, BundleRefused
-from compactai.bundle.verify import VerifyPolicy, extract_archive, verify_metadata
+from compactai.bundle.manifest import (
+    MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
+    MAX_SIGNATURE_BYTES,
+    SIGNATURE_FILE,
+    BundleRefused,
+)
+from compactai.bundle.stage import stage_bundle
+from compactai.bundle.verify import VerifyPolicy, verify_metadata
 from compactai.errors import BadInputError, ModelNotFoundError
 from compactai.runtime.limits import UpdateLimits
-
-MAX_SIGNATURE_BYTES = 4096
 
 
 def is_url(source: str) -> bool:
@@ -36,11 +40,8 @@ def fetch(source: str | Path, staging: Path, policy: VerifyPolicy, limits: Updat
     path = Path(text).expanduser()
     if not path.exists():
         raise ModelNotFoundError(f"Update source not found: {path}. Pass a bundle directory, a .tar bundle or a URL.")
-    if path.is_dir():
-        # symlinks are copied as links (never followed) so that verification sees and refuses them
-        shutil.copytree(path, staging, symlinks=True, dirs_exist_ok=True)
-    else:
-        extract_archive(path, staging)
+    # the signed metadata is verified first; then only the listed files are copied or extracted
+    stage_bundle(path, staging, policy)
 
 
 class Pace:
