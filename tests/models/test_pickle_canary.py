@@ -185,6 +185,39 @@ def test_pt2_with_real_guards_loads(tmp_path):
     assert load_model(tmp_path / "pair.pt2").input_names == ["x", "y"]
 
 
+SYMBOL = "Symbol('s77', positive=True, integer=True)"
+
+
+@pytest.mark.parametrize(("expression", "guard", "safe"), [
+    (f"Mul(Integer(16), {SYMBOL})", "L['x'].size()[0] <= L['y'].size()[0]", True),
+    (f"Pow({SYMBOL}, Integer(2))", "L['x'].size()[1] == 4 and L['x'].stride()[0] >= 1", True),
+    ("exec(chr(49))", "True", False),
+    (f"{SYMBOL}.__class__", "True", False),
+    ("Symbol(\"s'),__import__('os')\")", "True", False),
+    ("(lambda: 1)()", "True", False),
+    (SYMBOL, "L['x'].__class__", False),
+    (SYMBOL, "L['x'].size()[0] == 3) or (1", False),
+    (SYMBOL, "L['x\\\"'] == 1", False),
+    (SYMBOL, "open('f')", False),
+])
+def test_only_plain_shape_strings_reach_sympify_and_exec(clean_pt2, tmp_path, expression, guard, safe):
+    from compactai.models.pt2_archive import check_pt2_archive
+
+    def change(document: dict) -> None:
+        text = json.dumps(document)
+        assert json.dumps(SYMBOL) in text  # the batch symbol torch 2.13 writes for this model
+        text = text.replace(json.dumps(SYMBOL), json.dumps(expression))
+        document.clear()
+        document.update(json.loads(text), guards_code=[guard])
+
+    path = rewrite(clean_pt2, tmp_path / "m.pt2", edit_json("models/model.json", change))
+    if safe:
+        check_pt2_archive(path)
+    else:
+        with pytest.raises(UnsafeFormatError, match="(eval|exec)-ed"):
+            check_pt2_archive(path)
+
+
 @pytest.mark.parametrize("protocol", [0, 2])
 @pytest.mark.parametrize("suffix", [".onnx", ".pt2", ".bin", ".safetensors", ".npz"])
 def test_renamed_pickles_are_refused(protocol, suffix, tmp_path):
