@@ -214,7 +214,7 @@ def test_only_plain_shape_strings_reach_sympify_and_exec(clean_pt2, tmp_path, ex
     if safe:
         check_pt2_archive(path)
     else:
-        with pytest.raises(UnsafeFormatError, match="(eval|exec)-ed"):
+        with pytest.raises(UnsafeFormatError, match=r"(eval|exec)-ed"):
             check_pt2_archive(path)
 
 
