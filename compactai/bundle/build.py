@@ -60,6 +60,9 @@ def find_source(source: str | Path) -> tuple[Path, dict[str, Any] | None]:
     if path.suffix.lower() != ".onnx":
         raise BadInputError(f"{path.name} is not an ONNX file. Bundles hold ONNX models: export yours first "
                             "(compactai profile exports with a parity check), or pass an output directory.")
+    from compactai.models.load import refuse_pickle
+
+    refuse_pickle(path)  # a pickle named .onnx: say so, rather than "not a valid ONNX file"
     return path, None
 
 

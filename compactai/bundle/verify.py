@@ -39,7 +39,7 @@ from compactai.bundle.stage import (  # checks 1-4 live in stage.py, which runs 
     stage_bundle,
     verify_metadata,
 )
-from compactai.models.load import PICKLE_SUFFIXES, is_pickle_file
+from compactai.models.safety import pickle_reason
 
 
 @dataclass
@@ -144,11 +144,13 @@ def check_external_data(root: Path, manifest: dict[str, Any]) -> None:
 
 
 def check_no_pickle(root: Path, manifest: dict[str, Any]) -> None:
+    """No listed file is pickle-based: by suffix, by parsing its bytes as pickle opcodes (never
+    unpickling), by .npy headers declaring object dtypes, and by the members of zips (.npz, .pt2)."""
     for entry in manifest["files"]:
-        path = root / entry["path"]
-        if path.suffix.lower() in PICKLE_SUFFIXES or is_pickle_file(path):
-            raise BundleRefused("pickle", f"{entry['path']} is a pickle-based file; unpickling runs code, so "
-                                          "bundles may hold only ONNX, safetensors and .npy/.npz arrays.")
+        reason = pickle_reason(root / entry["path"])
+        if reason:
+            raise BundleRefused("pickle", f"{entry['path']} is pickle-based ({reason}); unpickling runs code, "
+                                          "so bundles may hold only ONNX, safetensors and numeric .npy/.npz arrays.")
 
 
 FILE_CHECKS: list[tuple[str, Callable[[Path, dict[str, Any]], None]]] = [

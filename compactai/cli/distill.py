@@ -66,6 +66,10 @@ def distill(
         raise BadInputError("distill needs training data: use --example NAME (digits, minilm); with --teacher PATH "
                             "the example's data trains your teacher's student.")
     parse_student_spec(student)  # bad specs fail before any model is loaded
+    if teacher is not None:
+        from compactai.models.load import refuse_unsafe_file
+
+        refuse_unsafe_file(teacher)  # a pickled or code-running teacher fails before the example loads
     technique = create_technique(
         "distill", student=student, temperature=temperature, alpha=alpha, epochs=epochs, lr=lr,
         batch_size=batch_size, embedding_loss=embedding_loss, hidden_weight=hidden_weight, augment=augment,

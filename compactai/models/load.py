@@ -1,13 +1,14 @@
 """load_model: torch modules, ONNX files, Hugging Face directories and torch.export .pt2 files.
 
-Pickle-based files are refused without being opened: unpickling runs arbitrary code.
+Pickle-based files are refused without being unpickled (compactai.models.safety parses their
+bytes): unpickling runs arbitrary code. ``.pt2`` archives are inspected before torch reads them
+(compactai.models.pt2_archive).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,14 @@ from compactai.errors import (
     UnsupportedFormatError,
 )
 from compactai.models.handle import ModelHandle, TensorSpec, set_eval
+from compactai.models.pt2_archive import check_pt2_archive
+from compactai.models.safety import pickle_reason
 
-PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".sav"}
 SAFE_ALTERNATIVES = (
     "Save the model as ONNX (torch.onnx.export), as a torch.export .pt2 file (torch.export.save), "
     "or save weights as safetensors and pass the nn.Module to compactai.load_model."
 )
+MAX_HF_FILES = 1000  # files of a Hugging Face directory inspected for pickles
 TEXT_PROBES = ["compactai scales models down.", "A small sentence for tracing the encoder input shapes."]
 
 
@@ -85,30 +88,28 @@ def load_model(
     )
 
 
-def is_pickle_file(path: Path) -> bool:
-    """True if the file is a pickle stream or a torch.save zip (which holds one). Reads bytes only."""
-    with path.open("rb") as stream:
-        head = stream.read(4)
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle PROTO opcode
-        return True
-    if head[:2] in (b"(d", b"(l", b"}q", b"]q", b"cc", b"(i"):  # protocol 0/1 opcodes
-        return True
-    if head == b"PK\x03\x04":
-        with contextlib.suppress(zipfile.BadZipFile), zipfile.ZipFile(path) as archive:
-            return any(n.endswith(".pkl") for n in archive.namelist()) and not _is_pt2(archive)
-    return False
-
-
-def _is_pt2(archive: zipfile.ZipFile) -> bool:
-    return any(n.endswith("archive_format") or "/models/" in n for n in archive.namelist())
+def refuse_unsafe_file(path: str | Path) -> None:
+    """Refuse a model file that would unpickle or run code when loaded, without loading it (a cheap
+    check for commands that load other things first)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        refuse_pickle(path)
+        if path.suffix.lower() == ".pt2":
+            check_pt2_archive(path)
 
 
 def refuse_pickle(path: Path) -> None:
-    """Raise UnsafeFormatError for pickle-based files, before anything unpickles them."""
-    if path.suffix.lower() in PICKLE_SUFFIXES or (path.suffix.lower() != ".pt2" and is_pickle_file(path)):
+    """Raise UnsafeFormatError for pickle-based files, before anything unpickles them.
+
+    A ``.pt2`` always holds one pickle (its torch.save example inputs, read weights-only), so it is
+    inspected by :func:`compactai.models.pt2_archive.check_pt2_archive` in :func:`load_pt2` instead.
+    """
+    if path.suffix.lower() == ".pt2":
+        return
+    reason = pickle_reason(path)
+    if reason:
         raise UnsafeFormatError(
-            f"Refusing to load {path.name}: it is a pickle-based file, and unpickling can run arbitrary "
-            f"code. {SAFE_ALTERNATIVES}"
+            f"Refusing to load {path.name}: {reason}, and unpickling can run arbitrary code. {SAFE_ALTERNATIVES}"
         )
 
 
@@ -281,13 +282,16 @@ def load_hf_directory(path: Path, *, name: str | None = None) -> ModelHandle:
     require("transformers", "text")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    for file in path.iterdir():
-        pickled = file.suffix in (".bin", ".pt", ".pth", ".pkl") and is_pickle_file(file)
-        if pickled and not (path / "model.safetensors").exists():
-            raise UnsafeFormatError(
-                f"Refusing to load {file}: its weights are pickled. Convert them to model.safetensors "
-                f"first. {SAFE_ALTERNATIVES}"
-            )
+    # transformers is told to read safetensors only (use_safetensors=True), so pickled weights next to
+    # model.safetensors are never opened; without it they are all there is, and are refused by content.
+    if not (path / "model.safetensors").is_file():
+        for file in sorted(path.iterdir())[:MAX_HF_FILES]:
+            reason = pickle_reason(file) if file.is_file() else None
+            if reason:
+                raise UnsafeFormatError(
+                    f"Refusing to load {file}: {reason}, so its weights are pickled. Convert them to "
+                    f"model.safetensors first. {SAFE_ALTERNATIVES}"
+                )
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -331,6 +335,7 @@ def load_pt2(path: Path, example_inputs: Any = None, *, name: str | None = None,
     """A torch.export program, loaded with every tensor read as weights only (no unpickling of code)."""
     import torch
 
+    check_pt2_archive(path)  # refuses pickled objects, compiled code and exec-ed strings before torch reads it
     try:
         with _weights_only_torch_load():
             program = torch.export.load(str(path))

@@ -78,6 +78,9 @@ def parse_student_spec(spec: Any) -> StudentSpec:
     if spec.endswith(".pt2"):
         if not Path(spec).expanduser().exists():
             raise _spec_error(spec, "no such .pt2 file. Check the path.")
+        from compactai.models.pt2_archive import check_pt2_archive
+
+        check_pt2_archive(Path(spec).expanduser())  # a hostile archive fails here, before any training
         return StudentSpec("pt2", spec)
     name, _, args = spec.partition(":")
     if name not in STUDENT_BUILDERS:
