@@ -148,8 +148,18 @@ class Repository:
         info = {"name": manifest["name"], "version": manifest["version"], "semver": manifest["semver"],
                 "channel": channel, "bundle_key_id": verified.key_id}
         target.unrecognized_fields["custom"] = {CUSTOM_KEY: info}
+        previous = self.targets.signed.targets.get(path)
         self.targets.signed.targets[path] = target
-        self._publish(targets_changed=True)
+        try:
+            self._publish(targets_changed=True)
+        except BadInputError:  # not signed (keys missing): nothing was written, so drop the file too
+            if previous is None:
+                del self.targets.signed.targets[path]
+            else:
+                self.targets.signed.targets[path] = previous
+            if previous is None or previous.hashes.get("sha256") != digest:
+                stored.unlink(missing_ok=True)
+            raise
         return {"target": path, "file": str(stored), "length": target.length, "sha256": digest, **info}
 
     def refresh_timestamp(self) -> Metadata[Timestamp]:

@@ -110,10 +110,11 @@ class RepoServer:
 class Fleet:
     """A publisher (keys, repository), a server for it, and one device that runs version 1."""
 
-    def __init__(self, tmp: Path, server: RepoServer, *, targets_keys: int = 1, targets_threshold: int = 1) -> None:
+    def __init__(self, tmp: Path, server: RepoServer, *, targets_keys: int = 1, targets_threshold: int = 1,
+                 repo_dir: Path | None = None) -> None:
         self.tmp = tmp
         self.server = server
-        self.repo_dir = server.root
+        self.repo_dir = repo_dir or server.root
         self.bundle_key = generate_keypair(tmp / "keys" / "bundle")
         self.root_keys = [self.key("root1")]
         self.targets_keys = [self.key(f"targets{i + 1}") for i in range(targets_keys)]
