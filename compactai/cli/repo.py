@@ -145,7 +145,7 @@ def revoke(
     out = Output(json_output)
     opened = _open(repo, signing_key)
     status = opened.revoke(resolve_keyid(key))
-    _print_status(out, status, f"Revoked {status['revoked'][:12]} from {', '.join(status['roles'])}")
+    _print_status(out, status, f"Revoked {status['revoked'][:12]} from {', '.join(status['revoked_from'])}")
     out.emit(status)
 
 

@@ -210,7 +210,7 @@ class Repository:
         self._given = [k for k in self._given if k.keyid != keyid]  # never sign with it again
         self._publish_root(previous)
         self._publish(targets_changed="targets" in roles)
-        return {"revoked": keyid, "roles": roles, **self.status()}
+        return {"revoked": keyid, "revoked_from": roles, **self.status()}
 
     def status(self) -> dict[str, Any]:
         """Each role's version, expiry, threshold and key ids, and the published targets."""
