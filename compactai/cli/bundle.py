@@ -155,7 +155,13 @@ def update(
 
     From a fleet repository (--repo-url, --trusted-root) TUF first picks and checks the newest bundle."""
     from compactai.errors import BadInputError, ParameterError
-    from compactai.runtime import ProbationPolicy, UpdateAgent, UpdateLimits, fleet_status, update_from_repository
+    from compactai.runtime import (
+        ProbationPolicy,
+        UpdateAgent,
+        UpdateLimits,
+        fleet_status,
+        update_from_repository,
+    )
 
     out = Output(json_output)
     if source is not None and repo_url is not None:

@@ -111,7 +111,7 @@ class FleetClient:
                               fetcher=self.fetcher, config=UpdaterConfig(max_root_rotations=64),
                               bootstrap=self.trusted_root.read_bytes())
             updater.refresh()
-        except BaseException as exc:
+        except Exception as exc:  # noqa: BLE001 (every failure is recorded for the staleness report, then re-raised)
             self._record(attempt, exc)
             self._reraise(exc)
         self._record(attempt, None)
@@ -123,7 +123,7 @@ class FleetClient:
         path = target_path(name, channel)
         try:
             target = updater.get_targetinfo(path)
-        except BaseException as exc:
+        except (tuf_errors.RepositoryError, tuf_errors.DownloadError, BundleRefused) as exc:
             self._reraise(exc)
         if target is None:
             return None
@@ -143,7 +143,7 @@ class FleetClient:
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             return Path(updater.download_target(target, str(dest)))
-        except BaseException as exc:
+        except (tuf_errors.RepositoryError, tuf_errors.DownloadError, BundleRefused) as exc:
             dest.unlink(missing_ok=True)
             self._reraise(exc)
 

@@ -51,8 +51,8 @@ def load_key(path: str | Path) -> FleetKey:
         raise ModelNotFoundError(f"Key not found: {file}. Pass a key file or directory from: compactai keygen -o DIR")
     if b"PRIVATE KEY" in file.read_bytes()[:200]:
         private_key = load_private_key(file)  # refuses a key others can read
-        public = SSlibKey.from_crypto(private_key.public_key())
-        return FleetKey(public, CryptoSigner(private_key, public), file.resolve())
+        tuf_key = SSlibKey.from_crypto(private_key.public_key())
+        return FleetKey(tuf_key, CryptoSigner(private_key, tuf_key), file.resolve())
     return FleetKey(SSlibKey.from_crypto(load_public_key(file)), None, file.resolve())
 
 

@@ -20,10 +20,10 @@ import shutil
 import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from tuf.api.exceptions import UnsignedMetadataError
-from tuf.api.metadata import Metadata, MetaFile, Root, Signed, Snapshot, TargetFile, Targets, Timestamp
+from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
 from compactai.bundle.build import write_archive
@@ -45,7 +45,6 @@ from compactai.fleet.layout import (
     target_path,
 )
 
-S = TypeVar("S", bound=Signed)
 _SERIALIZER = JSONSerializer(compact=False)
 
 
@@ -215,8 +214,8 @@ class Repository:
     def status(self) -> dict[str, Any]:
         """Each role's version, expiry, threshold and key ids, and the published targets."""
         spec = self.root.signed
-        documents = {"root": self.root, "targets": self.targets, "snapshot": self.snapshot,
-                     "timestamp": self.timestamp}
+        documents: dict[str, Metadata[Any]] = {"root": self.root, "targets": self.targets,
+                                               "snapshot": self.snapshot, "timestamp": self.timestamp}
         roles = {role: {"version": md.signed.version, "expires": md.signed.expires.isoformat(),
                         "threshold": spec.roles[role].threshold, "keys": list(spec.roles[role].keyids)}
                  for role, md in documents.items()}
@@ -248,7 +247,7 @@ class Repository:
                     f"v{root.version}'s {role} keys ({', '.join(k[:12] for k in spec.keyids)}) and has "
                     f"{len(md.signatures)} ({exc}). Pass the missing private key(s) with --key.") from exc
 
-    def _bump(self, md: Metadata[S], role: str) -> None:
+    def _bump(self, md: Metadata[Any], role: str) -> None:
         md.signed.version += 1
         md.signed.expires = _utc(self.now) + timedelta(seconds=parse_duration(self.settings["expires"][role]))
         self._sign(md, role, [self.root.signed])
@@ -257,7 +256,8 @@ class Repository:
         if previous is not None:
             self.root.signed.version = previous.signed.version + 1
         self.root.signed.expires = _utc(self.now) + timedelta(seconds=parse_duration(self.settings["expires"]["root"]))
-        self._sign(self.root, "root", [self.root.signed] + ([previous.signed] if previous else []))
+        delegators = [self.root.signed] if previous is None else [self.root.signed, previous.signed]
+        self._sign(self.root, "root", delegators)
         self._write(f"{self.root.signed.version}.root", self.root, versioned=False)
         self._write("root", self.root, versioned=False)
 

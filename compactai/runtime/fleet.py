@@ -72,6 +72,8 @@ class PacedFetcher(FetcherInterface):
                 yield block
         except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout):
             self.pace.silent()
+        except httpx.HTTPError as exc:  # e.g. the server hung up mid-file: a download error, as ngclient expects
+            raise tuf_errors.DownloadError(f"GET {response.url} failed mid-file: {exc}") from exc
         finally:
             response.close()
 

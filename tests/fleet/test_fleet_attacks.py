@@ -14,7 +14,6 @@ from tuf.api.metadata import Metadata
 from compactai.bundle.build import write_archive
 from compactai.fleet import Repository, metadata_staleness
 from compactai.runtime import UpdateLimits, fleet_status
-
 from tests.fleet.conftest import MODEL, Fleet
 
 
