@@ -1,4 +1,4 @@
-"""`compactai repo init|add|refresh-timestamp|rotate|revoke|status`: a fleet repository on TUF (docs/fleet.md)."""
+"""`compactai repo init|add|refresh-timestamp|resign|rotate|revoke|status`: a fleet repository on TUF (docs/fleet.md)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ SIGNING_HELP = "Private key (file or keygen directory) to sign with, for offline
 
 def _print_status(out: Output, status: dict[str, Any], title: str) -> None:
     rows = [[role, info["version"], f"{info['threshold']} of {len(info['keys'])}",
-             ", ".join(k[:12] for k in info["keys"]), info["expires"]] for role, info in status["roles"].items()]
+             ", ".join(k[:12] for k in info["keys"]), f"{info['expires']} (in {info['expires_in_days']:g} d)"]
+            for role, info in status["roles"].items()]
     out.console.print(table(title, ["role", "version", "threshold", "keys", "expires"], rows))
     if status["targets"]:
         out.console.print(table("Targets", ["target", "version", "semver", "bytes"],
@@ -107,6 +108,20 @@ def refresh_timestamp(
     out.console.print(f"timestamp v{timestamp.version}, expires {timestamp.expires.isoformat()}", highlight=False)
     out.emit({"repository": repo, "timestamp_version": timestamp.version,
               "timestamp_expires": timestamp.expires.isoformat()})
+
+
+@repo_app.command("resign")
+def resign(
+    repo: Path = typer.Argument(..., help="Repository directory."),
+    role: str = typer.Option(..., "--role", help="root, targets, snapshot or timestamp."),
+    signing_key: list[str] = typer.Option([], "--signing-key", "-s", help=SIGNING_HELP),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Sign a role again with a fresh expiry and unchanged keys (before root or targets expire)."""
+    out = Output(json_output)
+    status = _open(repo, signing_key).resign(role)
+    _print_status(out, status, f"Re-signed the {role} role of {repo}")
+    out.emit(status)
 
 
 @repo_app.command("rotate")

@@ -162,10 +162,27 @@ class Repository:
         return {"target": path, "file": str(stored), "length": target.length, "sha256": digest, **info}
 
     def refresh_timestamp(self) -> Metadata[Timestamp]:
-        """A new timestamp version with a fresh expiry (run it from cron well within the expiry period)."""
+        """A new timestamp version with a fresh expiry (run it from cron well within the expiry period);
+        the snapshot (also online) is re-signed too once half of its period has passed."""
+        period = parse_duration(self.settings["expires"]["snapshot"])
+        if (self.snapshot.signed.expires - _utc(self.now)).total_seconds() < period / 2:
+            self._publish(targets_changed=False)
+            return self.timestamp
         self._bump(self.timestamp, "timestamp")
         self._write("timestamp", self.timestamp, versioned=False)
         return self.timestamp
+
+    def resign(self, role: str) -> dict[str, Any]:
+        """Sign ``role`` again with a fresh expiry and its keys unchanged (offline roles: root, targets)."""
+        if role not in ROLES:
+            raise ParameterError(f"The role must be one of {', '.join(ROLES)}. Got {role!r} instead.")
+        if role == "root":
+            self._publish_root(copy.deepcopy(self.root))
+        elif role == "timestamp":
+            self.refresh_timestamp()
+        else:
+            self._publish(targets_changed=role == "targets")
+        return self.status()
 
     def rotate(self, role: str, *, add: list[FleetKey] | None = None, remove: list[str] | None = None,
                threshold: int | None = None) -> dict[str, Any]:
@@ -216,7 +233,9 @@ class Repository:
         spec = self.root.signed
         documents: dict[str, Metadata[Any]] = {"root": self.root, "targets": self.targets,
                                                "snapshot": self.snapshot, "timestamp": self.timestamp}
+        now = _utc(self.now)
         roles = {role: {"version": md.signed.version, "expires": md.signed.expires.isoformat(),
+                        "expires_in_days": round((md.signed.expires - now).total_seconds() / 86400, 2),
                         "threshold": spec.roles[role].threshold, "keys": list(spec.roles[role].keyids)}
                  for role, md in documents.items()}
         targets = {path: {"length": t.length, **(t.custom or {}).get(CUSTOM_KEY, {})}
