@@ -14,13 +14,17 @@ web server may serve the directory while it changes; a device sees the old or th
 from __future__ import annotations
 
 import copy
+import fcntl
+import functools
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
@@ -46,6 +50,8 @@ from compactai.fleet.layout import (
 )
 
 _SERIALIZER = JSONSerializer(compact=False)
+LOCK_FILE = ".publisher.lock"
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -63,6 +69,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
             os.unlink(tmp)
 
 
+def _exclusive(method: F) -> F:
+    """Run a method that changes the repository under the publisher's lock (see Repository._changing)."""
+    @functools.wraps(method)
+    def locked(self: Repository, *args: Any, **kwargs: Any) -> Any:
+        with self._changing():
+            return method(self, *args, **kwargs)
+
+    return cast(F, locked)
+
+
 class Repository:
     """An existing repository directory; every method that changes it re-signs and writes what changed."""
 
@@ -74,13 +90,36 @@ class Repository:
             raise ModelNotFoundError(f"{self.path} is not a fleet repository (no {METADATA_DIR}/root.json); "
                                      "create one with: compactai repo init")
         publisher = self.path / PUBLISHER_FILE
-        self.settings: dict[str, Any] = json.loads(publisher.read_text()) if publisher.is_file() else {}
+        settings = json.loads(publisher.read_text()) if publisher.is_file() else {}
+        self.settings: dict[str, Any] = {**settings, "expires": {**DEFAULT_EXPIRES, **settings.get("expires", {})}}
+        self._load()
+        self._given = list(signers or [])
+        self._online: list[FleetKey] | None = None
+        self._lock_fd: int | None = None
+
+    def _load(self) -> None:
         self.root: Metadata[Root] = Metadata.from_file(str(self.metadata_dir / "root.json"))
         self.targets: Metadata[Targets] = Metadata.from_file(str(self.metadata_dir / "targets.json"))
         self.snapshot: Metadata[Snapshot] = Metadata.from_file(str(self.metadata_dir / "snapshot.json"))
         self.timestamp: Metadata[Timestamp] = Metadata.from_file(str(self.metadata_dir / "timestamp.json"))
-        self._given = list(signers or [])
-        self._online: list[FleetKey] | None = None
+
+    @contextmanager
+    def _changing(self) -> Iterator[None]:
+        """One publisher at a time (a cron refresh-timestamp and an add must not both sign version N+1):
+        an flock on REPO/.publisher.lock, released by the kernel if we die; the metadata is re-read
+        under it."""
+        if self._lock_fd is not None:
+            yield
+            return
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._lock_fd = fd
+            self._load()
+            yield
+        finally:
+            self._lock_fd = None
+            os.close(fd)
 
     # ---- creation ----------------------------------------------------------------------------------------
     @classmethod
@@ -109,7 +148,7 @@ class Repository:
         _atomic_write(base / PUBLISHER_FILE, (json.dumps(settings, indent=2) + "\n").encode())
         repo = object.__new__(cls)
         repo.path, repo.metadata_dir, repo.now, repo.settings = base, base / METADATA_DIR, now, settings
-        repo._given, repo._online = [k for keys in members.values() for k in keys], None
+        repo._given, repo._online, repo._lock_fd = [k for keys in members.values() for k in keys], None, None
         repo.root = root_md
         repo.targets = Metadata(Targets(expires=_utc(now)))
         repo.snapshot = Metadata(Snapshot(expires=_utc(now)))
@@ -128,24 +167,27 @@ class Repository:
         check_name(channel, "channel")
         with tempfile.TemporaryDirectory(prefix="compactai-repo-add-") as work:
             verified = verify_bundle(bundle, VerifyPolicy(trusted_keys), validate=True, workdir=Path(work) / "b")
-            manifest = verified.manifest
-            path = target_path(manifest["name"], channel)
-            current = self.targets.signed.targets.get(path)
-            current_version = (current.custom or {}).get(CUSTOM_KEY, {}).get("version") if current else None
-            if isinstance(current_version, int) and manifest["version"] <= current_version:
-                raise BadInputError(f"{path} is at version {current_version}; a new bundle for it must have a higher "
-                                    f"version (got {manifest['version']}). Rebuild it with --version "
-                                    f"{current_version + 1}.")
             archive = Path(work) / "bundle.tar"
             write_archive(verified.root, archive)
-            target = TargetFile.from_file(path, str(archive))
-            digest = target.hashes["sha256"]
-            stored = self.path / TARGETS_DIR / manifest["name"] / f"{digest}.{channel}.tar"
-            stored.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(archive, stored)
-            os.chmod(stored, 0o644)
+            return self._add_verified(verified.manifest, verified.key_id, archive, channel)
+
+    @_exclusive
+    def _add_verified(self, manifest: dict[str, Any], key_id: str, archive: Path, channel: str) -> dict[str, Any]:
+        path = target_path(manifest["name"], channel)
+        current = self.targets.signed.targets.get(path)
+        current_version = (current.custom or {}).get(CUSTOM_KEY, {}).get("version") if current else None
+        if isinstance(current_version, int) and manifest["version"] <= current_version:
+            raise BadInputError(f"{path} is at version {current_version}; a new bundle for it must have a higher "
+                                f"version (got {manifest['version']}). Rebuild it with --version "
+                                f"{current_version + 1}.")
+        target = TargetFile.from_file(path, str(archive))
+        digest = target.hashes["sha256"]
+        stored = self.path / TARGETS_DIR / manifest["name"] / f"{digest}.{channel}.tar"
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(archive, stored)
+        os.chmod(stored, 0o644)
         info = {"name": manifest["name"], "version": manifest["version"], "semver": manifest["semver"],
-                "channel": channel, "bundle_key_id": verified.key_id}
+                "channel": channel, "bundle_key_id": key_id}
         target.unrecognized_fields["custom"] = {CUSTOM_KEY: info}
         previous = self.targets.signed.targets.get(path)
         self.targets.signed.targets[path] = target
@@ -161,6 +203,7 @@ class Repository:
             raise
         return {"target": path, "file": str(stored), "length": target.length, "sha256": digest, **info}
 
+    @_exclusive
     def refresh_timestamp(self) -> Metadata[Timestamp]:
         """A new timestamp version with a fresh expiry (run it from cron well within the expiry period);
         the snapshot (also online) is re-signed too once half of its period has passed."""
@@ -172,6 +215,7 @@ class Repository:
         self._write("timestamp", self.timestamp, versioned=False)
         return self.timestamp
 
+    @_exclusive
     def resign(self, role: str) -> dict[str, Any]:
         """Sign ``role`` again with a fresh expiry and its keys unchanged (offline roles: root, targets)."""
         if role not in ROLES:
@@ -184,6 +228,7 @@ class Repository:
             self._publish(targets_changed=role == "targets")
         return self.status()
 
+    @_exclusive
     def rotate(self, role: str, *, add: list[FleetKey] | None = None, remove: list[str] | None = None,
                threshold: int | None = None) -> dict[str, Any]:
         """Change the keys or threshold of ``role`` with a new root version, signed by the old root's
@@ -209,6 +254,7 @@ class Repository:
         self._publish(targets_changed=role == "targets")
         return self.status()
 
+    @_exclusive
     def revoke(self, keyid: str) -> dict[str, Any]:
         """Remove a key from every role that trusts it (a new root version); re-sign those roles."""
         roles = [role for role in ROLES if keyid in self.root.signed.roles[role].keyids]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timedelta, timezone
 
 from compactai.fleet import Repository
@@ -39,4 +40,27 @@ def test_refresh_timestamp_renews_the_snapshot_once_half_its_period_passed(fleet
 def test_resign_targets_keeps_the_device_current(fleet):
     status = fleet.repo().resign("targets")
     assert status["roles"]["targets"]["version"] == 3
+    assert fleet.update().status == "current"
+
+
+def test_concurrent_publishers_never_sign_the_same_version(fleet):
+    """A cron refresh-timestamp and other publisher commands take turns (the publisher's lock): no
+    version is signed twice and none is lost."""
+    start = Repository(fleet.repo_dir).timestamp.signed.version
+    errors: list[BaseException] = []
+
+    def refresh_five_times() -> None:
+        try:
+            for _ in range(5):
+                fleet.repo().refresh_timestamp()
+        except BaseException as exc:  # noqa: BLE001 (reported by the assert below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=refresh_five_times) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    assert Repository(fleet.repo_dir).timestamp.signed.version == start + 15
     assert fleet.update().status == "current"
