@@ -5,8 +5,12 @@ from __future__ import annotations
 import threading
 from datetime import datetime, timedelta, timezone
 
+import pytest
+
+from compactai.errors import BadInputError
 from compactai.fleet import Repository
-from compactai.runtime import fleet_status
+from compactai.runtime import fleet_status, update_from_repository
+from tests.fleet.conftest import MODEL
 
 
 def test_device_installs_the_newest_bundle_then_reports_current(fleet):
@@ -64,3 +68,12 @@ def test_concurrent_publishers_never_sign_the_same_version(fleet):
     assert errors == []
     assert Repository(fleet.repo_dir).timestamp.signed.version == start + 15
     assert fleet.update().status == "current"
+
+
+def test_unreachable_repository_is_bad_input_not_a_refusal(fleet):
+    """Connection refused is a network problem (exit 2 in the CLI), recorded for the staleness report."""
+    with pytest.raises(BadInputError, match="Cannot download from the repository"):
+        update_from_repository(fleet.agent(), "http://127.0.0.1:1/", fleet.trusted_root, model=MODEL)
+    assert fleet.active() == 1
+    report = fleet_status(fleet.agent())
+    assert report["last_reason"] == "DownloadError" and report["expired"] is False
