@@ -252,6 +252,7 @@ class Repository:
         _check_threshold(role, spec.roles[role].threshold, len(spec.roles[role].keyids))
         self._publish_root(previous)
         self._publish(targets_changed=role == "targets")
+        self._record_online_keys([str(k.path) for k in add or [] if k.signer is not None and k.path])
         return self.status()
 
     @_exclusive
@@ -272,7 +273,21 @@ class Repository:
         self._given = [k for k in self._given if k.keyid != keyid]  # never sign with it again
         self._publish_root(previous)
         self._publish(targets_changed="targets" in roles)
+        self._record_online_keys([])
         return {"revoked": keyid, "revoked_from": roles, **self.status()}
+
+    def _record_online_keys(self, added: list[str]) -> None:
+        """Keep publisher.json's online key paths to the keys the root now names (so cron keeps signing)."""
+        recorded = self.settings.get("online_keys", {})
+        online: dict[str, list[str]] = {}
+        for role in ONLINE_ROLES:
+            keyids = set(self.root.signed.roles[role].keyids)
+            paths = dict.fromkeys([*recorded.get(role, []), *added])
+            online[role] = [p for p in paths if Path(p).is_file() and load_keys([p])[0].keyid in keyids]
+        if online != recorded:
+            self.settings["online_keys"] = online
+            _atomic_write(self.path / PUBLISHER_FILE, (json.dumps(self.settings, indent=2) + "\n").encode())
+            self._online = None
 
     def status(self) -> dict[str, Any]:
         """Each role's version, expiry, threshold and key ids, and the published targets."""
@@ -310,7 +325,8 @@ class Repository:
                 raise BadInputError(
                     f"The {role} metadata (v{md.signed.version}) needs {spec.threshold} signature(s) from root "
                     f"v{root.version}'s {role} keys ({', '.join(k[:12] for k in spec.keyids)}) and has "
-                    f"{len(md.signatures)} ({exc}). Pass the missing private key(s) with --key.") from exc
+                    f"{len(md.signatures)} ({exc}). Pass the missing private key(s) with --signing-key (repo init: "
+                    "give private key files, not .pub).") from exc
 
     def _bump(self, md: Metadata[Any], role: str) -> None:
         md.signed.version += 1

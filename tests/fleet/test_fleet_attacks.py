@@ -100,6 +100,8 @@ def test_fast_forward_with_a_stolen_timestamp_key_is_undone_by_rotating_it(fleet
         "timestamp", add=[new_timestamp_key], remove=[fleet.timestamp_key.keyid])
     assert fleet.update().status == "committed"
     assert fleet.active() == 2
+    Repository(fleet.repo_dir).refresh_timestamp()  # cron signs with the new key: its path was recorded
+    assert fleet.update().status == "current"
 
 
 def test_indefinite_freeze_expired_timestamp_is_refused_and_staleness_reported(fleet):

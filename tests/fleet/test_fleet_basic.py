@@ -21,7 +21,7 @@ def test_device_installs_the_newest_bundle_then_reports_current(fleet):
     assert result.steps[:2] == ["tuf-refresh", "tuf-download"]
     assert fleet.active() == 2
     again = fleet.update()
-    assert again.status == "current" and again.version == 2
+    assert again.status == "current" and again.version == 2 and again.ok
     staleness = fleet_status(fleet.agent())
     assert staleness["last_reason"] is None and staleness["expired"] is False
     assert staleness["timestamp_version"] == 3 and staleness["root_version"] == 1
