@@ -247,6 +247,11 @@ def _source_info(model: Path, results: dict[str, Any] | None) -> dict[str, Any]:
     return info
 
 
+def write_archive(root: Path, out: Path) -> None:
+    """Write the bundle directory ``root`` as the tar archive ``out`` (deterministic, see _write_archive)."""
+    _write_archive(root, out)
+
+
 def _write_archive(root: Path, out: Path) -> None:
     """A tar of the bundle: the signed metadata first (a verifier reads only the first entries for it),
     then sorted names; no owner, fixed mode, written via a temp file then renamed."""

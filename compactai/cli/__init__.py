@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "compactai.cli.prune",
     "compactai.cli.distill",
     "compactai.cli.bundle",
+    "compactai.cli.repo",
     "compactai.cli.optimize",
 ]
 

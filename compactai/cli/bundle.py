@@ -131,6 +131,13 @@ def verify(
 def update(
     source: str | None = typer.Option(None, "--source", "-s", help="Bundle directory, .tar, or http(s) URL "
                                          "of a served bundle directory. Omit to only recover and show status."),
+    repo_url: str | None = typer.Option(None, "--repo-url", help="Fleet repository (TUF) URL serving metadata/ "
+                                        "and targets/; needs --trusted-root. See docs/fleet.md."),
+    trusted_root: Path | None = typer.Option(None, "--trusted-root", help="The repository's root.json given to "
+                                             "this device when it was provisioned."),
+    channel: str = typer.Option("stable", "--channel", help="Channel to follow in the fleet repository."),
+    model: str | None = typer.Option(None, "--model", help="Model name in the fleet repository (default: the "
+                                     "active version's name)."),
     install_dir: Path = typer.Option(..., "--install-dir", "-d", help="Where versions live (state.json, versions/)."),
     trusted_key: list[str] = typer.Option([], "--trusted-key", "-t", help="Trusted public key (repeatable)."),
     probation_queries: int = typer.Option(20, "--probation-queries", help="Synthesized requests in probation."),
@@ -144,11 +151,24 @@ def update(
                                          "the highest trusted one (0 = only the 2^53-1 bound)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
-    """Install a signed update atomically, watch it on probation, commit or roll back. Exit 1 if refused."""
-    from compactai.errors import ParameterError
-    from compactai.runtime import ProbationPolicy, UpdateAgent, UpdateLimits
+    """Install a signed update atomically, watch it on probation, commit or roll back. Exit 1 if refused.
+
+    From a fleet repository (--repo-url, --trusted-root) TUF first picks and checks the newest bundle."""
+    from compactai.errors import BadInputError, ParameterError
+    from compactai.runtime import (
+        ProbationPolicy,
+        UpdateAgent,
+        UpdateLimits,
+        fleet_status,
+        update_from_repository,
+    )
 
     out = Output(json_output)
+    if source is not None and repo_url is not None:
+        raise BadInputError("Give either --source (one bundle) or --repo-url (a fleet repository), not both.")
+    if (repo_url is None) != (trusted_root is None):
+        raise BadInputError("--repo-url and --trusted-root go together: the device trusts the repository through "
+                            "the root.json it was given.")
     if probation_queries < 0:
         raise ParameterError(f"--probation-queries must be >= 0. Got {probation_queries} instead.")
     if max_version_jump < 0:
@@ -158,17 +178,28 @@ def update(
                           max_version_jump=max_version_jump or None).check()
     agent = UpdateAgent(install_dir, _trusted(trusted_key), probation=policy, limits=limits)
     data: dict[str, Any] = {}
-    if source is not None:
+    if source is not None or repo_url is not None:
         with out.progress("Updating") as say:
-            say(f"fetching and verifying {source}")
-            result = agent.update(source)
+            say(f"fetching and verifying {source or repo_url}")
+            if repo_url is not None and trusted_root is not None:
+                result = update_from_repository(agent, repo_url, trusted_root, model=model, channel=channel)
+            else:
+                result = agent.update(str(source))
         data["result"] = result.to_dict()
     status = agent.status()
     data.update({"status": status, "counters": agent.counters()})
+    if repo_url is not None or (install_dir / "fleet").is_dir():
+        data["fleet"] = fleet_status(agent)
     rows = [[k, status.get(k)] for k in ("active", "active_semver", "previous", "highest_trusted")]
     rows.append(["blocked", ", ".join(f"{v}" for v in status["blocked"]) or "-"])
     out.console.print(table(f"Install directory {install_dir}", ["field", "value"], rows))
-    if source is None:
+    fleet = data.get("fleet")
+    if fleet is not None:
+        out.console.print(f"fleet metadata: last refresh {fleet['last_refresh'] or 'never'}, timestamp expires "
+                          f"{fleet['timestamp_expires'] or '-'}{' (EXPIRED)' if fleet['expired'] else ''}"
+                          f"{', last attempt refused: ' + str(fleet['last_reason']) if fleet['last_reason'] else ''}",
+                          highlight=False)
+    if source is None and repo_url is None:
         out.emit({**data, "ok": True})
         return
     if result.status in ("refused", "rolled_back"):

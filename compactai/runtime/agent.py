@@ -70,7 +70,8 @@ BROKEN_MODEL_REASONS = ("golden-mismatch", "invalid-model")
 
 @dataclass
 class UpdateResult:
-    """What one update attempt did: ``status`` is committed, trial, refused or rolled_back."""
+    """What one update attempt did: ``status`` is committed, trial, refused or rolled_back (or, from a fleet
+    repository, current: the active version is already the newest)."""
 
     status: str
     version: int | None
@@ -82,7 +83,7 @@ class UpdateResult:
 
     @property
     def ok(self) -> bool:
-        return self.status in ("committed", "trial")
+        return self.status in ("committed", "trial", "current")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
