@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "compactai.cli.distill",
     "compactai.cli.bundle",
     "compactai.cli.optimize",
+    "compactai.cli.serve",
 ]
 
 
