@@ -103,7 +103,8 @@ class FallbackClient:
         policy.validate()
         self.policy = policy
         headers = {"authorization": f"Bearer {policy.token}"} if policy.token else {}
-        self.client = httpx.AsyncClient(timeout=policy.timeout_s, headers=headers, follow_redirects=False)
+        # httpx's timeouts only back up the deadline (wait_for in forward), so they sit past it
+        self.client = httpx.AsyncClient(timeout=2 * policy.timeout_s + 1.0, headers=headers, follow_redirects=False)
 
     def infer_url(self, local_name: str) -> str:
         base = self.policy.url.rstrip("/")

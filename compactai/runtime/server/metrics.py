@@ -32,7 +32,9 @@ class EventLog:
         self._lock = threading.Lock()
 
     def __call__(self, event: str, **fields: Any) -> dict[str, Any]:
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": event, **fields}
+        now = time.time()
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "unix": round(now, 3), "event": event,
+                 **fields}
         line = json.dumps(entry, default=str)
         with self._lock:
             stream = self.stream or sys.stderr
