@@ -6,7 +6,8 @@ Run it as its own process so it does not share the server's interpreter::
         --input image --shape 1,1,32,32 --concurrency 32 --seconds 10 --out load.json
 
 Each request sends random FP32 data (seeded per worker); the JSON written holds one record per
-request (start time, latency, HTTP status, model version, error) and the summary figures.
+request (start time, latency, HTTP status, model version, error) and the summary figures. On
+stdout it prints ``{"started": unix time}`` once the first answer is back, then the summary.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +44,10 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_load(url: str, model: str, input_name: str, shape: list[int], *, concurrency: int, seconds: float,
              max_requests: int | None = None, token: str | None = None, record_data: bool = False,
-             timeout: float = 30.0, seed: int = 0, binary: bool = False) -> list[dict[str, Any]]:
-    """Drive ``url`` from ``concurrency`` threads for ``seconds`` (or ``max_requests`` in all)."""
+             timeout: float = 30.0, seed: int = 0, binary: bool = False,
+             on_first: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+    """Drive ``url`` from ``concurrency`` threads for ``seconds`` (or ``max_requests`` in all);
+    ``on_first`` is called once, when the first answer is back (the load is then running)."""
     import httpx
 
     endpoint = f"{url.rstrip('/')}/v2/models/{model}/infer"
@@ -81,6 +85,9 @@ def run_load(url: str, model: str, input_name: str, shape: list[int], *, concurr
                                   error=f"{type(exc).__name__}: {exc}")
                 with lock:
                     records.append(record)
+                    first = len(records) == 1
+                if first and on_first is not None:
+                    on_first()
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
     for thread in threads:
@@ -130,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     records = run_load(args.url, args.model, args.input, [int(d) for d in args.shape.split(",")],
                        concurrency=args.concurrency, seconds=args.seconds, max_requests=args.max_requests,
-                       token=args.token, record_data=args.record_data, seed=args.seed, binary=args.binary)
+                       token=args.token, record_data=args.record_data, seed=args.seed, binary=args.binary,
+                       on_first=lambda: print(json.dumps({"started": time.time()}), flush=True))
     summary = summarize(records)
     args.out.write_text(json.dumps({"summary": summary, "records": records}))
     print(json.dumps(summary))
