@@ -44,7 +44,7 @@ def run_with_update(url: str, source: Path, bundle: Path, out: Path, log: Path, 
     published = time.time()
     before = len(log_events(log, "update"))
     publish(source, bundle)
-    stdout, stderr = load.communicate(timeout=120)
+    _stdout, stderr = load.communicate(timeout=120)
     assert load.returncode == 0, stderr.decode()[-2000:]
     wait_for(lambda: any(e["outcome"] == outcome for e in log_events(log, "update")[before:]), timeout=60,
              what=f"update outcome {outcome}")
