@@ -60,7 +60,7 @@ def serve(
                                                            "stdout once listening."),
 ) -> None:
     """Serve a model over the KServe v2 / Open Inference Protocol, with /metrics, drift, fallback and updates."""
-    from compactai.cli.bundle import _trusted
+    from compactai.bundle import load_public_key
     from compactai.errors import BadInputError
     from compactai.runtime import ProbationPolicy
     from compactai.runtime.server import BatchSettings, FallbackPolicy, ModelServer, ServeConfig
@@ -78,7 +78,7 @@ def serve(
     config = ServeConfig(
         host=host, port=port, threads=threads, workers=workers, name=name, token=token,
         max_body_bytes=int(max_body_mb * 1024 * 1024), batching=BatchSettings(max_batch, max_delay_ms),
-        fallback=fallback, trusted_keys=_trusted(trusted_key) if trusted_key else [],
+        fallback=fallback, trusted_keys=[load_public_key(k) for k in trusted_key],
         update_source=update_source, poll_interval=poll_interval, probation_requests=probation_requests,
         probation_timeout=probation_seconds,
         probation=ProbationPolicy(max_latency_ratio=max_latency_ratio or None),

@@ -118,9 +118,7 @@ def create_app(server: ModelServer) -> FastAPI:
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
-        from compactai import __version__
-
-        return {"name": "compactai", "version": __version__,
+        return {"name": "compactai", "version": _package_version(),
                 "extensions": ["binary_tensor_data", "model_repository", "compactai_drift", "compactai_fallback"]}
 
     @app.get("/v2/models/{name}")
@@ -216,6 +214,15 @@ def create_app(server: ModelServer) -> FastAPI:
         return {"name": name, "unload": True, "versions": versions}
 
     return app
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("compactai")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

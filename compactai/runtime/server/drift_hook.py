@@ -13,6 +13,8 @@ import contextlib
 import importlib
 import queue
 import threading
+import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -46,8 +48,13 @@ def make_detector(profile: dict[str, Any] | None) -> DriftDetector | None:
 class DriftObserver:
     """Feeds a detector from a background thread; ``report()`` answers for ``GET .../drift``."""
 
-    def __init__(self, detector: DriftDetector | None, max_pending: int = 1024) -> None:
+    def __init__(self, detector: DriftDetector | None, max_pending: int = 1024,
+                 on_alarm: Callable[[bool, dict[str, Any]], None] | None = None, check_every_s: float = 1.0) -> None:
         self.detector = detector
+        self.on_alarm = on_alarm
+        self.check_every_s = check_every_s
+        self.alarm = False
+        self._checked = 0.0
         self.dropped = 0
         self.errors = 0
         self._queue: queue.Queue[tuple[dict[str, np.ndarray], list[np.ndarray]] | None] = queue.Queue(max_pending)
@@ -75,8 +82,22 @@ class DriftObserver:
             with self._lock:
                 try:
                     self.detector.observe(*item)
+                    # when caught up (cheap at low traffic), else at most every check_every_s
+                    due = self._queue.empty() or time.monotonic() - self._checked >= self.check_every_s
+                    if self.on_alarm is not None and due:
+                        self._check_alarm()
                 except Exception:  # noqa: BLE001 (a drift bug must not stop serving; counted in the report)
                     self.errors += 1
+
+    def _check_alarm(self) -> None:
+        """Tell ``on_alarm`` when the alarm turns on or off."""
+        assert self.detector is not None and self.on_alarm is not None
+        self._checked = time.monotonic()
+        report = self.detector.report()
+        alarm = bool(report.get("alarm", False))
+        if alarm != self.alarm:
+            self.alarm = alarm
+            self.on_alarm(alarm, report)
 
     def report(self) -> dict[str, Any] | None:
         """The detector's report plus ``dropped``, or None when there is no drift detection."""

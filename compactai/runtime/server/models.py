@@ -20,7 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from compactai.bundle import VerifyPolicy, parse_manifest, read_metadata, verify_bundle
+from compactai.bundle.verify import load_arrays
 from compactai.errors import BadInputError, ModelNotFoundError
+from compactai.models.load import load_onnx, synthesize_inputs
 from compactai.runtime.server.protocol import TensorMeta, tensor_meta
 
 DRIFT_PROFILE_FILE = "drift_profile.json"
@@ -62,15 +65,11 @@ class LoadedVersion:
 
     def warm_up(self) -> None:
         """Run once on the golden inputs (or zeros) so the first live request is not the slow one."""
-        from compactai.bundle.verify import load_arrays
-
         feeds: dict[str, np.ndarray] | None = None
         golden = (self.manifest.get("golden") or {}).get("inputs")
         if golden and self.root is not None:
             feeds = load_arrays(self.root / golden)
         if feeds is None:
-            from compactai.models.load import load_onnx, synthesize_inputs
-
             feeds = synthesize_inputs(load_onnx(self.model_path).inputs, batch=1)
         self.run(feeds)
 
@@ -121,8 +120,6 @@ def source_kind(path: Path) -> str:
 
 def load_bundle(source: Path, trusted_keys: list[Any], threads: int, name: str | None) -> LoadedVersion:
     """Verify a bundle (directory or archive) with every check and the self-test, then load it."""
-    from compactai.bundle import VerifyPolicy, verify_bundle
-
     if not trusted_keys:
         raise BadInputError(f"{source} is a bundle: give --trusted-key PUB to verify its signature (unsigned "
                             "or unverified bundles are not served; serve the .onnx file itself to skip checks).")
@@ -135,8 +132,6 @@ def load_bundle(source: Path, trusted_keys: list[Any], threads: int, name: str |
 
 def load_installed(version_dir: Path, threads: int, name: str | None) -> LoadedVersion:
     """A version the update agent installed (it verified it before activating it)."""
-    from compactai.bundle import parse_manifest, read_metadata
-
     manifest = parse_manifest(read_metadata(version_dir)[0])
     return LoadedVersion(name or manifest["name"], str(manifest["version"]), version_dir / manifest["model"],
                          threads, manifest, version_dir)

@@ -34,11 +34,14 @@ class BatchSettings:
 class VersionSlot:
     """A loaded version with its batcher (made on first use, on the event loop) and drift observer."""
 
-    def __init__(self, loaded: LoadedVersion, dispatcher: Dispatcher, batching: BatchSettings) -> None:
+    def __init__(self, loaded: LoadedVersion, dispatcher: Dispatcher, batching: BatchSettings,
+                 on_drift_alarm: Callable[[str, str, bool, dict[str, Any]], None] | None = None) -> None:
         self.loaded = loaded
         self.dispatcher = dispatcher
         self.batching = batching
-        self.drift = DriftObserver(make_detector(loaded.drift_profile()))
+        alarm = None if on_drift_alarm is None else (
+            lambda on, report: on_drift_alarm(loaded.name, loaded.version, on, report))
+        self.drift = DriftObserver(make_detector(loaded.drift_profile()), on_alarm=alarm)
         self._batcher: MicroBatcher | None = None
 
     @property
@@ -95,8 +98,10 @@ class ServedModel:
     """The versions of one model name and the pointer to the one that takes default traffic."""
 
     def __init__(self, name: str, dispatcher: Dispatcher, batching: BatchSettings,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None,
+                 on_drift_alarm: Callable[[str, str, bool, dict[str, Any]], None] | None = None) -> None:
         self.name = name
+        self.on_drift_alarm = on_drift_alarm
         self.dispatcher = dispatcher
         self.batching = batching
         self.on_change = on_change or (lambda: None)
@@ -145,7 +150,7 @@ class ServedModel:
     # ---- changes (from the update thread or the repository routes) -------------------------------------
     def install(self, loaded: LoadedVersion) -> VersionSlot:
         """Load ``loaded`` and make it the default at once, dropping the others (start-up, repository load)."""
-        slot = VersionSlot(loaded, self.dispatcher, self.batching)
+        slot = VersionSlot(loaded, self.dispatcher, self.batching, self.on_drift_alarm)
         with self._lock:
             old = list(self.versions.values())
             self.versions = {slot.version: slot}
@@ -166,7 +171,7 @@ class ServedModel:
 
     def begin_probation(self, loaded: LoadedVersion, monitor: HealthMonitor, target: int) -> Probation:
         """Load the candidate beside the current version and switch default traffic to it atomically."""
-        slot = VersionSlot(loaded, self.dispatcher, self.batching)
+        slot = VersionSlot(loaded, self.dispatcher, self.batching, self.on_drift_alarm)
         with self._lock:
             previous = self.versions.get(self.current) if self.current is not None else None
             probation = Probation(slot, previous, monitor, max(1, target))

@@ -91,7 +91,8 @@ class ModelServer:
             self.metrics.extra_registries.append(self.agent.events.registry)
         loaded = self.load_from_source()
         name = config.name or (loaded.name if loaded else self.source.name)
-        self.model = ServedModel(name, self.dispatcher, config.batching, on_change=self._models_changed)
+        self.model = ServedModel(name, self.dispatcher, config.batching, on_change=self._models_changed,
+                                 on_drift_alarm=self._drift_alarm)
         if loaded is not None:
             self.model.install(loaded)
         self.metrics.registry.register(DriftCollector(self._drift_reports))
@@ -142,6 +143,10 @@ class ModelServer:
     def _models_changed(self) -> None:
         if hasattr(self, "model"):
             self.metrics.set_models(self.model.states())
+
+    def _drift_alarm(self, model: str, version: str, alarm: bool, report: dict[str, Any]) -> None:
+        self.log("drift_alarm", model=model, version=version, alarm=alarm, scores=report.get("scores"),
+                 thresholds=report.get("thresholds"))
 
     def _drift_reports(self) -> list[tuple[str, str, dict[str, Any]]]:
         reports = []

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from compactai.bundle.verify import load_arrays
 from compactai.errors import CompactAIError
 from compactai.runtime import UpdateAgent, UpdateResult
 from compactai.runtime.probation import HealthMonitor, probation_requests
@@ -132,8 +133,6 @@ class UpdateLoop:
 
     def _synthesized(self, loaded: Any, monitor: HealthMonitor, count: int) -> None:
         """Complete a probation that saw too little traffic with golden and synthesized requests."""
-        from compactai.bundle.verify import load_arrays
-
         golden = load_arrays(loaded.root / loaded.manifest["golden"]["inputs"])
         for feeds in probation_requests(loaded.model_path, golden, max(0, count)):
             start = time.perf_counter()
