@@ -198,6 +198,8 @@ def create_app(server: ModelServer) -> FastAPI:
         authorize(request)
         model = server.model_for(name)
         await read_body(request, server.config.max_body_bytes)  # parameters are accepted and ignored
+        with model.lock:
+            model.refuse_during_probation("load")
         loaded = await asyncio.get_running_loop().run_in_executor(None, server.load_from_source)
         if loaded is None:
             raise RequestError(404, f"{server.source} holds no installed version of {name!r} yet.")

@@ -108,12 +108,12 @@ class ServedModel:
         self.versions: dict[str, VersionSlot] = {}
         self.current: str | None = None
         self.probation: Probation | None = None
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
 
     # ---- routing -----------------------------------------------------------------------------------------
     def route(self, version: str | None) -> tuple[VersionSlot, Probation | None]:
         """The slot a request runs on (and the probation it feeds, if any); RequestError(404) if none."""
-        with self._lock:
+        with self.lock:
             if version is not None:
                 slot = self.versions.get(version)
                 if slot is None:
@@ -124,11 +124,13 @@ class ServedModel:
                 raise RequestError(404, f"Model {self.name!r} is not loaded; POST /v2/repository/models/"
                                         f"{self.name}/load to load it.")
             probation = self.probation
-            slot = self.versions[self.current]
+            slot = self.versions.get(self.current)
+            if slot is None:  # cannot happen while current and versions change together under the lock
+                raise RequestError(404, f"Model {self.name!r} has no serving version.")
             return slot, probation if probation is not None and probation.candidate is slot else None
 
     def slot(self, version: str | None = None) -> VersionSlot | None:
-        with self._lock:
+        with self.lock:
             key = self.current if version is None else version
             return None if key is None else self.versions.get(key)
 
@@ -138,7 +140,7 @@ class ServedModel:
 
     def states(self) -> list[tuple[str, str, str, int]]:
         """(model, version, state, size bytes) of every loaded version, for the model-info metric."""
-        with self._lock:
+        with self.lock:
             out = []
             for key, slot in self.versions.items():
                 state = "standby"
@@ -151,7 +153,8 @@ class ServedModel:
     def install(self, loaded: LoadedVersion) -> VersionSlot:
         """Load ``loaded`` and make it the default at once, dropping the others (start-up, repository load)."""
         slot = VersionSlot(loaded, self.dispatcher, self.batching, self.on_drift_alarm)
-        with self._lock:
+        with self.lock:
+            self.refuse_during_probation("load")
             old = list(self.versions.values())
             self.versions = {slot.version: slot}
             self.current = slot.version
@@ -162,17 +165,24 @@ class ServedModel:
         return slot
 
     def unload(self) -> list[str]:
-        with self._lock:
-            old, self.versions, self.current, self.probation = self.versions, {}, None, None
+        with self.lock:
+            self.refuse_during_probation("unload")
+            old, self.versions, self.current = self.versions, {}, None
         for slot in old.values():
             slot.close()
         self.on_change()
         return sorted(old)
 
+    def refuse_during_probation(self, what: str) -> None:
+        """RequestError(409) while a new version is on probation (call with ``lock`` held)."""
+        if self.probation is not None:
+            raise RequestError(409, f"Version {self.probation.candidate.version} of {self.name!r} is on probation; "
+                                    f"{what} it after the update is committed or rolled back.")
+
     def begin_probation(self, loaded: LoadedVersion, monitor: HealthMonitor, target: int) -> Probation:
         """Load the candidate beside the current version and switch default traffic to it atomically."""
         slot = VersionSlot(loaded, self.dispatcher, self.batching, self.on_drift_alarm)
-        with self._lock:
+        with self.lock:
             previous = self.versions.get(self.current) if self.current is not None else None
             probation = Probation(slot, previous, monitor, max(1, target))
             self.versions[slot.version] = slot
@@ -182,7 +192,7 @@ class ServedModel:
 
     def end_probation(self, probation: Probation, keep: bool) -> None:
         """Commit (drop the previous version) or roll back (switch back, drop the candidate)."""
-        with self._lock:
+        with self.lock:
             probation.closed = True
             drop = probation.previous if keep else probation.candidate
             if not keep:
@@ -198,6 +208,6 @@ class ServedModel:
         slot, _ = self.route(version)
         data = slot.loaded.metadata()
         if version is None:
-            with self._lock:
+            with self.lock:
                 data["versions"] = sorted(self.versions)
         return data

@@ -67,6 +67,9 @@ def test_probation_on_live_requests_answers_bad_ones_with_the_previous_version(s
     wait_for(lambda: running.server.model.probation is not None or 2 in load_state(install).blocked,
              what="probation of v2")
     with httpx.Client(base_url=running.url, timeout=30) as client:
+        for action in ("load", "unload"):  # the repository waits for the verdict
+            busy = client.post(f"/v2/repository/models/tiny/{action}")
+            assert busy.status_code == 409 and "probation" in busy.json()["error"]
         answers = [client.post("/v2/models/tiny/infer", json=infer_body([[-1.0, 2.0, 0.5, 1.0]])) for _ in range(3)]
     wait_for(lambda: 2 in load_state(install).blocked, what="roll back of v2")
     for answer in answers:
