@@ -165,3 +165,16 @@ def test_sources_refused_without_trust(make_bundle, tmp_path: Path, keys) -> Non
     stranger = load_private_key(generate_keypair(tmp_path / "stranger")[0])
     with pytest.raises(BundleRefused):
         ModelServer(make_bundle(2, key=stranger), ServeConfig(trusted_keys=[keys[1]]))
+
+
+def test_serves_a_tar_bundle_and_a_plain_onnx(serve, make_bundle, keys, tmp_path: Path) -> None:
+    archive = make_bundle(4, name="tiny", out="tiny-v4.tar.gz")
+    model = tmp_path / "plain.onnx"
+    model.write_bytes((make_bundle(5) / "model.onnx").read_bytes())
+    for source, config, name, version in ((archive, {"trusted_keys": [keys[1]]}, "tiny", "4"),
+                                          (model, {"name": "plain"}, "plain", "1")):
+        running = serve(source, **config)
+        with httpx.Client(base_url=running.url, timeout=30) as client:
+            body = client.post(f"/v2/models/{name}/infer", json=infer_body([[1, 2, 3, 4]])).json()
+        assert (body["model_name"], body["model_version"]) == (name, version)
+        assert body["outputs"][0]["data"] == [2.0, 4.0, 6.0, 8.0]
