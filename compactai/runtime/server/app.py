@@ -164,11 +164,12 @@ def create_app(server: ModelServer) -> FastAPI:
             model = server.model_for(name)
             body = await read_body(request, server.config.max_body_bytes)
             parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
-            slot, _ = model.route(version)
+            slot, probation = model.route(version)  # once: the request runs on the version it is checked against
             check_inputs(parsed, slot.loaded.inputs, name)
             names = check_outputs(parsed, slot.loaded.output_names, name)
             parameters: dict[str, Any] = {}
-            model_name, served_version, outputs = await server.answer(model, version, parsed, names, parameters)
+            model_name, served_version, outputs = await server.answer(model, slot, probation, parsed, names,
+                                                                      parameters)
             content, headers = encode_response(parsed, outputs, model_name=model_name, model_version=served_version,
                                                parameters=parameters)
             metrics.requests.labels(label, served_version, "ok").inc()

@@ -163,8 +163,3 @@ class MicroBatcher:
                 item.future.set_result(RunResult(outputs, wait, compute, item.rows))
             except Exception as exc:  # noqa: BLE001 (this request's own error goes back to it)
                 item.future.set_exception(exc)
-
-    def close(self) -> None:
-        """Dispatch what is left; later submits still work (they dispatch at once when idle)."""
-        if self.pending:
-            self._flush()

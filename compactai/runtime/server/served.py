@@ -9,7 +9,9 @@ clients never see the failure, and the probation's monitor records it.
 
 from __future__ import annotations
 
+import statistics
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +45,13 @@ class VersionSlot:
             lambda on, report: on_drift_alarm(loaded.name, loaded.version, on, report))
         self.drift = DriftObserver(make_detector(loaded.drift_profile()), on_alarm=alarm)
         self._batcher: MicroBatcher | None = None
+        # per-request compute ms of recent live requests: the yardstick for the next version's probation
+        self.recent_ms: deque[float] = deque(maxlen=256)
+
+    def live_median_ms(self, minimum: int = 20) -> float | None:
+        """Median compute time of recent live requests, or None with fewer than ``minimum`` of them."""
+        values = list(self.recent_ms)
+        return statistics.median(values) if len(values) >= minimum else None
 
     @property
     def version(self) -> str:
@@ -60,8 +69,8 @@ class VersionSlot:
         return RunResult(outputs, wait, compute, rows)
 
     def close(self) -> None:
-        if self._batcher is not None:
-            self._batcher.close()
+        """Stop the drift thread. The batcher is left alone: this runs on the update thread, and requests
+        still pending in it are dispatched on the event loop (by its timer or a finishing batch)."""
         self.drift.close()
 
 

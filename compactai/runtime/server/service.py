@@ -178,10 +178,11 @@ class ModelServer:
         return self.model
 
     # ---- one request -------------------------------------------------------------------------------------
-    async def answer(self, model: ServedModel, version: str | None, request: InferRequest,
-                     output_names: list[str], parameters: dict[str, Any]) -> tuple[str, str, dict[str, np.ndarray]]:
-        """(model name, version, outputs by name) for a validated request; fills ``parameters``."""
-        slot, probation = model.route(version)
+    async def answer(self, model: ServedModel, slot: VersionSlot, probation: Probation | None,
+                     request: InferRequest, output_names: list[str],
+                     parameters: dict[str, Any]) -> tuple[str, str, dict[str, np.ndarray]]:
+        """(model name, version, outputs by name) for a request validated against ``slot`` (where
+        ``model.route`` sent it); fills ``parameters``."""
         client = self.fallback
         if (client is not None and client.policy.max_queue_ms is not None
                 and self.dispatcher.estimated_wait_s() * 1e3 > client.policy.max_queue_ms):
@@ -209,16 +210,22 @@ class ModelServer:
             error: BaseException | None = None
         except Exception as exc:  # noqa: BLE001 (mapped below: probation record, 400 or 500)
             result, error = None, exc
+        rows = int(next(iter(feeds.values())).shape[0]) if next(iter(feeds.values())).ndim else 1
+        # amortized per-request compute time (a batch's time shared by its rows): the probation's latency
+        # figure, compared with the same figure of the previous version on the same live traffic
+        latency = None if result is None else result.compute_s * 1e3 * rows / max(1, result.batch_rows)
+        if latency is not None and probation is None:
+            slot.recent_ms.append(latency)
         if probation is not None:
             ok = result is not None and finite(result.outputs)
-            rows = int(next(iter(feeds.values())).shape[0]) if next(iter(feeds.values())).ndim else 1
-            # amortized per-request compute time: comparable with the previous version's batch-1 yardstick
-            latency = None if result is None else result.compute_s * 1e3 * rows / max(1, result.batch_rows)
             probation.record(latency, result.outputs if result is not None else None, error)
-            if not ok and probation.previous is not None:
+            previous = probation.previous
+            same_signature = previous is not None and (previous.loaded.inputs, previous.loaded.outputs) == (
+                slot.loaded.inputs, slot.loaded.outputs)
+            if not ok and previous is not None and same_signature:
                 probation.answered_by_previous += 1
                 self.metrics.probation_fallbacks.labels(self.model.name, slot.version).inc()
-                return await self._run_local(probation.previous, None, feeds)
+                return await self._run_local(previous, None, feeds)
         if result is None:
             assert error is not None
             if type(error).__name__ == "InvalidArgument":  # ONNX Runtime refusing these inputs: a client error

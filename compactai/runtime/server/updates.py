@@ -4,7 +4,8 @@ Each poll asks the agent (:class:`compactai.runtime.UpdateAgent`) to install the
 update source without watching it (``watch=False``): the agent fetches, verifies, self-tests and
 activates it as a *trial* in its install directory. The server then loads the new version
 beside the old one, switches default traffic to it atomically and watches its first live
-requests (errors, NaN, latency) with the agent's :class:`HealthMonitor`. The agent commits or
+requests (errors, NaN, latency against the previous version's on the same live traffic) with the
+agent's :class:`HealthMonitor`. The agent commits or
 rolls back on that verdict; on roll back the old version, still loaded, takes the traffic
 again. With no traffic before the probation deadline, synthesized requests complete the
 probation, as ``compactai update`` does.
@@ -121,6 +122,12 @@ class UpdateLoop:
             monitor.record(error=exc)
             return self.agent.finish_probation(monitor)
         monitor = self.agent.begin_probation()
+        serving = self.model.slot()
+        live = serving.live_median_ms() if serving is not None else None
+        if live is not None and monitor.baseline_latency_ms is not None:
+            # the agent timed the previous version alone on synthesized inputs; the candidate is timed on live
+            # traffic, under the server's load: compare it with the previous version on that same traffic
+            monitor.baseline_latency_ms = live
         probation = self.model.begin_probation(loaded, monitor, self.probation_requests)
         self.log("update", outcome="probation", version=loaded.version, watching=probation.target)
         probation.done.wait(self.probation_timeout)

@@ -72,7 +72,10 @@ def test_updates_under_load(make_bundle, keys, tmp_path: Path) -> None:
     publish(source, make_bundle(1, name="tiny"))
     log = tmp_path / "server.log"
     args = [str(tmp_path / "install"), "--trusted-key", str(keys[2]), "--update-source", str(source),
-            "--poll-interval", "0.2", "--probation-requests", "30", "--max-batch", "8", "--threads", "1"]
+            "--poll-interval", "0.2", "--probation-requests", "30", "--max-batch", "8", "--threads", "1",
+            # the latency rule is off: this test is about failures and versions, and the tiny model's
+            # microsecond timings on a shared machine are noise (tests assert no wall-clock figures)
+            "--max-latency-ratio", "0"]
     with cli_server(args, log) as (url, _process):
         good = run_with_update(url, source, make_bundle(2, name="tiny", scale=3.0), tmp_path / "load-1.json", log,
                                "committed")
