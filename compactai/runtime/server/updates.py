@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from compactai.bundle.manifest import MAX_MANIFEST_BYTES
 from compactai.bundle.verify import load_arrays
 from compactai.errors import CompactAIError
 from compactai.runtime import UpdateAgent, UpdateResult
@@ -41,11 +42,16 @@ def peek_version(source: str, timeout: float = 10.0) -> int | None:
         if source.startswith(("http://", "https://")):
             import httpx
 
-            response = httpx.get(source.rstrip("/") + "/manifest.json", timeout=timeout)
-            raw = response.content[:4 * 1024 * 1024] if response.status_code == 200 else b""
+            raw = b""
+            with httpx.stream("GET", source.rstrip("/") + "/manifest.json", timeout=timeout) as response:
+                if response.status_code == 200:
+                    for block in response.iter_bytes(1 << 16):
+                        raw += block
+                        if len(raw) > MAX_MANIFEST_BYTES:  # endless data: not a manifest, let the agent refuse
+                            return None
         else:
             path = Path(source) / "manifest.json"
-            raw = path.read_bytes()[:4 * 1024 * 1024] if path.is_file() else b""
+            raw = path.read_bytes()[:MAX_MANIFEST_BYTES] if path.is_file() else b""
         if not raw:
             return -1  # nothing published there yet: nothing to do
         value = json.loads(raw).get("version")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import httpx
 import numpy as np
 
 from compactai.runtime import ProbationPolicy, load_state
+from compactai.runtime.server.updates import peek_version
 from tests.runtime.server.conftest import events, infer_body, wait_for
 
 
@@ -79,3 +81,21 @@ def test_probation_on_live_requests_answers_bad_ones_with_the_previous_version(s
         assert body["model_version"] == "1" and body["outputs"][0]["data"] == [-2.0, 4.0, 1.0, 2.0]
     assert load_state(install).active == 1
     assert running.server.model.slot().version == "1"
+
+
+def test_peek_reads_the_claimed_version_from_a_directory_or_url(make_bundle, tmp_path: Path) -> None:
+    from tests.runtime.test_update_http import BundleServer
+
+    bundle = make_bundle(6)
+    assert peek_version(str(bundle)) == 6
+    assert peek_version(str(tmp_path / "nothing-yet")) == -1  # nothing published: nothing to do
+    server = BundleServer()
+    thread = threading.Thread(target=server.httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert peek_version(server.publish("b", bundle)) == 6
+        server.endless.add("/endless/manifest.json")
+        assert peek_version(f"{server.url}/endless/") is None  # cut at the manifest size limit: the agent decides
+    finally:
+        server.httpd.shutdown()
+        server.httpd.server_close()
