@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 
 from compactai.cli import _load_commands, app
 from compactai.runtime.server import ModelServer, ServeConfig, create_app
+from compactai.runtime.server.metrics import EventLog
 from tests.runtime.conftest import tiny_model
 from tests.runtime.server.conftest import REPO
 
@@ -55,7 +57,8 @@ def test_container_args_ports_and_probes_match_the_cli(tmp_path: Path) -> None:
     assert set(mounts) <= volumes
     assert any(key.startswith(path + "/") for key in params["trusted_key"] for path in mounts.values())
 
-    routes = {route.path for route in create_app(ModelServer(tiny_model(tmp_path / "m.onnx"), ServeConfig())).routes}
+    routes = {route.path for route in create_app(ModelServer(tiny_model(tmp_path / "m.onnx"), ServeConfig(),
+                                              log=EventLog(io.StringIO()))).routes}
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["port"] == params["port"]
         assert container[probe]["httpGet"]["path"] in routes
