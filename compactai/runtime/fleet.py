@@ -12,8 +12,6 @@ shares one deadline and minimum rate from :class:`~compactai.runtime.limits.Upda
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +19,8 @@ from typing import Any
 from tuf.api import exceptions as tuf_errors
 from tuf.ngclient import FetcherInterface
 
-from compactai.bundle.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, BundleRefused, parse_manifest
-from compactai.bundle.verify import extract_archive
+from compactai.bundle.manifest import MAX_MANIFEST_BYTES, BundleRefused, parse_manifest
+from compactai.bundle.stage import read_archive_metadata
 from compactai.errors import BadInputError
 from compactai.fleet.device import FleetClient, metadata_staleness
 from compactai.fleet.layout import DEFAULT_CHANNEL, check_name
@@ -128,7 +126,7 @@ def update_from_repository(agent: UpdateAgent, repo_url: str, trusted_root: str 
             agent.limits.check_version(choice.version, state.highest_trusted)
             download = client.download(choice, base / "downloads" / f"{name}.{channel}.tar")
             steps.append("tuf-download")
-            staged = _unpack(download, base / "downloads", choice.name, choice.version)
+            staged = _check_target(download, choice.name, choice.version)
         except BundleRefused as refused:
             agent.events.record("refused", reason=refused.reason, message=str(refused), active=state.active,
                                 source="fleet")
@@ -139,26 +137,23 @@ def update_from_repository(agent: UpdateAgent, repo_url: str, trusted_root: str 
     try:
         result = agent.update(staged, watch=watch)
     finally:
-        shutil.rmtree(staged.parent, ignore_errors=True)
         download.unlink(missing_ok=True)
     result.steps = steps + result.steps
     return result
 
 
-def _unpack(archive: Path, work: Path, name: str, version: int) -> Path:
-    """Extract the downloaded bundle and check it is the model and version the signed target names."""
-    target = Path(tempfile.mkdtemp(prefix="bundle-", dir=work)) / "bundle"
+def _check_target(archive: Path, name: str, version: int) -> Path:
+    """Check that the downloaded bundle archive is the model and version its signed target names.
+
+    Only the archive's manifest is read here (bounded, nothing extracted); the agent then stages
+    the archive itself, verifying the bundle's signature before it extracts any listed file."""
     try:
-        extract_archive(archive, target)
-        if not (target / MANIFEST_FILE).is_file():
-            raise BundleRefused("missing-manifest", f"The target {name} v{version} holds no {MANIFEST_FILE}.")
-        raw = (target / MANIFEST_FILE).read_bytes()[:MAX_MANIFEST_BYTES + 1]
-        manifest = parse_manifest(raw)  # compared only; the agent verifies the bundle in full
+        raw, _signature = read_archive_metadata(archive)
+        manifest = parse_manifest(raw[:MAX_MANIFEST_BYTES + 1])  # compared only; the agent verifies in full
         if manifest["name"] != name or manifest["version"] != version:
             raise BundleRefused("target-mismatch", f"The target promises {name} v{version} but holds "
                                                    f"{manifest['name']} v{manifest['version']}; refused.")
     except BaseException:
-        shutil.rmtree(target.parent, ignore_errors=True)
         archive.unlink(missing_ok=True)
         raise
-    return target
+    return archive

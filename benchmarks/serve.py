@@ -1,0 +1,267 @@
+"""What `compactai serve` adds on top of ONNX Runtime, and what micro-batching buys (issue 17).
+
+Model: the digits teacher quantized to static int8 when the trained teacher is cached (under
+$COMPACTAI_CACHE_DIR or ~/.cache/compactai); otherwise the same digits architecture with
+untrained weights, quantized the same way (latency depends on the architecture, not on the
+weights; the table says which). Calibration uses the digits calibration split either way.
+
+1. batch-1 p50: a bare ``InferenceSession.run`` vs a request to the server over loopback
+   (keep-alive, JSON and the binary tensor extension); the difference is what the server adds.
+2. throughput and p50/p99 at concurrency 32, without and with micro-batching.
+
+The server runs as its own process (``compactai serve``); the client is a thread pool of
+``http.client`` connections with pre-encoded bodies, so client work stays small. Run it under
+the benchmark lock, alone if possible (the client and server share the machine's cores):
+
+    flock /tmp/compactai-bench.lock .venv/bin/python benchmarks/serve.py [--seconds 5]
+
+Prints a table and writes the "server" section of benchmarks/results/serve.json (other sections,
+e.g. "drift", are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+RESULTS = Path(__file__).parent / "results" / "serve.json"
+REPO = Path(__file__).resolve().parents[1]
+THREADS = 1  # ONNX Runtime intra-op threads, the same for the bare session and the server
+
+
+def build_model(work: Path) -> tuple[Path, str]:
+    """(int8 ONNX file, description) of the digits model (trained if cached, else untrained weights)."""
+    import torch
+
+    from compactai import load_model
+    from compactai.examples import cache_dir
+    from compactai.examples.digits import build_digits_cnn, load_digits_splits, recipe_key
+    from compactai.techniques.quantize.ort_ptq import Int8Config, preprocess, quantize_int8
+
+    splits = load_digits_splits()
+    weights = cache_dir() / f"digits-teacher-{recipe_key()}.safetensors"
+    module = build_digits_cnn()
+    if weights.exists():
+        from safetensors.torch import load_file
+
+        module.load_state_dict(load_file(str(weights)))
+        what = "digits teacher (trained, cached), static int8"
+    else:
+        torch.manual_seed(0)
+        what = "digits architecture, untrained weights (teacher not cached), static int8"
+    module.eval()
+    handle = load_model(module, torch.from_numpy(splits["test"].inputs["image"][:1]), name="digits")
+    fp32 = handle.to_onnx(work / "fp32.onnx").path
+    prepared = work / "prepared.onnx"
+    preprocess(fp32, prepared, kind="cnn")
+    int8 = quantize_int8(prepared, work / "int8.onnx", Int8Config(mode="static"), splits["calibration"], ["image"])
+    return int8, what
+
+
+def bare_p50_ms(model: Path, image: np.ndarray, queries: int) -> float:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = THREADS, 1, 3
+    session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    for _ in range(50):
+        session.run(names, {"image": image})
+    times = []
+    for _ in range(queries):
+        start = time.perf_counter()
+        session.run(names, {"image": image})
+        times.append(time.perf_counter() - start)
+    return float(np.percentile(times, 50) * 1e3)
+
+
+class Server:
+    """`compactai serve MODEL --port 0 --json ...` as a subprocess."""
+
+    def __init__(self, model: Path, *args: str) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.process = subprocess.Popen([sys.executable, "-m", "compactai.cli", "serve", str(model), "--name",
+                                         "digits", "--threads", str(THREADS), "--port", "0", "--json", *args],
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        assert self.process.stdout is not None
+        self.port = int(json.loads(self.process.stdout.readline())["port"])
+
+    def metrics(self) -> str:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        connection.request("GET", "/metrics")
+        return connection.getresponse().read().decode()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def bodies(image: np.ndarray, count: int) -> list[tuple[bytes, dict[str, str]]]:
+    """Pre-encoded JSON and binary request bodies (different images, so no cache can help)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(count):
+        x = (image + 0.01 * rng.standard_normal(image.shape)).astype(np.float32)
+        tensor = {"name": "image", "shape": list(x.shape), "datatype": "FP32"}
+        if i % 2 == 0:
+            out.append((json.dumps({"inputs": [{**tensor, "data": x.ravel().tolist()}]}).encode(),
+                        {"content-type": "application/json"}))
+        else:
+            header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+            out.append((header + x.tobytes(), {"inference-header-content-length": str(len(header))}))
+    return out
+
+
+def post(connection: http.client.HTTPConnection, body: bytes, headers: dict[str, str]) -> None:
+    connection.request("POST", "/v2/models/digits/infer", body=body, headers=headers)
+    response = connection.getresponse()
+    data = response.read()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {data[:200]!r}")
+
+
+def sequential_p50_ms(port: int, requests: list[tuple[bytes, dict[str, str]]], queries: int) -> float:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    for body, headers in requests[:20]:
+        post(connection, body, headers)
+    times = []
+    for i in range(queries):
+        body, headers = requests[i % len(requests)]
+        start = time.perf_counter()
+        post(connection, body, headers)
+        times.append(time.perf_counter() - start)
+    return float(np.percentile(times, 50) * 1e3)
+
+
+def closed_loop(port: int, requests: list[tuple[bytes, dict[str, str]]], concurrency: int,
+                seconds: float) -> dict[str, float]:
+    """``concurrency`` clients, each sending its next request when the last answer is back."""
+    latencies: list[float] = []
+    failures = [0]
+    lock = threading.Lock()
+    go = threading.Event()
+    deadline = [0.0]
+
+    def client(index: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        post(connection, *requests[index % len(requests)])  # connect and warm up before the clock starts
+        go.wait()
+        mine, i = [], index
+        while time.perf_counter() < deadline[0]:
+            body, headers = requests[i % len(requests)]
+            i += concurrency
+            start = time.perf_counter()
+            try:
+                post(connection, body, headers)
+                mine.append(time.perf_counter() - start)
+            except Exception:  # noqa: BLE001 (counted: a benchmark reports failures, it does not stop)
+                with lock:
+                    failures[0] += 1
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    start = time.perf_counter()
+    deadline[0] = start + seconds
+    go.set()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    return {"requests": len(latencies), "failed": failures[0], "throughput_rps": len(latencies) / elapsed,
+            "p50_ms": float(np.percentile(latencies, 50) * 1e3), "p99_ms": float(np.percentile(latencies, 99) * 1e3)}
+
+
+def histogram_mean(text: str, name: str) -> float | None:
+    total = sum(float(v) for v in re.findall(rf"^{name}_sum{{[^}}]*}} (\S+)$", text, re.M))
+    count = sum(float(v) for v in re.findall(rf"^{name}_count{{[^}}]*}} (\S+)$", text, re.M))
+    return total / count if count else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput run")
+    parser.add_argument("--queries", type=int, default=2000, help="batch-1 queries for the p50 figures")
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="compactai-bench-serve-"))
+    console = Console()
+    console.print("building the int8 digits model...")
+    model, what = build_model(work)
+    image = np.random.default_rng(1).standard_normal((1, 1, 32, 32)).astype(np.float32)
+    requests = bodies(image, 64)
+    json_requests, binary_requests = requests[0::2], requests[1::2]
+
+    bare = bare_p50_ms(model, image, args.queries)
+    server = Server(model)
+    try:
+        json_p50 = sequential_p50_ms(server.port, json_requests, args.queries)
+        binary_p50 = sequential_p50_ms(server.port, binary_requests, args.queries)
+        text = server.metrics()
+        in_server = histogram_mean(text, "compactai_request_duration_seconds")
+        compute = histogram_mean(text, "compactai_compute_duration_seconds")
+        unbatched = closed_loop(server.port, json_requests, args.concurrency, args.seconds)
+    finally:
+        server.stop()
+    server = Server(model, "--max-batch", str(args.concurrency), "--max-delay-ms", "2")
+    try:
+        batched = closed_loop(server.port, json_requests, args.concurrency, args.seconds)
+        batch_mean = histogram_mean(server.metrics(), "compactai_batch_size")
+    finally:
+        server.stop()
+
+    report: dict[str, Any] = {
+        "model": what, "threads": THREADS, "queries": args.queries, "cpus": os.cpu_count(),
+        "load_average": os.getloadavg()[0],
+        "batch1": {"bare_ort_p50_ms": bare, "server_json_p50_ms": json_p50, "server_binary_p50_ms": binary_p50,
+                   "added_json_p50_ms": json_p50 - bare, "added_binary_p50_ms": binary_p50 - bare,
+                   "in_server_mean_ms": in_server and in_server * 1e3, "compute_mean_ms": compute and compute * 1e3},
+        f"concurrency_{args.concurrency}": {"seconds": args.seconds, "unbatched": unbatched,
+                                            "batched": {**batched, "mean_batch_rows": batch_mean},
+                                            "speedup": batched["throughput_rps"] / unbatched["throughput_rps"]},
+    }
+    table = Table(title=f"compactai serve: {what}, {THREADS} intra-op thread, load average "
+                        f"{report['load_average']:.1f} on {report['cpus']} CPUs", title_justify="left")
+    for column in ("figure", "value"):
+        table.add_column(column, justify="left" if column == "figure" else "right")
+    b1 = report["batch1"]
+    rows = [("bare ONNX Runtime p50 (ms)", b1["bare_ort_p50_ms"]), ("server JSON p50 (ms)", json_p50),
+            ("server binary p50 (ms)", binary_p50), ("added p50, JSON (ms)", b1["added_json_p50_ms"]),
+            ("added p50, binary (ms)", b1["added_binary_p50_ms"]),
+            ("in-server mean, body read to response (ms)", b1["in_server_mean_ms"]),
+            ("compute mean in server (ms)", b1["compute_mean_ms"])]
+    for label, run in (("unbatched", unbatched), ("micro-batched", batched)):
+        rows += [(f"c{args.concurrency} {label} throughput (req/s)", run["throughput_rps"]),
+                 (f"c{args.concurrency} {label} p50 / p99 (ms)", f"{run['p50_ms']:.2f} / {run['p99_ms']:.2f}"),
+                 (f"c{args.concurrency} {label} failed", run["failed"])]
+    rows += [("mean rows per batch", batch_mean), ("throughput with / without batching",
+                                                   report[f"concurrency_{args.concurrency}"]["speedup"])]
+    for label, value in rows:
+        table.add_row(label, f"{value:.3f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results["server"] = report  # other sections (e.g. "drift") belong to other benchmarks: kept as they are
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    console.print(f"wrote the 'server' section of {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
