@@ -1,5 +1,5 @@
 """The drift profile a bundle carries: the model run on held-out task data at bundle time, its
-reference profile written as ``drift_profile.json`` (+ ``drift_profile.npz``) and signed with the
+reference profile written as ``drift_profile.json`` and signed with the
 rest of the bundle. The statistics live in compactai.measure.drift; the server's monitor in
 compactai.runtime.drift reads the files back.
 
@@ -111,7 +111,8 @@ def write_drift_profile(
     returns {name in the bundle: path}, ready for ``build_bundle(..., extra_files=...)``."""
     outputs = model_outputs(Path(model), inputs)
     profile = build_profile(inputs, outputs, kind=kind, window=window, alpha=alpha, seed=seed)
-    return {path.name: path for path in save_profile(profile, out_dir)}
+    path = save_profile(profile, out_dir)
+    return {path.name: path}
 
 
 def drift_profile_files(

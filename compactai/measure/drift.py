@@ -27,6 +27,7 @@ sampling error: the calibrated rate errs on the safe (fewer alarms) side.
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 from collections.abc import Callable, Iterator
@@ -44,7 +45,6 @@ from compactai.errors import BadInputError, ParameterError, UnknownNameError
 
 FORMAT = "compactai-drift-profile/1"
 PROFILE_FILE = "drift_profile.json"
-ARRAYS_FILE = "drift_profile.npz"
 KINDS = ("classifier", "embedding", "regression")
 COMPONENTS = 16  # principal components per input: enough for digits' main modes, a mild x17 correction
 TOKEN_BUCKETS = 64
@@ -382,52 +382,59 @@ def _fit_and_calibrate(model_inputs: Arrays, model_outputs: list[np.ndarray], ki
     return profile
 
 
-# ---- files -------------------------------------------------------------------------------------------
+# ---- the profile as JSON -----------------------------------------------------------------------------
+# One self-contained JSON file: the server reads it with json.loads and nothing else. Arrays are
+# little-endian float32 in base64 (exact, a quarter of the size of decimal lists, no pickle); every
+# state array is float32 from the start, so the calibrated thresholds hold for the stored values.
+
+def encode_array(array: np.ndarray) -> dict[str, Any]:
+    data = np.ascontiguousarray(array, dtype="<f4")
+    return {"dtype": "float32", "shape": list(data.shape), "base64": base64.b64encode(data.tobytes()).decode("ascii")}
+
+
+def decode_array(encoded: dict[str, Any]) -> np.ndarray:
+    if encoded.get("dtype") != "float32" or not isinstance(encoded.get("base64"), str):
+        raise BadInputError(f"A drift profile array is not base64 float32 ({sorted(encoded)}); rebuild the profile.")
+    data = np.frombuffer(base64.b64decode(encoded["base64"]), dtype="<f4")
+    return data.reshape(encoded["shape"]).astype(np.float64)
+
 
 def to_json(value: Any) -> Any:
-    """Numpy arrays and scalars as lists and Python numbers, so json.dumps takes the profile."""
+    """The profile as plain JSON data: arrays encoded (see above), numpy scalars as Python numbers."""
     if isinstance(value, dict):
         return {str(k): to_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [to_json(v) for v in value]
-    if isinstance(value, (np.ndarray, np.generic)):
-        return value.tolist()
+    if isinstance(value, np.ndarray):
+        return encode_array(value)
+    if isinstance(value, np.generic):
+        return value.item()
     return value
 
 
 def with_arrays(profile: dict[str, Any]) -> dict[str, Any]:
-    """The profile with every list-valued state entry as a numpy array (done once, not per window)."""
-    tests = [{**spec, "state": {k: np.asarray(v) if isinstance(v, list) else v for k, v in spec["state"].items()}}
-             for spec in profile["tests"]]
+    """The profile with its state arrays decoded (done once, not per window)."""
+    if profile.get("format") != FORMAT:
+        raise BadInputError(f"Not a {FORMAT} drift profile (format {profile.get('format')!r}); rebuild it with "
+                            "this version of compactai.")
+
+    def decoded(value: Any) -> Any:
+        return decode_array(value) if isinstance(value, dict) and "base64" in value else value
+
+    tests = [{**spec, "state": {k: decoded(v) for k, v in spec["state"].items()}} for spec in profile["tests"]]
     return {**profile, "tests": tests}
 
 
-def save_profile(profile: dict[str, Any], directory: str | Path) -> list[Path]:
-    """Write drift_profile.json (and its arrays in drift_profile.npz, no pickle) into ``directory``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, np.ndarray] = {}
-    tests = []
-    for i, spec in enumerate(profile["tests"]):
-        state = {}
-        for key, value in spec["state"].items():
-            if isinstance(value, (list, np.ndarray)):
-                arrays[f"{i}.{key}"] = np.asarray(value, dtype=np.float32)
-                state[key] = {"npz": f"{i}.{key}"}
-            else:
-                state[key] = value
-        tests.append({**spec, "state": state})
-    written = [directory / PROFILE_FILE]
-    (directory / PROFILE_FILE).write_text(json.dumps(to_json({**profile, "tests": tests}), indent=1))
-    if arrays:
-        with (directory / ARRAYS_FILE).open("wb") as stream:
-            np.savez(stream, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds like allow_pickle
-        written.append(directory / ARRAYS_FILE)
-    return written
+def save_profile(profile: dict[str, Any], directory: str | Path) -> Path:
+    """Write the profile as ``directory/drift_profile.json``; returns its path."""
+    path = Path(directory) / PROFILE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_json(profile)))
+    return path
 
 
 def load_profile(path: str | Path) -> dict[str, Any]:
-    """A profile written by save_profile (the .json path or its directory), arrays as numpy arrays."""
+    """A profile file (or the directory holding drift_profile.json), arrays decoded."""
     path = Path(path)
     if path.is_dir():
         path = path / PROFILE_FILE
@@ -435,17 +442,6 @@ def load_profile(path: str | Path) -> dict[str, Any]:
         profile = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise BadInputError(f"Cannot read the drift profile {path}: {exc}.") from exc
-    if profile.get("format") != FORMAT:
-        raise BadInputError(f"{path} is not a {FORMAT} drift profile (format {profile.get('format')!r}); rebuild it "
-                            "with this version of compactai.")
-    arrays: Arrays = {}
-    if (path.parent / ARRAYS_FILE).exists():
-        with np.load(path.parent / ARRAYS_FILE, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-    for spec in profile["tests"]:
-        for key, value in spec["state"].items():
-            if isinstance(value, dict) and "npz" in value:
-                if value["npz"] not in arrays:
-                    raise BadInputError(f"{path} refers to array {value['npz']!r}, which {ARRAYS_FILE} lacks.")
-                spec["state"][key] = arrays[value["npz"]]
+    if not isinstance(profile, dict):
+        raise BadInputError(f"{path} is not a drift profile (a JSON object).")
     return with_arrays(profile)

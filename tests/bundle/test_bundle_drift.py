@@ -22,7 +22,7 @@ from compactai.bundle import (
 )
 from compactai.bundle.drift_profile import drift_profile_files
 from compactai.errors import BadInputError, SecurityError, UnknownNameError
-from compactai.measure.drift import ARRAYS_FILE, PROFILE_FILE
+from compactai.measure.drift import PROFILE_FILE
 from compactai.runtime.drift import NO_PROFILE, DriftMonitor
 
 
@@ -55,14 +55,13 @@ def test_cli_bundle_with_data_carries_a_signed_profile_the_monitor_reads(keypair
                    "--data", str(task_data), "--drift-window", "50", "--json")
     assert made.returncode == 0, made.stderr
     result = json.loads(made.stdout)
-    assert result["drift_profile"] == [PROFILE_FILE, ARRAYS_FILE] and "data.npz" in result["drift"]
-    listed = {f["path"] for f in result["manifest"]["files"]}
-    assert {PROFILE_FILE, ARRAYS_FILE} <= listed
+    assert result["drift_profile"] == [PROFILE_FILE] and "data.npz" in result["drift"]
+    assert PROFILE_FILE in {f["path"] for f in result["manifest"]["files"]}
     verified = verify_bundle(tmp_path / "b", VerifyPolicy([load_public_key(public)]))
     assert verified.steps[-1] == "self-test"
 
-    monitor = DriftMonitor.from_bundle(verified.root)
     profile = json.loads((verified.root / PROFILE_FILE).read_text())
+    monitor = DriftMonitor.from_profile(profile)  # what the server does: json.loads, nothing else
     assert (profile["kind"], profile["window"], profile["calibration"]["reference_samples"]) == ("classifier", 50, 140)
     with np.load(task_data, allow_pickle=False) as data:
         live = data["test/image"][:50]
@@ -70,6 +69,9 @@ def test_cli_bundle_with_data_carries_a_signed_profile_the_monitor_reads(keypair
     monitor.observe({"image": -3 * live}, session.run(None, {"image": -3 * live}))
     report = monitor.report()
     assert report["enabled"] and report["ready"] and report["alarm"]  # a scaled, inverted input drifts
+    from_disk = DriftMonitor.from_bundle(verified.root)
+    from_disk.observe({"image": -3 * live}, session.run(None, {"image": -3 * live}))
+    assert from_disk.report()["scores"] == report["scores"]
 
     (verified.root / PROFILE_FILE).write_text(json.dumps({**profile, "alpha": 0.5}))  # tampered thresholds
     with pytest.raises(SecurityError) as refused:
