@@ -102,7 +102,7 @@ class DriftMonitor:
         with self._lock:
             seen, skipped, skip_reason = self._seen, self._skipped, self._skip_reason
             if self._cached is not None and self._cached[0] == seen:
-                return self._cached[1]
+                return dict(self._cached[1])  # a copy: callers may add their own keys
             rows = list(self._rows)
         profile = self.profile
         report: dict[str, Any] = {
@@ -126,4 +126,4 @@ class DriftMonitor:
                                         "detail": detail})
         with self._lock:
             self._cached = (seen, report)
-        return report
+        return dict(report)
