@@ -107,3 +107,19 @@ def test_reference_comes_from_the_example_an_output_directory_was_made_from(smal
     assert files == {} and "--example" in why
     with pytest.raises(BadInputError, match="not both"):
         drift_profile_files(small_onnx, None, tmp_path, data="x.npz", example="digits")
+
+
+@pytest.mark.slow
+def test_profile_from_the_digits_example_of_an_output_directory(digits, tmp_path):
+    """An output directory made with --example digits: the profile comes from the example's calibration +
+    validation splits through the bundled model, and flags inverted digits."""
+    model = digits.handle.to_onnx(tmp_path / "teacher.onnx").path
+    files, origin = drift_profile_files(model, {"source": {"example": "digits"}}, tmp_path / "drift")
+    assert list(files) == [PROFILE_FILE] and "example digits" in origin
+    monitor = DriftMonitor.from_bundle(tmp_path / "drift")
+    report = monitor.report()
+    assert report["kind"] == "classifier" and report["window"] == 200
+    images = digits.task.splits["test"].inputs["image"][:200]
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    monitor.observe({"image": -images}, session.run(None, {"image": -images}))
+    assert monitor.report()["alarm"]
