@@ -178,8 +178,12 @@ def build_bundle(
     rtol: float = 1e-3,
     atol: float = 1e-4,
     now: float | None = None,
+    extra_files: dict[str, str | Path] | None = None,
 ) -> dict[str, Any]:
-    """Write a signed bundle (a directory, or a tar archive if ``out`` ends in .tar/.tar.gz); returns the manifest."""
+    """Write a signed bundle (a directory, or a tar archive if ``out`` ends in .tar/.tar.gz); returns the manifest.
+
+    ``extra_files`` ({name in the bundle: source path}, e.g. the drift profile) are copied into the
+    bundle root and listed, hashed and signed like the model."""
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ParameterError(f"The 'version' of a bundle must be an integer >= 1. Got {version!r} instead.")
     if not expires_days > 0:
@@ -200,6 +204,7 @@ def build_bundle(
         shutil.copyfile(model, work / MODEL_FILE)
         for location in external:
             _copy_external_data(model, location, work)
+        _copy_extra_files(work, extra_files or {})
         inputs, outputs = golden_pair(work / MODEL_FILE, golden_inputs)
         save_arrays(work / GOLDEN_INPUTS_FILE, inputs)
         save_arrays(work / GOLDEN_OUTPUTS_FILE, outputs)
@@ -228,6 +233,18 @@ def build_bundle(
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _copy_extra_files(work: Path, extra_files: dict[str, str | Path]) -> None:
+    for rel, src in extra_files.items():
+        reason = unsafe_path_reason(rel)
+        if not reason and (rel in (GOLDEN_INPUTS_FILE, GOLDEN_OUTPUTS_FILE, MANIFEST_FILE, SIGNATURE_FILE)
+                           or (work / rel).exists()):
+            reason = "a bundle file has that name"
+        if reason:
+            raise BadInputError(f"Cannot add extra file {rel!r} to the bundle: {reason}. Choose another name.")
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, work / rel)
 
 
 def _signature(model: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -56,20 +56,49 @@ def bundle_command(
                                           "synthesized from the model's signature)."),
     rtol: float = typer.Option(1e-3, "--rtol", help="Relative tolerance of the golden-output self-test."),
     atol: float = typer.Option(1e-4, "--atol", help="Absolute tolerance of the golden-output self-test."),
+    data: Path | None = typer.Option(None, "--data", help="Drift reference: .npz with '<split>/<input>' arrays "
+                                     "(calibration and validation splits; '<split>/labels' marks a classifier)."),
+    example: str | None = typer.Option(None, "--example", "-e", help="Drift reference: a built-in example's data "
+                                       "(default for an output directory made from an example)."),
+    drift_kind: str = typer.Option("auto", "--drift-kind", help="auto, classifier, embedding or regression: "
+                                   "which test watches the outputs (auto: labels -> classifier, else embedding)."),
+    drift_window: int = typer.Option(200, "--drift-window", help="Samples per drift window."),
+    drift_alpha: float = typer.Option(0.01, "--drift-alpha", help="False-alarm rate per window the drift "
+                                      "thresholds are calibrated to."),
+    no_drift: bool = typer.Option(False, "--no-drift", help="Bundle without a drift profile."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
-    """Package a model as a signed bundle: model, manifest (hashes, figures, recipe, golden I/O), signature."""
-    from compactai.bundle import build_bundle, load_private_key
-    from compactai.bundle.verify import load_arrays
+    """Package a model as a signed bundle: model, manifest (hashes, figures, recipe, golden I/O), drift
+    profile, signature."""
+    import tempfile
 
+    from compactai.bundle import build_bundle, load_private_key
+    from compactai.bundle.build import find_source
+    from compactai.bundle.drift_profile import drift_profile_files
+    from compactai.bundle.verify import load_arrays
+    from compactai.errors import ParameterError
+
+    if drift_kind not in ("auto", "classifier", "embedding", "regression"):
+        raise ParameterError(f"--drift-kind must be auto, classifier, embedding or regression. Got {drift_kind!r}.")
     out = Output(json_output)
     golden_inputs = load_arrays(golden) if golden is not None else None
-    with out.progress("Bundling") as say:
+    with out.progress("Bundling") as say, tempfile.TemporaryDirectory(prefix="compactai-drift-") as drift_dir:
+        files: dict[str, Path] = {}
+        drift_note = "off (--no-drift)"
+        if not no_drift:
+            say("computing the drift reference profile")
+            model, results = find_source(source)
+            files, drift_note = drift_profile_files(
+                model, results, drift_dir, data=data, example=example,
+                kind=None if drift_kind == "auto" else drift_kind, window=drift_window, alpha=drift_alpha,
+                progress=lambda e, n, acc: say(f"training example {e}/{n}"))
         say("computing golden outputs and hashes")
         manifest = build_bundle(source, out_path, load_private_key(key), version, semver=semver, name=name,
-                                expires_days=expires_days, golden_inputs=golden_inputs, rtol=rtol, atol=atol)
+                                expires_days=expires_days, golden_inputs=golden_inputs, rtol=rtol, atol=atol,
+                                extra_files=dict(files))
     print_manifest(out, manifest, f"Signed bundle {out_path}")
-    out.emit({"bundle": out_path, "manifest": manifest})
+    out.console.print(f"drift profile: {'from ' if files else ''}{drift_note}", highlight=False)
+    out.emit({"bundle": out_path, "manifest": manifest, "drift_profile": sorted(files) or None, "drift": drift_note})
 
 
 def print_manifest(out: Output, manifest: dict[str, Any], title: str) -> None:

@@ -1,0 +1,147 @@
+"""The drift profile a bundle carries: the model run on held-out task data at bundle time, its
+reference profile written as ``drift_profile.json`` and signed with the
+rest of the bundle. The statistics live in compactai.measure.drift; the server's monitor in
+compactai.runtime.drift reads the files back.
+
+Reference data, in this order: ``--data FILE.npz`` (the '<split>/<input>' format the other
+commands take), ``--example NAME``, or the example a compactai output directory was made from
+(``results.json`` -> ``source.example``). The calibration and validation splits are the reference:
+the test split stays unseen, and the training split is what the model has memorised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compactai.errors import BadInputError, ModelNotFoundError
+from compactai.measure.drift import build_profile, save_profile
+
+REFERENCE_SPLITS = ("calibration", "validation")
+
+
+def reference_from_npz(path: str | Path, input_names: list[str]) -> tuple[dict[str, np.ndarray], str]:
+    """(reference inputs, model kind) from an .npz of '<split>/<input>' arrays. Labels mean a classifier;
+    without labels the task is embedding fidelity (as in ``compactai quantize --data``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFoundError(f"Data file {path} does not exist.")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except ValueError as exc:
+        raise BadInputError(f"Cannot read {path} as a numpy .npz without pickle: {exc}") from exc
+    splits = [s for s in REFERENCE_SPLITS if all(f"{s}/{n}" in arrays for n in input_names)]
+    if not splits:
+        raise BadInputError(f"{path} has no calibration or validation split for inputs {input_names}; store arrays "
+                            "named '<split>/<input>' (e.g. 'validation/image').")
+    inputs = {n: np.concatenate([arrays[f"{s}/{n}"] for s in splits]) for n in input_names}
+    kind = "classifier" if any(f"{s}/labels" in arrays for s in splits) else "embedding"
+    return inputs, kind
+
+
+def reference_from_example(name: str, progress: Any = None) -> tuple[dict[str, np.ndarray], str]:
+    """(reference inputs, model kind) from a built-in example's calibration and validation splits."""
+    from compactai.examples import load_example
+    from compactai.tasks import EmbeddingFidelity
+
+    example = load_example(name, progress=progress)
+    splits = [example.task.splits[s] for s in REFERENCE_SPLITS if s in example.task.splits]
+    inputs = {n: _concatenate_padded([s.inputs[n] for s in splits]) for n in splits[0].inputs}
+    kind = "embedding" if isinstance(example.task.metric, EmbeddingFidelity) else "classifier"
+    return inputs, kind
+
+
+def _concatenate_padded(parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenate along samples, zero-padding the sequence axis when token splits differ in length."""
+    width = max(p.shape[1] for p in parts) if parts[0].ndim == 2 else None
+    if width is None or all(p.shape[1] == width for p in parts):
+        return np.concatenate(parts)
+    return np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in parts])
+
+
+def example_of(results: dict[str, Any] | None) -> str | None:
+    """The built-in example a compactai output directory was made from, if any."""
+    source = (results or {}).get("source") or {}
+    return source.get("example") if isinstance(source, dict) else None
+
+
+def model_outputs(model: Path, inputs: dict[str, np.ndarray], batch_size: int = 64) -> list[np.ndarray]:
+    """The model's outputs on the reference inputs, run in ONNX Runtime as the server will run it."""
+    import onnxruntime as ort
+
+    from compactai.tasks import trim_padding
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    missing = sorted(set(names) - set(inputs))
+    if missing:
+        raise BadInputError(f"The drift reference data lacks the model's input(s) {missing}; it has {sorted(inputs)}.")
+    total = len(inputs[names[0]])
+    chunks: list[list[np.ndarray]] = []
+    for start in range(0, total, batch_size):
+        feeds = trim_padding({n: inputs[n][start : start + batch_size] for n in names})
+        chunks.append(session.run(None, feeds))
+    return [_pad_tokens([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+
+
+def _pad_tokens(parts: list[np.ndarray]) -> np.ndarray:
+    """Outputs of trimmed batches: token axes (rank 3) padded with zeros to the longest batch."""
+    if parts[0].ndim != 3:
+        return np.concatenate(parts)
+    width = max(p.shape[1] for p in parts)
+    return np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0))) for p in parts])
+
+
+def write_drift_profile(
+    model: str | Path,
+    inputs: dict[str, np.ndarray],
+    kind: str | None,
+    out_dir: str | Path,
+    *,
+    window: int = 200,
+    alpha: float = 0.01,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Compute the profile of ``model`` on reference ``inputs`` and write its files into ``out_dir``;
+    returns {name in the bundle: path}, ready for ``build_bundle(..., extra_files=...)``."""
+    outputs = model_outputs(Path(model), inputs)
+    profile = build_profile(inputs, outputs, kind=kind, window=window, alpha=alpha, seed=seed)
+    path = save_profile(profile, out_dir)
+    return {path.name: path}
+
+
+def drift_profile_files(
+    model: str | Path,
+    results: dict[str, Any] | None,
+    out_dir: str | Path,
+    *,
+    data: str | Path | None = None,
+    example: str | None = None,
+    kind: str | None = None,
+    window: int = 200,
+    alpha: float = 0.01,
+    seed: int = 0,
+    progress: Any = None,
+) -> tuple[dict[str, Path], str]:
+    """The profile files for a bundle and where the reference came from; ({}, why not) when there is
+    no reference data (the bundle is then served without drift detection)."""
+    from compactai.models.load import load_onnx
+
+    if data is not None and example is not None:
+        raise BadInputError("Give the drift reference as --data FILE.npz or --example NAME, not both.")
+    example = example or (example_of(results) if data is None else None)
+    if data is not None:
+        inputs, inferred = reference_from_npz(data, load_onnx(Path(model)).input_names)
+        origin = f"{Path(data).name} ({' + '.join(REFERENCE_SPLITS)} splits)"
+    elif example is not None:
+        inputs, inferred = reference_from_example(example, progress=progress)
+        origin = f"example {example} ({' + '.join(REFERENCE_SPLITS)} splits)"
+    else:
+        return {}, "no reference data: pass --data FILE.npz or --example NAME to add a drift profile"
+    files = write_drift_profile(model, inputs, kind or inferred, out_dir, window=window, alpha=alpha, seed=seed)
+    return files, origin
