@@ -84,7 +84,7 @@ def test_probation_on_live_requests_answers_bad_ones_with_the_previous_version(s
 
 
 def test_peek_reads_the_claimed_version_from_a_directory_or_url(make_bundle, tmp_path: Path) -> None:
-    from tests.runtime.test_update_http import BundleServer
+    from tests.runtime.conftest import BundleServer
 
     bundle = make_bundle(6)
     assert peek_version(str(bundle)) == 6
