@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from compactai.cli._common import Output, app, resolve_model, table
+from compactai.cli._common import Output, app, check_output_dir, resolve_model, table
 from compactai.errors import BadInputError
 
 
@@ -72,6 +72,9 @@ def distill(
         mixup=mixup, views=views, dropout=dropout, freeze=freeze, patience=patience, final_weights=final_weights,
         max_minutes=max_minutes, resume=resume)
     technique.validate()
+    config = MeasureConfig(min_queries=queries, min_seconds=0.5, memory=False)
+    config.check()
+    check_output_dir(output)
     with out.progress("Distilling") as say:
         handle, task, info = resolve_model(None, example, progress=lambda e, n, acc: say(f"training example {e}/{n}"))
         if teacher is not None:
@@ -83,7 +86,6 @@ def distill(
         started = time.monotonic()
         student_handle = technique.apply(handle, context)
         train_seconds = time.monotonic() - started
-    config = MeasureConfig(min_queries=queries, min_seconds=0.5, memory=False)
     with out.progress("Measuring") as say:
         say("teacher on onnxruntime")
         baseline = measure(handle, task, runtime="onnxruntime", config=config, progress=say)

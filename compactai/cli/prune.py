@@ -8,7 +8,15 @@ from typing import Any
 
 import typer
 
-from compactai.cli._common import Output, app, resolve_model, table
+from compactai.cli._common import (
+    Output,
+    app,
+    check_output_dir,
+    check_time_limit,
+    resolve_model,
+    table,
+    task_from_data,
+)
 
 
 @app.command()
@@ -71,6 +79,9 @@ def prune(
     technique.validate()  # bad parameters fail before any model is loaded
     config = MeasureConfig(min_queries=queries, min_seconds=seconds, warmup=min(20, queries), memory=False,
                            energy=False, threads=threads, throughput_min_batches=10 if queries >= 50 else 3)
+    config.check()
+    check_time_limit(time_limit)
+    check_output_dir(out_dir)
     with out.progress("Pruning") as say:
         handle, task, info = resolve_model(path, example, progress=lambda e, n, acc: say(f"training example {e}/{n}"))
         from compactai.techniques.prune.engine import check_prunable
@@ -81,9 +92,7 @@ def prune(
 
             check_reconstructable(handle.module, scope)
         if data is not None:
-            from compactai.cli.quantize import task_from_npz  # the shared .npz task format
-
-            task = task_from_npz(data, handle)
+            task = task_from_data(data, handle)
             info["data"] = str(data)
         baseline = {}
         for name in runtimes:
