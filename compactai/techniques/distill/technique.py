@@ -130,6 +130,7 @@ def sanity_check(task: Task, untrained: float | None, final: float | None) -> di
     metrics must beat the untrained student. A time limit that stops training before the student
     learned fails this, and callers must say so (the CLI exits 3) instead of reporting a speed-up."""
     chance = chance_level(task)
+    bar: float | None
     if chance is not None:
         teacher = task.baseline if task.baseline is not None and task.baseline > chance else chance
         bar, rule = chance + 0.5 * (teacher - chance), "half-way from chance to the teacher"
