@@ -262,7 +262,11 @@ class Task:
 
 def _read_npz(path: Path, wanted: set[str]) -> dict[str, np.ndarray]:
     """The ``wanted`` arrays of an .npz, after checking its member count, names and sizes."""
-    if not path.is_file():
+    try:
+        exists = path.is_file()
+    except OSError as exc:  # e.g. ENAMETOOLONG
+        raise BadInputError(f"Cannot use the data path {str(path)[:200]}...: {exc.strerror}.") from None
+    if not exists:
         raise ModelNotFoundError(f"Data file {path} does not exist; give an .npz of '<split>/<input>' arrays.")
     try:
         with zipfile.ZipFile(path) as archive:
