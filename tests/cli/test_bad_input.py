@@ -155,7 +155,7 @@ BAD_VALUES = [
     ("update -d {out} -t {out}/absent.pub --max-latency-ratio -1", "--max-latency-ratio"),
     ("update -d {out} -t {out}/absent.pub --max-latency-ratio nan", "--max-latency-ratio"),
     ("update -d {out} -t {out}/absent.pub --probation-queries 50000000", "--probation-queries"),
-    ("profile {huge_input}", "x"),
+    ("profile {huge_input}", "declares input"),
     ("profile " + "m" * 5000 + ".onnx", "too long"),
     ("optimize {model} --data {data} -o {out}/" + "o" * 5000, "too long"),
     ("profile {huge_constant}", "ConstantOfShape"),
