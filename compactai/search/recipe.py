@@ -96,15 +96,15 @@ def load_recipe(path: str | Path) -> RecipeFile:
     """Read and validate a recipe file; errors name the file and the field."""
     path = Path(path)
     try:
-        if not path.is_file():
-            raise ModelNotFoundError(f"Recipe file not found: {path}.")
-        size = path.stat().st_size
-        if size > MAX_RECIPE_BYTES:
-            raise BadInputError(f"Recipe {path} is {size:,} bytes; a recipe is a small YAML or JSON file "
-                                f"(at most {MAX_RECIPE_BYTES:,} bytes).")
-        raw = path.read_bytes()
+        size = path.stat().st_size if path.is_file() else None
+        raw = path.read_bytes() if size is not None and size <= MAX_RECIPE_BYTES else b""
     except OSError as exc:  # e.g. ENAMETOOLONG, permission denied
         raise BadInputError(f"Cannot read recipe {str(path)[:200]}: {exc.strerror}.") from None
+    if size is None:
+        raise ModelNotFoundError(f"Recipe file not found: {path}.")
+    if size > MAX_RECIPE_BYTES:
+        raise BadInputError(f"Recipe {path} is {size:,} bytes; a recipe is a small YAML or JSON file "
+                            f"(at most {MAX_RECIPE_BYTES:,} bytes).")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
