@@ -47,8 +47,8 @@ def distill(
     min_quality: str | None = typer.Option(
         None, "--min-quality", "-q",
         help="Quality the student must keep on the test split: a fraction of the teacher's (0.95) or 'abs:VALUE'. "
-             "Missed: the model is still written, exit 3. Always checked: the student must beat its untrained "
-             "self and chance on the validation split."),
+             "Missed: the model is still written, exit 3. Always checked on the validation split: a classifier must "
+             "get half-way from chance to the teacher, other students must beat their untrained selves."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint of the same run in the work dir."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation and data order."),
     output: Path | None = typer.Option(None, "-o", "--output",
@@ -124,8 +124,8 @@ def distill(
 
 def quality_problem(sanity: dict[str, Any], floor: Any, student: dict[str, Any] | None, teacher: dict[str, Any] | None,
                     decisions: dict[str, Any]) -> str | None:
-    """Why the student is not worth using, or None: it did not beat the sanity bar (untrained
-    student, chance) on validation, or it missed the --min-quality floor on the test split."""
+    """Why the student is not worth using, or None: it missed the sanity bar on the validation
+    split (see ``sanity_check`` in techniques/distill), or the --min-quality floor on the test split."""
     if sanity.get("passed") is False:
         why = f"stopped by the time budget after {decisions.get('epochs_run')} epochs" \
             if decisions.get("stopped") == "time_budget" else f"stopped: {decisions.get('stopped')}"
