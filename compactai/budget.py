@@ -6,6 +6,7 @@ Keys map to measured figures; ``quality`` is absolute on the task metric and
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,6 +134,8 @@ def parse_budget(text: str | None, min_quality: str | float | None = None) -> Bu
             value = float(number)
         except ValueError:
             raise BadInputError(f"Budget term '{term.strip()}' needs a number after '{op}'.") from None
+        if not math.isfinite(value):
+            raise BadInputError(f"Budget term '{term.strip()}' must have a finite limit; drop the term for no limit.")
         if value < 0 or (value == 0 and op == "<="):
             raise BadInputError(f"Budget term '{term.strip()}' must have a positive limit.")
         if times and key.startswith("quality"):
@@ -157,6 +160,8 @@ def parse_min_quality(value: str | float) -> Constraint:
         raise BadInputError(
             f"--min-quality must be a number (relative to the baseline, e.g. 0.99) or 'abs:NUMBER'; got '{text}'."
         ) from None
+    if not math.isfinite(number):
+        raise BadInputError(f"--min-quality must be a finite number; got '{text}'. Omit it to keep the default 0.99.")
     if absolute:
         return Constraint("quality", ">=", number)
     if not 0 < number <= 1.5:

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from compactai.errors import BadInputError, UnknownNameError
+from compactai.errors import BadInputError, ModelNotFoundError, UnknownNameError
 
 SPLITS = ("train", "calibration", "validation", "test")
 Predict = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+# Bounds on task .npz files, checked on the zip directory before any array is read: a hostile or
+# broken file is refused in one line instead of ending in ENAMETOOLONG, RecursionError or MemoryError.
+NPZ_MAX_MEMBERS = 10_000
+NPZ_MAX_NAME_CHARS = 1_024
+NPZ_MAX_NAME_LEVELS = 16  # '/'-separated parts of a member name ('test/input_ids' has 2)
+NPZ_MAX_BYTES = 8 * 2**30  # uncompressed bytes of the arrays a task reads
 
 
 @dataclass
@@ -210,6 +218,34 @@ class Task:
     baseline: float | None = None
     batch_size: int = 64
 
+    @classmethod
+    def from_npz(cls, path: str | Path, inputs: Sequence[Any], reference: Predict, *, name: str | None = None) -> Task:
+        """A Task from an .npz of '<split>/<input>' arrays and optional '<split>/labels' (read without
+        pickle). ``inputs`` are the model's input specs (``handle.inputs``, or just names) and
+        ``reference`` is the original model's predict function: with labels in the test split the
+        metric is accuracy, without it is the fidelity of output 0 to ``reference``. The baseline is
+        ``reference``'s quality on the test split. Splits calibration, validation and test are
+        required; every array is checked (rows, label counts, finite values) before use."""
+        path = Path(path)
+        names = [getattr(spec, "name", spec) for spec in inputs]
+        wanted = {f"{split}/{n}" for split in SPLITS for n in [*names, "labels"]}
+        arrays = _read_npz(path, wanted)
+        splits = {}
+        for split in SPLITS:
+            found = {n: arrays[f"{split}/{n}"] for n in names if f"{split}/{n}" in arrays}
+            if len(found) == len(names):
+                splits[split] = _checked_split(path, split, found, arrays.get(f"{split}/labels"))
+        missing = [s for s in ("calibration", "validation", "test") if s not in splits]
+        if missing:
+            raise BadInputError(
+                f"{path} lacks the {', '.join(missing)} split(s); store arrays named "
+                f"'<split>/<input>' for inputs {names}."
+            )
+        metric: Metric = Accuracy() if splits["test"].labels is not None else EmbeddingFidelity(reference)
+        task = cls(name=name or path.stem, metric=metric, splits=splits)
+        task.baseline = task.evaluate(reference).value
+        return task
+
     def split(self, name: str) -> Split:
         if name not in self.splits:
             raise UnknownNameError(
@@ -222,3 +258,66 @@ class Task:
         predict = runner.run if hasattr(runner, "run") else runner
         value, details = self.metric.score(predict, self.split(split or self.eval_split), self.batch_size)
         return Quality(self.metric.name, value, self.baseline, details)
+
+
+def _read_npz(path: Path, wanted: set[str]) -> dict[str, np.ndarray]:
+    """The ``wanted`` arrays of an .npz, after checking its member count, names and sizes."""
+    try:
+        exists = path.is_file()
+    except OSError as exc:  # e.g. ENAMETOOLONG
+        raise BadInputError(f"Cannot use the data path {str(path)[:200]}...: {exc.strerror}.") from None
+    if not exists:
+        raise ModelNotFoundError(f"Data file {path} does not exist; give an .npz of '<split>/<input>' arrays.")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise BadInputError(f"Cannot read {path} as a numpy .npz ({exc}); save the data with numpy.savez.") from None
+    if len(infos) > NPZ_MAX_MEMBERS:
+        raise BadInputError(f"{path} holds {len(infos)} arrays, more than {NPZ_MAX_MEMBERS}; keep only "
+                            "'<split>/<input>' and '<split>/labels' arrays.")
+    total = 0
+    for info in infos:
+        member = info.filename.removesuffix(".npy")
+        if len(member) > NPZ_MAX_NAME_CHARS or member.count("/") >= NPZ_MAX_NAME_LEVELS:
+            raise BadInputError(
+                f"{path} has an array whose name is too long or too deeply nested ('{member[:60]}...', "
+                f"{len(member)} characters); name arrays '<split>/<input>' (at most {NPZ_MAX_NAME_CHARS} "
+                f"characters, {NPZ_MAX_NAME_LEVELS} levels)."
+            )
+        total += info.file_size if member in wanted else 0
+    if total > NPZ_MAX_BYTES:
+        raise BadInputError(f"{path} holds {total / 2**30:.1f} GiB of task arrays, more than "
+                            f"{NPZ_MAX_BYTES / 2**30:.0f} GiB; use fewer rows (a few thousand per split is enough).")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files if key in wanted}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:  # object arrays need pickle: refused
+        raise BadInputError(f"Cannot read {path} as a numpy .npz without pickle: {str(exc)[:200]}") from None
+
+
+def _checked_split(path: Path, split: str, inputs: dict[str, np.ndarray], labels: np.ndarray | None) -> Split:
+    """A Split whose arrays have the same number of rows (at least one), finite numbers, and one
+    integer label per row."""
+    where = f"{path}, split '{split}'"
+    rows = {n: (len(a) if a.ndim else None) for n, a in inputs.items()}
+    if any(r is None for r in rows.values()):
+        raise BadInputError(f"{where}: inputs must be arrays with one row per sample; got a scalar.")
+    if len(set(rows.values())) > 1:
+        raise BadInputError(f"{where}: inputs have different numbers of rows {rows}; give each the same rows.")
+    count = next(iter(rows.values()))
+    if count == 0:
+        raise BadInputError(f"{where} has no rows; give at least one sample per split.")
+    for n, array in inputs.items():
+        if array.dtype.kind not in "biuf":
+            raise BadInputError(f"{where}: input '{n}' holds {array.dtype} values; store numbers.")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            bad = int((~np.isfinite(array)).sum())
+            raise BadInputError(f"{where}: input '{n}' holds {bad} NaN or infinite value(s); clean or drop those rows.")
+    if labels is not None:
+        if labels.dtype.kind not in "biu" or labels.ndim != 1:
+            raise BadInputError(f"{where}: labels must be a 1-D array of integer class indices; got "
+                                f"{labels.dtype} with shape {labels.shape}.")
+        if len(labels) != count:
+            raise BadInputError(f"{where} has {len(labels)} labels for {count} rows; give one label per row.")
+    return Split(inputs, labels)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from compactai.errors import BadInputError
 from compactai.tasks import (
     Accuracy,
     CallableMetric,
@@ -84,3 +85,43 @@ def test_unknown_split_is_named():
     task = Task("t", Accuracy(), {"test": Split({"x": np.zeros((1, 1))}, np.zeros(1))})
     with pytest.raises(KeyError, match="no 'train' split"):
         task.split("train")
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def test_task_from_npz_reads_splits_and_measures_the_baseline(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split in ("train", "calibration", "validation", "test"):
+        arrays[f"{split}/x"] = rng.standard_normal((10, 2)).astype(np.float32)
+        arrays[f"{split}/labels"] = (arrays[f"{split}/x"][:, 0] > 0).astype(np.int64)
+    path = _npz(tmp_path / "data.npz", **arrays)
+
+    def reference(feeds):  # the "model": class 1 when x[0] > 0, i.e. always right
+        return [np.stack([-feeds["x"][:, 0], feeds["x"][:, 0]], axis=1)]
+
+    task = Task.from_npz(path, ["x"], reference)
+    assert set(task.splits) == {"train", "calibration", "validation", "test"} and task.metric.name == "accuracy"
+    assert task.baseline == 1.0 and task.name == "data"
+    unlabelled = {k: v for k, v in arrays.items() if not k.endswith("labels")}
+    fidelity = Task.from_npz(_npz(tmp_path / "nolabels.npz", **unlabelled), ["x"], reference)
+    assert fidelity.metric.name == "embedding_fidelity" and fidelity.baseline == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"test/x": np.full((10, 2), np.nan, np.float32)}, "NaN or infinite"),
+    ({"test/x": np.zeros((0, 2), np.float32), "test/labels": np.zeros(0, np.int64)}, "no rows"),
+    ({"test/labels": np.zeros(3, np.int64)}, "3 labels for 10 rows"),
+    ({"test/labels": np.zeros(10, np.float32)}, "integer class indices"),
+    ({"test/" + "y" * 2000: np.zeros(1)}, "too long or too deeply nested"),
+    ({"test/x": np.array(["a"] * 10)}, "store numbers"),
+])
+def test_task_from_npz_refuses_bad_data_in_one_line(tmp_path, change, message):
+    arrays = {f"{s}/x": np.ones((10, 2), np.float32) for s in ("calibration", "validation", "test")}
+    arrays.update({f"{s}/labels": np.zeros(10, np.int64) for s in ("calibration", "validation", "test")})
+    arrays.update(change)
+    with pytest.raises(BadInputError, match=message):
+        Task.from_npz(_npz(tmp_path / "bad.npz", **arrays), ["x"], lambda feeds: [feeds["x"]])

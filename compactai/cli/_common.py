@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -85,8 +88,6 @@ def run_app(argv: list[str]) -> int:
     debug = "--debug" in argv or os.environ.get("COMPACTAI_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    import contextlib
-
     # With --json, stdout carries exactly one JSON object: libraries that print (ONNX Runtime's
     # calibrators do) are sent to stderr instead.
     redirect = contextlib.redirect_stdout(sys.stderr) if "--json" in argv else contextlib.nullcontext()
@@ -104,14 +105,21 @@ def run_app(argv: list[str]) -> int:
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         return int(code or 0)
-    except Exception as exc:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return 2
-        if isinstance(exc, click.exceptions.Abort):
-            return 130
+    except _click_errors() as exc:  # usage errors: unknown option, missing or unparsable value
+        exc.show()  # the usage line and "Error: ..."
+        return 2
+    except _abort_errors():
+        return 130
+    except MemoryError:
+        if debug:
+            raise
+        Console(stderr=True).print(
+            "[bold red]error:[/bold red] out of memory: the model or the data asks for more memory than this machine "
+            "can give; check the declared input shapes and tensor sizes (re-run with --debug for the traceback)",
+            highlight=False, soft_wrap=True,
+        )
+        return 2
+    except Exception as exc:
         if debug:
             raise
         Console(stderr=True).print(
@@ -120,6 +128,31 @@ def run_app(argv: list[str]) -> int:
         )
         return 1
     return returned if isinstance(returned, int) else 0
+
+
+def _click_errors() -> tuple[type[Any], ...]:
+    """Click's usage-error base class as typer runs it: typer >= 0.2x vendors click as
+    ``typer._click`` (whose exceptions are not ``click.ClickException``), older typer uses click
+    itself. Both are caught, so a typer upgrade either way keeps usage errors at exit 2."""
+    types: list[type[Any]] = []
+    with contextlib.suppress(ImportError):
+        from typer._click.exceptions import ClickException as VendoredClickException
+
+        types.append(VendoredClickException)
+    with contextlib.suppress(ImportError):
+        import click
+
+        types.append(click.exceptions.ClickException)
+    return tuple(types)
+
+
+def _abort_errors() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [typer.Abort]
+    with contextlib.suppress(ImportError):
+        import click
+
+        types.append(click.exceptions.Abort)
+    return tuple(types)
 
 
 def resolve_model(path: str | None, example: str | None, progress: Any = None) -> tuple[Any, Any, dict[str, Any]]:
@@ -135,8 +168,48 @@ def resolve_model(path: str | None, example: str | None, progress: Any = None) -
         info = {k: v for k, v in loaded.info.items() if k != "texts"}
         return loaded.handle, loaded.task, {"example": example, "description": loaded.description, **info}
     from compactai.models import load_model
+    from compactai.models.bounds import check_onnx_sizes
 
+    try:
+        is_onnx = Path(path).is_file() and Path(path).suffix.lower() == ".onnx"  # type: ignore[arg-type]
+    except OSError as exc:  # e.g. ENAMETOOLONG
+        raise BadInputError(f"Cannot use the model path {str(path)[:200]}...: {exc.strerror}.") from None
+    if is_onnx:
+        check_onnx_sizes(path)  # type: ignore[arg-type]  # before example inputs are allocated
     return load_model(path), None, {"path": str(path)}
+
+
+def check_output_dir(path: Path | None, flag: str = "-o") -> None:
+    """Refuse an output directory that names an existing file (or cannot be a path here), before any
+    work, so nothing the user already has is overwritten or left half-written."""
+    from compactai.errors import BadInputError
+
+    if path is None:
+        return
+    try:
+        is_file = path.exists() and not path.is_dir()
+    except OSError as exc:  # e.g. ENAMETOOLONG
+        raise BadInputError(f"Cannot use {flag} {str(path)[:200]}: {exc.strerror}; choose a shorter path.") from None
+    if is_file:
+        raise BadInputError(f"{flag} {path} exists and is not a directory; choose a new directory name "
+                            "(it would be created) or move the file away.")
+
+
+def check_time_limit(seconds: float | None, flag: str = "--time-limit") -> None:
+    """A time limit is a positive, finite number of seconds (or absent)."""
+    from compactai.errors import ParameterError
+
+    if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
+        raise ParameterError(f"{flag} must be a positive number of seconds; got {seconds}. Omit it for no limit.")
+
+
+def task_from_data(path: Path, handle: Any) -> Any:
+    """The task of ``--data FILE.npz`` for ``handle`` (see ``Task.from_npz``), judged against the
+    model as ONNX Runtime runs it."""
+    from compactai.measure import make_runner
+    from compactai.tasks import Task
+
+    return Task.from_npz(path, handle.inputs, make_runner(handle, "onnxruntime").run)
 
 
 @app.callback()

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from compactai.cli._common import Output, app, fmt, table
+from compactai.cli._common import Output, app, check_output_dir, fmt, table
+
+MAX_EXPIRES_DAYS = 36_500  # a century; larger values overflow the date arithmetic
+MAX_PROBATION_QUERIES = 10_000  # each query is a real inference on the device; more only delays the commit
+
+
+def _check_number(flag: str, value: float, low: float, high: float, example: str, low_open: bool = False) -> None:
+    """ParameterError unless ``value`` is a finite number in [low, high] (or (low, high])."""
+    from compactai.errors import ParameterError
+
+    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ParameterError(f"{flag} must be a finite number in {interval} ({example}); got {value:g}.")
 
 
 def _trusted(paths: list[str]) -> list[Any]:
@@ -81,6 +94,14 @@ def bundle_command(
     if drift_kind not in ("auto", "classifier", "embedding", "regression"):
         raise ParameterError(f"--drift-kind must be auto, classifier, embedding or regression. Got {drift_kind!r}.")
     out = Output(json_output)
+    _check_number("--expires-days", expires_days, 0.0, MAX_EXPIRES_DAYS, "e.g. 365", low_open=True)
+    _check_number("--rtol", rtol, 0.0, 1.0, "e.g. 1e-3")
+    _check_number("--atol", atol, 0.0, 1e6, "e.g. 1e-4")
+    check_output_dir(out_path)
+    if out_path.exists():  # before the key is read: bundles are never overwritten
+        from compactai.errors import BadInputError
+
+        raise BadInputError(f"{out_path} already exists; bundles are never overwritten. Choose a new -o path.")
     golden_inputs = load_arrays(golden) if golden is not None else None
     with out.progress("Bundling") as say, tempfile.TemporaryDirectory(prefix="compactai-drift-") as drift_dir:
         files: dict[str, Path] = {}
@@ -198,10 +219,11 @@ def update(
     if (repo_url is None) != (trusted_root is None):
         raise BadInputError("--repo-url and --trusted-root go together: the device trusts the repository through "
                             "the root.json it was given.")
-    if probation_queries < 0:
-        raise ParameterError(f"--probation-queries must be >= 0. Got {probation_queries} instead.")
     if max_version_jump < 0:
         raise ParameterError(f"--max-version-jump must be >= 0 (0 = no jump bound). Got {max_version_jump} instead.")
+    if not 0 <= probation_queries <= MAX_PROBATION_QUERIES:
+        raise ParameterError(f"--probation-queries must be from 0 to {MAX_PROBATION_QUERIES:,}; got {probation_queries}.")
+    _check_number("--max-latency-ratio", max_latency_ratio, 0.0, 1e6, "e.g. 5, or 0 to turn the check off")
     policy = ProbationPolicy(queries=probation_queries, max_latency_ratio=max_latency_ratio or None)
     limits = UpdateLimits(download_deadline_s=download_deadline, min_download_rate=min_download_rate,
                           max_version_jump=max_version_jump or None).check()

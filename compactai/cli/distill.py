@@ -10,8 +10,8 @@ from typing import Any
 
 import typer
 
-from compactai.cli._common import Output, app, resolve_model, table
-from compactai.errors import BadInputError
+from compactai.cli._common import Output, app, check_output_dir, resolve_model, table
+from compactai.errors import BadInputError, BudgetNotMetError
 
 
 @app.command()
@@ -44,6 +44,11 @@ def distill(
                              help="Weights to return: best (on the validation split) or last (after the learning rate "
                                   "has decayed; steadier when the validation split is small)."),
     max_minutes: float = typer.Option(30.0, "--max-minutes", help="Training time budget; the best model so far is kept."),
+    min_quality: str | None = typer.Option(
+        None, "--min-quality", "-q",
+        help="Quality the student must keep on the test split: a fraction of the teacher's (0.95) or 'abs:VALUE'. "
+             "Missed: the model is still written, exit 3. Always checked on the validation split: a classifier must "
+             "get half-way from chance to the teacher, other students must beat their untrained selves."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint of the same run in the work dir."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation and data order."),
     output: Path | None = typer.Option(None, "-o", "--output",
@@ -55,6 +60,7 @@ def distill(
     """Knowledge distillation: a smaller student (fewer layers, narrower, or your architecture) trained on
     the teacher's soft targets or embeddings, with early stopping, a time budget and resumable
     checkpoints. Writes OUTPUT/model.onnx and results.json and compares student and teacher."""
+    from compactai.budget import parse_min_quality
     from compactai.measure import MeasureConfig, measure
     from compactai.results import save_model, write_results
     from compactai.techniques import Context, create_technique
@@ -62,6 +68,7 @@ def distill(
 
     out = Output(json_output)
     output = output or Path("out/distill")
+    floor = parse_min_quality(min_quality) if min_quality is not None else None
     if example is None:
         raise BadInputError("distill needs training data: use --example NAME (digits, minilm); with --teacher PATH "
                             "the example's data trains your teacher's student.")
@@ -76,6 +83,9 @@ def distill(
         mixup=mixup, views=views, dropout=dropout, freeze=freeze, patience=patience, final_weights=final_weights,
         max_minutes=max_minutes, resume=resume)
     technique.validate()
+    config = MeasureConfig(min_queries=queries, min_seconds=0.5, memory=False)
+    config.check()
+    check_output_dir(output)
     with out.progress("Distilling") as say:
         handle, task, info = resolve_model(None, example, progress=lambda e, n, acc: say(f"training example {e}/{n}"))
         if teacher is not None:
@@ -87,7 +97,6 @@ def distill(
         started = time.monotonic()
         student_handle = technique.apply(handle, context)
         train_seconds = time.monotonic() - started
-    config = MeasureConfig(min_queries=queries, min_seconds=0.5, memory=False)
     with out.progress("Measuring") as say:
         say("teacher on onnxruntime")
         baseline = measure(handle, task, runtime="onnxruntime", config=config, progress=say)
@@ -95,8 +104,10 @@ def distill(
         model_path = save_model(student_handle, output)
         measured = measure(student_handle, task, runtime="onnxruntime", config=config, progress=say)
     decisions = student_handle.metadata["history"][-1]["decisions"]
+    problem = quality_problem(decisions.get("sanity") or {}, floor, measured.quality, baseline.quality, decisions)
+    status = "ok" if problem is None else "quality_lost"
     results_path = write_results(
-        output, "distill", student_handle, seed=seed, source=info,
+        output, "distill", student_handle, seed=seed, source=info, status=status, problem=problem,
         baseline={"onnxruntime": baseline.to_dict()}, measurements={"onnxruntime": measured.to_dict()},
         quality=measured.quality, distill={**decisions, "train_seconds": round(train_seconds, 1)},
     )
@@ -107,9 +118,36 @@ def distill(
         "best_validation": decisions["best_validation"], "train_seconds": round(train_seconds, 1),
         "baseline": baseline.to_dict(), "measurements": {"onnxruntime": measured.to_dict()},
         "quality": measured.quality,
+        "sanity": decisions.get("sanity"), "status": status, "problem": problem,
     }
     print_summary(out, summary)
     out.emit(summary)
+    if problem is not None:
+        raise BudgetNotMetError(f"{problem} The model was written to {model_path} but is not fit to use.")
+
+
+def quality_problem(sanity: dict[str, Any], floor: Any, student: dict[str, Any] | None, teacher: dict[str, Any] | None,
+                    decisions: dict[str, Any]) -> str | None:
+    """Why the student is not worth using, or None: it missed the sanity bar on the validation
+    split (see ``sanity_check`` in techniques/distill), or the --min-quality floor on the test split."""
+    if sanity.get("passed") is False:
+        why = f"stopped by the time budget after {decisions.get('epochs_run')} epochs" \
+            if decisions.get("stopped") == "time_budget" else f"stopped: {decisions.get('stopped')}"
+        return (f"The student did not learn: its validation {sanity['metric']} {sanity['final']:.4f} does not pass "
+                f"the sanity bar {sanity['bar']:.4f} ({sanity['rule']}; untrained {_text(sanity.get('untrained'))}, "
+                f"chance {_text(sanity.get('chance'))}); training {why}. Give it more time (--max-minutes) or epochs.")
+    if floor is None or not student:
+        return None
+    value = student.get("value")
+    limit = floor.value if floor.key == "quality" else floor.value * ((teacher or {}).get("value") or 0.0)
+    if value is None or value >= limit:
+        return None
+    return (f"The student's test {student.get('metric')} {value:.4f} is below the --min-quality floor {limit:.4f}; "
+            "train longer (--max-minutes, --epochs), choose a larger student or lower the floor.")
+
+
+def _text(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _own_teacher(path: str, task: Any) -> tuple[Any, Any]:
@@ -168,8 +206,13 @@ def print_summary(out: Output, summary: dict[str, Any]) -> None:
                        ("latency p90 (ms)", "latency_p90_ms")):
         rows.append([label, teacher.get(key), student.get(key), _ratio(student.get(key), teacher.get(key))])
     speedup = (teacher["latency_p50_ms"] / student["latency_p50_ms"]) if student.get("latency_p50_ms") else None
-    out.console.print(table(f"Distilled student {summary['student']} vs teacher (ONNX Runtime, batch 1)",
+    lost = summary.get("problem") is not None
+    title = f"Distilled student {summary['student']} vs teacher (ONNX Runtime, batch 1)"
+    out.console.print(table(f"{title} -- QUALITY LOST, NOT USABLE" if lost else title,
                             ["figure", "teacher", "student", "student/teacher"], rows))
+    if lost:  # no speed-up next to a model that lost its quality
+        out.console.print(f"[bold red]quality lost:[/bold red] {summary['problem']}", highlight=False)
+        return
     out.console.print(
         f"speed-up (p50): {speedup:.2f}x; trained {summary['epochs_run']} epochs in {summary['train_seconds']:.0f} s "
         f"(stopped: {summary['stopped']}); best validation {summary['best_validation']}; model: {summary['model']}"

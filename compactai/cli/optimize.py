@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from compactai.cli._common import Output, app, fmt, resolve_model, table
+from compactai.cli._common import Output, app, check_output_dir, fmt, resolve_model, table, task_from_data
 
 
 @app.command()
@@ -65,7 +65,7 @@ def optimize(
     measure = MeasureConfig.quick() if quick else SearchConfig().measure
     measure.threads = threads or (spec.threads if spec else None)
     config = SearchConfig(
-        max_trials=max_trials or (spec.max_trials if spec else 20),
+        max_trials=max_trials if max_trials is not None else (spec.max_trials if spec else 20),
         max_minutes=max_minutes if max_minutes is not None else (spec.max_minutes if spec else None),
         seed=seed if seed is not None else (spec.seed if spec else 0),
         executor=executor if executor != "local" or spec is None else spec.executor,
@@ -76,12 +76,12 @@ def optimize(
         from compactai.errors import BadInputError
 
         raise BadInputError(f"Unknown executor '{config.executor}'; choose local or ray.")
+    config.check()  # bad limits fail here, before the model is loaded or the output directory made
+    check_output_dir(output)
     with out.progress("Optimizing") as say:
         handle, task, info = resolve_model(path, example, progress=lambda e, n, acc: say(f"training example {e}/{n}"))
         if task is None and data is not None:
-            from compactai.cli.quantize import task_from_npz  # the shared .npz task format
-
-            task = task_from_npz(data, handle)
+            task = task_from_data(data, handle)
         if task is None:
             from compactai.errors import BadInputError
 
@@ -92,6 +92,7 @@ def optimize(
         else:
             space = default_space(handle.kind, handle.framework, techniques.split(",") if techniques else None)
         target = output or Path("out") / f"optimize-{info.get('example') or Path(str(path)).stem}"
+        check_output_dir(target)
 
         def on_trial(result: Any) -> None:
             from compactai.search.engine import describe

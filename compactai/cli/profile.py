@@ -35,6 +35,7 @@ def profile(
             raise UnknownNameError(f"Unknown runtime '{name}'; choose onnxruntime, torch or all.")
     config = MeasureConfig(min_queries=queries, min_seconds=seconds, throughput_batch=batch,
                            core_watts=core_watts, memory=not no_memory, threads=threads)
+    config.check()  # before the model is loaded
     with out.progress("Profiling") as say:
         handle, task, info = resolve_model(path, example, progress=lambda e, n, acc: say(f"training example, epoch {e}/{n}"))
         result = profile_model(handle, task, runtimes=wanted, config=config, progress=say)
@@ -63,6 +64,8 @@ def print_profile(out: Output, result: dict[str, Any]) -> None:
     row("latency p50 (ms)", "latency_p50_ms")
     row("latency p90 (ms)", "latency_p90_ms")
     row("latency p99 (ms)", "latency_p99_ms")
+    if any(measurements[n].get("latency_batch", 1) != 1 for n in names):
+        row("latency batch (fixed by the model)", "latency_batch")
     row("timed queries", "latency_queries")
     row("throughput (items/s)", "throughput_items_per_s")
     row("peak memory (MB)", "peak_memory_mb")

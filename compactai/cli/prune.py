@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from compactai.cli._common import Output, app, resolve_model, table
+from compactai.cli._common import (
+    Output,
+    app,
+    check_output_dir,
+    check_time_limit,
+    resolve_model,
+    table,
+    task_from_data,
+)
 
 
 @app.command()
@@ -25,7 +34,12 @@ def prune(
     ranking: str = typer.Option("layer", help="layer (each layer loses the same fraction) or global."),
     scope: str = typer.Option("auto", help="auto, channels, ffn, heads or ffn+heads (transformers)."),
     steps: int = typer.Option(1, help="Pruning steps (iterative: prune, fine-tune, repeat)."),
-    finetune_epochs: int = typer.Option(0, "--finetune-epochs", help="Fine-tune epochs after each step."),
+    finetune_epochs: int | None = typer.Option(
+        None, "--finetune-epochs", help="Fine-tune epochs after each step (default: 3 when the task has labels and "
+                                        "train/validation splits and --reconstruct is off, else 0)."),
+    max_drop: float = typer.Option(
+        2.0, "--max-drop", help="Quality the pruned model may lose, in metric points (2.0 = two accuracy points). "
+                                "More: the model is still written, the table says QUALITY LOST, exit 3."),
     max_batches: int | None = typer.Option(None, "--max-batches", help="Cap on batches per fine-tune epoch."),
     lr: float = typer.Option(1e-3, help="Fine-tune learning rate (AdamW)."),
     kd_weight: float = typer.Option(0.0, "--kd-weight", help="Weight of KL to the unpruned model (classification)."),
@@ -48,7 +62,7 @@ def prune(
 ) -> None:
     """Prune a model so it is physically smaller and measure it next to the baseline: params, MACs,
     p50/p90 latency on ONNX Runtime and PyTorch, quality; writes OUT/model.onnx + results.json."""
-    from compactai.errors import ParameterError, UnknownNameError
+    from compactai.errors import BudgetNotMetError, ParameterError, UnknownNameError
     from compactai.measure import RUNTIMES, MeasureConfig, measure
     from compactai.results import save_model, write_results
     from compactai.techniques import Context, create_technique
@@ -57,7 +71,9 @@ def prune(
     runtimes = list(RUNTIMES) if runtime == "all" else [runtime]
     if any(r not in RUNTIMES for r in runtimes):
         raise UnknownNameError(f"Unknown runtime '{runtime}'; choose onnxruntime, torch or all.")
-    common: dict[str, Any] = {"ratio": ratio, "steps": steps, "finetune_epochs": finetune_epochs, "lr": lr,
+    if not (math.isfinite(max_drop) and 0 <= max_drop <= 100):
+        raise ParameterError(f"--max-drop must be a number of metric points from 0 to 100 (e.g. 2.0); got {max_drop}.")
+    common: dict[str, Any] = {"ratio": ratio, "steps": steps, "finetune_epochs": finetune_epochs or 0, "lr": lr,
                               "kd_weight": kd_weight, "max_batches": max_batches, "protect": list(protect)}
     if unstructured:
         if reconstruct:
@@ -71,6 +87,9 @@ def prune(
     technique.validate()  # bad parameters fail before any model is loaded
     config = MeasureConfig(min_queries=queries, min_seconds=seconds, warmup=min(20, queries), memory=False,
                            energy=False, threads=threads, throughput_min_batches=10 if queries >= 50 else 3)
+    config.check()
+    check_time_limit(time_limit)
+    check_output_dir(out_dir)
     with out.progress("Pruning") as say:
         handle, task, info = resolve_model(path, example, progress=lambda e, n, acc: say(f"training example {e}/{n}"))
         from compactai.techniques.prune.engine import check_prunable
@@ -81,10 +100,10 @@ def prune(
 
             check_reconstructable(handle.module, scope)
         if data is not None:
-            from compactai.cli.quantize import task_from_npz  # the shared .npz task format
-
-            task = task_from_npz(data, handle)
+            task = task_from_data(data, handle)
             info["data"] = str(data)
+        if finetune_epochs is None:
+            technique.params["finetune_epochs"] = default_finetune_epochs(task, reconstruct)
         baseline = {}
         for name in runtimes:
             say(f"baseline on {name}")
@@ -122,12 +141,37 @@ def prune(
             "baseline": compressed_size(handle.to_onnx().path),
             "pruned": compressed_size(pruned.to_onnx().path),  # type: ignore[arg-type]
         }
+    result["problem"] = quality_lost(result["quality"], max_drop)
+    result["status"] = "ok" if result["problem"] is None else "quality_lost"
     if out_dir is not None:
         result["paths"] = {"model": str(Path(out_dir) / "model.onnx")}
         sections = {k: v for k, v in result.items() if k not in ("command",)}
         result["paths"]["results"] = str(write_results(out_dir, "prune", pruned, seed=seed, **sections))
     print_prune(out, result)
     out.emit(result)
+    if result["problem"] is not None:
+        where = f" The model was written to {result['paths']['model']} but is not fit to use." if out_dir else ""
+        raise BudgetNotMetError(result["problem"] + where)
+
+
+def default_finetune_epochs(task: Any, reconstruct: bool) -> int:
+    """3 epochs for labelled tasks with train and validation splits: at 50% of the MACs, digits
+    loses about 9 accuracy points without fine-tuning (benchmarks/pruning.py). Embedding tasks
+    and --reconstruct runs fine-tune only when asked (slow on CPU, or re-fitted by least squares)."""
+    if task is None or reconstruct or not {"train", "validation"} <= set(task.splits):
+        return 0
+    return 3 if task.split("train").labels is not None else 0
+
+
+def quality_lost(quality: dict[str, Any] | None, max_drop: float) -> str | None:
+    """The loss of quality beyond --max-drop (metric points, i.e. hundredths), or None."""
+    figures = quality or {}
+    drop = figures.get("drop")
+    if drop is None or drop * 100 <= max_drop + 1e-9:
+        return None
+    return (f"The pruned model lost {drop * 100:.2f} points of {figures['metric']} ({figures['baseline']:.4f} -> "
+            f"{figures['value']:.4f}), more than --max-drop {max_drop:g}; fine-tune (--finetune-epochs), prune less "
+            "(--ratio) or allow more with --max-drop.")
 
 
 def print_prune(out: Output, result: dict[str, Any]) -> None:
@@ -158,8 +202,13 @@ def print_prune(out: Output, result: dict[str, Any]) -> None:
         drop = quality.get("drop")
         rows.append([f"quality ({quality['metric']})", quality["baseline"], quality["value"],
                      f"{-drop:+.4f}" if drop is not None else "-"])
-    out.console.print(table(f"compactai prune ({result['technique']})", ["figure", "baseline", "pruned", "change"],
-                            rows))
+    lost = result.get("problem") is not None
+    if lost:  # no speed-up column next to a model that lost its quality
+        rows = [row[:3] + (["QUALITY LOST"] if row[0].startswith("quality") else ["-"]) for row in rows]
+    title = f"compactai prune ({result['technique']})" + (" -- QUALITY LOST, NOT USABLE" if lost else "")
+    out.console.print(table(title, ["figure", "baseline", "pruned", "change"], rows))
+    if lost:
+        out.console.print(f"[bold red]quality lost:[/bold red] {result['problem']}", highlight=False)
     pruning = result["pruning"]
     if "zero_fraction" in pruning:
         out.console.print(f"zero fraction of the sparsified weights: {pruning['zero_fraction']:.1%} "

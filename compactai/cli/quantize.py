@@ -10,7 +10,15 @@ from typing import Any
 
 import typer
 
-from compactai.cli._common import Output, app, resolve_model, table
+from compactai.cli._common import (
+    Output,
+    app,
+    check_output_dir,
+    check_time_limit,
+    resolve_model,
+    table,
+    task_from_data,
+)
 
 CLI_MODES = ("dynamic", "static", "fp16", "bf16", "int4", "qat", "auto")
 
@@ -112,13 +120,16 @@ def quantize(
     config = MeasureConfig(
         min_queries=queries, min_seconds=seconds, memory=False, energy=False, threads=threads
     )
+    config.check()
+    check_time_limit(time_limit)
+    check_output_dir(out_dir)
     result: dict[str, Any] = {"command": "quantize", "mode": mode, "technique": technique.name}
     with out.progress("Quantizing") as say:
         handle, task, info = resolve_model(
             path, example, progress=lambda e, n, acc: say(f"training example {e}/{n}")
         )
         if data is not None:
-            task = task_from_npz(data, handle)
+            task = task_from_data(data, handle)
         result["source"] = info
         baseline = {}
         runtimes = ("onnxruntime", "torch") if handle.module is not None else ("onnxruntime",)
@@ -184,39 +195,6 @@ def finish(
         result["paths"] = paths
         sections = {k: v for k, v in result.items() if k != "command"}
         paths["results"] = str(write_results(out_dir, "quantize", quantized, seed=seed, **sections))
-
-
-def task_from_npz(path: Path, handle: Any) -> Any:
-    """A Task from an .npz of '<split>/<input>' arrays (no pickle). With labels the metric is
-    accuracy; without, the fidelity of output 0 to the float model."""
-    import numpy as np
-
-    from compactai.errors import BadInputError, ModelNotFoundError
-    from compactai.measure import make_runner
-    from compactai.tasks import Accuracy, EmbeddingFidelity, Split, Task
-
-    if not Path(path).exists():
-        raise ModelNotFoundError(f"Data file {path} does not exist.")
-    try:
-        arrays = dict(np.load(path, allow_pickle=False))
-    except Exception as exc:
-        raise BadInputError(f"Cannot read {path} as a numpy .npz without pickle: {exc}") from exc
-    splits = {}
-    for split in ("train", "calibration", "validation", "test"):
-        inputs = {n: arrays[f"{split}/{n}"] for n in handle.input_names if f"{split}/{n}" in arrays}
-        if len(inputs) == len(handle.input_names):
-            splits[split] = Split(inputs, arrays.get(f"{split}/labels"))
-    missing = [s for s in ("calibration", "validation", "test") if s not in splits]
-    if missing:
-        raise BadInputError(
-            f"{path} lacks the {', '.join(missing)} split(s); store arrays named "
-            f"'<split>/<input>' for inputs {handle.input_names}."
-        )
-    has_labels = splits["test"].labels is not None
-    metric = Accuracy() if has_labels else EmbeddingFidelity(make_runner(handle, "onnxruntime").run)
-    task = Task(name=Path(path).stem, metric=metric, splits=splits)
-    task.baseline = task.evaluate(make_runner(handle, "onnxruntime")).value
-    return task
 
 
 def print_quantize(out: Output, result: dict[str, Any]) -> None:

@@ -6,12 +6,14 @@ how it was obtained (runtime, threads, batch sizes, query counts, energy method)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+from compactai.errors import ParameterError
 from compactai.measure.energy import measure_energy
 from compactai.measure.environment import environment
 from compactai.measure.latency import LatencyStats, measure_latency, measure_throughput
@@ -24,14 +26,21 @@ from compactai.measure.runtime import (
     default_threads,
     make_runner,
 )
-from compactai.measure.stats import count_macs, parameter_count, size_on_disk
+from compactai.measure.stats import count_macs, fixed_batch, parameter_count, size_on_disk
 from compactai.models.handle import ModelHandle
 
 __all__ = [
     "RUNTIMES", "LatencyStats", "MeasureConfig", "Measurement", "OnnxRuntimeRunner", "Runner", "TorchRunner",
-    "batch_feeds", "count_macs", "default_threads", "environment", "interleaved_latency", "make_runner", "measure", "measure_latency",
+    "batch_feeds", "count_macs", "default_threads", "environment", "fixed_batch", "interleaved_latency", "make_runner", "measure", "measure_latency",
     "measure_throughput", "parameter_count", "size_on_disk", "turn_order",
 ]
+
+
+# (field, CLI flag, lowest, highest): bounds that keep a typo from hanging or exhausting the machine
+_INT_RANGES = (("min_queries", "--queries", 1, 10_000_000), ("warmup", "warmup", 0, 1_000_000),
+               ("throughput_batch", "--batch", 1, 65_536), ("throughput_min_batches", "throughput batches", 1, 1_000_000),
+               ("threads", "--threads", 1, 4096))
+_FLOAT_RANGES = (("min_seconds", "--seconds", 0.0, 86_400.0), ("core_watts", "--core-watts", 0.0, 10_000.0))
 
 
 @dataclass
@@ -48,6 +57,24 @@ class MeasureConfig:
     core_watts: float = 10.0
     threads: int | None = None
     quality: bool = True
+
+    def check(self) -> None:
+        """Raise ParameterError for a setting outside its range (before anything is measured)."""
+        for name, flag, low, high in _INT_RANGES:
+            value = getattr(self, name)
+            if value is None and name == "threads":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ParameterError(f"The '{name}' setting ({flag}) must be a whole number from {low} to {high}; "
+                                     f"got {value}.")
+        for name, flag, bottom, top in _FLOAT_RANGES:
+            number = getattr(self, name)
+            if not isinstance(number, (int, float)) or not math.isfinite(number) or not bottom <= number <= top:
+                raise ParameterError(f"The '{name}' setting ({flag}) must be a number from {bottom:g} to {top:g}; "
+                                     f"got {number}.")
+        if self.core_watts <= 0:
+            raise ParameterError(f"The 'core_watts' setting (--core-watts) must be positive (watts per busy core, "
+                                 f"e.g. 10); got {self.core_watts}.")
 
     @classmethod
     def quick(cls) -> MeasureConfig:
@@ -113,7 +140,8 @@ def interleaved_latency(
     rounds and each round's values."""
     import statistics
 
-    feeds = {k: v[:1] for k, v in handles[0].example_inputs.items()}
+    rows = fixed_batch(handles[0])
+    feeds = batch_feeds({k: v[:rows] for k, v in handles[0].example_inputs.items()}, rows)
     runners = [make_runner(handle, "onnxruntime", config.threads) for handle in handles]
     samples: list[list[tuple[float, float]]] = [[] for _ in handles]
     for round_number in range(rounds):
@@ -148,37 +176,48 @@ def measure(
     """Measure ``handle`` on ``runtime``: size, params, MACs, batch-1 latency, batch-B throughput,
     peak memory (subprocess), energy and, with a task, quality next to the task's baseline."""
     config = config or MeasureConfig()
+    config.check()
     threads = config.threads or default_threads()
     say = progress or (lambda message: None)
     runner = make_runner(handle, runtime, threads)
     onnx_handle = handle.to_onnx() if runtime == "onnxruntime" else (handle._onnx_cache or None)
-    single = {k: v[:1] for k, v in (feeds or handle.example_inputs).items()}
-    say(f"{runtime}: latency at batch 1")
+    rows = fixed_batch(handle)  # 1, unless the model cannot run fewer rows
+    single = batch_feeds({k: v[:rows] for k, v in (feeds or handle.example_inputs).items()}, rows)
+    throughput_batch = config.throughput_batch if rows == 1 else rows
+    say(f"{runtime}: latency at batch {rows}")
     latency = measure_latency(
         runner, single, min_queries=config.min_queries, min_seconds=config.min_seconds, warmup=config.warmup
     )
-    say(f"{runtime}: throughput at batch {config.throughput_batch}")
+    say(f"{runtime}: throughput at batch {throughput_batch}")
     throughput, _ = measure_throughput(
-        runner, batch_feeds(single, config.throughput_batch), min_batches=config.throughput_min_batches,
+        runner, batch_feeds(single, throughput_batch), min_batches=config.throughput_min_batches,
         min_seconds=config.min_seconds / 2,
     )
     size = size_on_disk(onnx_handle.path) if onnx_handle is not None and onnx_handle.path else None
+    macs = count_macs(handle if handle.module is not None else onnx_handle or handle)
+    if macs is not None and rows > 1 and handle.module is None:
+        macs //= rows  # counted on the inferred shapes, i.e. for the whole fixed batch
     result = Measurement(
         runtime=runtime,
         threads=threads,
         size_bytes=size,
         params=parameter_count(handle if runtime == "torch" else onnx_handle or handle),
-        macs=count_macs(handle if handle.module is not None else onnx_handle or handle),
+        macs=macs,
         latency_p50_ms=latency.p50_ms,
         latency_p90_ms=latency.p90_ms,
         latency_p99_ms=latency.p99_ms,
         latency_mean_ms=latency.mean_ms,
         latency_queries=latency.queries,
-        latency_batch=1,
-        throughput_batch=config.throughput_batch,
+        latency_batch=rows,
+        throughput_batch=throughput_batch,
         throughput_items_per_s=throughput,
         latency_samples_ms=latency.samples_ms,
     )
+    if rows > 1:
+        result.notes.append(
+            f"the model's inputs fix the batch at {rows}, so it cannot run one item: each timed query (latency, "
+            f"energy) runs a batch of {rows}; MACs are per item. Re-export with a dynamic batch axis for batch-1 latency."
+        )
     if config.energy:
         def rerun() -> tuple[int, float]:
             again = measure_latency(runner, single, min_queries=50, min_seconds=0.3, warmup=0)

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-from compactai.errors import CorruptModelError, InputSignatureError, UnknownNameError
+from compactai.errors import BadInputError, CorruptModelError, InputSignatureError, UnknownNameError
 from compactai.models.handle import ModelHandle, set_eval
 
 RUNTIMES = ("onnxruntime", "torch")
@@ -63,7 +63,17 @@ class OnnxRuntimeRunner:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         self.handle.check_feeds(feeds)
-        return list(self.session.run(self._output_names, {n: feeds[n] for n in self.handle.input_names}))
+        try:
+            return list(self.session.run(self._output_names, {n: feeds[n] for n in self.handle.input_names}))
+        except Exception as exc:
+            # ORT reports a failed allocation as a generic Fail; it means the model asks for more
+            # memory than there is (a huge intermediate tensor), which is the model's problem, not ours
+            if "Failed to allocate memory" in str(exc):
+                raise BadInputError(
+                    f"ONNX Runtime ran out of memory running {self.handle.path}: a tensor of the model is larger "
+                    "than this machine can hold; check the model's shapes (and the batch of its inputs)."
+                ) from None
+            raise
 
 
 class TorchRunner:

@@ -39,8 +39,23 @@ def count_macs(handle: ModelHandle) -> int | None:
     return counted
 
 
+def fixed_batch(handle: ModelHandle) -> int:
+    """The batch a model's inputs fix (the first axis is the same number > 1 on every input), else 1.
+
+    ONNX exports with a batch-32 example keep batch 32 unless a dynamic axis was asked for; such
+    a model cannot run one item, so its "batch-1" latency is measured with the batch it fixes."""
+    firsts = {spec.shape[0] if spec.shape else None for spec in handle.inputs}
+    if len(firsts) == 1:
+        first = firsts.pop()
+        if isinstance(first, int) and first > 1:
+            return first
+    return 1
+
+
 def _batch_one(handle: ModelHandle) -> dict[str, np.ndarray]:
-    return {k: v[:1] for k, v in handle.example_inputs.items()}
+    """The smallest batch the model runs: one row, or the batch its inputs fix."""
+    rows = fixed_batch(handle)
+    return {k: v[:rows] for k, v in handle.example_inputs.items()}
 
 
 def _torch_macs(handle: ModelHandle) -> int | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from compactai.budget import Budget
-from compactai.errors import BadInputError
+from compactai.errors import BadInputError, ParameterError
 from compactai.measure import MeasureConfig
 from compactai.models.handle import ModelHandle
 from compactai.search.executors import make_executor
@@ -45,6 +46,18 @@ class SearchConfig:
         min_queries=100, min_seconds=0.5, warmup=10, throughput_min_batches=5, memory=False))
     enqueue_singles: bool = True
     remeasure_rounds: int = 3  # interleaved re-measurement of the contenders before selection (remeasure.py)
+
+    def check(self) -> None:
+        """Raise ParameterError for limits that cannot mean anything (called before any work starts):
+        0 or negative trials or minutes used to end in "relax the budget" after a wasted baseline."""
+        if isinstance(self.max_trials, bool) or not isinstance(self.max_trials, int) or not 1 <= self.max_trials <= 10_000:
+            raise ParameterError(f"--max-trials must be a whole number from 1 to 10000; got {self.max_trials}.")
+        if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
+            raise ParameterError(f"--max-minutes must be a positive number of minutes; got {self.max_minutes}. "
+                                 "Omit it for no time limit.")
+        if not 0 <= self.remeasure_rounds <= 20:
+            raise ParameterError(f"--remeasure-rounds must be from 0 to 20; got {self.remeasure_rounds}.")
+        self.measure.check()
 
 
 @dataclass

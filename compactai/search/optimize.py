@@ -59,6 +59,7 @@ def optimize(
     candidate fits.
     """
     config = config or SearchConfig()
+    config.check()  # before the output directory is made: a refused run leaves nothing behind
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda message: None)

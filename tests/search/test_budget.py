@@ -19,10 +19,17 @@ def test_parse_budget_and_min_quality():
     ("size_mb<=ten", "Cannot read budget term"),
     ("size_mb<=0", "positive limit"),
     ("size_mb<=1,size_mb<=2", "given twice"),
+    ("latency_p90_ms<=1e999", "finite limit"),  # float('1e999') is inf: a limit that means nothing
 ])
 def test_bad_budgets_are_explained(text, message):
     with pytest.raises(BadInputError, match=message):
         parse_budget(text)
+
+
+@pytest.mark.parametrize("value", ["abs:nan", "abs:inf", "abs:-inf", "nan"])
+def test_non_finite_min_quality_is_refused(value):
+    with pytest.raises(BadInputError, match=r"finite|fraction of the baseline"):
+        parse_budget("", value)
 
 
 def test_min_quality_out_of_range_suggests_abs():

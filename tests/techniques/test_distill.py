@@ -228,6 +228,8 @@ def test_tiny_distillation_improves_the_student(mlp_teacher, tmp_path):
     assert decisions["stopped"] == "completed" and decisions["steps"] == 12 * 8
     assert decisions["student_params"] < decisions["teacher_params"]
     assert out.module is not student  # the user's module is copied, not trained in place
+    sanity = decisions["sanity"]
+    assert sanity["passed"] is True and sanity["final"] > sanity["bar"] > sanity["chance"], sanity
 
 
 def test_resume_continues_exactly_from_the_checkpoint(mlp_teacher, tmp_path):
@@ -273,6 +275,20 @@ def test_time_budget_stops_and_keeps_a_validated_model(mlp_teacher, tmp_path):
     decisions = out.metadata["history"][-1]["decisions"]
     assert decisions["stopped"] == "time_budget" and decisions["steps"] == 0
     assert decisions["best_validation"] == pytest.approx(1.0)  # the untrained copy of the teacher
+
+
+def test_time_limit_before_learning_fails_the_sanity_bar(mlp_teacher, tmp_path):
+    """A student stopped before it learned is recorded as failing the sanity bar (the CLI exits 3 on it)."""
+    task = _classification_task(mlp_teacher, size=64)
+    torch.manual_seed(3)
+    ctx = Context(task=task, work_dir=tmp_path, deadline=0.0)  # out of time before the first step
+    out = create_technique("distill", student=MLP(16), epochs=5).apply(mlp_teacher, ctx)
+    decisions = out.metadata["history"][-1]["decisions"]
+    sanity = decisions["sanity"]
+    assert decisions["steps"] == 0 and sanity["passed"] is False, sanity
+    assert sanity["final"] == pytest.approx(sanity["untrained"])  # the returned weights are the untrained ones
+    labels = task.split("validation").labels
+    assert sanity["chance"] == pytest.approx(np.bincount(labels).max() / len(labels))
 
 
 def test_quick_params_keep_the_signature_and_export(small_handle, tmp_path):

@@ -103,6 +103,44 @@ def validation_scorer(task: Task, input_names: list[str]) -> Any:
     return score
 
 
+def _score(scorer: Any, student: nn.Module) -> float | None:
+    if scorer is None:
+        return None
+    was_training = student.training
+    student.eval()
+    with torch.no_grad():
+        value = float(scorer(student))
+    student.train(was_training)
+    return value
+
+
+def chance_level(task: Task) -> float | None:
+    """Accuracy of always answering the most common validation label (None for other metrics)."""
+    if task.metric.name != "accuracy" or "validation" not in task.splits:
+        return None
+    labels = task.split("validation").labels
+    if labels is None or len(labels) == 0:
+        return None
+    return float(np.bincount(np.asarray(labels, dtype=np.int64).ravel()).max() / len(labels))
+
+
+def sanity_check(task: Task, untrained: float | None, final: float | None) -> dict[str, Any]:
+    """Did training produce a model worth keeping (on the validation split)? Classifiers must get
+    at least half-way from chance (always the most common label) to the teacher's quality; other
+    metrics must beat the untrained student. A time limit that stops training before the student
+    learned fails this, and callers must say so (the CLI exits 3) instead of reporting a speed-up."""
+    chance = chance_level(task)
+    bar: float | None
+    if chance is not None:
+        teacher = task.baseline if task.baseline is not None and task.baseline > chance else chance
+        bar, rule = chance + 0.5 * (teacher - chance), "half-way from chance to the teacher"
+    else:
+        bar, rule = untrained, "better than the untrained student"
+    passed = None if bar is None or final is None else final > bar
+    return {"metric": task.metric.name, "split": "validation", "untrained": untrained, "chance": chance,
+            "bar": bar, "rule": rule, "final": final, "passed": passed}
+
+
 def check_augmentable(augment: str, mixup: float, train: Any, input_names: list[str]) -> None:
     """Augmented views transform the first input: shifts need images (samples x ... x H x W),
     mixup needs floats; anything else is a ParameterError before the teacher runs."""
@@ -212,11 +250,15 @@ class Distill(Technique):
         )
         work_dir = context.work_dir / f"distill-{self.run_key(teacher, spec, params, context, len(train))}"
         teacher_key = self.targets_key(teacher, objective, train)
-        trainer = Trainer(student, objective, train, config, validation_scorer(task, teacher.input_names),
+        scorer = validation_scorer(task, teacher.input_names)
+        untrained = _score(scorer, student)  # the sanity bar: training must beat the student it started from
+        trainer = Trainer(student, objective, train, config, scorer,
                           work_dir, context.progress, context.deadline,
                           targets_file=context.work_dir / f"teacher-targets-{teacher_key}.safetensors")
         result = trainer.run()
         student.eval()
+        final = result.best_metric if params["final_weights"] == "best" else _score(scorer, student)
+        sanity = sanity_check(task, untrained, final)
         for parameter in student.parameters():
             parameter.requires_grad_(False)
         out = handle.derive(module=student, name=f"{handle.name}-distilled")
@@ -228,7 +270,7 @@ class Distill(Technique):
             epochs_run=result.epochs_run, steps=result.steps, stopped=result.stopped,
             best_validation=result.best_metric, validation_metric=task.metric.name,
             resumed_from_step=result.resumed_from_step, seconds=result.seconds, history=result.history,
-            checkpoint_dir=str(work_dir),
+            checkpoint_dir=str(work_dir), sanity=sanity,
         )
 
     def make_objective(self, name: str, teacher: ModelHandle, params: dict[str, Any], train: Any) -> Objective:
