@@ -8,6 +8,7 @@ cache dir and retrained only when the recipe below changes.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -167,19 +168,29 @@ def load_or_train_teacher(cache_dir: Path, splits: dict[str, Split], progress: A
     from safetensors.torch import load_file, save_file
 
     weights = cache_dir / f"digits-teacher-{recipe_key()}.safetensors"
-    model = build_digits_cnn()
     if weights.exists():
-        model.load_state_dict(load_file(str(weights)))
-        model.eval()
-        return model
-    log.info("Training the digits teacher once (cached at %s)", weights)
-    torch.manual_seed(SEED)
-    model = build_digits_cnn()
-    train_classifier(model, splits, EPOCHS, progress=progress)
+        return _load_teacher(weights, load_file)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(weights)
+    # one trainer per machine: processes that start together (parallel test runs, Ray workers) wait
+    # for the first one's weights instead of each training the same teacher on the same cores
+    with open(weights.with_suffix(".lock"), "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if weights.exists():
+            return _load_teacher(weights, load_file)
+        log.info("Training the digits teacher once (cached at %s)", weights)
+        torch.manual_seed(SEED)
+        model = build_digits_cnn()
+        train_classifier(model, splits, EPOCHS, progress=progress)
+        tmp = weights.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        tmp.replace(weights)
+        return model
+
+
+def _load_teacher(weights: Path, load_file: Any) -> Any:
+    model = build_digits_cnn()
+    model.load_state_dict(load_file(str(weights)))
+    model.eval()
     return model
 
 
