@@ -188,12 +188,13 @@ def finish(
 
 def task_from_npz(path: Path, handle: Any) -> Any:
     """A Task from an .npz of '<split>/<input>' arrays (no pickle). With labels the metric is
-    accuracy; without, the fidelity of output 0 to the float model."""
+    accuracy; without, the fidelity of output 0 to the float model, by the kind of output
+    (classifier or LM logits, embeddings, regression: compactai.tasks.fidelity_metric)."""
     import numpy as np
 
     from compactai.errors import BadInputError, ModelNotFoundError
     from compactai.measure import make_runner
-    from compactai.tasks import Accuracy, EmbeddingFidelity, Split, Task
+    from compactai.tasks import Accuracy, Split, Task, fidelity_metric, output_kind
 
     if not Path(path).exists():
         raise ModelNotFoundError(f"Data file {path} does not exist.")
@@ -213,7 +214,8 @@ def task_from_npz(path: Path, handle: Any) -> Any:
             f"'<split>/<input>' for inputs {handle.input_names}."
         )
     has_labels = splits["test"].labels is not None
-    metric = Accuracy() if has_labels else EmbeddingFidelity(make_runner(handle, "onnxruntime").run)
+    reference = make_runner(handle, "onnxruntime").run  # the original model, for fidelity and the collapse check
+    metric = Accuracy(reference) if has_labels else fidelity_metric(reference, output_kind(handle))
     task = Task(name=Path(path).stem, metric=metric, splits=splits)
     task.baseline = task.evaluate(make_runner(handle, "onnxruntime")).value
     return task
