@@ -122,8 +122,11 @@ def run_app(argv: list[str]) -> int:
     return returned if isinstance(returned, int) else 0
 
 
-def resolve_model(path: str | None, example: str | None, progress: Any = None) -> tuple[Any, Any, dict[str, Any]]:
-    """(handle, task or None, info) from a model path or a built-in example name."""
+def resolve_model(
+    path: str | None, example: str | None, progress: Any = None, hf_task: str | None = None
+) -> tuple[Any, Any, dict[str, Any]]:
+    """(handle, task or None, info) from a model path or a built-in example name; ``hf_task``
+    overrides the architecture a Hugging Face directory declares."""
     from compactai.errors import BadInputError
 
     if (path is None) == (example is None):
@@ -136,7 +139,7 @@ def resolve_model(path: str | None, example: str | None, progress: Any = None) -
         return loaded.handle, loaded.task, {"example": example, "description": loaded.description, **info}
     from compactai.models import load_model
 
-    return load_model(path), None, {"path": str(path)}
+    return load_model(path, hf_task=hf_task), None, {"path": str(path)}
 
 
 @app.callback()

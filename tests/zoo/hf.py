@@ -41,20 +41,47 @@ def minilm_tokenizer_files(target: Path) -> None:
             shutil.copyfile(source / name, target / name)
 
 
-def bert_classifier_dir(path: Path, labels: int = 2, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
-    """A BertForSequenceClassification directory with the MiniLM tokenizer (vocab 30522)."""
+KEYWORDS = ("model", "models", "quantization", "pruning", "budget")
+
+
+def keyword_labels(sentences: list[str]) -> np.ndarray:
+    """1 for a sentence naming one of KEYWORDS, else 0: a task a tiny encoder learns in seconds."""
+    return np.array([int(any(w in s.lower().split() for w in KEYWORDS)) for s in sentences], np.int64)
+
+
+def bert_classifier_dir(path: Path, labels: int = 2, layers: int = 2, hidden: int = 32, seed: int = 0,
+                        train_steps: int = 0) -> Path:
+    """A BertForSequenceClassification directory with the MiniLM tokenizer (vocab 30522);
+    ``train_steps`` of Adam on :func:`keyword_labels` make its logits depend on the input."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
         intermediate_size=hidden * 2, max_position_embeddings=128, num_labels=labels,
     )
-    model = BertForSequenceClassification(config).eval()
+    model = BertForSequenceClassification(config)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(path), safe_serialization=True)
     minilm_tokenizer_files(path)
+    if train_steps:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        sentences = texts(512, seed + 100)
+        encoded = tokenizer(sentences, padding="max_length", max_length=24, truncation=True, return_tensors="pt")
+        targets = torch.from_numpy(keyword_labels(sentences))
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        model.train()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny matrices: one thread is fastest on a shared CPU
+        for _ in range(train_steps):
+            rows = torch.randint(0, len(sentences), (32,))
+            loss = model(input_ids=encoded["input_ids"][rows], attention_mask=encoded["attention_mask"][rows],
+                         labels=targets[rows]).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        torch.set_num_threads(threads)
+    model.eval().save_pretrained(str(path), safe_serialization=True)
     return path
 
 
@@ -97,7 +124,8 @@ def gpt2_dir(path: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> Pa
 def token_npz(path: Path, tokenizer_dir: Path, labels: int | None = None, sizes: tuple[int, int, int] = (32, 64, 64),
               seed: int = 0) -> Path:
     """An .npz of calibration/validation/test token ids and masks (padded with eos where the
-    tokenizer has no pad token), with random labels when ``labels`` is given."""
+    tokenizer has no pad token), with labels when ``labels`` is given (2: :func:`keyword_labels`,
+    more: random)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
@@ -111,6 +139,7 @@ def token_npz(path: Path, tokenizer_dir: Path, labels: int | None = None, sizes:
         arrays[f"{split}/input_ids"] = encoded["input_ids"].astype(np.int64)
         arrays[f"{split}/attention_mask"] = encoded["attention_mask"].astype(np.int64)
         if labels is not None:
-            arrays[f"{split}/labels"] = rng.integers(0, labels, n).astype(np.int64)
+            arrays[f"{split}/labels"] = keyword_labels(texts(n, seed + offset)) if labels == 2 else (
+                rng.integers(0, labels, n).astype(np.int64))
     np.savez(path, **arrays)
     return path
