@@ -300,7 +300,17 @@ def _quantize_once(
     except TechniqueError:
         raise
     except Exception as exc:  # ORT's quantizer raises RuntimeError/ValueError/onnx errors
+        hint = ""
+        if config.mode == "static" and config.format == "qoperator" and _has_fused_attention(source):
+            # ORT leaves the fused Attention op's output uncalibrated, and the QOperator MatMul after it fails
+            hint = " Static QOperator int8 does not handle fused Attention ops; use format='qdq' (--format qdq) or mode='dynamic'."
         raise TechniqueError(
-            f"ONNX Runtime could not quantize {source.name} ({config.label()}): {str(exc).splitlines()[0][:300]}"
+            f"ONNX Runtime could not quantize {source.name} ({config.label()}): {str(exc).splitlines()[0][:300]}.{hint}"
         ) from exc
     return target
+
+
+def _has_fused_attention(path: Path) -> bool:
+    import onnx
+
+    return any(n.op_type == "Attention" for n in onnx.load(str(path), load_external_data=False).graph.node)
