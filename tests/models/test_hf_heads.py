@@ -89,3 +89,25 @@ def test_packaged_minilm_still_loads_as_a_sentence_encoder():
     handle = load_model(model_directory())
     assert handle.output_names == ["last_hidden_state"] and handle.metadata["hf_task"] == "embedding"
     assert handle.example_inputs["input_ids"].shape[0] == 2  # the two text probes, padded, as before
+
+
+@pytest.mark.slow
+def test_profile_with_data_reports_quality_and_what_was_loaded(bert_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.zoo.hf import token_npz
+
+    data = token_npz(tmp_path / "data.npz", bert_dir, labels=3)
+    result = subprocess.run(
+        [sys.executable, "-c", "from compactai.cli import main; main()", "profile", str(bert_dir), "--data", str(data),
+         "--json", "--runtime", "onnxruntime", "--queries", "20", "--seconds", "0.1", "--no-memory"],
+        capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    profile = json.loads(result.stdout)
+    assert profile["model"]["architecture"] == "BertForSequenceClassification"
+    assert profile["model"]["output_kind"] == "logits" and profile["model"]["outputs"][0]["name"] == "logits"
+    quality = profile["measurements"]["onnxruntime"]["quality"]
+    assert quality["metric"] == "accuracy" and quality["value"] == quality["baseline"]
+    assert profile["task"]["splits"] == {"calibration": 32, "validation": 64, "test": 64}

@@ -155,3 +155,19 @@ def test_hf_classifier_dir_static_int8_with_labels_is_correct_or_refused(bert, t
     assert data["quantization"]["kept"] == "quantized" and data["quantization"]["output_spread_ratio"] > 0.5
     agreement, _ = _agreement(bert["onnx"], out / "model.onnx", bert["splits"]["validation"])
     assert agreement >= 0.98
+
+
+@pytest.mark.slow
+def test_gpt2_dir_quantizes_static_with_next_token_agreement(tmp_path):
+    from tests.zoo.hf import gpt2_dir
+
+    directory = gpt2_dir(tmp_path / "gpt2")
+    data = token_npz(tmp_path / "data.npz", directory)  # padded with eos: GPT-2 has no pad token
+    result = _cli("quantize", str(directory), "--data", str(data), "--mode", "static", "--format", "qdq",
+                  "--objective", "size", "--queries", "20", "--seconds", "0.1", "--out", str(tmp_path / "out"), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    data_out = json.loads(result.stdout)
+    quality = data_out["quality"]
+    assert quality["metric"] == "next_token_agreement" and quality["baseline"] == 1.0
+    assert quality["value"] >= 0.9 and 0.9 < quality["details"]["perplexity_ratio"] < 1.1
+    assert any(n.endswith("attn/Softmax") for n in data_out["quantization"]["mask_path_float_nodes"])
