@@ -75,6 +75,7 @@ def test_plain_static_int8_breaks_the_mask_and_quantize_int8_does_not(bert, tmp_
     fixed_agreement, fixed_details = _agreement(bert["onnx"], fixed, validation)
     assert fixed_agreement >= 0.98 and fixed_details["centred_cosine"] > 0.95
     assert fixed_details["centred_cosine"] > plain_details["centred_cosine"]
+    assert plain_details["collapsed"] == 1.0  # the failure: the plain int8 model ignores its input
 
 
 def _graph_with_a_baked_mask(path):
