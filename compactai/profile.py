@@ -19,6 +19,8 @@ def model_summary(handle: ModelHandle) -> dict[str, Any]:
         "inputs": [s.to_dict() for s in handle.inputs],
         "outputs": [s.to_dict() for s in handle.outputs],
         "fingerprint": handle.fingerprint(),
+        # what a loader chose (e.g. a Hugging Face head), so a profile never hides a different model
+        **{key: handle.metadata[key] for key in ("architecture", "hf_task", "output_kind") if key in handle.metadata},
     }
 
 

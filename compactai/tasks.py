@@ -99,18 +99,39 @@ class Metric(Protocol):
 
 
 class Accuracy:
-    """Top-1 classification accuracy of output 0 against the split's labels."""
+    """Top-1 classification accuracy of output 0 against the split's labels.
+
+    With the original model as ``reference``, a model whose outputs no longer vary with its
+    input (see :func:`spread_ratio`) scores 0: a constant model can still hit the majority class.
+    """
 
     name = "accuracy"
+
+    def __init__(self, reference: Predict | None = None) -> None:
+        self.reference = reference
 
     def score(self, predict: Predict, split: Split, batch_size: int = 256) -> tuple[float, dict[str, float]]:
         if split.labels is None:
             raise BadInputError("Accuracy needs labels; this split has none. Pass labels with the data.")
         correct = 0
+        pooled, reference_pooled = [], []
         for feeds, labels in split.batches(batch_size):
-            correct += int((predict(feeds)[0].argmax(axis=-1) == labels).sum())
+            output = predict(feeds)[0]
+            if output.ndim < 2 or (labels is not None and output.shape[:-1] != labels.shape):
+                raise BadInputError(
+                    f"Accuracy compares the argmax of output 0 (shape {output.shape}) with labels of shape "
+                    f"{None if labels is None else labels.shape}; give one label per output row, or no labels "
+                    "to measure fidelity to the original model instead."
+                )
+            correct += int((output.argmax(axis=-1) == labels).sum())
+            if self.reference is not None:
+                pooled.append(sample_vectors(output, feeds.get("attention_mask")))
+                reference_pooled.append(sample_vectors(self.reference(feeds)[0], feeds.get("attention_mask")))
         accuracy = correct / max(len(split), 1)
-        return accuracy, {"accuracy": accuracy, "samples": float(len(split))}
+        details = {"accuracy": accuracy, "samples": float(len(split))}
+        if self.reference is not None:
+            accuracy = collapse_guard(accuracy, details, np.concatenate(reference_pooled), np.concatenate(pooled))
+        return accuracy, details
 
 
 def mean_pool(hidden: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -168,7 +189,7 @@ class EmbeddingFidelity:
             "cosine_min": float(cosines.min()),
             "knn_overlap": knn_overlap(ref, cand, self.neighbours),
         }
-        return details[self.primary], details
+        return collapse_guard(details[self.primary], details, ref, cand), details
 
 
 def knn_overlap(reference: np.ndarray, candidate: np.ndarray, k: int) -> float:
@@ -185,6 +206,185 @@ def knn_overlap(reference: np.ndarray, candidate: np.ndarray, k: int) -> float:
     ref_nn, cand_nn = neighbours(reference), neighbours(candidate)
     shared = [len(set(a) & set(b)) / k for a, b in zip(ref_nn, cand_nn)]
     return float(np.mean(shared))
+
+
+# A compressed model whose outputs spread less than this fraction of the original's across a
+# split no longer depends on its input (an int8 graph with an infinite activation scale returns
+# the same output for every input); working int8/pruned models stay near 1.
+COLLAPSE_RATIO = 0.1
+OUTPUT_KINDS = ("logits", "lm_logits", "embeddings", "regression")
+
+
+def sample_vectors(output: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """One float64 vector per sample: 2-D outputs as they are, sequences mean-pooled over the mask."""
+    output = np.asarray(output)
+    if output.ndim == 1:
+        return output[:, None].astype(np.float64)
+    if output.ndim == 3:
+        return mean_pool(output, mask if mask is not None and mask.shape == output.shape[:2] else None)
+    return output.reshape(len(output), -1).astype(np.float64)
+
+
+def spread(vectors: np.ndarray) -> float:
+    """How much outputs vary across samples: the mean over features of the standard deviation."""
+    return float(vectors.std(axis=0).mean()) if len(vectors) > 1 else 0.0
+
+
+def spread_ratio(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """The candidate's spread across samples over the reference's (1.0 when the reference is constant)."""
+    base = spread(reference)
+    return 1.0 if base <= 1e-12 else spread(candidate) / base
+
+
+def collapse_guard(value: float, details: dict[str, float], reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Record the spread ratio in ``details``; return 0 instead of ``value`` for a collapsed model."""
+    ratio = spread_ratio(reference, candidate)
+    details["spread_ratio"] = ratio
+    details["collapsed"] = float(ratio < COLLAPSE_RATIO)
+    return 0.0 if ratio < COLLAPSE_RATIO else value
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+class _ReferenceFidelity:
+    """Shared part of the fidelity metrics: the original model's outputs per split, cached by
+    the split's identity (a search scores many candidates on the same split)."""
+
+    name = "fidelity"
+
+    def __init__(self, reference: Predict) -> None:
+        self.reference = reference
+        self._cache: dict[int, list[np.ndarray]] = {}
+
+    def reference_outputs(self, split: Split, batch_size: int) -> list[np.ndarray]:
+        key = id(split)
+        if key not in self._cache:
+            self._cache[key] = [self.reference(feeds)[0] for feeds, _ in split.batches(batch_size)]
+        return self._cache[key]
+
+
+class ClassifierFidelity(_ReferenceFidelity):
+    """Agreement of a classifier's logits with the original's: top-1 agreement (the headline),
+    KL divergence of the softmax to the original's, and the cosine of logits centred over the
+    split (shift-free and 0 for a constant model). Per-token logits count valid tokens."""
+
+    name = "top1_agreement"
+
+    def score(self, predict: Predict, split: Split, batch_size: int = 64) -> tuple[float, dict[str, float]]:
+        refs, cands, ref_pooled, cand_pooled = [], [], [], []
+        for (feeds, _), ref in zip(split.batches(batch_size), self.reference_outputs(split, batch_size)):
+            cand = predict(feeds)[0]
+            mask = feeds.get("attention_mask")
+            ref_pooled.append(sample_vectors(ref, mask))
+            cand_pooled.append(sample_vectors(cand, mask))
+            if ref.ndim == 3:  # token classification: valid tokens are the samples
+                keep = mask.astype(bool) if mask is not None else np.ones(ref.shape[:2], bool)
+                ref, cand = ref[keep], cand[keep]
+            refs.append(ref.reshape(-1, ref.shape[-1]))
+            cands.append(cand.reshape(-1, cand.shape[-1]))
+        ref_logits, cand_logits = np.concatenate(refs), np.concatenate(cands)
+        agreement = float((ref_logits.argmax(-1) == cand_logits.argmax(-1)).mean())
+        ref_log, cand_log = log_softmax(ref_logits), log_softmax(cand_logits)
+        kl = float((np.exp(ref_log) * (ref_log - cand_log)).sum(axis=-1).mean())
+        centred_ref = ref_logits - ref_logits.mean(axis=0, dtype=np.float64)
+        centred_cand = cand_logits - cand_logits.mean(axis=0, dtype=np.float64)
+        norms = np.linalg.norm(centred_ref, axis=1) * np.linalg.norm(centred_cand, axis=1)
+        # rounding noise of a constant model is no direction: norms below 1e-6 of typical count as 0
+        floor = 1e-12 + 1e-6 * float(np.linalg.norm(centred_ref, axis=1).mean()) ** 2
+        cosine = np.where(norms > floor, (centred_ref * centred_cand).sum(axis=1) / np.maximum(norms, floor), 0.0)
+        details = {"top1_agreement": agreement, "kl_divergence": kl, "centred_cosine": float(cosine.mean()),
+                   "samples": float(len(ref_logits))}
+        return collapse_guard(agreement, details, np.concatenate(ref_pooled), np.concatenate(cand_pooled)), details
+
+
+class LanguageModelFidelity(_ReferenceFidelity):
+    """A causal LM against the original: next-token top-1 agreement over real (unmasked)
+    positions (the headline) and the perplexity ratio on the split's own text (candidate's
+    perplexity over the original's; 1.0 is unchanged, higher is worse)."""
+
+    name = "next_token_agreement"
+
+    def score(self, predict: Predict, split: Split, batch_size: int = 64) -> tuple[float, dict[str, float]]:
+        agree = positions = 0
+        nll = {"reference": 0.0, "candidate": 0.0}
+        targets = 0
+        ref_pooled, cand_pooled = [], []
+        for (feeds, _), ref in zip(split.batches(batch_size), self.reference_outputs(split, batch_size)):
+            cand = predict(feeds)[0]
+            mask = feeds.get("attention_mask")
+            valid = mask.astype(bool) if mask is not None else np.ones(ref.shape[:2], bool)
+            agree += int((ref.argmax(-1) == cand.argmax(-1))[valid].sum())
+            positions += int(valid.sum())
+            ref_pooled.append(sample_vectors(ref, mask))
+            cand_pooled.append(sample_vectors(cand, mask))
+            ids = feeds.get("input_ids")
+            if ids is not None and ids.shape[1] > 1:
+                pairs = valid[:, :-1] & valid[:, 1:]  # position t predicts token t+1
+                for key, logits in (("reference", ref), ("candidate", cand)):
+                    picked = np.take_along_axis(log_softmax(logits[:, :-1]), ids[:, 1:, None], axis=-1)[..., 0]
+                    nll[key] -= float(picked[pairs].sum())
+                targets += int(pairs.sum())
+        agreement = agree / max(positions, 1)
+        details = {"next_token_agreement": agreement, "positions": float(positions)}
+        if targets:
+            details["perplexity"] = float(np.exp(nll["candidate"] / targets))
+            details["reference_perplexity"] = float(np.exp(nll["reference"] / targets))
+            details["perplexity_ratio"] = details["perplexity"] / details["reference_perplexity"]
+        return collapse_guard(agreement, details, np.concatenate(ref_pooled), np.concatenate(cand_pooled)), details
+
+
+class RegressionFidelity(_ReferenceFidelity):
+    """A regression model against the original: relative error (RMSE over the original outputs'
+    standard deviation, so 1.0 is what predicting the mean scores); the headline is
+    ``1 - relative_error`` (floored at 0), higher is better."""
+
+    name = "regression_fidelity"
+
+    def score(self, predict: Predict, split: Split, batch_size: int = 64) -> tuple[float, dict[str, float]]:
+        refs, cands = [], []
+        for (feeds, _), ref in zip(split.batches(batch_size), self.reference_outputs(split, batch_size)):
+            refs.append(sample_vectors(ref, feeds.get("attention_mask")))
+            cands.append(sample_vectors(predict(feeds)[0], feeds.get("attention_mask")))
+        ref_values, cand_values = np.concatenate(refs), np.concatenate(cands)
+        rmse = float(np.sqrt(((ref_values - cand_values) ** 2).mean()))
+        scale = float(ref_values.std()) or float(np.abs(ref_values).mean()) or 1.0
+        relative = rmse / scale
+        details = {"relative_error": relative, "rmse": rmse}
+        return collapse_guard(max(0.0, 1.0 - relative), details, ref_values, cand_values), details
+
+
+def output_kind(handle: Any) -> str:
+    """What output 0 of a model is (one of OUTPUT_KINDS): what its loader recorded, else read
+    from its name and shape: ``(batch, seq, vocab)`` logits of a token-id model with a vocabulary
+    (>= 1000 columns) are LM logits, other sequences are embeddings, one column is regression."""
+    recorded = handle.metadata.get("output_kind")
+    if recorded in OUTPUT_KINDS:
+        return str(recorded)
+    spec = handle.outputs[0]
+    name, shape = spec.name.lower(), spec.shape
+    if len(shape) <= 1 or (len(shape) == 2 and shape[-1] == 1):
+        return "regression"
+    if len(shape) == 3:
+        vocabulary = isinstance(shape[-1], int) and shape[-1] >= 1000
+        return "lm_logits" if "logit" in name and vocabulary and "input_ids" in handle.input_names else (
+            "logits" if "logit" in name else "embeddings")
+    return "embeddings" if any(w in name for w in ("embed", "hidden", "pool", "sentence")) else "logits"
+
+
+def fidelity_metric(reference: Predict, kind: str) -> Metric:
+    """The label-free quality metric for an output kind, judged against the original model."""
+    metrics: dict[str, Callable[[Predict], Metric]] = {
+        "logits": ClassifierFidelity,
+        "lm_logits": LanguageModelFidelity,
+        "embeddings": EmbeddingFidelity,
+        "regression": RegressionFidelity,
+    }
+    if kind not in metrics:
+        raise UnknownNameError(f"Unknown output kind '{kind}'; choose one of: {', '.join(OUTPUT_KINDS)}.")
+    return metrics[kind](reference)
 
 
 class CallableMetric:
@@ -219,11 +419,14 @@ class Task:
     batch_size: int = 64
 
     @classmethod
-    def from_npz(cls, path: str | Path, inputs: Sequence[Any], reference: Predict, *, name: str | None = None) -> Task:
+    def from_npz(cls, path: str | Path, inputs: Sequence[Any], reference: Predict, *, name: str | None = None,
+                 kind: str = "embeddings") -> Task:
         """A Task from an .npz of '<split>/<input>' arrays and optional '<split>/labels' (read without
         pickle). ``inputs`` are the model's input specs (``handle.inputs``, or just names) and
         ``reference`` is the original model's predict function: with labels in the test split the
-        metric is accuracy, without it is the fidelity of output 0 to ``reference``. The baseline is
+        metric is accuracy (with the collapse check against ``reference``), without it is the fidelity
+        of output 0 to ``reference`` for its ``kind`` (``compactai.tasks.output_kind(handle)``:
+        classifier or LM logits, embeddings, regression). The baseline is
         ``reference``'s quality on the test split. Splits calibration, validation and test are
         required; every array is checked (rows, label counts, finite values) before use."""
         path = Path(path)
@@ -241,7 +444,8 @@ class Task:
                 f"{path} lacks the {', '.join(missing)} split(s); store arrays named "
                 f"'<split>/<input>' for inputs {names}."
             )
-        metric: Metric = Accuracy() if splits["test"].labels is not None else EmbeddingFidelity(reference)
+        has_labels = splits["test"].labels is not None
+        metric: Metric = Accuracy(reference) if has_labels else fidelity_metric(reference, kind)
         task = cls(name=name or path.stem, metric=metric, splits=splits)
         task.baseline = task.evaluate(reference).value
         return task

@@ -155,8 +155,11 @@ def _abort_errors() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
-def resolve_model(path: str | None, example: str | None, progress: Any = None) -> tuple[Any, Any, dict[str, Any]]:
-    """(handle, task or None, info) from a model path or a built-in example name."""
+def resolve_model(
+    path: str | None, example: str | None, progress: Any = None, hf_task: str | None = None
+) -> tuple[Any, Any, dict[str, Any]]:
+    """(handle, task or None, info) from a model path or a built-in example name; ``hf_task``
+    overrides the architecture a Hugging Face directory declares."""
     from compactai.errors import BadInputError
 
     if (path is None) == (example is None):
@@ -176,7 +179,7 @@ def resolve_model(path: str | None, example: str | None, progress: Any = None) -
         raise BadInputError(f"Cannot use the model path {str(path)[:200]}...: {exc.strerror}.") from None
     if is_onnx:
         check_onnx_sizes(path)  # type: ignore[arg-type]  # before example inputs are allocated
-    return load_model(path), None, {"path": str(path)}
+    return load_model(path, hf_task=hf_task), None, {"path": str(path)}
 
 
 def check_output_dir(path: Path | None, flag: str = "-o") -> None:
@@ -207,9 +210,10 @@ def task_from_data(path: Path, handle: Any) -> Any:
     """The task of ``--data FILE.npz`` for ``handle`` (see ``Task.from_npz``), judged against the
     model as ONNX Runtime runs it."""
     from compactai.measure import make_runner
-    from compactai.tasks import Task
+    from compactai.tasks import Task, output_kind
 
-    return Task.from_npz(path, handle.inputs, make_runner(handle, "onnxruntime").run)
+    return Task.from_npz(path, handle.inputs, make_runner(handle, "onnxruntime").run,
+                         kind=output_kind(handle))
 
 
 @app.callback()

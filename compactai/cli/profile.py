@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import typer
 
-from compactai.cli._common import Output, app, resolve_model, table
+from compactai.cli._common import Output, app, resolve_model, table, task_from_data
 from compactai.errors import UnknownNameError
 
 
@@ -14,6 +15,13 @@ from compactai.errors import UnknownNameError
 def profile(
     path: str | None = typer.Argument(None, help="Model: .onnx file, .pt2 file or Hugging Face directory."),
     example: str | None = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Task data for PATH (.npz as for quantize): adds quality, judged on its test split."
+    ),
+    hf_task: str | None = typer.Option(
+        None, "--hf-task", help="Hugging Face directory: load as embedding, sequence-classification, "
+        "token-classification or causal-lm instead of its declared architecture.",
+    ),
     runtime: str = typer.Option("all", "--runtime", "-r", help="onnxruntime, torch, or all."),
     threads: int | None = typer.Option(None, help="Intra-op threads (default: all CPUs of this process)."),
     queries: int = typer.Option(200, help="Minimum timed batch-1 queries (after warm-up)."),
@@ -37,7 +45,12 @@ def profile(
                            core_watts=core_watts, memory=not no_memory, threads=threads)
     config.check()  # before the model is loaded
     with out.progress("Profiling") as say:
-        handle, task, info = resolve_model(path, example, progress=lambda e, n, acc: say(f"training example, epoch {e}/{n}"))
+        handle, task, info = resolve_model(
+            path, example, progress=lambda e, n, acc: say(f"training example, epoch {e}/{n}"), hf_task=hf_task
+        )
+        if data is not None:
+            say("reading the task data")
+            task = task_from_data(data, handle)
         result = profile_model(handle, task, runtimes=wanted, config=config, progress=say)
     result["source"] = info
     print_profile(out, result)
@@ -73,7 +86,10 @@ def print_profile(out: Output, result: dict[str, Any]) -> None:
     row("energy method", "energy_method")
     row("threads", "threads")
     model = result["model"]
-    out.console.print(table(f"Profile of {model['name']} ({model['kind']}, {model['framework']})", ["figure", *names], rows))
+    loaded = f", {model['architecture']}" if model.get("architecture") else ""
+    out.console.print(table(f"Profile of {model['name']} ({model['kind']}, {model['framework']}{loaded})", ["figure", *names], rows))
+    outputs = ", ".join(f"{o['name']} {tuple(o['shape'])}" for o in model["outputs"])
+    out.console.print(f"outputs: {outputs}" + (f" ({model['output_kind']})" if model.get("output_kind") else ""))
     parity = result.get("parity")
     if parity:
         diffs = ", ".join(f"{k} {v:.2e}" for k, v in parity["max_abs_diff"].items())

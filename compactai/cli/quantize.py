@@ -29,6 +29,10 @@ def quantize(
         None, help="Model: .onnx, .pt2 or Hugging Face directory; or --example."
     ),
     example: str | None = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
+    hf_task: str | None = typer.Option(
+        None, "--hf-task", help="Hugging Face directory: load as embedding, sequence-classification, "
+        "token-classification or causal-lm instead of its declared architecture.",
+    ),
     data: Path | None = typer.Option(
         None,
         "--data",
@@ -126,7 +130,7 @@ def quantize(
     result: dict[str, Any] = {"command": "quantize", "mode": mode, "technique": technique.name}
     with out.progress("Quantizing") as say:
         handle, task, info = resolve_model(
-            path, example, progress=lambda e, n, acc: say(f"training example {e}/{n}")
+            path, example, progress=lambda e, n, acc: say(f"training example {e}/{n}"), hf_task=hf_task
         )
         if data is not None:
             task = task_from_data(data, handle)

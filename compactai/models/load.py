@@ -23,6 +23,7 @@ from compactai.errors import (
     UnsupportedFormatError,
 )
 from compactai.models.handle import ModelHandle, TensorSpec, set_eval
+from compactai.models.hf import TEXT_PROBES, SentenceEncoder, build_hf_model  # noqa: F401 (re-exported: callers import them from here)
 from compactai.models.pt2_archive import check_pt2_archive
 from compactai.models.safety import pickle_reason
 
@@ -31,7 +32,6 @@ SAFE_ALTERNATIVES = (
     "or save weights as safetensors and pass the nn.Module to compactai.load_model."
 )
 MAX_HF_FILES = 1000  # files of a Hugging Face directory inspected for pickles
-TEXT_PROBES = ["compactai scales models down.", "A small sentence for tracing the encoder input shapes."]
 
 
 def load_model(
@@ -42,12 +42,14 @@ def load_model(
     kind: str | None = None,
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
+    hf_task: str | None = None,
 ) -> ModelHandle:
     """Load a model into a ModelHandle.
 
     ``source`` is a ``torch.nn.Module`` (``example_inputs`` required: a tensor, a tuple of
     tensors or a dict by input name), or a path to an ``.onnx`` file, a Hugging Face model
-    directory (loaded offline) or a ``torch.export`` ``.pt2`` file.
+    directory (loaded offline by its declared architecture, or as ``hf_task``: embedding,
+    sequence-classification, token-classification, causal-lm) or a ``torch.export`` ``.pt2`` file.
     """
     if isinstance(source, ModelHandle):
         return source
@@ -68,7 +70,7 @@ def load_model(
         raise ModelNotFoundError(f"Model not found: {path}. Check the path, or use --example digits|minilm.")
     if path.is_dir():
         if (path / "config.json").exists():
-            return load_hf_directory(path, name=name)
+            return load_hf_directory(path, name=name, hf_task=hf_task)
         raise UnsupportedFormatError(
             f"{path} is a directory without config.json; pass a Hugging Face model directory or a model file."
         )
@@ -255,26 +257,10 @@ def _from_module(
     )
 
 
-class SentenceEncoder:
-    """Wraps a Hugging Face encoder so its forward takes (input_ids, attention_mask)
-    and returns the last hidden state (token embeddings; pooling happens in the task)."""
-
-    def __new__(cls, model: Any) -> Any:
-        import torch
-
-        class _Encoder(torch.nn.Module):
-            def __init__(self, inner: Any) -> None:
-                super().__init__()
-                self.encoder = inner
-
-            def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-                return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-        return _Encoder(model)
-
-
-def load_hf_directory(path: Path, *, name: str | None = None) -> ModelHandle:
-    """A Hugging Face encoder directory, loaded offline (no hub access), as a sentence encoder."""
+def load_hf_directory(path: Path, *, name: str | None = None, hf_task: str | None = None) -> ModelHandle:
+    """A Hugging Face directory, loaded offline (no hub access) by its declared architecture
+    (``config.architectures``; ``hf_task`` overrides): classifiers and causal LMs keep their heads
+    and output logits, bare encoders load as sentence encoders (see :mod:`compactai.models.hf`)."""
     import os
 
     from compactai.errors import require
@@ -292,23 +278,13 @@ def load_hf_directory(path: Path, *, name: str | None = None) -> ModelHandle:
                     f"Refusing to load {file}: {reason}, so its weights are pickled. Convert them to "
                     f"model.safetensors first. {SAFE_ALTERNATIVES}"
                 )
-    from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    try:
-        model = AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:
-        raise CorruptModelError(
-            f"Cannot load the Hugging Face model in {path} offline: {str(exc).splitlines()[0][:200]}"
-        ) from exc
-    encoded = tokenizer(TEXT_PROBES, padding=True, return_tensors="np")
-    feeds = {k: encoded[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
-    handle = _from_module(SentenceEncoder(model), feeds, name or path.name, "transformer", None, ["last_hidden_state"])
-    handle.metadata["hf_directory"] = str(path)
-    handle.metadata["hidden_size"] = int(getattr(model.config, "hidden_size", 0))
+    loaded = build_hf_model(path, hf_task)
+    handle = _from_module(loaded.module, loaded.feeds, name or path.name, "transformer", None, [loaded.output_name])
+    handle.metadata.update(loaded.metadata)
     return handle
 
 

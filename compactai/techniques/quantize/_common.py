@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from compactai.models.handle import ModelHandle
-from compactai.tasks import Quality, Split, Task, trim_padding
+from compactai.tasks import Quality, Split, Task, sample_vectors, spread_ratio, trim_padding
 
 # Ops whose weights ORT's int8 quantizers store as integers.
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
@@ -131,3 +131,19 @@ def file_size(path: Path) -> int:
     from compactai.measure import size_on_disk
 
     return int(size_on_disk(path))
+
+
+def output_spread_ratio(
+    reference: ModelHandle, candidate: ModelHandle, split: Split, samples: int = 64, threads: int | None = None
+) -> float:
+    """How much ``candidate``'s output 0 varies across ``samples`` rows of ``split``, relative to
+    ``reference``'s (about 1 for a faithful model, 0 for one that ignores its input)."""
+    from compactai.measure import make_runner
+
+    part = split.take(min(samples, len(split)))
+    runners = [make_runner(h, "onnxruntime", threads) for h in (reference, candidate)]
+    pooled: list[list[np.ndarray]] = [[], []]
+    for feeds, _ in part.batches(16):
+        for rows, runner in zip(pooled, runners):
+            rows.append(sample_vectors(runner.run(feeds)[0], feeds.get("attention_mask")))
+    return spread_ratio(np.concatenate(pooled[0]), np.concatenate(pooled[1]))

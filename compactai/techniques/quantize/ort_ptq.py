@@ -19,6 +19,7 @@ from typing import Any
 from compactai.errors import TechniqueError
 from compactai.tasks import Split
 from compactai.techniques.quantize._common import calibration_reader, name_unnamed_nodes
+from compactai.techniques.quantize.masks import mask_path_nodes, nodes_touching, unbounded_scales
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +204,49 @@ def quantize_int8(
     config: Int8Config,
     calibration: Split | None = None,
     input_names: list[str] | None = None,
+    notes: dict[str, Any] | None = None,
 ) -> Path:
-    """Quantize the (pre-processed) float ONNX file ``source`` to ``target`` with ``config``."""
+    """Quantize the (pre-processed) float ONNX file ``source`` to ``target`` with ``config``.
+
+    Static int8 keeps the attention-mask path in float and checks every scale of the result
+    (:mod:`~compactai.techniques.quantize.masks`): tensors with an unbounded scale are kept in
+    float and the model quantized again once; if that does not remove them, the model is refused.
+    What was kept in float for these reasons is added to ``notes``.
+    """
+    if config.mode != "static":
+        return _quantize_once(source, target, config, calibration, input_names)
+    notes = notes if notes is not None else {}
+    masked = [n for n in mask_path_nodes(source) if n not in config.nodes_to_exclude]
+    if masked:
+        notes["mask_path_float_nodes"] = masked
+        config = config.excluding([*config.nodes_to_exclude, *masked])
+    _quantize_once(source, target, config, calibration, input_names)
+    bad = unbounded_scales(target)
+    if bad:
+        log.info("unbounded int8 scales %s; re-quantizing with their ops in float", bad)
+        touching = [n for n in nodes_touching(source, list(bad)) if n not in config.nodes_to_exclude]
+        notes["unbounded_scale_tensors"] = sorted(bad)
+        notes["unbounded_scale_float_nodes"] = touching
+        config = config.excluding([*config.nodes_to_exclude, *touching])
+        _quantize_once(source, target, config, calibration, input_names)
+        still = unbounded_scales(target)
+        if still:
+            raise TechniqueError(
+                f"Static int8 of {source.name} calibrated unbounded scales for {', '.join(sorted(still)[:5])} "
+                f"(largest {max(still.values()):.3g}) even with those ops in float, so the int8 model would "
+                "ignore its input; refused. Use mode='dynamic', or exclude the ops computing them (--exclude)."
+            )
+    return target
+
+
+def _quantize_once(
+    source: Path,
+    target: Path,
+    config: Int8Config,
+    calibration: Split | None,
+    input_names: list[str] | None,
+) -> Path:
+    """One call of ORT's dynamic or static quantizer with ``config``."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -258,7 +300,17 @@ def quantize_int8(
     except TechniqueError:
         raise
     except Exception as exc:  # ORT's quantizer raises RuntimeError/ValueError/onnx errors
+        hint = ""
+        if config.mode == "static" and config.format == "qoperator" and _has_fused_attention(source):
+            # ORT leaves the fused Attention op's output uncalibrated, and the QOperator MatMul after it fails
+            hint = " Static QOperator int8 does not handle fused Attention ops; use format='qdq' (--format qdq) or mode='dynamic'."
         raise TechniqueError(
-            f"ONNX Runtime could not quantize {source.name} ({config.label()}): {str(exc).splitlines()[0][:300]}"
+            f"ONNX Runtime could not quantize {source.name} ({config.label()}): {str(exc).splitlines()[0][:300]}.{hint}"
         ) from exc
     return target
+
+
+def _has_fused_attention(path: Path) -> bool:
+    import onnx
+
+    return any(n.op_type == "Attention" for n in onnx.load(str(path), load_external_data=False).graph.node)

@@ -11,6 +11,7 @@ from typing import Any
 
 from compactai.errors import BudgetNotMetError, ParameterError
 from compactai.models.handle import ModelHandle
+from compactai.tasks import COLLAPSE_RATIO
 from compactai.techniques.base import (
     AnyParam,
     ChoiceParam,
@@ -20,7 +21,13 @@ from compactai.techniques.base import (
     Technique,
     register_technique,
 )
-from compactai.techniques.quantize._common import Evaluator, default_probe, file_size, weight_nodes
+from compactai.techniques.quantize._common import (
+    Evaluator,
+    default_probe,
+    file_size,
+    output_spread_ratio,
+    weight_nodes,
+)
 from compactai.techniques.quantize.auto import search_mixed_precision
 from compactai.techniques.quantize.equalize import scale_outlier_channels
 from compactai.techniques.quantize.float import CONVERTERS, check_executes
@@ -255,7 +262,7 @@ class Quantize(Technique):
         report: dict[str, Any] = {}
         if mode in ("dynamic", "static"):
             say(f"quantizing: {base.label()}")
-            quantize_int8(source, target, base, calibration, handle.input_names)
+            quantize_int8(source, target, base, calibration, handle.input_names, notes=decisions)
             decisions["config"] = base.to_dict()
         elif mode in CONVERTERS:
             say(f"converting to {mode}")
@@ -272,7 +279,29 @@ class Quantize(Technique):
             decisions.update(
                 {k: v for k, v in report.items() if k in ("chosen_config", "float_ops", "target")}
             )
+        self._refuse_collapsed(float_handle, target, context, decisions)
         return self._guard(handle, float_handle, target, params, probe, decisions, report, context)
+
+    def _refuse_collapsed(
+        self, float_handle: ModelHandle, target: Path, context: Context, decisions: dict[str, Any]
+    ) -> None:
+        """Refuse a quantized model whose outputs no longer depend on its input (their spread over
+        the validation split, or the calibration split, against the float model's)."""
+        task = context.task
+        split = None if task is None else task.splits.get("validation") or task.splits.get("calibration")
+        if split is None:
+            return
+        context.progress("checking that the outputs still depend on the input")
+        ratio = output_spread_ratio(float_handle, float_handle.as_onnx(target), split, threads=context.threads)
+        decisions["output_spread_ratio"] = ratio
+        if ratio < COLLAPSE_RATIO:
+            raise QualityTargetNotMetError(
+                f"The {decisions['mode']} model's outputs barely vary with its input (their spread is "
+                f"{ratio:.1%} of the float model's on {len(split)} rows): it is broken, so it is refused. "
+                "Try another mode (e.g. dynamic) or keep the ops named in the sensitivity table in float.",
+                None,
+                None,
+            )
 
     def _auto(
         self,

@@ -1,0 +1,1 @@
+"""User-style models for tests, built from seeded random weights (no downloads)."""
