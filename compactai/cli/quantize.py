@@ -56,7 +56,8 @@ def quantize(
     calibration_samples: int = typer.Option(
         128, "--calibration-samples", help="Rows of the calibration split."
     ),
-    reduce_range: bool = typer.Option(False, "--reduce-range", help="7-bit weights (for CPUs without VNNI)."),
+    reduce_range: str = typer.Option("auto", "--reduce-range", help="7-bit int8 weights: auto (on where this CPU "
+                                     "lacks VNNI, whose absence makes 8-bit u8s8 kernels saturate), on or off."),
     weight_bits: int = typer.Option(8, "--weight-bits", help="8, or 4 (static QDQ / QAT only)."),
     block_size: int = typer.Option(
         32, "--block-size", help="int4 weight-only block size: 16, 32, 64 or 128."
@@ -100,8 +101,11 @@ def quantize(
         raise UnknownNameError(f"Unknown quantization mode '{mode}'; choose one of: {', '.join(CLI_MODES)}.")
     out = Output(json_output)
     # settings both techniques share: how the int8 model is laid out and calibrated
+    reduce_choices = {"auto": "auto", "on": True, "off": False}
+    if reduce_range not in reduce_choices:
+        raise UnknownNameError(f"--reduce-range must be auto, on or off. Got {reduce_range!r} instead.")
     common = {"per_channel": not per_tensor, "format": fmt, "calibration": calibration,
-                  "calibration_samples": calibration_samples, "reduce_range": reduce_range, "weight_bits": weight_bits}
+                  "calibration_samples": calibration_samples, "reduce_range": reduce_choices[reduce_range], "weight_bits": weight_bits}
     if mode == "qat":
         technique = create_technique("qat", epochs=epochs, lr=lr, max_batches=max_batches, **common)
     else:

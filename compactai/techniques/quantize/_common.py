@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from compactai.measure.environment import int8_kernels_saturate
 from compactai.models.handle import ModelHandle
 from compactai.tasks import Quality, Split, Task, sample_vectors, spread_ratio, trim_padding
 
@@ -125,6 +126,14 @@ class Evaluator:
         runner = make_runner(self.handle.as_onnx(path), "onnxruntime", self.threads)
         value, details = self.task.metric.score(runner.run, self.split, self.task.batch_size)
         return Quality(self.task.metric.name, value, None, details)
+
+
+def resolve_reduce_range(value: Any) -> bool:
+    """``reduce_range`` as the int8 kernels need it: "auto" means 7-bit weights exactly where this
+    CPU's u8s8 kernels saturate (x86 without VNNI), full 8-bit weights elsewhere."""
+    if value == "auto":
+        return int8_kernels_saturate()
+    return bool(value)
 
 
 def file_size(path: Path) -> int:

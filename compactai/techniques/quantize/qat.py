@@ -29,7 +29,7 @@ from compactai.techniques.base import (
     Technique,
     register_technique,
 )
-from compactai.techniques.quantize._common import file_size
+from compactai.techniques.quantize._common import file_size, resolve_reduce_range
 from compactai.techniques.quantize.ort_ptq import Int8Config, preprocess, quantize_int8
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ class QAT(Technique):
         "format": ChoiceParam(("qoperator", "qdq"), "qoperator"),
         "calibration": ChoiceParam(("minmax", "entropy", "percentile"), "minmax"),
         "calibration_samples": IntParam(1, 100_000, 128),
-        "reduce_range": ChoiceParam((False, True), False),
+        "reduce_range": ChoiceParam(("auto", False, True), "auto"),
         "weight_bits": ChoiceParam((8, 4), 8),
     }
     searchable = ("epochs", "lr")
@@ -172,7 +172,8 @@ class QAT(Technique):
         wrapped = swap_modules(
             model,
             lambda m: (
-                make_fake_quant(m, params["per_channel"], params["weight_bits"], params["reduce_range"])
+                make_fake_quant(m, params["per_channel"], params["weight_bits"],
+                                resolve_reduce_range(params["reduce_range"]))
                 if isinstance(m, fake)
                 else m
             ),
@@ -229,7 +230,7 @@ class QAT(Technique):
         config = Int8Config(
             mode="static",
             per_channel=params["per_channel"],
-            reduce_range=params["reduce_range"],
+            reduce_range=resolve_reduce_range(params["reduce_range"]),
             format=params["format"],
             calibration=params["calibration"],
             calibration_samples=params["calibration_samples"],

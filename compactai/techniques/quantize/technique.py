@@ -26,6 +26,7 @@ from compactai.techniques.quantize._common import (
     default_probe,
     file_size,
     output_spread_ratio,
+    resolve_reduce_range,
     weight_nodes,
 )
 from compactai.techniques.quantize.auto import search_mixed_precision
@@ -144,7 +145,7 @@ class Quantize(Technique):
         "format": ChoiceParam(("qoperator", "qdq"), "qoperator"),
         "calibration": ChoiceParam(("minmax", "entropy", "percentile"), "minmax"),
         "calibration_samples": IntParam(1, 100_000, 128),
-        "reduce_range": ChoiceParam((False, True), False),
+        "reduce_range": ChoiceParam(("auto", False, True), "auto"),
         "weight_bits": ChoiceParam((8, 4), 8),
         "const_weights_only": ChoiceParam((True, False), True),
         "nodes_to_exclude": AnyParam(None),
@@ -219,7 +220,7 @@ class Quantize(Technique):
         base = Int8Config(
             mode=mode if mode in ("dynamic", "static") else "dynamic",
             per_channel=params["per_channel"],
-            reduce_range=params["reduce_range"],
+            reduce_range=resolve_reduce_range(params["reduce_range"]),
             format=params["format"],
             calibration=params["calibration"],
             calibration_samples=params["calibration_samples"],
