@@ -94,7 +94,7 @@ def optimize(
         target = output or Path("out") / f"optimize-{info.get('example') or Path(str(path)).stem}"
 
         def on_trial(result: Any) -> None:
-            from compactai.search.engine import describe
+            from compactai.results import describe
 
             if result.status == "ok":
                 f = result.figures

@@ -21,7 +21,7 @@ from compactai.errors import (
     UnsafeFormatError,
     UnsupportedFormatError,
 )
-from compactai.models.handle import ModelHandle, TensorSpec, set_eval
+from compactai.models.handle import ModelHandle, TensorSpec, output_specs, set_eval
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".sav"}
 SAFE_ALTERNATIVES = (
@@ -220,8 +220,6 @@ def _from_module(
     output_names: list[str] | None,
 ) -> ModelHandle:
     import torch
-
-    from compactai.export.onnx import output_specs
 
     set_eval(module)
     feeds = _to_feeds(module, example_inputs, input_names)
