@@ -171,3 +171,19 @@ def test_an_edge_against_the_order_is_reported(target: str, expected: str | None
         assert found == []
     else:
         assert len(found) == 1 and expected in found[0], found
+
+
+def test_a_handle_converts_through_the_exporter_the_export_layer_plugs_in(monkeypatch) -> None:
+    """models sits below export, so ModelHandle.to_onnx reaches it through a registered hook."""
+    import torch
+
+    from compactai import load_model
+    from compactai.errors import CompactAIError
+    from compactai.export import onnx as export_module
+    from compactai.models import handle as handle_module
+
+    assert handle_module._onnx_exporter == [export_module._export_for_handle]
+    model = load_model(torch.nn.Linear(3, 2).eval(), torch.randn(1, 3), name="linear")
+    monkeypatch.setattr(handle_module, "_onnx_exporter", [])
+    with pytest.raises(CompactAIError, match="No ONNX exporter is registered"):
+        model.to_onnx()
