@@ -11,19 +11,6 @@ from compactai.models.handle import ModelHandle
 from compactai.tasks import Task
 
 
-def model_summary(handle: ModelHandle) -> dict[str, Any]:
-    return {
-        "name": handle.name,
-        "kind": handle.kind,
-        "framework": handle.framework,
-        "inputs": [s.to_dict() for s in handle.inputs],
-        "outputs": [s.to_dict() for s in handle.outputs],
-        "fingerprint": handle.fingerprint(),
-        # what a loader chose (e.g. a Hugging Face head), so a profile never hides a different model
-        **{key: handle.metadata[key] for key in ("architecture", "hf_task", "output_kind") if key in handle.metadata},
-    }
-
-
 def export_parity(handle: ModelHandle, task: Task | None, samples: int = 64) -> dict[str, Any]:
     """Max abs diff per output between torch and the ONNX export on real inputs (the task's
     evaluation split when there is one), plus the task metric's difference."""
@@ -54,7 +41,7 @@ def profile_model(
     if handle.module is None:
         runtimes = [r for r in runtimes if r != "torch"] or ["onnxruntime"]
     say = progress or (lambda message: None)
-    result: dict[str, Any] = {"model": model_summary(handle), "measurements": {}, "environment": environment()}
+    result: dict[str, Any] = {"model": handle.summary(), "measurements": {}, "environment": environment()}
     if handle.module is not None and "onnxruntime" in runtimes:
         say("exporting to ONNX with a parity check")
         result["parity"] = export_parity(handle, task)

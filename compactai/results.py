@@ -55,6 +55,21 @@ def recipe_of(handle: ModelHandle) -> list[dict[str, Any]]:
     return [{"technique": step["technique"], "params": step["params"]} for step in handle.metadata.get("history", [])]
 
 
+def describe(recipe: list[dict[str, Any]]) -> str:
+    """A short human label: ``prune(ratio=0.5) -> quantize(mode=static)``."""
+    if not recipe:
+        return "(original)"
+    parts = []
+    for step in recipe:
+        params = ", ".join(f"{k}={_short(v)}" for k, v in step["params"].items())
+        parts.append(f"{step['technique']}({params})")
+    return " -> ".join(parts)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def to_jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}
@@ -73,11 +88,9 @@ def to_jsonable(value: Any) -> Any:
 
 def write_results(out_dir: str | Path, command: str, handle: ModelHandle, *, seed: int = 0, **sections: Any) -> Path:
     """Write ``results.json`` atomically (temp file + rename) and return its path."""
-    from compactai.profile import model_summary
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary = model_summary(handle)
+    summary = handle.summary()
     summary["path"] = MODEL_FILE
     data = {
         "command": command,

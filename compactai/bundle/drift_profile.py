@@ -11,6 +11,7 @@ the test split stays unseen, and the training split is what the model has memori
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,11 @@ def reference_from_npz(path: str | Path, input_names: list[str]) -> tuple[dict[s
     return inputs, kind
 
 
-def reference_from_example(name: str, progress: Any = None) -> tuple[dict[str, np.ndarray], str]:
-    """(reference inputs, model kind) from a built-in example's calibration and validation splits."""
-    from compactai.examples import load_example
+def reference_from_example(example: Any) -> tuple[dict[str, np.ndarray], str]:
+    """(reference inputs, model kind) from a loaded built-in example's calibration and validation
+    splits (``compactai.load_example(name)``: examples sit above bundle, so they are passed in)."""
     from compactai.tasks import EmbeddingFidelity
 
-    example = load_example(name, progress=progress)
     splits = [example.task.splits[s] for s in REFERENCE_SPLITS if s in example.task.splits]
     inputs = {n: _concatenate_padded([s.inputs[n] for s in splits]) for n in splits[0].inputs}
     kind = "embedding" if isinstance(example.task.metric, EmbeddingFidelity) else "classifier"
@@ -126,10 +126,11 @@ def drift_profile_files(
     window: int = 200,
     alpha: float = 0.01,
     seed: int = 0,
-    progress: Any = None,
+    example_loader: Callable[[str], Any] | None = None,
 ) -> tuple[dict[str, Path], str]:
     """The profile files for a bundle and where the reference came from; ({}, why not) when there is
-    no reference data (the bundle is then served without drift detection)."""
+    no reference data (the bundle is then served without drift detection). ``example_loader``
+    (e.g. ``compactai.load_example``) loads a named example's data."""
     from compactai.models.load import load_onnx
 
     if data is not None and example is not None:
@@ -139,7 +140,10 @@ def drift_profile_files(
         inputs, inferred = reference_from_npz(data, load_onnx(Path(model)).input_names)
         origin = f"{Path(data).name} ({' + '.join(REFERENCE_SPLITS)} splits)"
     elif example is not None:
-        inputs, inferred = reference_from_example(example, progress=progress)
+        if example_loader is None:
+            raise BadInputError(f"The drift reference is the example {example!r}; pass example_loader="
+                                "compactai.load_example (or --data FILE.npz) to load its data.")
+        inputs, inferred = reference_from_example(example_loader(example))
         origin = f"example {example} ({' + '.join(REFERENCE_SPLITS)} splits)"
     else:
         return {}, "no reference data: pass --data FILE.npz or --example NAME to add a drift profile"

@@ -90,6 +90,7 @@ def bundle_command(
     from compactai.bundle.drift_profile import drift_profile_files
     from compactai.bundle.verify import load_arrays
     from compactai.errors import ParameterError
+    from compactai.examples import load_example
 
     if drift_kind not in ("auto", "classifier", "embedding", "regression"):
         raise ParameterError(f"--drift-kind must be auto, classifier, embedding or regression. Got {drift_kind!r}.")
@@ -112,7 +113,8 @@ def bundle_command(
             files, drift_note = drift_profile_files(
                 model, results, drift_dir, data=data, example=example,
                 kind=None if drift_kind == "auto" else drift_kind, window=drift_window, alpha=drift_alpha,
-                progress=lambda e, n, acc: say(f"training example {e}/{n}"))
+                example_loader=lambda name: load_example(
+                    name, progress=lambda e, n, acc: say(f"training example {e}/{n}")))
         say("computing golden outputs and hashes")
         manifest = build_bundle(source, out_path, load_private_key(key), version, semver=semver, name=name,
                                 expires_days=expires_days, golden_inputs=golden_inputs, rtol=rtol, atol=atol,

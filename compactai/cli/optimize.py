@@ -95,7 +95,7 @@ def optimize(
         check_output_dir(target)
 
         def on_trial(result: Any) -> None:
-            from compactai.search.engine import describe
+            from compactai.results import describe
 
             if result.status == "ok":
                 f = result.figures

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from compactai.models.zoo import digits_resnet
 from compactai.tasks import Accuracy, Split, Task
 
 log = logging.getLogger(__name__)
@@ -54,47 +55,6 @@ def load_digits_splits(seed: int = SEED) -> dict[str, Split]:
         "validation": split(val_idx),
         "test": split(test_idx),
     }
-
-
-def build_digits_cnn(widths: tuple[int, ...] = WIDTHS, num_classes: int = 10) -> Any:
-    """A residual CNN: stem conv, one residual block per stage (stride 2 between stages), GAP, linear."""
-    import torch
-    from torch import nn
-
-    class Block(nn.Module):
-        def __init__(self, cin: int, cout: int, stride: int) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.shortcut: nn.Module = nn.Identity()
-            if stride != 1 or cin != cout:
-                self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out = torch.relu(self.bn1(self.conv1(x)))
-            out = self.bn2(self.conv2(out))
-            return torch.relu(out + self.shortcut(x))
-
-    class DigitsResNet(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
-            stages = []
-            cin = widths[0]
-            for i, width in enumerate(widths):
-                stages.append(Block(cin, width, 1 if i == 0 else 2))
-                stages.append(Block(width, width, 1))
-                cin = width
-            self.stages = nn.Sequential(*stages)
-            self.pool = nn.AdaptiveAvgPool2d(1)
-            self.fc = nn.Linear(cin, num_classes)
-
-        def forward(self, image: torch.Tensor) -> torch.Tensor:
-            return self.fc(torch.flatten(self.pool(self.stages(self.stem(image))), 1))
-
-    return DigitsResNet()
 
 
 def augment(batch: Any, generator: Any) -> Any:
@@ -179,7 +139,7 @@ def load_or_train_teacher(cache_dir: Path, splits: dict[str, Split], progress: A
             return _load_teacher(weights, load_file)
         log.info("Training the digits teacher once (cached at %s)", weights)
         torch.manual_seed(SEED)
-        model = build_digits_cnn()
+        model = digits_resnet(WIDTHS)
         train_classifier(model, splits, EPOCHS, progress=progress)
         tmp = weights.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
@@ -188,7 +148,7 @@ def load_or_train_teacher(cache_dir: Path, splits: dict[str, Split], progress: A
 
 
 def _load_teacher(weights: Path, load_file: Any) -> Any:
-    model = build_digits_cnn()
+    model = digits_resnet(WIDTHS)
     model.load_state_dict(load_file(str(weights)))
     model.eval()
     return model

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from compactai.errors import ParityError, TechniqueError
-from compactai.models.handle import ModelHandle, TensorSpec, flatten_outputs, set_eval
+from compactai.models.handle import ModelHandle, set_eval, use_onnx_exporter
 
 log = logging.getLogger(__name__)
 
@@ -241,15 +241,8 @@ def check_parity(
     return report
 
 
-def output_specs(module: Any, args: tuple, names: list[str] | None = None) -> list[TensorSpec]:
-    """Run ``module`` once and describe its outputs (dynamic batch axis 0)."""
-    import torch
+def _export_for_handle(handle: ModelHandle, path: Path, parity: bool) -> ModelHandle:
+    return export_onnx(handle, path, check_parity=parity)
 
-    with torch.inference_mode():
-        result = flatten_outputs(module(*args))
-    specs = []
-    for i, tensor in enumerate(result):
-        name = names[i] if names and i < len(names) else ("output" if len(result) == 1 else f"output_{i}")
-        shape: tuple[int | str, ...] = ("batch", *tuple(tensor.shape[1:])) if tensor.ndim else ()
-        specs.append(TensorSpec(name, shape, str(tensor.detach().numpy().dtype)))
-    return specs
+
+use_onnx_exporter(_export_for_handle)  # ModelHandle.to_onnx converts through this (docs/architecture.md)

@@ -5,16 +5,28 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from compactai.errors import InputSignatureError
+from compactai.errors import CompactAIError, InputSignatureError
 
 if TYPE_CHECKING:
     import torch
+
+# (torch handle, target path, check parity) -> ONNX handle. compactai.export provides it and sits a
+# layer above this one (it needs ModelHandle), so it plugs itself in when imported instead of this
+# module importing upwards; see docs/architecture.md.
+OnnxExporter = Callable[["ModelHandle", Path, bool], "ModelHandle"]
+_onnx_exporter: list[OnnxExporter] = []
+
+
+def use_onnx_exporter(exporter: OnnxExporter) -> None:
+    """Make ``exporter`` the one :meth:`ModelHandle.to_onnx` converts with."""
+    _onnx_exporter[:] = [exporter]
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,19 @@ class ModelHandle:
                 digest.update(file.read_bytes())
         return digest.hexdigest()[:16]
 
+    def summary(self) -> dict[str, Any]:
+        """Name, kind, framework, signature and fingerprint as plain data (for results.json)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "framework": self.framework,
+            "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": [s.to_dict() for s in self.outputs],
+            "fingerprint": self.fingerprint(),
+            # what a loader chose (e.g. a Hugging Face head), so a profile never hides a different model
+            **{key: self.metadata[key] for key in ("architecture", "hf_task", "output_kind") if key in self.metadata},
+        }
+
     def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
         """Raise InputSignatureError when ``feeds`` do not match the input signature."""
         check_feeds(self.inputs, feeds)
@@ -108,11 +133,13 @@ class ModelHandle:
             return self
         if self._onnx_cache is not None and (path is None or Path(path) == self._onnx_cache.path):
             return self._onnx_cache
-        from compactai.export import export_onnx
-
+        if not _onnx_exporter:
+            raise CompactAIError(
+                "No ONNX exporter is registered; import compactai (or compactai.export) before converting."
+            )
         if path is None:
             path = Path(tempfile.mkdtemp(prefix="compactai-")) / f"{self.name}.onnx"
-        onnx_handle = export_onnx(self, path, check_parity=parity)
+        onnx_handle = _onnx_exporter[0](self, Path(path), parity)
         self._onnx_cache = onnx_handle
         return onnx_handle
 
@@ -135,6 +162,20 @@ def flatten_outputs(result: Any) -> list[Any]:
             flat.extend(flatten_outputs(item))
         return flat
     return [result]
+
+
+def output_specs(module: Any, args: tuple, names: list[str] | None = None) -> list[TensorSpec]:
+    """Run ``module`` once and describe its outputs (dynamic batch axis 0)."""
+    import torch
+
+    with torch.inference_mode():
+        result = flatten_outputs(module(*args))
+    specs = []
+    for i, tensor in enumerate(result):
+        name = names[i] if names and i < len(names) else ("output" if len(result) == 1 else f"output_{i}")
+        shape: tuple[int | str, ...] = ("batch", *tuple(tensor.shape[1:])) if tensor.ndim else ()
+        specs.append(TensorSpec(name, shape, str(tensor.detach().numpy().dtype)))
+    return specs
 
 
 def onnx_files(path: Path) -> list[Path]:

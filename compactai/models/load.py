@@ -22,7 +22,7 @@ from compactai.errors import (
     UnsafeFormatError,
     UnsupportedFormatError,
 )
-from compactai.models.handle import ModelHandle, TensorSpec, set_eval
+from compactai.models.handle import ModelHandle, TensorSpec, output_specs, set_eval
 from compactai.models.hf import TEXT_PROBES, SentenceEncoder, build_hf_model  # noqa: F401 (re-exported: callers import them from here)
 from compactai.models.pt2_archive import check_pt2_archive
 from compactai.models.safety import pickle_reason
@@ -223,8 +223,6 @@ def _from_module(
     output_names: list[str] | None,
 ) -> ModelHandle:
     import torch
-
-    from compactai.export.onnx import output_specs
 
     set_eval(module)
     feeds = _to_feeds(module, example_inputs, input_names)

@@ -3,8 +3,9 @@
 - :func:`mobilenet_v2_small`: MobileNetV2-style CNN (inverted residuals, depthwise convs,
   linear bottlenecks) for 1- or 3-channel images.
 - :func:`mlp`: a plain multi-layer perceptron (hidden neurons to prune).
+- :func:`digits_resnet`: the residual CNN of the digits example, at any stage widths.
 
-Each builder returns an ``nn.Module`` in eval mode; wrap it with
+Each builder returns an ``nn.Module`` (in eval mode, except the digits CNN that is trained next); wrap it with
 ``compactai.load_model(module, example_inputs)`` to get a handle.
 """
 
@@ -102,4 +103,47 @@ def mlp(in_features: int = 64, hidden: tuple[int, ...] = (256, 128), num_classes
     return nn.Sequential(*layers).eval()
 
 
-__all__ = ["MOBILENET_V2_STAGES", "mlp", "mobilenet_v2_small"]
+def digits_resnet(widths: tuple[int, ...] = (40, 80, 160), num_classes: int = 10) -> Any:
+    """The digits example's residual CNN (1-channel images): stem conv, two residual blocks per stage
+    (stride 2 between stages), GAP, linear. Returned in training mode, as the example's teacher and
+    distillation's ``digits-cnn`` student train it right away."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.shortcut: nn.Module = nn.Identity()
+            if stride != 1 or cin != cout:
+                self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = torch.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            return torch.relu(out + self.shortcut(x))
+
+    class DigitsResNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+            stages = []
+            cin = widths[0]
+            for i, width in enumerate(widths):
+                stages.append(Block(cin, width, 1 if i == 0 else 2))
+                stages.append(Block(width, width, 1))
+                cin = width
+            self.stages = nn.Sequential(*stages)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(cin, num_classes)
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.flatten(self.pool(self.stages(self.stem(image))), 1))
+
+    return DigitsResNet()
+
+
+__all__ = ["MOBILENET_V2_STAGES", "digits_resnet", "mlp", "mobilenet_v2_small"]

@@ -11,6 +11,7 @@ from typing import Any
 from jinja2 import Environment, select_autoescape
 
 from compactai.report.figures import latency_svg, pareto_svg, waterfall_svg
+from compactai.results import describe
 
 TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -89,12 +90,6 @@ def _change(before: Any, after: Any, better: str) -> str:
     return f"{after / before:.3f}x"
 
 
-def _label(recipe: list[dict[str, Any]]) -> str:
-    from compactai.search.engine import describe
-
-    return describe(recipe)
-
-
 def render_report(results: dict[str, Any]) -> str:
     env = Environment(autoescape=select_autoescape(default=True))
     template = env.from_string(TEMPLATE)
@@ -108,7 +103,7 @@ def render_report(results: dict[str, Any]) -> str:
         command += f" --min-quality {'abs:' if c['key'] == 'quality' else ''}{c['value']:g}"
     command += f" --seed {results['seed']}"
     return template.render(
-        r=results, rows=ROWS, chosen_fig=chosen.get("figures"), fmt=_fmt, change=_change, label=_label,
+        r=results, rows=ROWS, chosen_fig=chosen.get("figures"), fmt=_fmt, change=_change, label=describe,
         pareto=pareto_svg(results), waterfall=waterfall_svg(results), latency=latency_svg(results),
         recipe_json=json.dumps({"pipeline": results.get("recipe", []), "budget": results["budget"]["text"],
                                 "seed": results["seed"]}, indent=2),

@@ -22,6 +22,7 @@ from compactai.budget import Budget
 from compactai.errors import BadInputError, ParameterError
 from compactai.measure import MeasureConfig
 from compactai.models.handle import ModelHandle
+from compactai.results import describe
 from compactai.search.executors import make_executor
 from compactai.search.space import SearchSpace
 from compactai.search.trial import TrialResult
@@ -229,18 +230,3 @@ def run_search(
         signal.signal(signal.SIGTERM, previous_handler)
         executor.close()
     return SearchOutcome(finished_results(study), interrupted, stopped_by, storage_url(out_dir, config.storage))
-
-
-def describe(recipe: list[dict[str, Any]]) -> str:
-    """A short human label: ``prune(ratio=0.5) -> quantize(mode=static)``."""
-    if not recipe:
-        return "(original)"
-    parts = []
-    for step in recipe:
-        params = ", ".join(f"{k}={_short(v)}" for k, v in step["params"].items())
-        parts.append(f"{step['technique']}({params})")
-    return " -> ".join(parts)
-
-
-def _short(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -14,8 +14,8 @@ from compactai.budget import Budget
 from compactai.errors import BudgetNotMetError
 from compactai.measure import MeasureConfig, environment, make_runner, measure
 from compactai.models.handle import ModelHandle
-from compactai.results import save_model, to_jsonable
-from compactai.search.engine import SearchConfig, describe, run_search
+from compactai.results import describe, save_model, to_jsonable
+from compactai.search.engine import SearchConfig, run_search
 from compactai.search.remeasure import interleave_final, interleaved_selection_figures
 from compactai.search.select import Selection, select
 from compactai.search.space import SearchSpace, default_space

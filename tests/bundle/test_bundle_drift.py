@@ -22,6 +22,7 @@ from compactai.bundle import (
 )
 from compactai.bundle.drift_profile import drift_profile_files
 from compactai.errors import BadInputError, SecurityError, UnknownNameError
+from compactai.examples import load_example
 from compactai.measure.drift import PROFILE_FILE
 from compactai.runtime.drift import NO_PROFILE, DriftMonitor
 
@@ -102,7 +103,8 @@ def test_extra_files_cannot_replace_bundle_files_or_escape(keypair, small_onnx, 
 def test_reference_comes_from_the_example_an_output_directory_was_made_from(small_onnx, tmp_path):
     """results.json -> source.example names the reference data (an unknown one fails by name, before any work)."""
     with pytest.raises(UnknownNameError, match="no-such-example"):
-        drift_profile_files(small_onnx, {"source": {"example": "no-such-example"}}, tmp_path)
+        drift_profile_files(small_onnx, {"source": {"example": "no-such-example"}}, tmp_path,
+                            example_loader=load_example)
     files, why = drift_profile_files(small_onnx, {"source": {"path": "model.onnx"}}, tmp_path)
     assert files == {} and "--example" in why
     with pytest.raises(BadInputError, match="not both"):
@@ -114,7 +116,8 @@ def test_profile_from_the_digits_example_of_an_output_directory(digits, tmp_path
     """An output directory made with --example digits: the profile comes from the example's calibration +
     validation splits through the bundled model, and flags inverted digits."""
     model = digits.handle.to_onnx(tmp_path / "teacher.onnx").path
-    files, origin = drift_profile_files(model, {"source": {"example": "digits"}}, tmp_path / "drift")
+    files, origin = drift_profile_files(model, {"source": {"example": "digits"}}, tmp_path / "drift",
+                                        example_loader=load_example)
     assert list(files) == [PROFILE_FILE] and "example digits" in origin
     monitor = DriftMonitor.from_bundle(tmp_path / "drift")
     report = monitor.report()

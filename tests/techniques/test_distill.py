@@ -17,14 +17,14 @@ from compactai import load_model
 from compactai.errors import BadInputError, ParameterError, UnknownNameError
 from compactai.tasks import Accuracy, EmbeddingFidelity, Split, Task
 from compactai.techniques import Context, create_technique
-from compactai.techniques.distill.losses import (
+from compactai.techniques.distill.students import parse_student_spec
+from compactai.techniques.losses import (
     embedding_loss,
     hidden_state_loss,
     logit_distillation_loss,
     masked_mean_pool,
     soft_target_loss,
 )
-from compactai.techniques.distill.students import parse_student_spec
 
 # -- losses ------------------------------------------------------------------------------------
 

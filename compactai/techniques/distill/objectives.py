@@ -7,27 +7,22 @@ when the inputs do not change between epochs, and turns a batch into a loss (``l
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from compactai.models.handle import flatten_outputs
 from compactai.tasks import Split, trim_padding
-from compactai.techniques.distill.losses import (
+from compactai.techniques._training import first_output
+from compactai.techniques.distill.views import make_view_bank
+from compactai.techniques.losses import (
     embedding_loss,
     hidden_state_loss,
     logit_distillation_loss,
     masked_mean_pool,
 )
-from compactai.techniques.distill.views import make_view_bank
 
 OBJECTIVES = ("auto", "logits", "embeddings")
-
-
-def first_output(result: Any) -> torch.Tensor:
-    return flatten_outputs(result)[0]
 
 
 def to_tensors(feeds: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

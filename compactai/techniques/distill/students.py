@@ -29,6 +29,7 @@ from torch import nn
 
 from compactai.errors import ParameterError, TechniqueError, UnknownNameError
 from compactai.models.handle import ModelHandle, flatten_outputs
+from compactai.models.zoo import digits_resnet
 
 StudentBuilder = Callable[[str, ModelHandle, Any], nn.Module]
 STUDENT_BUILDERS: dict[str, StudentBuilder] = {}
@@ -205,13 +206,11 @@ def prune_width(args: str, handle: ModelHandle, context: Any) -> nn.Module:
 @register_student("digits-cnn", _int_list("digits-cnn", "12,24,48"))
 def digits_cnn(args: str, handle: ModelHandle, context: Any) -> nn.Module:
     """The digits example's residual CNN with the given stage widths, randomly initialised."""
-    from compactai.examples.digits import build_digits_cnn
-
     widths = tuple(_int_list("digits-cnn", "12,24,48")(args))
     if any(w == 0 for w in widths):
         raise _spec_error(f"digits-cnn:{args}", "widths must be positive.")
     torch.manual_seed(getattr(context, "seed", 0))
-    return build_digits_cnn(widths)
+    return digits_resnet(widths)
 
 
 class MLPStudent(nn.Module):

@@ -13,6 +13,7 @@ from torch import nn
 from compactai.errors import ParameterError
 from compactai.models.handle import ModelHandle, set_eval
 from compactai.tasks import EmbeddingFidelity, Task
+from compactai.techniques._training import first_output
 from compactai.techniques.base import (
     AnyParam,
     ChoiceParam,
@@ -23,18 +24,17 @@ from compactai.techniques.base import (
     Technique,
     register_technique,
 )
-from compactai.techniques.distill.losses import EMBEDDING_LOSSES
 from compactai.techniques.distill.objectives import (
     OBJECTIVES,
     EmbeddingObjective,
     LogitObjective,
     Objective,
-    first_output,
     to_tensors,
 )
 from compactai.techniques.distill.students import build_student, parameter_count, parse_student_spec
 from compactai.techniques.distill.trainer import TrainConfig, Trainer
 from compactai.techniques.distill.views import AUGMENTATIONS
+from compactai.techniques.losses import EMBEDDING_LOSSES
 
 
 class ProjectedStudent(nn.Module):

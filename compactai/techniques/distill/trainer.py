@@ -1,5 +1,6 @@
-"""A CPU-honest training loop for students: seeded, early stopping on validation with the best
-weights kept, progress, a time budget, and resumable checkpoints written without pickle.
+"""Training a student: what distillation adds to the shared loop (``techniques/_training.py``):
+a seeded step with a warm-up + cosine learning rate, a schedule that shrinks to fit the time
+budget, resumable checkpoints written without pickle, and the teacher's precomputed targets.
 
 Every step is seeded from (seed, global step) and the learning rate is a pure function of
 the step, so a run resumed from a checkpoint continues exactly as if never interrupted.
@@ -21,8 +22,9 @@ import json
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from compactai.tasks import Split, trim_padding
+from compactai.techniques._training import LoopResult, LoopState, ProgressMessage, TrainingLoop
 from compactai.techniques.distill.objectives import Objective, to_tensors
 
 STATE_FILE = "state.json"
@@ -58,29 +61,10 @@ class TrainConfig:
 
 
 @dataclass
-class TrainResult:
-    """What happened: plain data for the technique's record."""
+class TrainResult(LoopResult):
+    """What happened (the shared loop's result), and the step a resumed run started from."""
 
-    best_metric: float | None
-    epochs_run: float
-    steps: int
-    stopped: str  # "completed" | "early_stopping" | "time_budget"
-    resumed_from_step: int | None
-    seconds: float
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-class ProgressMessage(str):
-    """A progress line that also carries (done, total) steps, for progress bars."""
-
-    done: int = 0
-    total: int = 0
-
-    @classmethod
-    def of(cls, text: str, done: int, total: int) -> ProgressMessage:
-        message = cls(text)
-        message.done, message.total = done, total
-        return message
+    resumed_from_step: int | None = None
 
 
 def epoch_batches(split: Split, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
@@ -154,8 +138,8 @@ class Trainer:
             self.deadline = budget if deadline is None else min(deadline, budget)
         self.parameters = [p for p in student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay)
-        self.state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": None,
-                                      "bad_validations": 0, "history": [], "config": asdict(config)}
+        self.state = LoopState()
+        self.total_steps: int | None = None  # planned steps; shortened to fit a time budget
         self.best_weights: dict[str, torch.Tensor] | None = None
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -163,13 +147,14 @@ class Trainer:
         if self.work_dir is None:
             return
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        step = self.state["global_step"]
+        step = self.state.global_step
         model_file, optimizer_file = f"model-{step}.safetensors", f"optimizer-{step}.safetensors"
         save_model(self.student, str(self.work_dir / model_file))
         tensors, groups = optimizer_tensors(self.optimizer)
         save_file(tensors, str(self.work_dir / optimizer_file))
-        _atomic_json(self.work_dir / STATE_FILE, {**self.state, "model_file": model_file,
-                                                  "optimizer_file": optimizer_file, "param_groups": groups})
+        _atomic_json(self.work_dir / STATE_FILE, {
+            **asdict(self.state), "total_steps": self.total_steps, "config": asdict(self.config),
+            "model_file": model_file, "optimizer_file": optimizer_file, "param_groups": groups})
         for old in self.work_dir.glob("*-*.safetensors"):  # earlier steps' files
             if old.name not in (model_file, optimizer_file) and old.name.startswith(("model-", "optimizer-")):
                 old.unlink(missing_ok=True)
@@ -179,11 +164,10 @@ class Trainer:
         if self.work_dir is None or not (self.work_dir / STATE_FILE).exists():
             return False
         saved = json.loads((self.work_dir / STATE_FILE).read_text())
-        load_model(self.student, str(self.work_dir / saved.pop("model_file")))
-        load_optimizer(self.optimizer, load_file(str(self.work_dir / saved.pop("optimizer_file"))),
-                       saved.pop("param_groups"))
-        saved["config"] = asdict(self.config)
-        self.state = saved
+        load_model(self.student, str(self.work_dir / saved["model_file"]))
+        load_optimizer(self.optimizer, load_file(str(self.work_dir / saved["optimizer_file"])), saved["param_groups"])
+        self.state = LoopState(**{f.name: saved[f.name] for f in fields(LoopState)})
+        self.total_steps = saved.get("total_steps")
         if (self.work_dir / BEST_FILE).exists():
             self.best_weights = load_file(str(self.work_dir / BEST_FILE))
         return True
@@ -212,7 +196,7 @@ class Trainer:
             save_file({"targets": self.objective.targets.contiguous()}, str(tmp))
             os.replace(tmp, cached)
 
-    # -- the loop ----------------------------------------------------------------------------
+    # -- the run -----------------------------------------------------------------------------
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
@@ -222,74 +206,59 @@ class Trainer:
         labels = self.train_split.labels
         return inputs, (torch.from_numpy(labels[rows]) if labels is not None else None)
 
-    def validate(self, loss: float | None) -> bool:
-        """Score the student, keep its weights if best; True when patience has run out."""
-        metric = None
-        if self.evaluate is not None:
-            self.student.eval()
-            with torch.no_grad():
-                metric = float(self.evaluate(self.student))
-            self.student.train()
-        state = self.state
-        improved = metric is not None and (state["best_metric"] is None or metric > state["best_metric"])
-        if improved:
-            state["best_metric"], state["bad_validations"] = metric, 0
-            self._save_best()
-        elif metric is not None:
-            state["bad_validations"] += 1
-        epochs = state["epoch"] + state["step_in_epoch"] / max(1, self.steps_per_epoch)
-        state["history"].append({"epoch": round(epochs, 3), "step": state["global_step"], "loss": loss,
-                                 "validation": metric, "best": improved})
-        self.progress(ProgressMessage.of(
-            f"epoch {epochs:.2f}/{self.config.epochs} loss {'-' if loss is None else f'{loss:.4f}'} "
-            f"validation {'-' if metric is None else f'{metric:.4f}'}",
-            state["global_step"], self.total_steps))
-        return metric is not None and state["bad_validations"] >= self.config.patience
+    def score(self) -> float:
+        """The student's validation score, in eval mode without gradients."""
+        assert self.evaluate is not None
+        self.student.eval()
+        with torch.no_grad():
+            metric = float(self.evaluate(self.student))
+        self.student.train()
+        return metric
 
     def run(self) -> TrainResult:
         start = time.monotonic()
         config = self.config
         resumed = self.load_checkpoint() if config.resume else False
-        resumed_from = self.state["global_step"] if resumed else None
+        resumed_from = self.state.global_step if resumed else None
         self.prepare_targets()
-        self.steps_per_epoch = len(epoch_batches(self.train_split, config.batch_size, config.seed, 0))
-        planned = config.epochs * self.steps_per_epoch
+        steps_per_epoch = len(epoch_batches(self.train_split, config.batch_size, config.seed, 0))
+        planned = config.epochs * steps_per_epoch
         self.warmup = max(1, int(config.warmup_fraction * planned))
         # under a time budget the schedule is shortened so the learning rate reaches zero in time
-        state_total = self.state.setdefault("total_steps", planned)
-        self.total_steps = min(planned, state_total)
+        self.total_steps = min(planned, self.total_steps or planned)
         # at most every progress_every steps, and about ten lines per epoch on small data
-        self.progress_every = max(1, min(config.progress_every, self.steps_per_epoch // 10))
-        state, stopped = self.state, "completed"
-        running: list[float] = []
-        train_started = (time.monotonic(), state["global_step"])
-        last_validated = state["global_step"] if state["history"] else -1
+        progress_every = max(1, min(config.progress_every, steps_per_epoch // 10))
+        recent: deque[float] = deque(maxlen=progress_every)
+        train_started = (time.monotonic(), self.state.global_step)
+
+        def step(index: torch.Tensor) -> float:
+            loss = self.train_step(index)
+            recent.append(loss)
+            return loss
+
+        def after_step(state: LoopState) -> None:
+            if state.global_step % progress_every == 0:
+                epochs = state.epoch + state.step_in_epoch / max(1, steps_per_epoch)
+                self.progress(ProgressMessage.of(
+                    f"epoch {epochs:.2f}/{config.epochs} step {state.global_step}/{self.total_steps} "
+                    f"loss {np.mean(recent):.4f}", state.global_step, self.total_steps or 0))
+            self.fit_schedule_to_budget(train_started)
+            if state.global_step % config.checkpoint_every == 0:
+                self.save_checkpoint()
+
+        loop = TrainingLoop(
+            epochs=config.epochs,
+            batches=lambda epoch: epoch_batches(self.train_split, config.batch_size, config.seed, epoch),
+            step=step, validate=self.score if self.evaluate is not None else None, patience=config.patience,
+            on_best=self._save_best,
+            out_of_time=lambda: self.out_of_time() or self.state.global_step >= (self.total_steps or 0),
+            progress=self.progress, steps_per_epoch=steps_per_epoch, after_step=after_step,
+            after_validation=lambda state: self.save_checkpoint(), total_steps=lambda: self.total_steps or 0,
+        )
         self.student.train()
         restore_dropout = self.disable_dropout() if not config.dropout else {}
         try:
-            while state["epoch"] < config.epochs and stopped == "completed":
-                batches = epoch_batches(self.train_split, config.batch_size, config.seed, state["epoch"])
-                while state["step_in_epoch"] < len(batches):
-                    if self.out_of_time() or state["global_step"] >= self.total_steps:
-                        stopped = "time_budget"
-                        break
-                    self.train_step(batches[state["step_in_epoch"]], running)
-                    self.fit_schedule_to_budget(train_started)
-                    if state["global_step"] % config.checkpoint_every == 0:
-                        self.save_checkpoint()
-                if stopped != "completed":
-                    break
-                state["epoch"] += 1
-                state["step_in_epoch"] = 0
-                last_validated = state["global_step"]
-                patience_over = self.validate(float(np.mean(running)) if running else None)
-                running.clear()
-                self.save_checkpoint()
-                if patience_over and state["epoch"] < config.epochs:
-                    stopped = "early_stopping"
-            if stopped == "time_budget" and state["global_step"] != last_validated:
-                self.validate(float(np.mean(running)) if running else None)
-                self.save_checkpoint()
+            result = loop.run(self.state)
         except KeyboardInterrupt:
             self.save_checkpoint()  # Ctrl-C leaves a resumable checkpoint behind
             raise
@@ -299,12 +268,8 @@ class Trainer:
         if self.best_weights is not None and config.final_weights == "best":
             self.student.load_state_dict(self.best_weights)
         self.student.eval()
-        return TrainResult(
-            best_metric=state["best_metric"],
-            epochs_run=round(state["epoch"] + state["step_in_epoch"] / max(1, self.steps_per_epoch), 3),
-            steps=state["global_step"], stopped=stopped, resumed_from_step=resumed_from,
-            seconds=round(time.monotonic() - start, 2), history=list(state["history"]),
-        )
+        return TrainResult(**{**vars(result), "seconds": round(time.monotonic() - start, 2)},
+                           resumed_from_step=resumed_from)
 
     def disable_dropout(self) -> dict[Any, float]:
         """Set every dropout probability to 0 (attention implementations read ``Dropout.p`` too);
@@ -317,20 +282,20 @@ class Trainer:
     def fit_schedule_to_budget(self, started: tuple[float, int], every: int = 10, margin: float = 0.9) -> None:
         """Shorten the schedule when the remaining steps would not fit before the deadline, so the
         learning rate still decays to zero (a model cut off at a high learning rate is worse)."""
-        step = self.state["global_step"]
+        step = self.state.global_step
         done = step - started[1]
-        if self.deadline is None or done < every or step % every:
+        if self.deadline is None or self.total_steps is None or done < every or step % every:
             return
         seconds_per_step = (time.monotonic() - started[0]) / done
         # keep time for one validation (estimated as a few steps) at the end
         affordable = step + int(margin * (self.deadline - time.monotonic()) / seconds_per_step) - 5
         if affordable < self.total_steps:
             self.total_steps = max(step + 1, affordable)
-            self.state["total_steps"] = self.total_steps
 
-    def train_step(self, index: torch.Tensor, running: list[float]) -> None:
-        state, config = self.state, self.config
-        step = state["global_step"]
+    def train_step(self, index: torch.Tensor) -> float:
+        """One seeded optimizer step on the samples ``index``; returns the loss."""
+        config, step = self.config, self.state.global_step
+        assert self.total_steps is not None
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(config, step, self.total_steps, self.warmup)
         torch.manual_seed(config.seed * 1_000_003 + step)  # dropout etc.: same as an uninterrupted run
@@ -341,11 +306,4 @@ class Trainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.parameters, 5.0)
         self.optimizer.step()
-        running.append(float(loss.detach()))
-        state["global_step"] += 1
-        state["step_in_epoch"] += 1
-        if state["global_step"] % self.progress_every == 0:
-            epochs = state["epoch"] + state["step_in_epoch"] / max(1, self.steps_per_epoch)
-            self.progress(ProgressMessage.of(
-                f"epoch {epochs:.2f}/{config.epochs} step {state['global_step']}/{self.total_steps} "
-                f"loss {np.mean(running[-self.progress_every:]):.4f}", state["global_step"], self.total_steps))
+        return float(loss.detach())

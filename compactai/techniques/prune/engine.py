@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from compactai.errors import ParameterError, TechniqueError
+from compactai.techniques.layers import prunable_layer_names
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,6 @@ def ffn_modules(module: Any) -> dict[str, Any]:
     return {n: m for n, m in module.named_modules() if n.endswith("intermediate.dense") and isinstance(m, nn.Linear)}
 
 
-def layer_names(module: Any) -> list[str]:
-    """Names of the Conv/Linear layers, in definition order."""
-    from torch import nn
-
-    return [n for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
-
-
 def resolve_scope(module: Any, scope: str) -> str:
     has_attention = bool(attention_modules(module))
     if scope == "auto":
@@ -96,7 +90,7 @@ def check_protected(module: Any, names: Sequence[str]) -> None:
     known = [n for n, _ in module.named_modules() if n]
     for name in names:
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=5, cutoff=0.5) or layer_names(module)[:8]
+            close = difflib.get_close_matches(name, known, n=5, cutoff=0.5) or prunable_layer_names(module)[:8]
             raise ParameterError(
                 f"The 'protect' parameter names layer {name!r}, which this model does not have; "
                 f"similar layer names: {', '.join(close)}."
@@ -110,7 +104,7 @@ def check_prunable(handle: Any) -> None:
             f"Pruning needs a torch model, but '{handle.name}' is {handle.framework}; prune the nn.Module "
             "before export or quantization."
         )
-    if not layer_names(handle.module):
+    if not prunable_layer_names(handle.module):
         raise TechniqueError(
             f"{type(handle.module).__name__} has no nn.Conv/nn.Linear modules to prune (a torch.export program "
             "holds functional ops only); prune the original nn.Module, loaded with "
@@ -281,4 +275,4 @@ def replay(module: Any, example_args: tuple[Any, ...], history: list[dict[str, A
 
 
 __all__ = ["SCOPES", "Graph", "Unit", "attention_modules", "check_protected", "check_prunable", "ffn_modules", "fix_attention",
-           "layer_names", "prune_copy", "replay", "resolve_scope"]
+           "prune_copy", "replay", "resolve_scope"]

@@ -1,14 +1,15 @@
-"""Fine-tuning after pruning: the task's train split, the validation split for the best checkpoint.
+"""Fine-tuning after pruning: the task's train split, the validation split for the best checkpoint,
+through the shared training loop (``techniques/_training.py``).
 
 The loss is pluggable: any ``loss(student_out, teacher_out, labels, feeds) -> scalar tensor``.
-Defaults: cross-entropy on labels (optionally plus KL to the unpruned teacher) for labelled
-tasks; for embedding tasks (no labels) cosine + MSE to the teacher's token embeddings.
+Defaults (built from ``techniques/losses.py``): cross-entropy on labels (optionally plus KL to
+the unpruned teacher) for labelled tasks; for embedding tasks (no labels) cosine of the pooled
+embeddings + MSE of the token vectors, both against the teacher.
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,43 +18,36 @@ import numpy as np
 
 from compactai.errors import BadInputError
 from compactai.tasks import Task, trim_padding
+from compactai.techniques._training import TrainingLoop, first_output
+from compactai.techniques.losses import embedding_loss as pooled_embedding_loss
+from compactai.techniques.losses import hidden_state_loss, logit_distillation_loss, masked_mean_pool
 
 Loss = Callable[[Any, Any, Any, dict[str, Any]], Any]
 
 
 def classification_loss(kd_weight: float = 0.0, temperature: float = 2.0) -> Loss:
     """Cross-entropy on labels, blended with KL(teacher || student) at ``temperature`` when kd_weight > 0."""
-    import torch.nn.functional as F
 
     def loss(student: Any, teacher: Any, labels: Any, feeds: dict[str, Any]) -> Any:
-        value = F.cross_entropy(student, labels)
-        if kd_weight > 0 and teacher is not None:
-            kl = F.kl_div(F.log_softmax(student / temperature, -1), F.softmax(teacher / temperature, -1),
-                          reduction="batchmean") * temperature**2
-            value = (1 - kd_weight) * value + kd_weight * kl
-        return value
+        alpha = kd_weight if teacher is not None else 0.0  # no teacher: labels alone
+        return logit_distillation_loss(student, student if teacher is None else teacher, labels, temperature, alpha)
 
     return loss
 
 
 def embedding_loss(cosine_weight: float = 1.0, mse_weight: float = 1.0) -> Loss:
     """(1 - cosine) of mean-pooled embeddings plus MSE of the token vectors, both against the teacher."""
-    import torch
-    import torch.nn.functional as F
 
     def loss(student: Any, teacher: Any, labels: Any, feeds: dict[str, Any]) -> Any:
         if teacher is None:
             raise BadInputError("Fine-tuning an embedding model needs the unpruned teacher's outputs.")
-        mask = feeds.get("attention_mask")
         if student.dim() == 3:
-            weights = (mask if mask is not None else torch.ones(student.shape[:2])).unsqueeze(-1).to(student.dtype)
-            pooled_s = (student * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-            pooled_t = (teacher * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-            mse = (((student - teacher) ** 2) * weights).sum() / (weights.sum() * student.shape[-1])
-        else:
-            pooled_s, pooled_t, mse = student, teacher, F.mse_loss(student, teacher)
-        cosine = 1 - F.cosine_similarity(pooled_s, pooled_t, dim=-1).mean()
-        return cosine_weight * cosine + mse_weight * mse
+            mask = feeds.get("attention_mask")
+            pooled = masked_mean_pool(student, mask), masked_mean_pool(teacher, mask)
+            return (cosine_weight * pooled_embedding_loss(*pooled, "cosine")
+                    + mse_weight * hidden_state_loss(student, teacher, mask))
+        return (cosine_weight * pooled_embedding_loss(student, teacher, "cosine")
+                + mse_weight * pooled_embedding_loss(student, teacher, "mse"))
 
     return loss
 
@@ -90,12 +84,6 @@ def torch_predict(module: Any, input_names: list[str]) -> Callable[[dict[str, np
         return [t.numpy() for t in flatten_outputs(out)]
 
     return predict
-
-
-def first_output(result: Any) -> Any:
-    from compactai.models.handle import flatten_outputs
-
-    return flatten_outputs(result)[0]
 
 
 def task_batches(task: Task, split: str, batch_size: int, input_names: list[str], seed: int,
@@ -158,14 +146,7 @@ def finetune(
     config = config or FinetuneConfig()
     loss = loss or default_loss(task)
     predict = torch_predict(module, input_names)
-
-    def validate() -> float:
-        return float(task.evaluate(predict, split="validation").value)
-
-    started = time.monotonic()
-    best = validate()
-    best_state = copy.deepcopy(module.state_dict())
-    scores, best_epoch, stale, stopped = [best], 0, 0, "epochs done"
+    best: dict[str, Any] = {}
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
     steps_per_epoch = len(task.split("train")) // config.batch_size + 1
@@ -174,47 +155,43 @@ def finetune(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, config.epochs * steps_per_epoch))
     if teacher is not None:
         teacher.eval()
-    for epoch in range(1, config.epochs + 1):
-        module.train()
-        for args, feeds, labels in task_batches(task, "train", config.batch_size, input_names,
-                                                config.seed + epoch, config.max_batches):
-            if out_of_time():
-                stopped = "deadline"
-                break
-            if config.augment is not None:
-                args = list(config.augment(args))
-            teacher_out = None
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_out = first_output(teacher(*args))
-            value = loss(first_output(module(*args)), teacher_out, labels, feeds)
-            optimizer.zero_grad()
-            value.backward()
-            optimizer.step()
-            scheduler.step()
-            if after_step is not None:
-                after_step(module)
-        score = validate()
-        scores.append(score)
-        progress(f"fine-tune epoch {epoch}/{config.epochs}: validation {task.metric.name} {score:.4f}")
-        if score > best:
-            best, best_state, best_epoch, stale = score, copy.deepcopy(module.state_dict()), epoch, 0
-        else:
-            stale += 1
-        if stopped == "deadline":
-            break
-        if stale >= config.patience:
-            stopped = "early stop"
-            break
-    module.load_state_dict(best_state)
+
+    def step(batch: tuple[list[Any], dict[str, Any], Any]) -> float:
+        args, feeds, labels = batch
+        module.train()  # validation (torch_predict) leaves it in eval mode
+        if config.augment is not None:
+            args = list(config.augment(args))
+        teacher_out = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_out = first_output(teacher(*args))
+        value = loss(first_output(module(*args)), teacher_out, labels, feeds)
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        scheduler.step()
+        if after_step is not None:
+            after_step(module)
+        return float(value.detach())
+
+    result = TrainingLoop(
+        epochs=config.epochs,
+        batches=lambda epoch: task_batches(task, "train", config.batch_size, input_names, config.seed + epoch + 1,
+                                           config.max_batches),
+        step=step, validate=lambda: float(task.evaluate(predict, split="validation").value),
+        patience=config.patience, on_best=lambda: best.update(weights=copy.deepcopy(module.state_dict())),
+        out_of_time=out_of_time, progress=progress, name="fine-tune ", validate_first=True,
+        steps_per_epoch=steps_per_epoch,
+    ).run()
+    module.load_state_dict(best["weights"])
     module.eval()
     return {
-        "epochs_run": len(scores) - 1,
-        "best_epoch": best_epoch,
-        "validation": scores,
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "validation": [entry["validation"] for entry in result.history],
         "metric": task.metric.name,
-        "stopped": stopped,
-        "seconds": round(time.monotonic() - started, 2),
+        "stopped": result.stopped,
+        "seconds": result.seconds,
     }
 
 

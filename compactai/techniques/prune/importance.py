@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from compactai.errors import UnknownNameError
+from compactai.techniques._training import first_output
+from compactai.techniques.layers import prunable_types
+from compactai.techniques.losses import masked_mean_pool
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ def activation_statistics(module: Any, batches: list[tuple[list[Any], Any]]) -> 
         entry[1] = entry[1] + x.sum(0)
         entry[2] = entry[2] + (x * x).sum(0)
 
-    layers = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    layers: list[Any] = [m for m in module.modules() if isinstance(m, prunable_types())]
     handles = [layer.register_forward_pre_hook(record) for layer in layers]
     module.eval()
     try:
@@ -169,9 +172,7 @@ def taylor_objective(task: Any) -> Callable[..., Any]:
             return F.cross_entropy(student, labels)
         mask = feeds.get("attention_mask")
         if student.dim() == 3 and mask is not None:
-            weights = mask.unsqueeze(-1).to(student.dtype)
-            student = (student * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-            teacher = (teacher * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+            student, teacher = masked_mean_pool(student, mask), masked_mean_pool(teacher, mask)
         return -(F.normalize(teacher, dim=-1) * student).sum(-1).mean()
 
     return loss
@@ -183,7 +184,7 @@ def task_gradients(module: Any, input_names: list[str], task: Any, teacher: Any,
     calibration split (train when there is none) into ``module``'s parameters."""
     import torch
 
-    from compactai.techniques.prune.finetune import first_output, task_batches
+    from compactai.techniques.prune.finetune import task_batches
 
     split = "calibration" if "calibration" in task.splits else "train"
     objective = taylor_objective(task)

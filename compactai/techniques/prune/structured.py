@@ -29,12 +29,12 @@ from compactai.techniques.base import (
     Technique,
     register_technique,
 )
+from compactai.techniques.layers import prunable_layer_names
 from compactai.techniques.prune.engine import (
     SCOPES,
     Graph,
     check_protected,
     check_prunable,
-    layer_names,
     prune_copy,
     resolve_scope,
 )
@@ -227,7 +227,7 @@ class StructuredPrune(Technique):
         teacher = original
         if context.teacher is not None and context.teacher.module is not None:
             teacher = context.teacher.module
-        names = layer_names(original)
+        names = prunable_layer_names(original)
         if names and resolve_scope(original, params["scope"]) == "channels":
             # the last layer makes the outputs: its width is never touched
             protect = list(dict.fromkeys(protect + [names[-1]] + ([names[0]] if params["protect_first"] else [])))

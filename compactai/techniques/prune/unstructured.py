@@ -25,7 +25,8 @@ from compactai.techniques.base import (
     Technique,
     register_technique,
 )
-from compactai.techniques.prune.engine import check_protected, check_prunable, layer_names
+from compactai.techniques.layers import prunable_layer_names
+from compactai.techniques.prune.engine import check_protected, check_prunable
 from compactai.techniques.prune.finetune import FinetuneConfig, default_loss, finetune, recalibrate_batchnorm
 
 DENSE_RUNTIME_NOTE = (
@@ -106,7 +107,7 @@ class UnstructuredPrune(Technique):
         if params["finetune_epochs"] > 0 and (task is None or "train" not in task.splits):
             raise ParameterError("Fine-tuning needs task data with train and validation splits; pass a task "
                                  "or use finetune_epochs=0.")
-        names = layer_names(handle.module)
+        names = prunable_layer_names(handle.module)
         if not names:
             raise TechniqueError(f"{type(handle.module).__name__} has no Conv/Linear weights to sparsify.")
         protected = set(protect) | {names[-1]} | ({names[0]} if params["protect_first"] else set())

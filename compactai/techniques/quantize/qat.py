@@ -21,6 +21,7 @@ import numpy as np
 
 from compactai.errors import ParameterError
 from compactai.models.handle import ModelHandle
+from compactai.techniques._training import TrainingLoop, first_output
 from compactai.techniques.base import (
     ChoiceParam,
     Context,
@@ -29,16 +30,11 @@ from compactai.techniques.base import (
     Technique,
     register_technique,
 )
+from compactai.techniques.layers import quantizable_types
 from compactai.techniques.quantize._common import file_size, resolve_reduce_range
 from compactai.techniques.quantize.ort_ptq import Int8Config, preprocess, quantize_int8
 
 log = logging.getLogger(__name__)
-
-
-def _fake_quant_modules() -> tuple[type, ...]:
-    from torch import nn
-
-    return (nn.Conv2d, nn.Conv1d, nn.Linear)
 
 
 def weight_range(bits: int, reduce_range: bool) -> tuple[int, int]:
@@ -168,7 +164,7 @@ class QAT(Technique):
         say = context.progress
         torch.manual_seed(context.seed)
         model, folded = fold_batchnorm(copy.deepcopy(handle.module))
-        fake = _fake_quant_modules()
+        fake = quantizable_types()
         wrapped = swap_modules(
             model,
             lambda m: (
@@ -188,37 +184,31 @@ class QAT(Technique):
         optimizer = torch.optim.Adam(model.parameters(), lr=params["lr"])
         rng = np.random.default_rng(context.seed)
         losses: list[float] = []
-        epochs_done = 0
-        for epoch in range(params["epochs"]):
-            model.train()
-            order = rng.permutation(len(train))
-            batches = range(0, len(train), params["batch_size"])
-            for step, start in enumerate(batches):
-                if params["max_batches"] and step >= params["max_batches"]:
-                    break
-                if context.out_of_time():
-                    break
-                part = train.take(order[start : start + params["batch_size"]])
-                args = [torch.from_numpy(np.ascontiguousarray(part.inputs[n])) for n in handle.input_names]
-                output = model(*args)
-                output = output[0] if isinstance(output, (tuple, list)) else output
-                if part.labels is not None and output.dim() == 2:
-                    loss = nn.functional.cross_entropy(output, torch.from_numpy(part.labels))
-                else:
-                    with torch.no_grad():
-                        reference = teacher(*args)
-                        reference = reference[0] if isinstance(reference, (tuple, list)) else reference
-                    loss = nn.functional.mse_loss(output, reference)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-            epochs_done += 1
-            say(
-                f"QAT epoch {epoch + 1}/{params['epochs']}: loss {np.mean(losses[-20:]) if losses else float('nan'):.4f}"
-            )
-            if context.out_of_time():
-                break
+        starts = range(0, len(train), params["batch_size"])[: params["max_batches"] or None]
+
+        def batches(epoch: int) -> Any:
+            order = rng.permutation(len(train))  # one draw per epoch, in order (epochs are never skipped)
+            for start in starts:
+                yield train.take(order[start : start + params["batch_size"]])
+
+        def step(part: Any) -> float:
+            args = [torch.from_numpy(np.ascontiguousarray(part.inputs[n])) for n in handle.input_names]
+            output = first_output(model(*args))
+            if part.labels is not None and output.dim() == 2:
+                loss = nn.functional.cross_entropy(output, torch.from_numpy(part.labels))
+            else:
+                with torch.no_grad():
+                    reference = first_output(teacher(*args))
+                loss = nn.functional.mse_loss(output, reference)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            return losses[-1]
+
+        model.train()
+        run = TrainingLoop(epochs=params["epochs"], batches=batches, step=step, out_of_time=context.out_of_time,
+                           progress=say, name="QAT ", steps_per_epoch=len(starts)).run()
         model.eval()
         swap_modules(model, lambda m: m.inner if hasattr(m, "inner") and hasattr(m, "quantize_weight") else m)
         context.work_dir.mkdir(parents=True, exist_ok=True)
@@ -249,7 +239,8 @@ class QAT(Technique):
         decisions = {
             "batchnorm_folded": folded,
             "fake_quant_layers": wrapped,
-            "epochs_done": epochs_done,
+            "epochs_done": run.epochs_run,
+            "stopped": run.stopped,
             "final_loss": float(np.mean(losses[-20:])) if losses else None,
             "config": config.to_dict(),
             "float_size_bytes": file_size(Path(str(trained.path))),

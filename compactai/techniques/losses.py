@@ -1,4 +1,7 @@
-"""Distillation losses: soft-target KL for classifiers, MSE/cosine on pooled embeddings for encoders.
+"""The losses techniques train with when a teacher is at hand: soft-target KL for classifiers,
+cosine/MSE on mean-pooled embeddings and masked token-state MSE for encoders, and the masked
+mean pooling itself. Distillation and pruning's fine-tuning (and its taylor criterion) use these,
+so a loss is written once.
 
 Each loss is a plain function of tensors, so it can be checked against hand-computed values.
 """
