@@ -48,6 +48,14 @@ def serve(
     update_source: str | None = typer.Option(None, "--update-source", help="Bundle directory, .tar or URL polled "
                                                                            "for signed updates (SOURCE must be an "
                                                                            "install directory)."),
+    repo_url: str | None = typer.Option(None, "--repo-url", help="A TUF fleet repository (compactai repo) polled "
+                                        "for updates instead of --update-source (SOURCE must be an install "
+                                        "directory)."),
+    trusted_root: str | None = typer.Option(None, "--trusted-root", help="The repository's root.json this "
+                                            "server trusts (with --repo-url)."),
+    channel: str = typer.Option("stable", "--channel", help="Repository channel to follow (with --repo-url)."),
+    repo_model: str | None = typer.Option(None, "--model", help="The model's name in the repository (default: "
+                                          "the installed version's)."),
     poll_interval: float = typer.Option(30.0, "--poll-interval", help="Seconds between update polls."),
     probation_requests: int = typer.Option(20, "--probation-requests", help="Live requests that watch a new "
                                                                             "version before it is committed."),
@@ -79,7 +87,8 @@ def serve(
         host=host, port=port, threads=threads, workers=workers, name=name, token=token,
         max_body_bytes=int(max_body_mb * 1024 * 1024), batching=BatchSettings(max_batch, max_delay_ms),
         fallback=fallback, trusted_keys=[load_public_key(k) for k in trusted_key],
-        update_source=update_source, poll_interval=poll_interval, probation_requests=probation_requests,
+        update_source=update_source, repo_url=repo_url, trusted_root=trusted_root, channel=channel,
+        repo_model=repo_model, poll_interval=poll_interval, probation_requests=probation_requests,
         probation_timeout=probation_seconds,
         probation=ProbationPolicy(max_latency_ratio=max_latency_ratio or None),
     )
@@ -90,7 +99,7 @@ def serve(
     start = server.log("start", url=f"http://{host}:{bound}", model=server.model.name,
                        version=slot.version if slot else None, source=str(source), kind=server.kind,
                        threads=server.threads, workers=workers, max_batch=max_batch, auth=token is not None,
-                       fallback=fallback_url, update_source=update_source)
+                       fallback=fallback_url, update_source=update_source or repo_url)
     if json_output:
         out = sys.__stdout__ or sys.stdout
         out.write(json.dumps({**start, "port": bound}) + "\n")

@@ -50,12 +50,37 @@ class ServeConfig:
     fallback: FallbackPolicy | None = None
     trusted_keys: list[Any] = field(default_factory=list)
     update_source: str | None = None
+    repo_url: str | None = None  # a TUF fleet repository (compactai repo), instead of update_source
+    trusted_root: str | None = None  # the root.json the device trusts that repository through
+    channel: str = "stable"
+    repo_model: str | None = None  # the model's name in the repository (default: the installed one's)
     poll_interval: float = 30.0
     probation_requests: int = 20
     probation_timeout: float = 60.0
     probation: ProbationPolicy = field(default_factory=ProbationPolicy)
 
+    @property
+    def update_from(self) -> str | None:
+        """Where updates come from (a bundle source or a fleet repository URL), if anywhere."""
+        return self.update_source if self.update_source is not None else self.repo_url
+
+    def fetch_update(self, agent: Any, *, watch: bool) -> Any:
+        """One update attempt from the configured source: the agent's own fetch for a bundle source,
+        TUF (python-tuf's ngclient) first for a fleet repository."""
+        if self.repo_url is not None and self.trusted_root is not None:
+            from compactai.runtime.fleet import update_from_repository
+
+            return update_from_repository(agent, self.repo_url, self.trusted_root, model=self.repo_model,
+                                          channel=self.channel, watch=watch)
+        return agent.update(self.update_source, watch=watch)
+
     def validate(self) -> None:
+        if self.update_source is not None and self.repo_url is not None:
+            raise BadInputError("Give either --update-source (one bundle source) or --repo-url (a fleet "
+                                "repository), not both.")
+        if (self.repo_url is None) != (self.trusted_root is None):
+            raise BadInputError("--repo-url and --trusted-root go together: the server trusts the repository "
+                                "through the root.json it was given.")
         checks = [
             (self.workers >= 1, f"--workers must be >= 1. Got {self.workers} instead."),
             (self.threads is None or self.threads >= 1, f"--threads must be >= 1. Got {self.threads} instead."),
@@ -98,20 +123,22 @@ class ModelServer:
         self.metrics.registry.register(DriftCollector(self._drift_reports))
         self.fallback: FallbackClient | None = None  # made on the event loop (httpx.AsyncClient binds to it)
         self.updates: UpdateLoop | None = None
-        if config.update_source is not None:
+        if config.update_from is not None:
             assert self.agent is not None  # _kind() refused --update-source for anything but an install dir
-            self.updates = UpdateLoop(self.agent, self.model, config.update_source, config.poll_interval,
+            self.updates = UpdateLoop(self.agent, self.model, config.update_from, config.poll_interval,
                                       threads=self.threads, name=config.name, log=self.log, metrics=self.metrics,
                                       probation_requests=config.probation_requests,
-                                      probation_timeout=config.probation_timeout)
+                                      probation_timeout=config.probation_timeout,
+                                      fetch=lambda agent: config.fetch_update(agent, watch=False),
+                                      peek=config.repo_url is None)
 
     # ---- loading -----------------------------------------------------------------------------------------
     def _kind(self) -> str:
-        if not self.source.exists() and self.config.update_source is not None:
+        if not self.source.exists() and self.config.update_from is not None:
             self.source.mkdir(parents=True)
         kind = source_kind(self.source)
-        if self.config.update_source is not None and kind != "install":
-            raise BadInputError(f"--update-source needs an install directory as SOURCE (updates are installed "
+        if self.config.update_from is not None and kind != "install":
+            raise BadInputError(f"--update-source/--repo-url need an install directory as SOURCE (updates are installed "
                                 f"there); {self.source} is a {kind}. Pass a new or existing directory.")
         if kind in ("install", "bundle", "archive") and not self.config.trusted_keys:
             raise BadInputError(f"{self.source} is a{'n install directory' if kind == 'install' else ' bundle'}: "
@@ -125,8 +152,8 @@ class ModelServer:
         if self.kind == "install":
             assert self.agent is not None
             active = self.agent.active_dir()  # recovers first: an uncommitted trial is rolled back
-            if active is None and self.config.update_source is not None:
-                result = self.agent.update(self.config.update_source)  # nothing served yet: watch it at once
+            if active is None and self.config.update_from is not None:
+                result = self.config.fetch_update(self.agent, watch=True)  # nothing served yet: watch it at once
                 self.log("update", outcome=result.status, version=result.version, message=result.message)
                 active = self.agent.active_dir()
             loaded = None if active is None else load_installed(active, self.threads, self.config.name)

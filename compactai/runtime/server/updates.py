@@ -65,7 +65,8 @@ class UpdateLoop:
 
     def __init__(self, agent: UpdateAgent, model: ServedModel, source: str, interval: float, *, threads: int,
                  name: str | None, log: Callable[..., Any], metrics: ServerMetrics,
-                 probation_requests: int = 20, probation_timeout: float = 60.0) -> None:
+                 probation_requests: int = 20, probation_timeout: float = 60.0,
+                 fetch: Callable[[UpdateAgent], UpdateResult] | None = None, peek: bool = True) -> None:
         self.agent = agent
         self.model = model
         self.source = source
@@ -76,6 +77,11 @@ class UpdateLoop:
         self.metrics = metrics
         self.probation_requests = probation_requests
         self.probation_timeout = probation_timeout
+        # one attempt (default: the agent's own fetch of ``source``); ``peek`` reads the version a bundle
+        # source claims first so that polls that cannot bring anything new stay quiet (a TUF
+        # repository answers "current" itself)
+        self.fetch = fetch or (lambda agent: agent.update(self.source, watch=False))
+        self.peek = peek
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.results: list[UpdateResult] = []
@@ -100,15 +106,18 @@ class UpdateLoop:
 
     def check_once(self) -> UpdateResult | None:
         """One poll: None when the source has nothing newer, else what the attempt did."""
-        claimed = peek_version(self.source)
-        state = self.agent.state
-        if claimed is not None and (claimed <= state.highest_trusted or claimed in state.blocked):
-            return None
+        if self.peek:
+            claimed = peek_version(self.source)
+            state = self.agent.state
+            if claimed is not None and (claimed <= state.highest_trusted or claimed in state.blocked):
+                return None
         try:
-            result = self.agent.update(self.source, watch=False)
+            result = self.fetch(self.agent)
         except (CompactAIError, OSError) as exc:
             self.metrics.updates.labels(self.model.name, "failed").inc()
             self.log("update", outcome="failed", source=self.source, error=str(exc).splitlines()[0][:300])
+            return None
+        if result.status == "current":  # a fleet repository with nothing newer
             return None
         if result.status != "trial" or result.version is None:
             self._finished(result)
