@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "compactai.cli.bundle",
     "compactai.cli.repo",
     "compactai.cli.optimize",
+    "compactai.cli.slice",
 ]
 
 
