@@ -129,8 +129,8 @@ def _limits(device_memory_mb: str | None, parts: int | None) -> list[float]:
         return []
     try:
         limits = [float(v) for v in device_memory_mb.split(",")]
-    except ValueError:
-        raise BadInputError(f"--device-memory-mb must be numbers in MB, comma-separated; got {device_memory_mb!r}.")
+    except ValueError as exc:
+        raise BadInputError(f"--device-memory-mb must be numbers in MB, comma-separated; got {device_memory_mb!r}.") from exc
     if any(not v > 0 for v in limits):
         raise BadInputError(f"--device-memory-mb limits must be positive; got {device_memory_mb!r}.")
     if parts is not None:

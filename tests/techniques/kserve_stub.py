@@ -25,7 +25,7 @@ def kserve_stub(model: Path, name: str) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-        def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
+        def do_POST(self) -> None:
             if self.path != f"/v2/models/{name}/infer":
                 self.send_error(404)
                 return

@@ -59,7 +59,7 @@ def _compose(graph: Graph, cut, feeds, mode="raw"):
     head = graph.extract(graph.inputs, list(cut.tensors), "head", observed)
     tail = graph.extract(list(cut.tensors), graph.outputs, "tail", observed)
     floats = {t for t in cut.tensors if observed[t].dtype == np.float32}
-    head, tail, wire = compress(head, tail, cut, mode, floats)
+    head, tail, _wire = compress(head, tail, cut, mode, floats)
     middle = _run(head, feeds)
     return _run(tail, middle), middle
 
@@ -87,7 +87,7 @@ def test_residual_cnn_cuts_compose_to_the_model(small_onnx: Path) -> None:
 def test_a_tensor_inside_the_residual_block_is_refused_with_the_reason(small_onnx: Path) -> None:
     graph = Graph.load(small_onnx)
     branch = next(c for c in graph.enumerate_cuts(2) if len(c.tensors) == 2)
-    inside = [t for t in branch.tensors if "stem" not in t][0]
+    inside = next(t for t in branch.tensors if "stem" not in t)
     with pytest.raises(InvalidCutError, match="does not separate the graph") as info:
         graph.validate_cut([inside])
     assert "cut at all of them" in str(info.value) and isinstance(info.value, ValueError)
@@ -116,7 +116,7 @@ def test_int8_on_the_wire_is_a_quarter_of_the_bytes_with_a_small_cost(small_onnx
     graph = Graph.load(small_onnx)
     cut = next(c for c in graph.enumerate_cuts(1)[1:-1])
     reference = _full(small_onnx, {"image": IMAGES})
-    raw_out, raw_mid = _compose(graph, cut, {"image": IMAGES}, "raw")
+    _raw_out, raw_mid = _compose(graph, cut, {"image": IMAGES}, "raw")
     q_out, q_mid = _compose(graph, cut, {"image": IMAGES}, "int8")
     raw_bytes = sum(v.nbytes for v in raw_mid.values())
     q_bytes = sum(v.nbytes for v in q_mid.values())

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,7 @@ def test_split_runner_against_compactai_serve(small_onnx: Path, tmp_path: Path, 
     try:
         line = server.stdout.readline()  # type: ignore[union-attr]
         url = f"http://127.0.0.1:{json.loads(line)['port']}"
+        threading.Thread(target=server.stdout.read, daemon=True).start()  # type: ignore[union-attr]
         with SplitRunner(out, url) as runner:
             outputs = runner.run(feeds)
         assert float(np.max(np.abs(next(iter(outputs.values())) - reference))) < 1e-4

@@ -10,6 +10,7 @@ every step, takes the set of tensors still alive across it.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections import deque
 from dataclasses import dataclass
@@ -52,10 +53,9 @@ class Graph:
     """An ONNX model with the indexes the cut logic needs (producers, consumers, data dependence)."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        try:
+        # shapes are a nicety: extraction falls back to the types observed on a run
+        with contextlib.suppress(Exception):
             model = onnx.shape_inference.infer_shapes(model)
-        except Exception:  # noqa: BLE001 (shapes are a nicety: extraction falls back to observed types)
-            pass
         self.model = model
         graph = model.graph
         self.initializers = {i.name for i in graph.initializer}
@@ -278,7 +278,7 @@ def observe(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[st
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    wanted = [n for n in names]
+    wanted = list(names)
     inputs = {i.name for i in session.get_inputs()}
     return dict(zip(wanted, session.run(wanted, {k: v for k, v in feeds.items() if k in inputs})))
 

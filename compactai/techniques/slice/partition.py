@@ -93,7 +93,7 @@ def partition(model_path: Path, samples: dict[str, np.ndarray], parts: int, limi
             raise BadInputError(f"No {parts}-part split fits the limits {limits_mb} MB (the weights alone are "
                                 f"{need:.1f} MB); raise the limits or add parts.")
         boundaries = [0, *best, len(bounds) - 1]
-        results = []
+        results: list[dict[str, Any]] = []
         for number in range(parts):
             progress(f"measuring part {number + 1}/{parts} of the chosen split")
             part, weights = build(boundaries[number], boundaries[number + 1], f"try{attempt}_part{number + 1}")

@@ -106,7 +106,7 @@ def write_parts(graph: Graph, cut: Cut, observed: dict[str, np.ndarray], directo
     head, tail, wire = compress(head, tail, cut, mode, float_tensors)
     sent = [o.name for o in head.graph.output]
     head_path: Path | None = directory / "head.onnx"
-    if cut.kind == REMOTE and mode == "raw" or not len(head.graph.node):
+    if (cut.kind == REMOTE and mode == "raw") or not len(head.graph.node):
         head_path = None  # nothing to compute on the device: the inputs go as they are
     else:
         onnx.save(head, str(directory / "head.onnx"))
