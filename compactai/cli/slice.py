@@ -70,6 +70,9 @@ def slice_command(
         else:
             check_network(bandwidth_mbps, rtt_ms, server_speedup)
     limits = _limits(device_memory_mb, parts)
+    if server_profile is not None and not server_profile.is_file():
+        raise ModelNotFoundError(f"--server-profile {server_profile} does not exist; write it on the server with "
+                                 "`compactai slice MODEL --profile-only -o DIR` (DIR/profile.json).")
     if output is None and not list_cuts:
         raise BadInputError("Give an output directory: -o OUT.")
     config = SliceConfig(max_tensors=max_tensors, max_cuts=max_cuts, threads=threads, rounds=rounds,
