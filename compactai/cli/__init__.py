@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "compactai.cli.repo",
     "compactai.cli.optimize",
     "compactai.cli.serve",
+    "compactai.cli.slice",
 ]
 
 
