@@ -111,3 +111,6 @@ EXAMPLES.register("minilm", _minilm)
 def load_example(name: str, progress: Any = None) -> Example:
     """The built-in example ``name`` (see EXAMPLES)."""
     return EXAMPLES.get(name)(progress=progress)
+
+
+__all__ = ["EXAMPLES", "Example", "cache_dir", "load_example"]
