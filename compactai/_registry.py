@@ -8,7 +8,7 @@ so a plugin cannot silently replace a built-in; registering the same object agai
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 from compactai.errors import DuplicateNameError, UnknownNameError
@@ -34,10 +34,6 @@ class Registry(Generic[T]):
             )
         self._entries[name] = entry
         return entry
-
-    def decorator(self, name: str) -> Callable[[T], T]:
-        """``@registry.decorator("name")`` registers the decorated object under ``name``."""
-        return lambda entry: self.register(name, entry)
 
     def unregister(self, name: str) -> None:
         """Forget ``name`` (tests and plugins that register something temporarily)."""

@@ -154,7 +154,7 @@ def run_search(
         log.warning("marked %d trial(s) interrupted in the previous run as failed", abandoned)
     say = progress or (lambda message: None)
     if config.enqueue_singles and not study.trials:
-        for params in space.single_technique_trials():
+        for params in space.seed_trials():
             study.enqueue_trial(params, skip_if_exists=True)
     deadline = None if config.max_minutes is None else time.monotonic() + config.max_minutes * 60
     executor = make_executor(config, handle, task, budget, out_dir, source=source,

@@ -23,7 +23,7 @@ from compactai.techniques.base import (
     available_techniques,
 )
 
-FAMILY_ORDER = ("prune", "distill", "nas", "quantize")
+FAMILY_ORDER = ("prune", "distill", "quantize")
 
 
 @dataclass
@@ -126,11 +126,8 @@ class SearchSpace:
             trials.append((max(registry[n].cost for n in stack.values()) + 0.5, self._pipeline(stack)))
         return [params for _, params in sorted(trials, key=lambda item: item[0])]
 
-    def single_technique_trials(self) -> list[dict[str, Any]]:
-        return self.seed_trials()
 
-
-def _param_from_override(name: str, value: Any, base: Param | None) -> Range | None:
+def _param_from_override(value: Any, base: Param | None) -> Range | None:
     if isinstance(value, list):
         return ChoiceParam(tuple(value), value[0])
     if isinstance(value, dict) and {"low", "high"} <= set(value):
@@ -173,7 +170,7 @@ def default_space(kind: str, framework: str = "torch", techniques: list[str] | N
                     fixed[n][pname] = value
                     search[n].pop(pname, None)
             for pname, value in (overrides or {}).get(n, {}).items():
-                spec = _param_from_override(pname, value, registry[n].space.get(pname))
+                spec = _param_from_override(value, registry[n].space.get(pname))
                 if spec is None:
                     fixed.setdefault(n, {})[pname] = value
                     search[n].pop(pname, None)
@@ -208,7 +205,7 @@ def space_from_config(stages: list[dict[str, Any]]) -> SearchSpace:
                 raise BadInputError(
                     f"Technique '{name}' has no parameter '{pname}'; its parameters are {', '.join(cls.space)}."
                 )
-            spec = _param_from_override(pname, value, cls.space[pname])
+            spec = _param_from_override(value, cls.space[pname])
             if spec is None:
                 fixed[pname] = value
             else:

@@ -63,12 +63,10 @@ class StepCache:
     def __init__(self, max_items: int = 8) -> None:
         self.items: dict[str, ModelHandle] = {}
         self.max_items = max_items
-        self.hits = 0
 
     def get(self, key: str) -> ModelHandle | None:
         handle = self.items.get(key)
         if handle is not None:
-            self.hits += 1
             self.items[key] = self.items.pop(key)  # most recent last
         return handle
 

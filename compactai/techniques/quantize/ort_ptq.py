@@ -23,7 +23,6 @@ from compactai.techniques.quantize._common import calibration_reader, name_unnam
 log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
-FORMATS = ("qoperator", "qdq")
 
 
 @dataclass(frozen=True)
