@@ -15,6 +15,7 @@ Tree::
     │   ├── CorruptModelError
     │   ├── InputSignatureError (TypeError)        wrong input shape or dtype
     │   ├── UnknownNameError (KeyError)            unknown example/technique/mode
+    │   ├── DuplicateNameError                     a second entry registered under a taken name
     │   ├── ParameterError                          a technique parameter out of range
     │   └── MissingDependencyError (ImportError)   an optional extra is not installed
     ├── ParityError (AssertionError)               exported model diverged from the source, exit 1
@@ -63,6 +64,10 @@ class UnknownNameError(BadInputError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; people should not see the quotes
         return str(self.args[0]) if self.args else ""
+
+
+class DuplicateNameError(BadInputError):
+    """A name (technique, criterion, student builder, example) registered twice for different entries."""
 
 
 class ParameterError(BadInputError):

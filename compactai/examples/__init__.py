@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from compactai.errors import UnknownNameError
+from compactai._registry import Registry
 from compactai.models.handle import ModelHandle
 from compactai.tasks import Task
 
@@ -103,11 +103,14 @@ def _minilm(progress: Any = None) -> Example:
     )
 
 
-EXAMPLES: dict[str, Callable[..., Example]] = {"digits": _digits, "minilm": _minilm}
+EXAMPLES: Registry[Callable[..., Example]] = Registry("example")
+EXAMPLES.register("digits", _digits)
+EXAMPLES.register("minilm", _minilm)
 
 
 def load_example(name: str, progress: Any = None) -> Example:
     """The built-in example ``name`` (see EXAMPLES)."""
-    if name not in EXAMPLES:
-        raise UnknownNameError(f"Unknown example '{name}'; choose one of: {', '.join(EXAMPLES)}.")
-    return EXAMPLES[name](progress=progress)
+    return EXAMPLES.get(name)(progress=progress)
+
+
+__all__ = ["EXAMPLES", "Example", "cache_dir", "load_example"]

@@ -113,12 +113,21 @@ MAX_REPEATS_IN_A_ROW = 10  # the sampler proposing only known recipes: the space
 
 def finished_results(study: Any) -> list[TrialResult]:
     """Results of every finished trial in the study (from its stored user attributes), one per
-    recipe: a repeat the sampler proposed is kept in the study, not among the results."""
+    recipe: a repeat the sampler proposed is kept in the study, not among the results. A trial
+    failed without a stored result was abandoned by a stopped run (see ``_fail_abandoned``)."""
+    from optuna.trial import TrialState
+
     results = []
     for trial in study.get_trials(deepcopy=False):
+        if not trial.state.is_finished() or REPEAT_ATTR in trial.user_attrs:
+            continue
         data = trial.user_attrs.get(RESULT_ATTR)
-        if data and trial.state.is_finished() and REPEAT_ATTR not in trial.user_attrs:
+        if data:
             results.append(TrialResult.from_dict(json.loads(data) if isinstance(data, str) else data))
+        elif trial.state == TrialState.FAIL:
+            results.append(TrialResult(
+                trial.number, [], "failed",
+                error=f"interrupted: the run was stopped during this trial (parameters {trial.params})"))
     return sorted(results, key=lambda r: r.number)
 
 
@@ -126,14 +135,10 @@ def _fail_abandoned(study: Any) -> int:
     """Trials left RUNNING by a killed process are marked failed (they are not re-run)."""
     from optuna.trial import TrialState
 
-    count = 0
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        record = TrialResult(trial.number, [], "failed",
-                             error=f"interrupted: the run was stopped during this trial (parameters {trial.params})")
-        study._storage.set_trial_user_attr(trial._trial_id, RESULT_ATTR, json.dumps(record.to_dict()))
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        count += 1
-    return count
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in running:
+        study.tell(trial.number, state=TrialState.FAIL)
+    return len(running)
 
 
 def objective_values(result: TrialResult) -> list[float]:
@@ -163,7 +168,7 @@ def run_search(
         log.warning("marked %d trial(s) interrupted in the previous run as failed", abandoned)
     say = progress or (lambda message: None)
     if config.enqueue_singles and not study.trials:
-        for params in space.single_technique_trials():
+        for params in space.seed_trials():
             study.enqueue_trial(params, skip_if_exists=True)
     deadline = None if config.max_minutes is None else time.monotonic() + config.max_minutes * 60
     executor = make_executor(config, handle, task, budget, out_dir, source=source,

@@ -2,8 +2,8 @@
 
 The default space is built from the registry: one optional stage per family, in family
 order (prune -> distill -> quantize), choosing among that family's registered techniques
-that accept the model's kind, searching the parameters each marks ``searchable`` (and
-fixing those its ``search_defaults(kind)`` gives). A recipe file can override
+that accept the model's kind, searching the ranges of its ``search_space`` (and fixing or
+narrowing those its ``search_defaults(kind)`` gives). A recipe file can override
 stages: a list value is a choice, ``{"low", "high", "log"}`` a range, anything else fixed.
 """
 
@@ -14,16 +14,16 @@ from typing import Any
 
 from compactai.errors import BadInputError, UnknownNameError
 from compactai.techniques.base import (
-    AnyParam,
     ChoiceParam,
     FloatParam,
     IntParam,
     Param,
+    Range,
     Technique,
     available_techniques,
 )
 
-FAMILY_ORDER = ("prune", "distill", "nas", "quantize")
+FAMILY_ORDER = ("prune", "distill", "quantize")
 
 
 @dataclass
@@ -34,19 +34,17 @@ class Stage:
     techniques: list[str]
     optional: bool = True
     fixed: dict[str, dict[str, Any]] = field(default_factory=dict)  # technique -> fixed params
-    search: dict[str, dict[str, Param]] = field(default_factory=dict)  # technique -> param specs
+    search: dict[str, dict[str, Range]] = field(default_factory=dict)  # technique -> param specs
 
     @property
     def label(self) -> str:
         return "|".join(self.techniques)
 
     def to_dict(self) -> dict[str, Any]:
-        def spec(p: Param) -> Any:
+        def spec(p: Range) -> Any:
             if isinstance(p, ChoiceParam):
                 return list(p.choices)
-            if isinstance(p, (FloatParam, IntParam)):
-                return {"low": p.low, "high": p.high, "log": p.log}
-            return p.default
+            return {"low": p.low, "high": p.high, "log": p.log}
 
         return {"techniques": self.techniques, "optional": self.optional, "fixed": self.fixed,
                 "search": {t: {k: spec(v) for k, v in self.search.get(t, {}).items()} for t in self.techniques}}
@@ -88,7 +86,7 @@ class SearchSpace:
         space = registry[name].space
         params: dict[str, Any] = {}
         for pname, spec in stage.search.get(name, {}).items():
-            default = stage.fixed.get(name, {}).get(pname, getattr(spec, "default", None))
+            default = stage.fixed.get(name, {}).get(pname, spec.default)
             if default is None and pname in space:
                 default = space[pname].default
             if isinstance(spec, ChoiceParam) and default not in spec.choices:
@@ -128,11 +126,8 @@ class SearchSpace:
             trials.append((max(registry[n].cost for n in stack.values()) + 0.5, self._pipeline(stack)))
         return [params for _, params in sorted(trials, key=lambda item: item[0])]
 
-    def single_technique_trials(self) -> list[dict[str, Any]]:
-        return self.seed_trials()
 
-
-def _param_from_override(name: str, value: Any, base: Param | None) -> Param | None:
+def _param_from_override(value: Any, base: Param | None) -> Range | None:
     if isinstance(value, list):
         return ChoiceParam(tuple(value), value[0])
     if isinstance(value, dict) and {"low", "high"} <= set(value):
@@ -175,7 +170,7 @@ def default_space(kind: str, framework: str = "torch", techniques: list[str] | N
                     fixed[n][pname] = value
                     search[n].pop(pname, None)
             for pname, value in (overrides or {}).get(n, {}).items():
-                spec = _param_from_override(pname, value, registry[n].space.get(pname))
+                spec = _param_from_override(value, registry[n].space.get(pname))
                 if spec is None:
                     fixed.setdefault(n, {})[pname] = value
                     search[n].pop(pname, None)
@@ -185,20 +180,9 @@ def default_space(kind: str, framework: str = "torch", techniques: list[str] | N
     return SearchSpace(stages)
 
 
-def searched_params(cls: type[Technique]) -> dict[str, Param]:
-    """The ranges the optimizer explores for a technique: its ``search_space``, else its
-    ``searchable`` entries of ``space`` (log scale dropped where the range includes 0)."""
-    if cls.search_space:
-        return dict(cls.search_space)
-    result: dict[str, Param] = {}
-    for name in cls.searchable:
-        spec = cls.space.get(name)
-        if spec is None or isinstance(spec, AnyParam):
-            continue
-        if isinstance(spec, (FloatParam, IntParam)) and spec.log and spec.low <= 0:
-            spec = type(spec)(**{**spec.__dict__, "log": False})
-        result[name] = spec
-    return result
+def searched_params(cls: type[Technique]) -> dict[str, Range]:
+    """The ranges the optimizer explores for a technique by default: its ``search_space``."""
+    return dict(cls.search_space)
 
 
 def _reachable(cls: type[Technique], framework: str) -> bool:
@@ -215,13 +199,13 @@ def space_from_config(stages: list[dict[str, Any]]) -> SearchSpace:
             raise UnknownNameError(f"Unknown technique '{name}' in search_space; registered: {', '.join(registry)}.")
         cls = registry[name]
         fixed: dict[str, Any] = {}
-        search: dict[str, Param] = {}
+        search: dict[str, Range] = {}
         for pname, value in (entry.get("params") or {}).items():
             if pname not in cls.space:
                 raise BadInputError(
                     f"Technique '{name}' has no parameter '{pname}'; its parameters are {', '.join(cls.space)}."
                 )
-            spec = _param_from_override(pname, value, cls.space[pname])
+            spec = _param_from_override(value, cls.space[pname])
             if spec is None:
                 fixed[pname] = value
             else:

@@ -63,12 +63,10 @@ class StepCache:
     def __init__(self, max_items: int = 8) -> None:
         self.items: dict[str, ModelHandle] = {}
         self.max_items = max_items
-        self.hits = 0
 
     def get(self, key: str) -> ModelHandle | None:
         handle = self.items.get(key)
         if handle is not None:
-            self.hits += 1
             self.items[key] = self.items.pop(key)  # most recent last
         return handle
 
@@ -102,13 +100,13 @@ def apply_recipe(
         if current.module is not None:  # quantization keeps MACs; carry them to the ONNX result
             from compactai.measure import count_macs
 
-            current.metadata["macs"] = count_macs(current)
+            # on a derived handle: the caller's (and a cached step's) metadata stay as they were
+            current = current.derive(metadata={**current.metadata, "macs": count_macs(current)})
         technique = create_technique(step["technique"], **step["params"])
         step_dir = work_dir / f"step{index}-{step['technique']}-{key}"
         step_dir.mkdir(parents=True, exist_ok=True)
         context = Context(task=task, teacher=handle, seed=seed, work_dir=step_dir,
                           progress=progress or (lambda message: None), deadline=deadline)
-        technique.check_accepts(current)
         current = technique.apply(current, context)
         if cache is not None:
             cache.put(key, current)

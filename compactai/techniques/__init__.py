@@ -6,12 +6,16 @@ from __future__ import annotations
 import importlib
 
 from compactai.techniques.base import (
-    AnyParam,
+    CallableParam,
     ChoiceParam,
     Context,
     FloatParam,
     IntParam,
+    NameParam,
+    NoneOr,
+    StringsParam,
     Technique,
+    TypeParam,
     available_techniques,
     create_technique,
     register_technique,
@@ -36,6 +40,7 @@ def load_all() -> None:
 
 
 __all__ = [
-    "AnyParam", "ChoiceParam", "Context", "FloatParam", "IntParam", "Technique", "available_techniques",
-    "create_technique", "load_all", "register_technique",
+    "FAMILIES", "CallableParam", "ChoiceParam", "Context", "FloatParam", "IntParam", "NameParam", "NoneOr",
+    "StringsParam", "Technique", "TypeParam", "available_techniques", "create_technique", "load_all",
+    "register_technique",
 ]

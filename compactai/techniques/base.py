@@ -1,88 +1,189 @@
 """The Technique contract, its context, the declared parameter spaces and the registry.
 
-A technique implements one method, ``apply(handle, context) -> handle``. Its constructor
-only stores parameters; ``validate()`` checks them against the declared ``space`` when
-the work starts. ``@register_technique`` makes it known to the search, CLI and report.
+A technique implements one method, ``_apply(handle, context, params) -> (handle, decisions)``;
+callers use ``apply(handle, context) -> handle``, which checks the parameters against the
+declared ``space`` (scikit-learn's constraint table: ranges, choices, registry names, lists of
+strings, callables, None-able), checks the handle's framework, and records the step. The
+constructor only stores parameters. ``@register_technique`` makes it known to the search, CLI
+and report.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, final
 
-from compactai.errors import ParameterError, TechniqueError, UnknownNameError
+from compactai._registry import Registry
+from compactai.errors import ParameterError, TechniqueError
 from compactai.models.handle import ModelHandle
 from compactai.tasks import Task
 
 
+class _Constraint:
+    """What every declared parameter type shares: ``check`` raises scikit-learn's message form
+    ("The 'ratio' parameter of StructuredPrune must be a float in the range (0, 1). Got 1.5
+    instead.") unless ``accepts(value)``, and returns the value as the technique will use it."""
+
+    default: Any
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def accepts(self, value: Any) -> bool:
+        raise NotImplementedError
+
+    def convert(self, value: Any) -> Any:
+        return value
+
+    def check(self, owner: str, name: str, value: Any) -> Any:
+        if not self.accepts(value):
+            raise ParameterError(
+                f"The '{name}' parameter of {owner} must be {self.describe()}. Got {value!r} instead."
+            )
+        return self.convert(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
-class FloatParam:
+class FloatParam(_Constraint):
+    """A float in [low, high] (either end open on request; infinite ends allowed)."""
+
     low: float
     high: float
-    default: float
+    default: Any = None
     log: bool = False
     open_low: bool = False  # the range is (low, high] instead of [low, high]
     open_high: bool = False
 
-    def check(self, owner: str, name: str, value: Any) -> float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok:
-            ok = (value > self.low if self.open_low else value >= self.low) and (
-                value < self.high if self.open_high else value <= self.high)
-        if not ok:
-            left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
-            raise ParameterError(
-                f"The '{name}' parameter of {owner} must be a float in the range "
-                f"{left}{self.low:g}, {self.high:g}{right}. Got {value!r} instead."
-            )
+    def describe(self) -> str:
+        if self.low == -math.inf and self.high == math.inf:
+            return "a float"
+        left, right = "(" if self.open_low else "[", ")" if self.open_high or self.high == math.inf else "]"
+        left = "(" if self.low == -math.inf else left
+        return f"a float in the range {left}{self.low:g}, {self.high:g}{right}"
+
+    def accepts(self, value: Any) -> bool:
+        return _is_number(value) and (value > self.low if self.open_low else value >= self.low) and (
+            value < self.high if self.open_high else value <= self.high)
+
+    def convert(self, value: Any) -> float:
         return float(value)
 
 
 @dataclass(frozen=True)
-class IntParam:
+class IntParam(_Constraint):
     low: int
     high: int
-    default: int
+    default: Any = None
     log: bool = False
 
-    def check(self, owner: str, name: str, value: Any) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or not self.low <= value <= self.high:
-            raise ParameterError(
-                f"The '{name}' parameter of {owner} must be an int in the range [{self.low}, {self.high}]. "
-                f"Got {value!r} instead."
-            )
-        return value
+    def describe(self) -> str:
+        return f"an int in the range [{self.low}, {self.high}]"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and self.low <= value <= self.high
 
 
 @dataclass(frozen=True)
-class ChoiceParam:
+class ChoiceParam(_Constraint):
     choices: tuple[Any, ...]
     default: Any
 
-    def check(self, owner: str, name: str, value: Any) -> Any:
-        if value not in self.choices:
-            raise ParameterError(
-                f"The '{name}' parameter of {owner} must be one of {', '.join(map(str, self.choices))}. "
-                f"Got {value!r} instead."
-            )
-        return value
+    def describe(self) -> str:
+        return f"one of {', '.join(map(str, self.choices))}"
+
+    def accepts(self, value: Any) -> bool:
+        return value in self.choices
 
 
 @dataclass(frozen=True)
-class AnyParam:
-    """A parameter the search does not tune (layer lists, callables, paths)."""
+class NameParam(_Constraint):
+    """A name from a registry that may grow (plugins): checked against its names when the work starts."""
+
+    registry: Registry[Any]
+    default: str
+
+    def describe(self) -> str:
+        return f"one of {', '.join(self.registry.names())}"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, str) and value in self.registry
+
+
+@dataclass(frozen=True)
+class StringsParam(_Constraint):
+    """A list of strings (layer or node names); with ``single_ok`` one string stands for a list of one."""
+
+    default: tuple[str, ...] = ()
+    single_ok: bool = False
+
+    def describe(self) -> str:
+        return "a list of str" + (" or a str" if self.single_ok else "")
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, str):
+            return self.single_ok
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+    def convert(self, value: Any) -> list[str]:
+        return [value] if isinstance(value, str) else list(value)
+
+
+@dataclass(frozen=True)
+class CallableParam(_Constraint):
+    """A function given through the Python API (a loss, an augmentation, a latency probe)."""
 
     default: Any = None
+    signature: str = ""  # shown in the message, e.g. "handle -> ms"
 
-    def check(self, owner: str, name: str, value: Any) -> Any:
-        return value
+    def describe(self) -> str:
+        return f"a callable ({self.signature})" if self.signature else "a callable"
+
+    def accepts(self, value: Any) -> bool:
+        return callable(value)
 
 
-Param = FloatParam | IntParam | ChoiceParam | AnyParam
+@dataclass(frozen=True)
+class TypeParam(_Constraint):
+    """An instance of one of ``types`` (a dict of options, a list of configurations, ...)."""
+
+    types: tuple[type, ...]
+    default: Any = None
+
+    def describe(self) -> str:
+        return "an instance of " + " or ".join(f"'{t.__name__}'" for t in self.types)
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, self.types) and not (isinstance(value, bool) and bool not in self.types)
+
+
+@dataclass(frozen=True)
+class NoneOr(_Constraint):
+    """``inner``, or None (the default) meaning "not given"."""
+
+    inner: _Constraint
+    default: Any = None
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()} or None"
+
+    def accepts(self, value: Any) -> bool:
+        return value is None or self.inner.accepts(value)
+
+    def convert(self, value: Any) -> Any:
+        return None if value is None else self.inner.convert(value)
+
+
+Param = FloatParam | IntParam | ChoiceParam | NameParam | StringsParam | CallableParam | TypeParam | NoneOr
+Range = FloatParam | IntParam | ChoiceParam  # the types a search explores
 
 
 @dataclass
@@ -107,19 +208,21 @@ class Context:
 
 
 class Technique(ABC):
-    """One way of scaling a model down. Subclasses set ``name``, ``family``, ``space``
-    and ``accepts`` (frameworks of the handles ``apply`` takes) and implement ``apply``."""
+    """One way of scaling a model down. Subclasses set ``name``, ``family``, ``space`` and
+    ``accepts`` (frameworks of the handles they take) and implement one method, ``_apply``.
+
+    ``apply`` is the template around it (Olive's ``run()`` around ``_run_for_config``): it checks
+    the parameters against ``space`` and the handle's framework against ``accepts``, calls
+    ``_apply`` with the checked parameters, and records the step in the result's history."""
 
     name: ClassVar[str]
     family: ClassVar[str]
     space: ClassVar[dict[str, Param]] = {}
     accepts: ClassVar[tuple[str, ...]] = ("torch",)
     kinds: ClassVar[tuple[str, ...]] = ("cnn", "mlp", "transformer", "generic")
-    searchable: ClassVar[tuple[str, ...]] = ()  # parameters the search tunes by default
     quick: ClassVar[dict[str, Any]] = {}  # parameters for a fast run (contract test, smoke runs)
-    # Ranges the optimizer explores (narrower than ``space``, which is what is *allowed*);
-    # empty means: the ``searchable`` entries of ``space``.
-    search_space: ClassVar[dict[str, Param]] = {}
+    # Ranges the optimizer explores by default (narrower than ``space``, which is what is *allowed*).
+    search_space: ClassVar[dict[str, Range]] = {}
     in_default_search: ClassVar[bool] = True  # False: searched only when named (e.g. no speed-up expected)
     # Rough cost of one application: 0 seconds-cheap (PTQ), 1 a short fine-tune, 2 training, 3 training a new
     # model. The optimizer tries cheap candidates first so an anytime run has results early.
@@ -138,7 +241,8 @@ class Technique(ABC):
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params.items())})"
 
     def validate(self) -> dict[str, Any]:
-        """Parameters with defaults filled in, each checked against ``space``."""
+        """Parameters with defaults filled in, each checked against ``space`` (callers may run it
+        early, e.g. before loading a model; ``apply`` runs it anyway)."""
         owner = type(self).__name__
         unknown = sorted(set(self.params) - set(self.space))
         if unknown:
@@ -155,28 +259,45 @@ class Technique(ABC):
                 f"{handle.framework}; order the pipeline so that {self.name} comes before export/quantization."
             )
 
-    @abstractmethod
+    @final
     def apply(self, handle: ModelHandle, context: Context) -> ModelHandle:
-        """Return a new, scaled-down handle; never modify ``handle`` in place."""
+        """A new, scaled-down handle with this step appended to its ``history``; ``handle`` is not modified."""
+        params = self.validate()
+        self.check_accepts(handle)
+        result, decisions = self._apply(handle, context, params)
+        if result is handle:
+            raise TechniqueError(f"{type(self).__name__} returned its input handle; derive a new one instead.")
+        history = [*result.metadata.get("history", []),
+                   {"technique": self.name, "params": {k: v for k, v in params.items() if _is_plain(v)},
+                    "decisions": decisions}]
+        result.metadata = {**result.metadata, "history": history}  # a new dict: never shared with the input's
+        return result
 
-    def record(self, handle: ModelHandle, params: dict[str, Any], **decisions: Any) -> ModelHandle:
-        """Append this step (name, params, decisions as plain data) to ``handle``'s history."""
-        history = list(handle.metadata.get("history", []))
-        plain = {k: v for k, v in params.items() if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
-        history.append({"technique": self.name, "params": plain, "decisions": decisions})
-        handle.metadata["history"] = history
-        return handle
+    @abstractmethod
+    def _apply(self, handle: ModelHandle, context: Context, params: dict[str, Any]
+               ) -> tuple[ModelHandle, dict[str, Any]]:
+        """The technique's work on a handle it accepts, with ``params`` checked and defaults filled in.
+        Returns the new handle (never ``handle`` modified in place) and the decisions to record, as
+        plain data (what was removed, which configuration was kept and why)."""
 
 
-TECHNIQUES: dict[str, type[Technique]] = {}
+def _is_plain(value: Any) -> bool:
+    """Whether ``value`` is JSON data (callables, modules and arrays are left out of the record)."""
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+TECHNIQUES: Registry[type[Technique]] = Registry("technique")
 
 
 def register_technique(cls: type[Technique]) -> type[Technique]:
     """Class decorator: make a technique known by its ``name``."""
-    if cls.name in TECHNIQUES and TECHNIQUES[cls.name] is not cls:
-        raise ValueError(f"A technique named '{cls.name}' is already registered ({TECHNIQUES[cls.name].__name__}).")
-    TECHNIQUES[cls.name] = cls
-    return cls
+    return TECHNIQUES.register(cls.name, cls)
 
 
 def create_technique(name: str, **params: Any) -> Technique:
@@ -184,9 +305,7 @@ def create_technique(name: str, **params: Any) -> Technique:
     from compactai.techniques import load_all
 
     load_all()
-    if name not in TECHNIQUES:
-        raise UnknownNameError(f"Unknown technique '{name}'; registered techniques: {', '.join(sorted(TECHNIQUES))}.")
-    return TECHNIQUES[name](**params)
+    return TECHNIQUES.get(name)(**params)
 
 
 def available_techniques() -> dict[str, type[Technique]]:

@@ -8,6 +8,7 @@ from torch import nn
 
 from compactai import MeasureConfig, load_model, measure
 from compactai.measure import count_macs, make_runner, measure_latency, size_on_disk
+from compactai.measure import energy as energy_module
 from compactai.measure.energy import measure_energy
 
 
@@ -21,8 +22,7 @@ def test_measure_onnxruntime_figures(small_handle):
     assert m.throughput_items_per_s > 0 and m.throughput_batch == 8
     assert m.peak_memory_mb is not None and m.peak_memory_mb > m.model_memory_mb > 0
     assert m.energy_method in ("rapl", "estimated") and m.energy_mj > 0
-    if m.energy_method == "estimated":
-        assert "W per busy core" in m.energy_formula
+    assert ("W per busy core" in m.energy_formula) == (m.energy_method == "estimated")
 
 
 def test_measure_torch_runtime_and_quality(small_handle):
@@ -64,11 +64,30 @@ def test_macs_of_a_known_conv_match_on_both_runtimes(tmp_path):
     assert count_macs(onnx_handle) == expected
 
 
-def test_energy_estimate_formula():
+def test_energy_estimate_formula_without_rapl(tmp_path, monkeypatch):
+    monkeypatch.setattr(energy_module, "RAPL_ROOT", tmp_path / "no-powercap")  # a machine without RAPL
     energy = measure_energy(lambda: (100, 0.5), cpu_seconds=0.5, queries=100, core_watts=10.0)
-    if energy.method == "estimated":
-        assert energy.millijoules_per_inference == pytest.approx(0.5 / 100 * 10.0 * 1e3)
-        assert "10 W" in energy.formula
+    assert energy.method == "estimated"
+    assert energy.millijoules_per_inference == pytest.approx(0.5 / 100 * 10.0 * 1e3)
+    assert "10 W" in energy.formula
+
+
+def test_energy_from_rapl_counters(tmp_path, monkeypatch):
+    """A powercap tree like the kernel's (two packages, one sub-zone that must not be counted twice)."""
+    zones = [tmp_path / "intel-rapl:0", tmp_path / "intel-rapl:1", tmp_path / "intel-rapl:0:0"]
+    for zone in zones:
+        zone.mkdir()
+        (zone / "energy_uj").write_text("1000000\n")
+    monkeypatch.setattr(energy_module, "RAPL_ROOT", tmp_path)
+
+    def run_queries():  # 50 queries that cost 0.2 J on each package (and 0.1 J in the sub-zone)
+        for zone, used in zip(zones, (200_000, 200_000, 100_000)):
+            (zone / "energy_uj").write_text(f"{1_000_000 + used}\n")
+        return 50, 0.01
+
+    energy = measure_energy(run_queries, core_watts=10.0)
+    assert energy.method == "rapl" and "RAPL" in energy.formula
+    assert energy.millijoules_per_inference == pytest.approx(400_000 / 1e3 / 50)
 
 
 def test_onnx_runner_threads_are_explicit(small_handle):

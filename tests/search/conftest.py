@@ -15,22 +15,20 @@ class RoundWeights(Technique):
     name = "test_round_weights"
     family = "quantize"
     space = {"bits": ChoiceParam((2, 4, 8), 8)}
-    searchable = ("bits",)
+    search_space = {"bits": ChoiceParam((2, 4, 8), 8)}
     quick = {"bits": 8}
 
-    def apply(self, handle, context: Context):
-        params = self.validate()
+    def _apply(self, handle, context: Context, params):
         module = copy.deepcopy(handle.module)
         with torch.no_grad():
             for p in module.parameters():
                 scale = p.abs().max() / (2 ** (params["bits"] - 1) - 1) if p.numel() else 1.0
                 p.copy_(torch.round(p / scale) * scale if scale > 0 else p)
-        out = handle.derive(module=module)
-        return self.record(out, params)
+        return handle.derive(module=module), {}
 
 
 @pytest.fixture
 def round_technique():
     register_technique(RoundWeights)
     yield RoundWeights
-    TECHNIQUES.pop(RoundWeights.name, None)
+    TECHNIQUES.unregister(RoundWeights.name)

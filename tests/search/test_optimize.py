@@ -44,7 +44,7 @@ def finished_run(digits, tmp_path_factory):
         results = optimize(digits.handle, digits.task, parse_budget("size_mb<=100", "0.99"), out,
                            quick_config(max_trials=3), space=space(), source={"example": "digits"})
     finally:
-        TECHNIQUES.pop(RoundWeights.name, None)
+        TECHNIQUES.unregister(RoundWeights.name)
     return out, results
 
 
@@ -110,10 +110,10 @@ RUNNER = textwrap.dedent("""
 
     class Logged(RoundWeights):
         name = "test_round_weights"
-        def apply(self, handle, context):
+        def _apply(self, handle, context, params):
             with open({log!r}, "a") as f:
                 f.write(repr(self.params) + "\\n")
-            return super().apply(handle, context)
+            return super()._apply(handle, context, params)
 
     register_technique(Logged)
     import compactai

@@ -27,13 +27,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from compactai.errors import ParameterError, TechniqueError, UnknownNameError
+from compactai._registry import Registry
+from compactai.errors import ParameterError, TechniqueError
 from compactai.models.handle import ModelHandle, flatten_outputs
 from compactai.models.zoo import digits_resnet
 
 StudentBuilder = Callable[[str, ModelHandle, Any], nn.Module]
-STUDENT_BUILDERS: dict[str, StudentBuilder] = {}
-ARG_CHECKS: dict[str, Callable[[str], Any]] = {}
+
+
+@dataclass(frozen=True)
+class Builder:
+    """A registered student builder and the check of its argument text."""
+
+    build: StudentBuilder
+    parse_args: Callable[[str], Any]
+
+
+STUDENT_BUILDERS: Registry[Builder] = Registry("student builder")
 
 
 def register_student(name: str, parse_args: Callable[[str], Any] | None = None) -> Callable[[StudentBuilder], StudentBuilder]:
@@ -41,8 +51,7 @@ def register_student(name: str, parse_args: Callable[[str], Any] | None = None) 
     text after the colon (raising ParameterError) before any model is touched."""
 
     def wrap(builder: StudentBuilder) -> StudentBuilder:
-        STUDENT_BUILDERS[name] = builder
-        ARG_CHECKS[name] = parse_args or (lambda args: args)
+        STUDENT_BUILDERS.register(name, Builder(builder, parse_args or (lambda args: args)))
         return builder
 
     return wrap
@@ -84,12 +93,7 @@ def parse_student_spec(spec: Any) -> StudentSpec:
         check_pt2_archive(Path(spec).expanduser())  # a hostile archive fails here, before any training
         return StudentSpec("pt2", spec)
     name, _, args = spec.partition(":")
-    if name not in STUDENT_BUILDERS:
-        raise UnknownNameError(
-            f"Unknown student builder '{name}' in {spec!r}; choose one of {', '.join(sorted(STUDENT_BUILDERS))} "
-            "(e.g. 'layers:0,2,4') or give a .pt2 path."
-        )
-    ARG_CHECKS[name](args)
+    STUDENT_BUILDERS.get(name).parse_args(args)
     return StudentSpec(name, args)
 
 
@@ -103,7 +107,7 @@ def build_student(spec: StudentSpec, handle: ModelHandle, context: Any) -> nn.Mo
         module = load_pt2(Path(spec.args).expanduser()).module
         assert module is not None  # a .pt2 always loads as a torch module
         return module
-    return STUDENT_BUILDERS[spec.name](spec.args, handle, context)
+    return STUDENT_BUILDERS.get(spec.name).build(spec.args, handle, context)
 
 
 def _int_list(spec_name: str, example: str) -> Callable[[str], list[int]]:
@@ -181,22 +185,13 @@ def _parse_fraction(args: str) -> float:
     return value
 
 
-PRUNE_TECHNIQUES = ("structured_prune", "prune")  # registry names of the pruning technique
-
-
 @register_student("width", _parse_fraction)
 def prune_width(args: str, handle: ModelHandle, context: Any) -> nn.Module:
     """The teacher structurally pruned (by the registered pruning technique) to ``args`` of its channels."""
-    from compactai.techniques.base import available_techniques, create_technique
+    from compactai.techniques.base import create_technique
 
     keep = _parse_fraction(args)
-    registered = [name for name in PRUNE_TECHNIQUES if name in available_techniques()]
-    if not registered:
-        raise TechniqueError(
-            f"Student 'width:{args}' needs the structured pruning technique, which is not registered in this "
-            "installation; use 'layers:...' or an explicit architecture instead."
-        )
-    pruner = create_technique(registered[0], ratio=round(1 - keep, 6), target="channels", finetune_epochs=0)
+    pruner = create_technique("structured_prune", ratio=round(1 - keep, 6), target="channels", finetune_epochs=0)
     pruned = pruner.apply(handle, context)
     if pruned.module is None:
         raise TechniqueError("The pruning technique returned a model without a torch module; cannot train it.")

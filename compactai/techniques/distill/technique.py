@@ -15,13 +15,14 @@ from compactai.models.handle import ModelHandle, set_eval
 from compactai.tasks import EmbeddingFidelity, Task
 from compactai.techniques._training import first_output
 from compactai.techniques.base import (
-    AnyParam,
     ChoiceParam,
     Context,
     FloatParam,
     IntParam,
     Param,
+    Range,
     Technique,
+    TypeParam,
     register_technique,
 )
 from compactai.techniques.distill.objectives import (
@@ -174,7 +175,7 @@ class Distill(Technique):
     accepts = ("torch",)
     kinds = ("cnn", "mlp", "transformer", "generic")
     space: ClassVar[dict[str, Param]] = {
-        "student": AnyParam("auto"),
+        "student": TypeParam((str, nn.Module), "auto"),  # a spec (see students.py), a .pt2 path or a module
         "objective": ChoiceParam(OBJECTIVES, "auto"),
         "temperature": FloatParam(1.0, 20.0, 4.0),
         "alpha": FloatParam(0.0, 1.0, 0.9),
@@ -196,9 +197,8 @@ class Distill(Technique):
         "train_samples": IntParam(0, 10**9, 0),  # use only the first N training samples (0: all)
         "resume": ChoiceParam((False, True), False),
     }
-    searchable = ("temperature", "alpha", "lr")
     cost = 3
-    search_space: ClassVar[dict[str, Param]] = {
+    search_space: ClassVar[dict[str, Range]] = {
         "temperature": FloatParam(1.0, 8.0, 2.0),
         "alpha": FloatParam(0.3, 0.9, 0.5),
         "lr": FloatParam(3e-4, 5e-3, 1e-3, log=True),
@@ -216,9 +216,8 @@ class Distill(Technique):
         return {"student": ChoiceParam(("width:0.5", "width:0.35"), "width:0.5"), "epochs": 8, "max_minutes": 2.0,
                 "augment": "shift" if kind == "cnn" else "none"}
 
-    def apply(self, handle: ModelHandle, context: Context) -> ModelHandle:
-        params = self.validate()
-        self.check_accepts(handle)
+    def _apply(self, handle: ModelHandle, context: Context, params: dict[str, Any]
+               ) -> tuple[ModelHandle, dict[str, Any]]:
         spec = parse_student_spec(params["student"])
         teacher = context.teacher if context.teacher is not None and context.teacher.module is not None else handle
         self.check_accepts(teacher)
@@ -261,17 +260,15 @@ class Distill(Technique):
         sanity = sanity_check(task, untrained, final)
         for parameter in student.parameters():
             parameter.requires_grad_(False)
-        out = handle.derive(module=student, name=f"{handle.name}-distilled")
-        plain = {**params, "student": str(spec)}
-        return self.record(
-            out, plain,
-            student=str(spec), objective=objective_name, projection=isinstance(student, ProjectedStudent), teacher=teacher.name,
-            teacher_params=parameter_count(teacher.module), student_params=parameter_count(student),
-            epochs_run=result.epochs_run, steps=result.steps, stopped=result.stopped,
-            best_validation=result.best_metric, validation_metric=task.metric.name,
-            resumed_from_step=result.resumed_from_step, seconds=result.seconds, history=result.history,
-            checkpoint_dir=str(work_dir), sanity=sanity,
-        )
+        return handle.derive(module=student, name=f"{handle.name}-distilled"), {
+            "student": str(spec), "objective": objective_name, "projection": isinstance(student, ProjectedStudent),
+            "teacher": teacher.name, "teacher_params": parameter_count(teacher.module),
+            "student_params": parameter_count(student), "epochs_run": result.epochs_run, "steps": result.steps,
+            "stopped": result.stopped, "best_validation": result.best_metric,
+            "validation_metric": task.metric.name, "resumed_from_step": result.resumed_from_step,
+            "seconds": result.seconds, "history": result.history, "checkpoint_dir": str(work_dir),
+            "sanity": sanity,
+        }
 
     def make_objective(self, name: str, teacher: ModelHandle, params: dict[str, Any], train: Any) -> Objective:
         assert teacher.module is not None

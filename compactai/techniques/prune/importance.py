@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from compactai.errors import UnknownNameError
+from compactai._registry import Registry
 from compactai.techniques._training import first_output
 from compactai.techniques.layers import prunable_types
 from compactai.techniques.losses import masked_mean_pool
@@ -31,7 +31,7 @@ class Criterion:
     needs_activations: bool = False
 
 
-CRITERIA: dict[str, Criterion] = {}
+CRITERIA: Registry[Criterion] = Registry("importance criterion")
 
 
 def register_criterion(
@@ -39,15 +39,11 @@ def register_criterion(
     needs_activations: bool = False,
 ) -> Criterion:
     """Make a criterion known by ``name`` (the CLI's --criterion and the technique's 'criterion')."""
-    criterion = Criterion(name, build, needs_gradients, description, needs_activations)
-    CRITERIA[name] = criterion
-    return criterion
+    return CRITERIA.register(name, Criterion(name, build, needs_gradients, description, needs_activations))
 
 
 def get_criterion(name: str) -> Criterion:
-    if name not in CRITERIA:
-        raise UnknownNameError(f"Unknown importance criterion '{name}'; choose one of: {', '.join(CRITERIA)}.")
-    return CRITERIA[name]
+    return CRITERIA.get(name)
 
 
 def _magnitude(p: int) -> Callable[[Any], Any]:

@@ -20,12 +20,16 @@ import numpy as np
 from compactai.errors import ParameterError, TechniqueError
 from compactai.models.handle import ModelHandle, set_eval
 from compactai.techniques.base import (
-    AnyParam,
+    CallableParam,
     ChoiceParam,
     Context,
     FloatParam,
     IntParam,
+    NameParam,
+    NoneOr,
     Param,
+    Range,
+    StringsParam,
     Technique,
     register_technique,
 )
@@ -148,7 +152,7 @@ class StructuredPrune(Technique):
     space: ClassVar[dict[str, Param]] = {
         "ratio": FloatParam(0.0, 1.0, 0.5, open_low=True, open_high=True),
         "target": ChoiceParam(TARGETS, "params"),
-        "criterion": ChoiceParam(("l1", "l2", "taylor", "bn", "fluctuation"), "l2"),
+        "criterion": NameParam(CRITERIA, "l2"),  # registered importance criteria, plugins included
         "ranking": ChoiceParam(("layer", "global"), "layer"),
         "scope": ChoiceParam(SCOPES, "auto"),
         "steps": IntParam(1, 20, 1),
@@ -156,18 +160,17 @@ class StructuredPrune(Technique):
         "lr": FloatParam(1e-6, 1.0, 1e-3, log=True),
         "kd_weight": FloatParam(0.0, 1.0, 0.0),
         "batch_size": IntParam(1, 4096, 64),
-        "max_batches": AnyParam(None),  # cap on batches per fine-tune epoch (quick runs)
-        "protect": AnyParam(()),  # layer names whose output channels are kept
+        "max_batches": NoneOr(IntParam(0, 10**9)),  # cap on batches per fine-tune epoch (quick runs)
+        "protect": StringsParam(single_ok=True),  # layer names whose output channels are kept
         "protect_first": ChoiceParam((True, False), True),
         "round_to": IntParam(1, 256, 1),
         "taylor_batches": IntParam(1, 1000, 4),
-        "loss": AnyParam(None),  # fine-tune loss(student, teacher, labels, feeds); default per task
-        "augment": AnyParam(None),  # callable(list of input tensors) -> list, for fine-tuning batches
+        "loss": NoneOr(CallableParam(signature="student, teacher, labels, feeds -> loss")),  # default per task
+        "augment": NoneOr(CallableParam(signature="list of input tensors -> list")),  # for fine-tuning batches
         "reconstruct": ChoiceParam((False, True), False),  # least-squares re-fit of pruned FFNs/heads (transformers)
         "reconstruct_samples": IntParam(16, 100_000, 1024),  # sequences of the train split for the re-fit
     }
-    searchable = ("ratio", "criterion", "ranking")
-    search_space: ClassVar[dict[str, Any]] = {
+    search_space: ClassVar[dict[str, Range]] = {
         "ratio": FloatParam(0.2, 0.75, 0.5),
         "criterion": ChoiceParam(("l2", "taylor"), "l2"),
         "ranking": ChoiceParam(("layer", "global"), "layer"),
@@ -186,26 +189,11 @@ class StructuredPrune(Technique):
                     "criterion": "fluctuation", "reconstruct": True, "finetune_epochs": 0}
         return {"target": "macs", "finetune_epochs": 3, "kd_weight": 0.5}
 
-    def validate(self) -> dict[str, Any]:
-        # criteria are pluggable: any registered name is valid, not only the built-in choices
-        criterion = self.params.get("criterion", self.space["criterion"].default)
-        if criterion not in CRITERIA:
-            raise ParameterError(
-                f"The 'criterion' parameter of {type(self).__name__} must be one of {', '.join(CRITERIA)}. "
-                f"Got {criterion!r} instead."
-            )
-        probe = copy.copy(self)
-        probe.params = {k: v for k, v in self.params.items() if k != "criterion"}
-        return {**Technique.validate(probe), "criterion": criterion}
-
-    def apply(self, handle: ModelHandle, context: Context) -> ModelHandle:
-        params = self.validate()
-        self.check_accepts(handle)
+    def _apply(self, handle: ModelHandle, context: Context, params: dict[str, Any]
+               ) -> tuple[ModelHandle, dict[str, Any]]:
         check_prunable(handle)
         criterion = get_criterion(params["criterion"])
-        protect = list(params["protect"] or ())
-        if isinstance(protect, str):
-            protect = [protect]
+        protect = params["protect"]
         check_protected(handle.module, protect)
         task = context.task
         needs_data = params["finetune_epochs"] > 0 or criterion.needs_gradients
@@ -313,13 +301,12 @@ class StructuredPrune(Technique):
             steps.append(record)
         set_eval(module)
         after = {"params": count_params(module), params["target"]: metric(module)}
-        result = handle.derive(module=module)
-        return self.record(
-            result, params, criterion=criterion.name, scope=Graph(copy.deepcopy(module), args, scope, protect).scope,
-            protected=protect, before=before, after=after,
-            reduction={k: 1 - after[k] / before[k] for k in before if before[k]},
-            steps=steps, stopped=stopped, history=history,
-        )
+        return handle.derive(module=module), {
+            "criterion": criterion.name, "scope": Graph(copy.deepcopy(module), args, scope, protect).scope,
+            "protected": protect, "before": before, "after": after,
+            "reduction": {k: 1 - after[k] / before[k] for k in before if before[k]},
+            "steps": steps, "stopped": stopped, "history": history,
+        }
 
 
 __all__ = ["StructuredPrune", "count_params", "example_args"]

@@ -16,12 +16,15 @@ from typing import Any, ClassVar
 from compactai.errors import ParameterError, TechniqueError
 from compactai.models.handle import ModelHandle, set_eval
 from compactai.techniques.base import (
-    AnyParam,
+    CallableParam,
     ChoiceParam,
     Context,
     FloatParam,
     IntParam,
+    NoneOr,
     Param,
+    Range,
+    StringsParam,
     Technique,
     register_technique,
 )
@@ -87,21 +90,23 @@ class UnstructuredPrune(Technique):
         "lr": FloatParam(1e-6, 1.0, 1e-3, log=True),
         "kd_weight": FloatParam(0.0, 1.0, 0.0),
         "batch_size": IntParam(1, 4096, 64),
-        "max_batches": AnyParam(None),
-        "protect": AnyParam(()),
+        "max_batches": NoneOr(IntParam(0, 10**9)),  # cap on batches per fine-tune epoch (quick runs)
+        "protect": StringsParam(single_ok=True),  # layer names whose weights are kept dense
         "protect_first": ChoiceParam((True, False), True),
-        "loss": AnyParam(None),
-        "augment": AnyParam(None),  # callable(list of input tensors) -> list, for fine-tuning batches
+        "loss": NoneOr(CallableParam(signature="student, teacher, labels, feeds -> loss")),
+        "augment": NoneOr(CallableParam(signature="list of input tensors -> list")),  # for fine-tuning batches
     }
-    searchable = ("ratio", "ranking")
+    search_space: ClassVar[dict[str, Range]] = {
+        "ratio": FloatParam(0.05, 0.95, 0.8),
+        "ranking": ChoiceParam(("layer", "global"), "layer"),
+    }
     in_default_search = False  # a dense runtime gains no speed from zeros; searched only when named
     quick: ClassVar[dict[str, Any]] = {"ratio": 0.5, "finetune_epochs": 0}
 
-    def apply(self, handle: ModelHandle, context: Context) -> ModelHandle:
-        params = self.validate()
-        self.check_accepts(handle)
+    def _apply(self, handle: ModelHandle, context: Context, params: dict[str, Any]
+               ) -> tuple[ModelHandle, dict[str, Any]]:
         check_prunable(handle)
-        protect = [params["protect"]] if isinstance(params["protect"], str) else list(params["protect"] or ())
+        protect = params["protect"]
         check_protected(handle.module, protect)
         task = context.task
         if params["finetune_epochs"] > 0 and (task is None or "train" not in task.splits):
@@ -149,13 +154,12 @@ class UnstructuredPrune(Technique):
             steps.append(record)
         set_eval(module)
         per_layer = {n: float(1 - m.float().mean()) for n, m in masks.items()}
-        result = handle.derive(module=module)
-        return self.record(
-            result, params, protected=sorted(protected), steps=steps,
-            zero_fraction=zero_fraction(module, [f"{n}.weight" for n in weights]),
-            zero_fraction_all_params=zero_fraction(module),
-            per_layer_sparsity=per_layer, note=DENSE_RUNTIME_NOTE,
-        )
+        return handle.derive(module=module), {
+            "protected": sorted(protected), "steps": steps,
+            "zero_fraction": zero_fraction(module, [f"{n}.weight" for n in weights]),
+            "zero_fraction_all_params": zero_fraction(module), "per_layer_sparsity": per_layer,
+            "note": DENSE_RUNTIME_NOTE,
+        }
 
 
 __all__ = ["DENSE_RUNTIME_NOTE", "UnstructuredPrune", "compressed_size", "cubic_schedule", "magnitude_masks",

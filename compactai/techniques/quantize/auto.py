@@ -10,7 +10,6 @@ doubling and then bisecting (quality is close to monotone in k), so it needs abo
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -158,7 +157,3 @@ def measure_interleaved(
         trial.latency_ms = statistics.median(samples[id(trial)])
         progress(f"auto: {trial.config.label()}: {trial.latency_ms:.2f} ms p50 at batch 1")
 
-
-def copy_model(source: Path, target: Path) -> Path:
-    shutil.copyfile(source, target)
-    return target

@@ -10,8 +10,6 @@ import numpy as np
 from compactai.errors import TechniqueError
 from compactai.models.handle import ModelHandle
 
-FLOAT_TYPES = ("fp16", "bf16")
-
 
 def convert_float16(source: Path, target: Path) -> Path:
     """fp16 weights and compute, float32 inputs/outputs (ORT's transformer float16 converter)."""

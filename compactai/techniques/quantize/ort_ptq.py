@@ -24,7 +24,6 @@ from compactai.techniques.quantize.masks import mask_path_nodes, nodes_touching,
 log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
-FORMATS = ("qoperator", "qdq")
 
 
 @dataclass(frozen=True)

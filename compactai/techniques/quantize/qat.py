@@ -147,18 +147,16 @@ class QAT(Technique):
         "reduce_range": ChoiceParam(("auto", False, True), "auto"),
         "weight_bits": ChoiceParam((8, 4), 8),
     }
-    searchable = ("epochs", "lr")
     cost = 2
     search_space = {"epochs": IntParam(1, 5, 2), "lr": FloatParam(1e-5, 1e-3, 1e-4, log=True)}
     in_default_search = False  # it trains: searched only when named
     quick = {"epochs": 1, "max_batches": 2, "calibration_samples": 8}
 
-    def apply(self, handle: ModelHandle, context: Context) -> ModelHandle:
+    def _apply(self, handle: ModelHandle, context: Context, params: dict[str, Any]
+               ) -> tuple[ModelHandle, dict[str, Any]]:
         import torch
         from torch import nn
 
-        params = self.validate()
-        self.check_accepts(handle)
         if context.task is None or "train" not in context.task.splits:
             raise ParameterError("QAT needs a task with a train split to fine-tune on.")
         say = context.progress
@@ -247,4 +245,4 @@ class QAT(Technique):
             "quantized_size_bytes": file_size(target),
         }
         result.metadata["quantize"] = {"mode": "qat", **decisions}
-        return self.record(result, params, **decisions)
+        return result, decisions

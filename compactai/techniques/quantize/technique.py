@@ -4,6 +4,7 @@ float model when the quantized one is not faster on this machine."""
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +14,15 @@ from compactai.errors import BudgetNotMetError, ParameterError
 from compactai.models.handle import ModelHandle
 from compactai.tasks import COLLAPSE_RATIO
 from compactai.techniques.base import (
-    AnyParam,
+    CallableParam,
     ChoiceParam,
     Context,
     FloatParam,
     IntParam,
+    NoneOr,
+    StringsParam,
     Technique,
+    TypeParam,
     register_technique,
 )
 from compactai.techniques.quantize._common import (
@@ -148,24 +152,23 @@ class Quantize(Technique):
         "reduce_range": ChoiceParam(("auto", False, True), "auto"),
         "weight_bits": ChoiceParam((8, 4), 8),
         "const_weights_only": ChoiceParam((True, False), True),
-        "nodes_to_exclude": AnyParam(None),
-        "op_types": AnyParam(None),
-        "extra_options": AnyParam(None),
+        "nodes_to_exclude": NoneOr(StringsParam()),
+        "op_types": NoneOr(StringsParam()),
+        "extra_options": NoneOr(TypeParam((dict,))),
         "preprocess": ChoiceParam((True, False), True),
         "outlier_scaling": ChoiceParam(("auto", "on", "off"), "auto"),
         "outlier_threshold": FloatParam(1.0, 1000.0, 3.0),
         "block_size": ChoiceParam((16, 32, 64, 128), 32),
-        "min_quality": AnyParam(None),
-        "max_drop": AnyParam(None),
+        "min_quality": NoneOr(FloatParam(-math.inf, math.inf)),
+        "max_drop": NoneOr(FloatParam(0.0, math.inf)),  # metric points
         "objective": ChoiceParam(("latency", "size"), "latency"),
         "sensitivity": ChoiceParam(("both", "float", "none"), "both"),
         "sensitivity_samples": IntParam(1, 100_000, 100),
-        "rank_by": AnyParam("auto"),
+        "rank_by": TypeParam((str,), "auto"),
         "max_float_fraction": FloatParam(0.0, 1.0, 0.5),
-        "configs": AnyParam(None),
-        "latency_probe": AnyParam(None),
+        "configs": NoneOr(TypeParam((list, tuple))),  # of Int8Config or dicts of its fields
+        "latency_probe": NoneOr(CallableParam(signature="handle -> ms")),
     }
-    searchable = ("mode", "per_channel", "calibration")
     cost = 0
     # the optimizer tries the cheap, always-offered int8 settings; auto/fp16/bf16/int4 are asked for by name
     search_space = {
@@ -181,34 +184,8 @@ class Quantize(Technique):
         docs/quantization.md); the optimizer searches dynamic int8 for them."""
         return {"mode": "dynamic"} if kind == "transformer" else {}
 
-    def validate(self) -> dict[str, Any]:
-        params = super().validate()
-        owner = type(self).__name__
-        for key in ("min_quality", "max_drop"):
-            value = params[key]
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ParameterError(
-                    f"The '{key}' parameter of {owner} must be a number or None. Got {value!r} instead."
-                )
-        if params["max_drop"] is not None and params["max_drop"] < 0:
-            raise ParameterError(
-                f"The 'max_drop' parameter of {owner} must be >= 0 (metric points). Got {params['max_drop']!r} instead."
-            )
-        for key in ("nodes_to_exclude", "op_types"):
-            value = params[key]
-            if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
-                raise ParameterError(
-                    f"The '{key}' parameter of {owner} must be a list of node/op names. Got {value!r} instead."
-                )
-        if params["latency_probe"] is not None and not callable(params["latency_probe"]):
-            raise ParameterError(
-                f"The 'latency_probe' parameter of {owner} must be a callable (handle -> ms). Got {params['latency_probe']!r} instead."
-            )
-        return params
-
-    def apply(self, handle: ModelHandle, context: Context) -> ModelHandle:
-        params = self.validate()
-        self.check_accepts(handle)
+    def _apply(self, handle: ModelHandle, context: Context, params: dict[str, Any]
+               ) -> tuple[ModelHandle, dict[str, Any]]:
         mode = params["mode"]
         context.work_dir.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f"quantize-{mode}-", dir=context.work_dir))
@@ -425,7 +402,7 @@ class Quantize(Technique):
         decisions: dict[str, Any],
         report: dict[str, Any],
         context: Context,
-    ) -> ModelHandle:
+    ) -> tuple[ModelHandle, dict[str, Any]]:
         """Keep the quantized model only if it is faster at batch 1 (or the objective is size)."""
         float_path = Path(float_handle.path)  # type: ignore[arg-type]
         quantized = float_handle.as_onnx(target)
@@ -462,4 +439,4 @@ class Quantize(Technique):
         if handle.framework == "torch":
             result.metadata.pop("parity", None)
         result.metadata["quantize"] = {**decisions, **{k: v for k, v in report.items() if k not in decisions}}
-        return self.record(result, params, **decisions)
+        return result, decisions
