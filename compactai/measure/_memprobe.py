@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import resource
+from pathlib import Path
 
 import numpy as np
 
@@ -59,6 +60,10 @@ def main() -> None:
             k["weights_only"] = True
             return original(*a, **k)
 
+        from compactai.models.pt2_archive import check_pt2_archive
+
+        # the same checks as load_model: no pickled objects, compiled code or exec-ed strings reach torch
+        check_pt2_archive(Path(args.model))
         torch.load = weights_only_load
         module = torch.export.load(args.model).module()
         torch.load = original
