@@ -72,3 +72,20 @@ def minilm():
 
 def random_images(n: int = 4, size: int = 16) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((n, 1, size, size)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def user_zoo(tmp_path_factory: pytest.TempPathFactory):
+    """``user_zoo("mobilenet"|"tabular"|"sensor")``: a user-style model trained once per test run
+    (tests/zoo/users.py), with its ONNX file, data.npz and (for mobilenet) a .pt2."""
+    from tests.zoo.users import UserModel, build
+
+    built: dict[str, UserModel] = {}
+    root = tmp_path_factory.mktemp("user-zoo")
+
+    def get(name: str) -> UserModel:
+        if name not in built:
+            built[name] = build(name, root, pt2=name == "mobilenet")
+        return built[name]
+
+    return get
