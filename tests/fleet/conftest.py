@@ -12,10 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 from tuf.api.metadata import Metadata, MetaFile, TargetFile
 
 from compactai.bundle import build_bundle, generate_keypair, load_private_key, load_public_key
@@ -23,20 +20,9 @@ from compactai.bundle.build import write_archive
 from compactai.fleet import FleetKey, Repository, load_key
 from compactai.fleet.layout import CUSTOM_KEY, target_path
 from compactai.runtime import ProbationPolicy, UpdateAgent, UpdateLimits, UpdateResult, update_from_repository
+from tests.runtime.conftest import tiny_model
 
 MODEL = "tiny"
-
-
-def tiny_model(path: Path, scale: float) -> Path:
-    """y = x @ (scale * I), x of shape (batch, 4): a bundle per version that computes something different."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
-    weight = numpy_helper.from_array(np.eye(4, dtype=np.float32) * scale, "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm", [x], [y], [weight])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
 
 
 class RepoServer:
