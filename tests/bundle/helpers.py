@@ -1,4 +1,5 @@
-"""Small real files for the bundle tests: tiny ONNX models, hand-made tar archives, disk usage.
+"""Small real files for the bundle tests: tiny ONNX models, hand-made tar archives, disk usage,
+and the CLI run as a user runs it.
 
 Archives are written member by member so a test can put any name, size or order into them; the
 gzip bomb is written streaming (its compressed block of zeros is repeated as concatenated gzip
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import subprocess
+import sys
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -102,3 +105,9 @@ def disk_used(root: Path) -> int:
 def staged_files(root: Path) -> set[str]:
     """Every file under ``root``, relative POSIX paths."""
     return {(Path(d) / name).relative_to(root).as_posix() for d, _s, files in os.walk(root) for name in files}
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``compactai ARGS`` in a fresh interpreter (as a user runs it), output captured."""
+    return subprocess.run([sys.executable, "-c", "from compactai.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=300, check=False)

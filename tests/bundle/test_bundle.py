@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +24,7 @@ from compactai.bundle import (
     verify_bundle,
 )
 from compactai.errors import BadInputError, ParameterError, SecurityError
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from compactai.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=300, check=False)
-
-
-@pytest.fixture
-def keypair(tmp_path: Path) -> tuple[Path, Path]:
-    return generate_keypair(tmp_path / "keys")
+from tests.bundle.helpers import run_cli
 
 
 def test_keygen_private_key_is_owner_only_and_not_overwritten(keypair):

@@ -4,8 +4,6 @@ read back by the server's monitor; bundles without reference data serve without 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,6 @@ import pytest
 from compactai.bundle import (
     VerifyPolicy,
     build_bundle,
-    generate_keypair,
     load_private_key,
     load_public_key,
     verify_bundle,
@@ -25,16 +22,7 @@ from compactai.errors import BadInputError, SecurityError, UnknownNameError
 from compactai.examples import load_example
 from compactai.measure.drift import PROFILE_FILE
 from compactai.runtime.drift import NO_PROFILE, DriftMonitor
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from compactai.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=300, check=False)
-
-
-@pytest.fixture
-def keypair(tmp_path: Path) -> tuple[Path, Path]:
-    return generate_keypair(tmp_path / "keys")
+from tests.bundle.helpers import run_cli
 
 
 @pytest.fixture
