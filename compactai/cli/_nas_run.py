@@ -111,7 +111,7 @@ def _closest(outcome: NasOutcome) -> Any:
     measured = [c for c in outcome.candidates if c.latency_p90_ms is not None and c.status != "failed"]
     trained = [c for c in measured if c.number in outcome.models]
     pool = trained or measured
-    return min(pool, key=lambda c: c.latency_p90_ms) if pool else None
+    return min(pool, key=lambda c: c.latency_p90_ms or 0.0) if pool else None
 
 
 def raise_nothing(outcome: NasOutcome) -> None:

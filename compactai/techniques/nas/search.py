@@ -148,7 +148,7 @@ def run_search(
     input_name = next(iter(train.inputs))
     example = torch.from_numpy(validation.inputs[input_name][:1])
     shape = {"input": {"name": input_name, "shape": list(example.shape[1:])},
-             "classes": int(max(train.labels.max(), validation.labels.max())) + 1}
+             "classes": _classes(train, validation)}
     views = TeacherViews(teacher, torch.from_numpy(train.inputs[input_name])) if teacher is not None else None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.NSGAIISampler(population_size=8, seed=config.train.seed)
@@ -240,6 +240,14 @@ def _evaluate(candidate: Candidate, trial: optuna.Trial, study: optuna.Study, fi
     candidate.status = STOPPED if result.stopped == "time_budget" else OK
     fidelity.tell(rung_trial, result.best_metric or 0.0)
     study.tell(trial, [result.best_metric or 0.0, candidate.latency_p90_ms])
+
+
+def _classes(*splits: Any) -> int:
+    """Output width: the largest label in the splits, plus one."""
+    labels = [split.labels for split in splits]
+    if any(found is None for found in labels):
+        raise ParameterError("NAS trains classifiers: the train and validation splits need labels.")
+    return int(max(found.max() for found in labels)) + 1
 
 
 def _ms(value: float | None) -> str:
