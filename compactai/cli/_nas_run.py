@@ -80,14 +80,19 @@ def run_nas(
     else:
         chosen_p90 = chosen.latency_p90_ms
     meets = chosen_p90 is not None and chosen_p90 <= config.budget_ms
+    learned = learned_enough(chosen.validation, task)
     candidates = [{**c.to_dict(), "label": label(c.spec)} for c in outcome.candidates]
     front = pareto_indices([(c.number, c.latency_p90_ms, c.validation) for c in outcome.candidates
                             if c.validation is not None and c.latency_p90_ms is not None])
     problem = None if meets else (
         f"No candidate met the budget p90 <= {config.budget_ms:.4g} ms (the closest, candidate {chosen.number}, "
         f"measured {chosen_p90:.4g} ms); relax the budget, or search a smaller space (--space).")
+    if meets and not learned["passed"]:
+        problem = (f"The chosen model did not learn: validation accuracy {chosen.validation} is below the sanity bar "
+                   f"{learned['bar']:.4f} ({learned['rule']}); give the search more time (--max-minutes, --epochs).")
     summary = {
-        "status": "ok" if meets else "budget_not_met", "problem": problem,
+        "status": "ok" if problem is None else ("budget_not_met" if not meets else "quality_lost"),
+        "problem": problem, "sanity": learned,
         "model": str(model_path), "architecture": str(out_dir / ARCHITECTURE_FILE),
         "budget_ms": config.budget_ms, "threads": config.threads, "space_family": space["family"], "space": space,
         "stopped_by": outcome.stopped_by, "seconds": outcome.seconds, "counts": outcome.counts(),
@@ -103,6 +108,18 @@ def run_nas(
     write_results(out_dir, "nas", onnx_handle, seed=config.train.seed, source=info, nas=summary)
     write_nas_report(summary, out_dir / "report.html")
     return {**summary, "results": str(out_dir / "results.json"), "report": str(out_dir / "report.html")}
+
+
+def learned_enough(validation: float | None, task: Task) -> dict[str, Any]:
+    """The sanity bar of a searched classifier: half-way from chance to the teacher's accuracy (to
+    perfect accuracy without a teacher), so a candidate cut by the deadline before it learned is
+    never presented as a result."""
+    classes = int(max(int(task.split(name).labels.max()) for name in ("train", "validation"))) + 1  # type: ignore[union-attr]
+    chance = 1.0 / classes
+    reference = task.baseline if task.baseline is not None else 1.0
+    bar = chance + 0.5 * (reference - chance)
+    return {"passed": validation is not None and validation >= bar, "bar": bar, "chance": chance,
+            "rule": "half-way from chance to the teacher" if task.baseline is not None else "half-way from chance to 1"}
 
 
 def _closest(outcome: NasOutcome) -> Any:
