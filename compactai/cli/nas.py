@@ -31,6 +31,7 @@ def nas(
                                                   "long; the best candidate so far is written."),
     epochs: int = typer.Option(18, "--epochs", help="Epochs of a candidate that is continued to the last rung."),
     min_epochs: int = typer.Option(2, "--min-epochs", help="Epochs of the first rung of successive halving."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate of each candidate (AdamW, cosine decay)."),
     reduction_factor: int = typer.Option(3, "--reduction-factor",
                                          help="Successive halving: 1 in this many continues past each rung."),
     threads: int | None = typer.Option(None, "--threads", help="ONNX Runtime threads (default: the CPUs available)."),
@@ -69,7 +70,7 @@ def nas(
     threads = threads or default_threads()
     config = NasConfig(budget_ms=latency[0].value, max_trials=max_trials, max_minutes=max_minutes,
                        min_epochs=min_epochs, reduction_factor=reduction_factor, threads=threads,
-                       train=TrainSettings(max_epochs=epochs, seed=seed))
+                       train=TrainSettings(max_epochs=epochs, seed=seed, **({} if lr is None else {"lr": lr})))
     config.budget_ms = 1.0 if latency[0].relative else config.budget_ms  # checked now, resolved after measuring
     config.check()
     check_output_dir(output)

@@ -63,6 +63,8 @@ class NasConfig:
         if not 1 <= self.min_epochs <= self.train.max_epochs:
             raise ParameterError(f"The first rung ({self.min_epochs} epochs) must be from 1 to --epochs "
                                  f"({self.train.max_epochs}).")
+        if not (math.isfinite(self.train.lr) and 0 < self.train.lr < 1):
+            raise ParameterError(f"--lr must be a number in (0, 1); got {self.train.lr}.")
         if self.reduction_factor < 2:
             raise ParameterError(f"The reduction factor must be at least 2; got {self.reduction_factor}.")
 
