@@ -30,7 +30,9 @@ from compactai.techniques.losses import logit_distillation_loss
 @dataclass
 class TrainSettings:
     max_epochs: int = 18
-    lr: float = 3e-3
+    # a tiny CNN from scratch on digits (sampled spec, 3 epochs, same seed): validation 0.11 after
+    # 2 epochs at 3e-3, 0.49 at 8e-3; the first rung decides after 2 epochs, so it must see learning
+    lr: float = 8e-3
     batch_size: int = 64
     temperature: float = 4.0
     alpha: float = 0.7  # weight of the soft targets when a teacher is given
