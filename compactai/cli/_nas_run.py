@@ -24,11 +24,11 @@ ARCHITECTURE_FILE = "architecture.json"
 
 
 def label(spec: dict[str, Any]) -> str:
-    """A short text of an architecture: ``cnn stem8 [sep k3 e3 x2 w8|...] head0``."""
+    """A short text of an architecture: ``cnn stem8 (sep k3 e3 x2 w8|...) head0``."""
     if spec["family"] == "cnn":
         stages = "|".join(f"{'sep' if s['block'] == 'separable' else 'conv'} k{s['kernel']} e{s['expansion']} "
                           f"x{s['depth']} w{s['width']}{' se' if s['se'] else ''}" for s in spec["stages"])
-        return f"cnn stem{spec['stem']} [{stages}] head{spec['head']}"
+        return f"cnn stem{spec['stem']} ({stages}) head{spec['head']}"
     if spec["family"] == "mlp":
         return f"mlp {'-'.join(map(str, spec['hidden']))} {spec['activation']}"
     return json.dumps({k: v for k, v in spec.items() if k not in ("input", "classes")})
