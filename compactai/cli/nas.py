@@ -96,7 +96,8 @@ def nas(
     _print(out, summary, label)
     out.emit(summary)
     if summary["status"] != "ok":
-        raise BudgetNotMetError(f"{summary['problem']} The closest model was written to {summary['model']}.")
+        written = "The closest model" if summary["status"] == "budget_not_met" else "The model (not fit to use)"
+        raise BudgetNotMetError(f"{summary['problem']} {written} was written to {summary['model']}.")
 
 
 def _print(out: Output, summary: dict[str, Any], label: Any) -> None:

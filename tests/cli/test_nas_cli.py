@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _data(path: Path) -> Path:
     rng = np.random.default_rng(0)
-    centres = rng.normal(0, 3, size=(4, 10))
+    centres = rng.normal(0, 4, size=(4, 10))
     arrays = {}
     for split, rows in (("train", 160), ("validation", 80), ("test", 80)):
         labels = rng.integers(0, 4, size=rows)
@@ -32,14 +32,14 @@ def _nas(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COMPACTAI_CACHE_DIR": str(tmp_path / "cache")}
     return subprocess.run(
         [sys.executable, "-m", "compactai.cli", "nas", "--data", str(_data(tmp_path / "blobs.npz")), "--space",
-         str(space), "--max-trials", "2", "--epochs", "2", "--min-epochs", "1", "--threads", "1",
+         str(space), "--max-trials", "2", "--min-epochs", "1", "--threads", "1",
          "--remeasure-rounds", "0", "--json", *args],
         capture_output=True, text=True, env=env, timeout=600, check=False)
 
 
 def test_nas_writes_model_architecture_results_and_report(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    done = _nas(tmp_path, "--budget", "latency_p90_ms<=1000", "-o", str(out))
+    done = _nas(tmp_path, "--budget", "latency_p90_ms<=1000", "--epochs", "8", "--lr", "0.03", "-o", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout)
     assert summary["status"] == "ok" and set(summary["counts"]) <= {"ok", "pruned"}
@@ -54,7 +54,7 @@ def test_nas_writes_model_architecture_results_and_report(tmp_path: Path) -> Non
 
 def test_nas_exits_3_and_writes_the_closest_when_nothing_fits(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    done = _nas(tmp_path, "--budget", "latency_p90_ms<=0.000001", "-o", str(out))
+    done = _nas(tmp_path, "--budget", "latency_p90_ms<=0.000001", "--epochs", "2", "-o", str(out))
     assert done.returncode == 3, done.stderr[-2000:]
     summary = json.loads(done.stdout)
     assert summary["status"] == "budget_not_met" and summary["counts"].get("rejected") == 2
@@ -72,3 +72,12 @@ def test_nas_bad_input_exits_2(tmp_path: Path, args: list[str], message: str) ->
                            "-o", str(tmp_path / "o"), *args], capture_output=True, text=True, env=env, timeout=300,
                           check=False)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-1000:]
+
+
+def test_nas_exits_3_when_the_chosen_model_did_not_learn(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = _nas(tmp_path, "--budget", "latency_p90_ms<=1000", "--epochs", "1", "--lr", "1e-7", "-o", str(out))
+    assert done.returncode == 3, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    assert summary["status"] == "quality_lost" and summary["sanity"]["passed"] is False
+    assert "did not learn" in done.stderr and (out / "model.onnx").is_file()
