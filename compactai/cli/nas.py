@@ -70,7 +70,7 @@ def nas(
     threads = threads or default_threads()
     config = NasConfig(budget_ms=latency[0].value, max_trials=max_trials, max_minutes=max_minutes,
                        min_epochs=min_epochs, reduction_factor=reduction_factor, threads=threads,
-                       train=TrainSettings(max_epochs=epochs, seed=seed, **({} if lr is None else {"lr": lr})))
+                       train=TrainSettings(max_epochs=epochs, seed=seed, lr=TrainSettings.lr if lr is None else lr))
     config.budget_ms = 1.0 if latency[0].relative else config.budget_ms  # checked now, resolved after measuring
     config.check()
     check_output_dir(output)
