@@ -1,0 +1,115 @@
+"""`compactai nas`: search for an architecture that meets a measured latency budget on this machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from compactai.cli._common import Output, app, check_output_dir, resolve_model, table
+from compactai.errors import BadInputError, BudgetNotMetError
+
+
+@app.command()
+def nas(
+    example: str | None = typer.Option(None, "--example", "-e",
+                                       help="Built-in example: digits (its trained CNN is the teacher and the reference "
+                                            "for a relative budget)."),
+    data: Path | None = typer.Option(None, "--data",
+                                     help="Labelled data instead of an example: an .npz with '<split>/<input>' and "
+                                          "'<split>/labels' for train, validation and test (no teacher)."),
+    budget: str = typer.Option("latency_p90_ms<=0.5x", "--budget", "-b",
+                               help="Latency budget: 'latency_p90_ms<=2' (ms, batch 1, ONNX Runtime) or '<=0.5x' "
+                                    "(a multiple of the example teacher's measured p90)."),
+    space: str = typer.Option("cnn", "--space",
+                              help="Search space: cnn (MobileNet family), mlp, or a JSON/YAML file "
+                                   "{\"family\": ..., \"choices\": {...}} (see docs/nas.md)."),
+    max_trials: int = typer.Option(30, "--max-trials", help="Candidates to propose at most."),
+    max_minutes: float | None = typer.Option(None, "--max-minutes",
+                                             help="Stop proposing (and cut the training in progress) after this "
+                                                  "long; the best candidate so far is written."),
+    epochs: int = typer.Option(18, "--epochs", help="Epochs of a candidate that is continued to the last rung."),
+    min_epochs: int = typer.Option(2, "--min-epochs", help="Epochs of the first rung of successive halving."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate of each candidate (AdamW, cosine decay)."),
+    reduction_factor: int = typer.Option(3, "--reduction-factor",
+                                         help="Successive halving: 1 in this many continues past each rung."),
+    threads: int | None = typer.Option(None, "--threads", help="ONNX Runtime threads (default: the CPUs available)."),
+    distill: bool = typer.Option(True, "--distill/--no-distill", help="Train on the teacher's soft targets too."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampler, initialisation and data order."),
+    remeasure_rounds: int = typer.Option(3, "--remeasure-rounds",
+                                         help="Interleaved rounds re-measuring the chosen model against the teacher."),
+    output: Path = typer.Option(Path("out/nas"), "-o", "--output", help="Output directory."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Hardware-aware neural architecture search. Candidates are screened by a per-part latency table
+    measured on this machine, measured whole on ONNX Runtime, and trained with successive halving
+    (short runs first, the promising ones continued). Writes OUTPUT/model.onnx, architecture.json,
+    results.json and report.html. Exit 3 when no candidate meets the budget (the closest is written)."""
+    from compactai.budget import parse_budget
+    from compactai.cli._nas_run import label, run_nas
+    from compactai.measure import MeasureConfig, default_threads, measure
+    from compactai.techniques.nas._train import TrainSettings
+    from compactai.techniques.nas.data import labelled_task
+    from compactai.techniques.nas.search import NasConfig
+    from compactai.techniques.nas.space import load_space
+
+    out = Output(json_output)
+    if (example is None) == (data is None):
+        raise BadInputError("Give either --example NAME (digits) or --data FILE.npz, not both or neither.")
+    search_space = load_space(space)  # a bad space fails before anything is loaded
+    if search_space["family"] == "encoder":
+        raise BadInputError("The encoder space is declared but its search is not available in `compactai nas` yet; "
+                            "use --space cnn or mlp (see docs/nas.md).")
+    parsed = parse_budget(budget)
+    latency = [c for c in parsed.constraints if c.key == "latency_p90_ms"]
+    if len(latency) != 1 or len(parsed.constraints) != 1:
+        raise BadInputError(f"--budget {budget!r}: give exactly one latency_p90_ms limit, e.g. 'latency_p90_ms<=0.5x'.")
+    if latency[0].relative and example is None:
+        raise BadInputError("A relative budget ('0.5x') needs a teacher to measure; use --example, or give milliseconds.")
+    threads = threads or default_threads()
+    config = NasConfig(budget_ms=latency[0].value, max_trials=max_trials, max_minutes=max_minutes,
+                       min_epochs=min_epochs, reduction_factor=reduction_factor, threads=threads,
+                       train=TrainSettings(max_epochs=epochs, seed=seed, lr=TrainSettings.lr if lr is None else lr))
+    config.budget_ms = 1.0 if latency[0].relative else config.budget_ms  # checked now, resolved after measuring
+    config.check()
+    check_output_dir(output)
+    teacher, teacher_figures, info = None, None, {"data": str(data)} if data else {}
+    with out.progress("Preparing") as say:
+        if example is not None:
+            handle, task, info = resolve_model(None, example, progress=lambda e, n, acc: say(f"training example {e}/{n}"))
+            if handle.module is None or task is None:
+                raise BadInputError(f"The example '{example}' has no torch teacher for NAS.")
+            say("measuring the teacher (ONNX Runtime, batch 1)")
+            measured = measure(handle, None, config=MeasureConfig(min_queries=200, min_seconds=1.0, memory=False,
+                                                                  energy=False, threads=threads))
+            teacher_figures = {"latency_p50_ms": measured.latency_p50_ms, "latency_p90_ms": measured.latency_p90_ms,
+                               "params": measured.params, "quality_test": task.baseline, "handle": handle.to_onnx()}
+            teacher = handle.module.eval() if distill else None
+        else:
+            task = labelled_task(data)  # type: ignore[arg-type]
+    if latency[0].relative:
+        config.budget_ms = latency[0].value * teacher_figures["latency_p90_ms"]  # type: ignore[index]
+    output.mkdir(parents=True, exist_ok=True)
+    with out.progress(f"Searching (budget p90 <= {config.budget_ms:.4g} ms)") as say:
+        summary = run_nas(search_space, task, teacher, config, output, info, teacher_figures, remeasure_rounds, say)
+    _print(out, summary, label)
+    out.emit(summary)
+    if summary["status"] != "ok":
+        written = "The closest model" if summary["status"] == "budget_not_met" else "The model (not fit to use)"
+        raise BudgetNotMetError(f"{summary['problem']} {written} was written to {summary['model']}.")
+
+
+def _print(out: Output, summary: dict[str, Any], label: Any) -> None:
+    chosen, test, teacher = summary["chosen"], summary["test"], summary.get("teacher") or {}
+    rows = [["test " + test["metric"], test.get("teacher"), test.get("student")],
+            ["p90 latency (ms)", teacher.get("latency_p90_ms"), chosen.get("latency_p90_ms_remeasured")],
+            ["parameters", teacher.get("params"), chosen.get("params")]]
+    out.console.print(table(f"NAS: {chosen['label']} (budget p90 <= {summary['budget_ms']:.4g} ms)",
+                            ["figure", "teacher", "chosen"], rows))
+    predictor = summary["predictor"]
+    out.console.print(
+        f"candidates {summary['counts']}; stopped by {summary['stopped_by']} after {summary['seconds']} s; "
+        f"fidelity {[(r['epochs'], r['candidates']) for r in summary['fidelity_schedule']]}; predictor Spearman "
+        f"{predictor.get('spearman')} MRE {predictor.get('mean_relative_error')}; report: {summary['report']}",
+        highlight=False)
