@@ -21,6 +21,8 @@ COMMAND_MODULES = [
     "compactai.cli.optimize",
     "compactai.cli.serve",
     "compactai.cli.slice",
+    "compactai.cli.bench",
+    "compactai.cli.report",
 ]
 
 

@@ -1,0 +1,3 @@
+"""`compactai report`: HTML + JSON reports from measured results."""
+
+from __future__ import annotations
