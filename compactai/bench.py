@@ -107,7 +107,7 @@ def _server(runner: Any, samples: list[Feeds], settings: ScenarioSettings, offli
     capacity = offline_run["throughput_samples_per_s"]  # batched: no one-query-at-a-time server beats it
     bound = settings.latency_bound_ms
     if bound is None:
-        probe = single_stream(runner, samples, ScenarioSettings(duration_s=0.5, min_queries=50, warmup=5,
+        probe = single_stream(runner, samples, ScenarioSettings(duration_s=0.5, min_queries=50, warmup=5, energy=False,
                                                                 seed=settings.seed))
         bound = 10 * probe["p50_ms"]  # MLPerf's server bounds are several times the single-query latency
     rate = settings.target_qps or 0.5 * capacity

@@ -14,6 +14,7 @@ engineering measurements, never a submission.
 from __future__ import annotations
 
 import math
+import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from compactai.errors import ParameterError
+from compactai.measure.energy import DEFAULT_CORE_WATTS, measure_energy
 from compactai.measure.runtime import Runner
 
 Feeds = dict[str, np.ndarray]
@@ -52,6 +54,8 @@ class ScenarioSettings:
     search_steps: int = 6
     search_duration_s: float = 3.0
     seed: int = 0
+    core_watts: float = DEFAULT_CORE_WATTS  # energy estimate without RAPL
+    energy: bool = True
 
     def check(self) -> None:
         """Raise ParameterError for a setting out of range, before anything runs."""
@@ -160,6 +164,7 @@ def single_stream(runner: Runner, samples: Sequence[Feeds], settings: ScenarioSe
         runner.run(samples[i % len(samples)])
     order = _order(len(samples), max(settings.min_queries, 1) * 4, settings.seed)
     latencies: list[float] = []
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     start = clock()
     while len(latencies) < settings.min_queries or clock() - start < settings.duration_s:
         feeds = samples[int(order[len(latencies) % len(order)])]
@@ -167,7 +172,18 @@ def single_stream(runner: Runner, samples: Sequence[Feeds], settings: ScenarioSe
         runner.run(feeds)
         latencies.append((clock() - t0) * 1e3)
     elapsed = clock() - start
-    return {"scenario": "single-stream", "queries": len(latencies), "seconds": elapsed,
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_seconds = used.ru_utime - usage.ru_utime + used.ru_stime - usage.ru_stime
+
+    def rerun() -> tuple[int, float]:  # RAPL, when present, reads the counters around a fresh run
+        again = single_stream(runner, samples, ScenarioSettings(duration_s=0.2, min_queries=50, warmup=0,
+                                                                       energy=False))
+        return again["queries"], again["cpu_seconds"]
+
+    energy = measure_energy(rerun, cpu_seconds, len(latencies), settings.core_watts) if settings.energy else None
+    return {"scenario": "single-stream", "queries": len(latencies), "seconds": elapsed, "cpu_seconds": cpu_seconds,
+            "energy_mj": energy and energy.millijoules_per_inference, "energy_method": energy and energy.method,
+            "energy_formula": energy and energy.formula,
             **percentiles(latencies),
             "early_stopping_p90": early_stopping_estimate(latencies, 90),
             "early_stopping_p99": early_stopping_estimate(latencies, 99),

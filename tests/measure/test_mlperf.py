@@ -110,7 +110,7 @@ def test_single_stream_p50_matches_independent_timing_of_the_same_session(digits
     runner = make_runner(handle, "onnxruntime", threads=1)
     feeds = {k: v[:1] for k, v in handle.example_inputs.items()}
     session, names = runner.session, [o.name for o in runner.session.get_outputs()]
-    settings = ScenarioSettings(duration_s=0.01, min_queries=40, warmup=5)
+    settings = ScenarioSettings(duration_s=0.01, min_queries=40, warmup=5, energy=False)
     bench_p50, direct_p50 = [], []
     for round_number in range(7):
         first_bench = round_number % 2 == 0  # alternate who goes first
