@@ -148,11 +148,12 @@ def torch_pruning_magnitude(handle: ModelHandle, task: Any, target_macs_ratio: f
         return model, macs / base_macs
 
     low, high = 0.0, 0.95
-    model, ratio_macs = pruned(0.5)
-    for _ in range(12):
+    model, ratio_macs = module, 1.0
+    for _ in range(10):
         middle = (low + high) / 2
         model, ratio_macs = pruned(middle)
-        if abs(ratio_macs - target_macs_ratio) < 0.01:
+        print(f"    torch-pruning ratio {middle:.3f}: MACs {ratio_macs:.3f}x", flush=True)
+        if abs(ratio_macs - target_macs_ratio) < 0.02:
             break
         low, high = (middle, high) if ratio_macs > target_macs_ratio else (low, middle)
     del final
@@ -163,7 +164,8 @@ def torch_pruning_magnitude(handle: ModelHandle, task: Any, target_macs_ratio: f
     images = torch.from_numpy(train.inputs[handle.input_names[0]])
     labels = torch.from_numpy(train.labels.astype(np.int64))
     generator = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        print(f"    torch-pruning fine-tune epoch {epoch + 1}/{epochs}", flush=True)
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, len(images), 64):
             index = order[start:start + 64]
@@ -182,12 +184,14 @@ def torch_pruning_magnitude(handle: ModelHandle, task: Any, target_macs_ratio: f
 
 def compactai_digits(work: Path, minutes: float) -> Path:
     """compactai's chosen digits model: `compactai optimize --example digits` (the `make demo`
-    budget) in a subprocess; returns its model.onnx (raises with its message when none)."""
+    budget) in a subprocess; returns its model.onnx (raises with its last message when none)."""
     out = work / "optimize"
     if not (out / "model.onnx").exists():
-        subprocess.run([sys.executable, "-m", "compactai.cli", "optimize", "--example", "digits", "--max-minutes",
-                        str(minutes), "-o", str(out), "--json"], capture_output=True, text=True, timeout=3600,
-                       check=False)
-    if not (out / "model.onnx").exists():
-        raise RuntimeError("compactai optimize --example digits wrote no model within its budget")
+        done = subprocess.run([sys.executable, "-m", "compactai.cli", "optimize", "--example", "digits",
+                               "--max-minutes", str(minutes), "-o", str(out), "--json"], capture_output=True,
+                              text=True, timeout=3600, check=False)
+        if not (out / "model.onnx").exists():
+            last = [ln for ln in done.stderr.splitlines() if ln.strip()][-1:] or ["no output"]
+            raise RuntimeError(f"compactai optimize --max-minutes {minutes:g} wrote no model (exit {done.returncode}: "
+                               f"{last[0][:200]})")
     return out / "model.onnx"

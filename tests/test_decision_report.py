@@ -129,3 +129,18 @@ def test_decision_report_renders_in_headless_chromium(tmp_path):
     subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1200,1600", url],
                    capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 20_000  # a rendered page with tables, not a blank one
+
+
+def test_report_reads_the_figures_a_bundle_carries(tmp_path, small_onnx):
+    from compactai.bundle import build_bundle, generate_keypair, load_private_key
+
+    out = _results_dir(tmp_path)
+    shutil.copyfile(small_onnx, out / "model.onnx")
+    private, _ = generate_keypair(tmp_path / "keys")
+    build_bundle(out, tmp_path / "bundle", load_private_key(private), 1)
+    run = run_cli("report", "--decision", str(tmp_path / "bundle"), "-a", str(tmp_path / "assumptions.json"),
+                  "-o", str(tmp_path / "d"), "--json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads(run.stdout)
+    assert data["figures_source"].startswith("bundle ")
+    assert [side["cost_per_month"] for side in data["sides"]] == pytest.approx([3723.0, 343.8, 114.6])

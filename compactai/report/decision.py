@@ -124,7 +124,13 @@ def figures_of(source: dict[str, Any], which: str) -> dict[str, Any]:
     quality = measured.get("quality") or {}
     return {key: measured.get(key) for key in ("latency_p50_ms", "latency_p90_ms", "throughput_items_per_s",
                                                  "energy_mj", "energy_method", "size_mb")} | {
-        "quality": quality.get("value"), "name": (source.get("model") or {}).get("name") or source.get("name")}
+        "quality": quality.get("value"), "name": _name(source)}
+
+
+def _name(source: dict[str, Any]) -> str | None:
+    """results.json names its model under "model"; a bundle manifest has "name" ("model" is the file)."""
+    model = source.get("model")
+    return model.get("name") if isinstance(model, dict) else source.get("name")
 
 
 def decide(original: dict[str, Any], compressed: dict[str, Any], assumptions: Assumptions) -> dict[str, Any]:
