@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.cli.test_bad_input import _data, _mlp_onnx, refused, run_cli
 
 QUICK = ["--duration", "0.3", "--min-queries", "70", "--search-steps", "2", "--search-duration", "0.3"]
 
 
+@pytest.mark.slow
 def test_bench_runs_every_scenario_on_a_bundle_with_the_digits_task(tmp_path, digits):
     from compactai.bundle import build_bundle, generate_keypair, load_private_key
 
