@@ -136,7 +136,6 @@ def torch_pruning_magnitude(handle: ModelHandle, task: Any, target_macs_ratio: f
     assert module is not None
     example = torch.from_numpy(handle.example_inputs[handle.input_names[0]][:1])
     base_macs, _ = tp.utils.count_ops_and_params(module, example)
-    final = [m for m in module.modules() if isinstance(m, torch.nn.Linear)][-1:]
 
     def pruned(ratio: float) -> tuple[Any, float]:
         model = copy.deepcopy(module)
@@ -156,7 +155,6 @@ def torch_pruning_magnitude(handle: ModelHandle, task: Any, target_macs_ratio: f
         if abs(ratio_macs - target_macs_ratio) < 0.02:
             break
         low, high = (middle, high) if ratio_macs > target_macs_ratio else (low, middle)
-    del final
     model.train()
     torch.set_num_threads(threads)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)

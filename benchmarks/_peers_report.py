@@ -17,6 +17,10 @@ def _f(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _short(note: str, limit: int = 200) -> str:
+    return note if len(note) <= limit else note[:limit - 3] + "..."
+
+
 def plot(name: str, model: dict[str, Any], path: Path) -> None:
     """Quality against batch-1 p50 (and, for MiniLM, against batch-32 throughput), compactai in red."""
     import matplotlib
@@ -87,7 +91,7 @@ def write(results: dict[str, Any], markdown: Path, figures_dir: Path) -> None:
             else:
                 cells = [label, r["runtime"], *quality, _f(r["latency_p50_ms"]), _f(r["latency_p90_ms"]),
                          _f(r["throughput_b32_per_s"], 1), _f(r["size_mb"], 2), _f(r["peak_memory_mb"], 0),
-                         _f(r["energy_mj"], 2), "; ".join(r["notes"])]
+                         _f(r["energy_mj"], 2), "; ".join(_short(n) for n in r["notes"])]
             lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
         lines += ["", f"Quality axis: `{key}`. Pareto:", ""]
         lines += [f"- {_verdict(front)}" for front in model["pareto"].values()]
