@@ -105,27 +105,28 @@ def test_overloaded_server_falls_behind_and_misses_its_bound():
 
 @pytest.mark.quiet
 def test_single_stream_p50_matches_independent_timing_of_the_same_session(digits, tmp_path):
-    """Needs a quiet-ish machine: ratio only, in interleaved rounds within one run."""
+    """Ratio only, in one run: many short interleaved rounds (who goes first alternates), all
+    samples pooled, so load from other processes hits both timings alike. Needs a machine that
+    is not saturated; on a heavily loaded one re-run it alone."""
     handle = digits.handle.to_onnx(tmp_path / "digits.onnx")
     runner = make_runner(handle, "onnxruntime", threads=1)
     feeds = {k: v[:1] for k, v in handle.example_inputs.items()}
     session, names = runner.session, [o.name for o in runner.session.get_outputs()]
-    settings = ScenarioSettings(duration_s=0.01, min_queries=40, warmup=5, energy=False)
-    bench_p50, direct_p50 = [], []
-    for round_number in range(7):
-        first_bench = round_number % 2 == 0  # alternate who goes first
-        for which in ((0, 1) if first_bench else (1, 0)):
+    settings = ScenarioSettings(duration_s=0.01, min_queries=20, warmup=2, energy=False)
+    bench_ms, direct_ms = [], []
+    for round_number in range(25):
+        for which in ((0, 1) if round_number % 2 == 0 else (1, 0)):
             if which == 0:
-                bench_p50.append(single_stream(runner, [feeds], settings)["p50_ms"])
+                bench_ms += single_stream(runner, [feeds], settings)["latencies_ms"]
             else:
-                times = []
-                for _ in range(40):
+                for _ in range(22):  # 2 warm-up queries, as single_stream's, then 20 timed
                     t0 = time.perf_counter()
                     session.run(names, feeds)
-                    times.append((time.perf_counter() - t0) * 1e3)
-                direct_p50.append(statistics.median(times))
-    ratio = statistics.median(bench_p50) / statistics.median(direct_p50)
-    assert 0.9 <= ratio <= 1.1, (ratio, bench_p50, direct_p50)
+                    direct_ms.append((time.perf_counter() - t0) * 1e3)
+                del direct_ms[-22:-20]
+    ratio = statistics.median(bench_ms) / statistics.median(direct_ms)
+    assert len(bench_ms) == len(direct_ms) == 500
+    assert 0.9 <= ratio <= 1.1, (ratio, statistics.median(bench_ms), statistics.median(direct_ms))
 
 
 def test_offline_stacks_variable_length_tokens_and_counts_samples(small_onnx):
