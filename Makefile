@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 EXTRAS ?= dev,text,distributed
 
-.PHONY: demo test install bench lint clean
+.PHONY: demo test install bench bench-peers lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,25 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	for f in benchmarks/*.py; do $(PY) $$f || exit 1; done
+	for f in $(filter-out benchmarks/peers.py,$(wildcard benchmarks/[!_]*.py)); do $(PY) $$f || exit 1; done
+
+# compactai against its peers (BENCHMARKS.md). The peers pin other versions of shared libraries,
+# so they get their own venv (build/ is git-ignored); each peer installs separately and one that
+# fails is reported in the table with its pip error (build/peers-venv/install-errors/).
+PEERS_VENV ?= build/peers-venv
+PEERS := optimum-onnx openvino nncf torch-pruning
+
+$(PEERS_VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install -q -c constraints.txt -e ".[text]"
+	mkdir -p $(PEERS_VENV)/install-errors
+	for p in $(PEERS); do $(PEERS_VENV)/bin/python -m pip install -q -c constraints.txt $$p \
+	    2> $(PEERS_VENV)/install-errors/$$p.txt && rm -f $(PEERS_VENV)/install-errors/$$p.txt; done; true
+	touch $@
+
+bench-peers: $(PEERS_VENV)/.installed
+	flock /tmp/compactai-bench.lock nice -n -10 $(PEERS_VENV)/bin/python benchmarks/peers.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check compactai tests benchmarks

@@ -22,6 +22,8 @@ COMMAND_MODULES = [
     "compactai.cli.serve",
     "compactai.cli.slice",
     "compactai.cli.nas",
+    "compactai.cli.bench",
+    "compactai.cli.report",
 ]
 
 
