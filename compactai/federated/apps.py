@@ -136,30 +136,36 @@ class Recorder(flwr_strategy.Strategy):
         return aggregated  # type: ignore[no-any-return]
 
 
+def run_server(grid: Grid, config: FederatedConfig, initial: dict[str, np.ndarray], build_model: ModelFactory,
+               validation: Split, record: RunRecord) -> None:
+    """The ServerApp's work: Flower's strategy from ``initial`` weights for ``config.rounds`` rounds,
+    with centralised evaluation on ``validation`` before the first round and after each; fills ``record``."""
+    started = time.monotonic()
+    strategy = Recorder(make_strategy(config), config.compression, record)
+    model = build_model()
+
+    def central(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        set_weights(model, from_record(arrays))
+        scores = evaluate(model, validation)
+        record.round(server_round)["centralised"] = {"accuracy": scores["accuracy"], "loss": scores["loss"]}
+        return MetricRecord({"accuracy": scores["accuracy"], "loss": scores["loss"]})
+
+    train_config = ConfigRecord({"lr": config.lr, "local-epochs": config.local_epochs,
+                                 "batch-size": config.batch_size, "seed": config.seed})
+    result = strategy.start(grid=grid, initial_arrays=to_record(initial), num_rounds=config.rounds,
+                            train_config=train_config, evaluate_fn=central)
+    record.final = from_record(result.arrays) if result.arrays is not None else None
+    record.seconds = round(time.monotonic() - started, 2)
+
+
 def server_app(config: FederatedConfig, initial: dict[str, np.ndarray], build_model: ModelFactory,
                validation: Split, record: RunRecord) -> ServerApp:
-    """The ServerApp: Flower's strategy from ``initial`` weights for ``config.rounds`` rounds, with
-    centralised evaluation of the global model on ``validation`` before the first round and after each."""
+    """A ServerApp that runs :func:`run_server` (the simulation engine runs it in this process)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        started = time.monotonic()
-        strategy = Recorder(make_strategy(config), config.compression, record)
-        model = build_model()
-
-        def central(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            set_weights(model, from_record(arrays))
-            scores = evaluate(model, validation)
-            record.round(server_round)["centralised"] = {"accuracy": scores["accuracy"], "loss": scores["loss"]}
-            return MetricRecord({"accuracy": scores["accuracy"], "loss": scores["loss"]})
-
-        train_config = ConfigRecord({"lr": config.lr, "local-epochs": config.local_epochs,
-                                     "batch-size": config.batch_size, "seed": config.seed})
-        result = strategy.start(grid=grid, initial_arrays=to_record(initial), num_rounds=config.rounds,
-                                train_config=train_config, evaluate_fn=central)
-        record.final = from_record(result.arrays) if result.arrays is not None else None
-        record.seconds = round(time.monotonic() - started, 2)
+        run_server(grid, config, initial, build_model, validation, record)
 
     return app
 
