@@ -25,7 +25,14 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp import strategy as flwr_strategy
 
 from compactai.federated.config import FederatedConfig
-from compactai.federated.local import decode_update, encode_update, evaluate, get_weights, set_weights, train_local
+from compactai.federated.local import (
+    decode_update,
+    encode_update,
+    evaluate,
+    get_weights,
+    set_weights,
+    train_local,
+)
 from compactai.federated.partition import ClientData
 from compactai.tasks import Split
 
@@ -37,6 +44,19 @@ ClientDataFn = Callable[[int, Context], ClientData]  # partition id -> that clie
 
 def to_record(weights: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in weights.items()})
+
+
+def number(value: Any) -> float:
+    """A scalar of a Flower record (typed as a union of every value kind a record can hold)."""
+    return float(value)
+
+
+def arrays_of(message: Message) -> ArrayRecord:
+    return message.content.array_records["arrays"]
+
+
+def metrics_of(message: Message) -> MetricRecord:
+    return message.content.metric_records["metrics"]
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -52,9 +72,10 @@ def make_strategy(config: FederatedConfig) -> Any:
     """Flower's strategy for ``config`` (FedProx sends its mu to clients in the train config),
     wrapped in Flower's fixed-clipping DP when asked."""
     sampled = int(config.fraction_fit * config.clients)
-    common = {"fraction_train": config.fraction_fit, "fraction_evaluate": config.fraction_evaluate,
+    common: dict[str, Any] = {"fraction_train": config.fraction_fit, "fraction_evaluate": config.fraction_evaluate,
               "min_train_nodes": sampled, "min_evaluate_nodes": int(config.fraction_evaluate * config.clients),
               "min_available_nodes": config.clients}
+    inner: flwr_strategy.Strategy
     if config.strategy == "fedprox":
         inner = flwr_strategy.FedProx(proximal_mu=config.proximal_mu, **common)
     elif config.strategy == "fedadam":
@@ -63,7 +84,7 @@ def make_strategy(config: FederatedConfig) -> Any:
         inner = flwr_strategy.FedMedian(**common)
     else:
         inner = flwr_strategy.FedAvg(**common)
-    if config.dp_clip is None:
+    if config.dp_clip is None or config.dp_noise is None:
         return inner
     wrapper = (flwr_strategy.DifferentialPrivacyServerSideFixedClipping if config.dp_side == "server"
                else flwr_strategy.DifferentialPrivacyClientSideFixedClipping)
@@ -97,7 +118,7 @@ class Recorder(flwr_strategy.Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.start_weights = from_record(arrays)
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        self.record.round(server_round)["bytes_down"] += sum(record_bytes(m.content["arrays"]) for m in messages)
+        self.record.round(server_round)["bytes_down"] += sum(record_bytes(arrays_of(m)) for m in messages)
         self.record.round(server_round)["clients_trained"] = len(messages)
         return messages
 
@@ -107,19 +128,20 @@ class Recorder(flwr_strategy.Strategy):
         for message in replies:
             if message.has_error():
                 continue
-            packed = message.content["arrays"]
+            packed = arrays_of(message)
             entry["bytes_up"] += record_bytes(packed)
             weights = decode_update(from_record(packed), self.start_weights, self.compression)
             message.content["arrays"] = to_record(weights)
-            metrics = message.content["metrics"]
-            entry["clients"].setdefault(int(metrics["client"]), {})["train_loss"] = float(metrics["train_loss"])
+            metrics = metrics_of(message)
+            entry["clients"].setdefault(int(number(metrics["client"])), {})["train_loss"] = number(metrics["train_loss"])
         entry["failures"] = sum(1 for m in replies if m.has_error())
-        return self.inner.aggregate_train(server_round, replies)  # type: ignore[no-any-return]
+        aggregated: tuple[ArrayRecord | None, MetricRecord | None] = self.inner.aggregate_train(server_round, replies)
+        return aggregated
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
-        self.record.round(server_round)["bytes_down"] += sum(record_bytes(m.content["arrays"]) for m in messages)
+        self.record.round(server_round)["bytes_down"] += sum(record_bytes(arrays_of(m)) for m in messages)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -127,13 +149,13 @@ class Recorder(flwr_strategy.Strategy):
         entry = self.record.round(server_round)
         for message in replies:
             if not message.has_error():
-                metrics = message.content["metrics"]
-                entry["clients"].setdefault(int(metrics["client"]), {}).update(
-                    accuracy=float(metrics["accuracy"]), loss=float(metrics["loss"]))
-        aggregated = self.inner.aggregate_evaluate(server_round, replies)
+                metrics = metrics_of(message)
+                entry["clients"].setdefault(int(number(metrics["client"])), {}).update(
+                    accuracy=number(metrics["accuracy"]), loss=number(metrics["loss"]))
+        aggregated: MetricRecord | None = self.inner.aggregate_evaluate(server_round, replies)
         if aggregated is not None:
-            entry["federated"] = {"accuracy": float(aggregated["accuracy"]), "loss": float(aggregated["loss"])}
-        return aggregated  # type: ignore[no-any-return]
+            entry["federated"] = {"accuracy": number(aggregated["accuracy"]), "loss": number(aggregated["loss"])}
+        return aggregated
 
 
 def run_server(grid: Grid, config: FederatedConfig, initial: dict[str, np.ndarray], build_model: ModelFactory,
@@ -186,13 +208,13 @@ def client_app(config: FederatedConfig, build_model: ModelFactory, client_data: 
         client = int(context.node_config["partition-id"])
         data = client_data(client, context)
         model = build_model()
-        set_weights(model, from_record(msg.content["arrays"]))
-        settings = msg.content["config"]
-        mu = float(settings["proximal-mu"]) if "proximal-mu" in settings else 0.0
-        metrics = train_local(model, data.train, epochs=int(settings["local-epochs"]), lr=float(settings["lr"]),
-                              batch_size=int(settings["batch-size"]),
-                              seed=int(settings["seed"]) * 7919 + int(settings["server-round"]) * 101 + client,
-                              proximal_mu=mu)
+        set_weights(model, from_record(arrays_of(msg)))
+        settings = msg.content.config_records["config"]
+        mu = number(settings["proximal-mu"]) if "proximal-mu" in settings else 0.0
+        seed = int(number(settings["seed"])) * 7919 + int(number(settings["server-round"])) * 101 + client
+        metrics = train_local(model, data.train, epochs=int(number(settings["local-epochs"])),
+                              lr=number(settings["lr"]), batch_size=int(number(settings["batch-size"])),
+                              seed=seed, proximal_mu=mu)
         content = RecordDict({"arrays": to_record(get_weights(model)),
                               "metrics": MetricRecord({**metrics, "client": client})})
         return Message(content=content, reply_to=msg)
@@ -202,7 +224,7 @@ def client_app(config: FederatedConfig, build_model: ModelFactory, client_data: 
         client = int(context.node_config["partition-id"])
         data = client_data(client, context)
         model = build_model()
-        set_weights(model, from_record(msg.content["arrays"]))
+        set_weights(model, from_record(arrays_of(msg)))
         metrics = evaluate(model, data.holdout)
         return Message(content=RecordDict({"metrics": MetricRecord({**metrics, "client": client})}), reply_to=msg)
 
@@ -216,8 +238,8 @@ def compression_mod(mode: str) -> Callable[[Message, Context, Any], Message]:
         reply = call_next(msg, context)
         if reply.has_error() or msg.metadata.message_type != "train":
             return reply
-        start = from_record(msg.content["arrays"])
-        reply.content["arrays"] = to_record(encode_update(from_record(reply.content["arrays"]), start, mode))
+        start = from_record(arrays_of(msg))
+        reply.content["arrays"] = to_record(encode_update(from_record(arrays_of(reply)), start, mode))
         return reply
 
     return mod

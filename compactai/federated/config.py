@@ -67,9 +67,9 @@ class FederatedConfig:
         for flag, value, low in (("--local-epochs", self.local_epochs, 1), ("--batch-size", self.batch_size, 1)):
             if not isinstance(value, int) or value < low:
                 raise ParameterError(f"{flag} must be an integer >= {low}; got {value}.")
-        for flag, value in (("--lr", self.lr), ("--proximal-mu", self.proximal_mu), ("--server-lr", self.server_lr)):
-            if not (math.isfinite(value) and value >= 0) or (flag != "--proximal-mu" and value == 0):
-                raise ParameterError(f"{flag} must be a positive number; got {value}.")
+        for flag, rate in (("--lr", self.lr), ("--proximal-mu", self.proximal_mu), ("--server-lr", self.server_lr)):
+            if not (math.isfinite(rate) and rate >= 0) or (flag != "--proximal-mu" and rate == 0):
+                raise ParameterError(f"{flag} must be a positive number; got {rate}.")
         if (self.dp_clip is None) != (self.dp_noise is None):
             raise ParameterError("Differential privacy needs both --dp-clip C and --dp-noise Z (or neither); "
                                  f"got clip {self.dp_clip}, noise {self.dp_noise}.")

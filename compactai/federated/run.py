@@ -36,7 +36,7 @@ class FederatedResult:
     seconds: float = 0.0
 
 
-def client_resources(config: FederatedConfig) -> dict[str, Any]:
+def client_resources(config: FederatedConfig) -> Any:
     """Flower's backend config: one CPU per client actor, Ray limited to this machine's cores."""
     cores = max(1, min(os.cpu_count() or 1, config.clients))
     return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -66,7 +66,7 @@ def federate_simulation(module: Any, task: Task, config: FederatedConfig,
     server = server_app(config, initial, build_model, task.split("validation"), record)
     client = client_app(config, build_model, lambda partition, context: data[partition])
     run_simulation(server_app=server, client_app=client, num_supernodes=config.clients,
-                   backend_config=client_resources(config))  # type: ignore[arg-type]
+                   backend_config=client_resources(config))
     if record.final is None:
         raise TechniqueError("The Flower simulation ended without a global model (every round failed); "
                              "re-run with --debug to see Flower's log.")
