@@ -4,8 +4,8 @@
 each seed: the starting model's test accuracy (round 0), the mean test accuracy of the clients
 trained alone on their own partition (as many epochs as the federated run), and the global model
 of FedAvg, FedProx and FedAdam; plus one FedAvg run with Flower's server-side fixed-clipping DP
-(stated clip and noise) and one with int8 update compression (bytes measured). Run it under the
-benchmark lock:
+(stated clip and noise); ``--int8`` adds one with int8 update compression (bytes measured). Run it
+under the benchmark lock:
 
     flock /tmp/compactai-bench.lock nice -n -10 .venv/bin/python benchmarks/federated.py
 
@@ -46,6 +46,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--dp-clip", type=float, default=2.0)
     parser.add_argument("--dp-noise", type=float, default=0.3)
+    parser.add_argument("--fraction-evaluate", type=float, default=0.3,
+                        help="clients scoring the global model each round (centralised evaluation runs every round)")
+    parser.add_argument("--int8", action="store_true", help="also one FedAvg run with int8 update compression")
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.WARNING)
     console = Console(stderr=True)
@@ -61,7 +64,8 @@ def main() -> None:
 
     def config(seed: int, strategy: str, **extra: Any) -> FederatedConfig:
         return FederatedConfig(clients=args.clients, rounds=args.rounds, strategy=strategy,
-                               partition=f"label-skew:{args.alpha}", seed=seed, **extra).validate()
+                               partition=f"label-skew:{args.alpha}", fraction_evaluate=args.fraction_evaluate,
+                               seed=seed, **extra).validate()
 
     for seed in seeds:
         base = config(seed, "fedavg")
@@ -76,7 +80,8 @@ def main() -> None:
         if seed == seeds[0]:
             variants.append((f"fedavg + DP (server, clip {args.dp_clip}, noise {args.dp_noise})",
                              config(seed, "fedavg", dp_clip=args.dp_clip, dp_noise=args.dp_noise)))
-            variants.append(("fedavg + int8 updates", config(seed, "fedavg", compression="int8")))
+            if args.int8:
+                variants.append(("fedavg + int8 updates", config(seed, "fedavg", compression="int8")))
         for label, settings in variants:
             t0 = time.monotonic()
             result = federate_simulation(start, task, settings, clients=data)

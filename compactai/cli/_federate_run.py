@@ -56,9 +56,6 @@ def run_federate(model: str | None, example: str, spec: str, config: FederatedCo
         from compactai.federated.deploy import federate_deployment
 
         progress(f"running the ServerApp on the SuperLink at {superlink}")
-        if model is not None:
-            raise BadInputError("The deployment engine starts from --model SPEC (every SuperNode rebuilds the "
-                                "architecture from it); give no MODEL, or use --engine simulation.")
         result = federate_deployment(module, task, config, superlink=str(superlink), insecure=insecure,
                                      components=("compactai.cli._federate_app:server",
                                                  "compactai.cli._federate_app:client"),

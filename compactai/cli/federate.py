@@ -67,6 +67,9 @@ def federate(
     if engine == "deployment" and not superlink:
         raise BadInputError("--engine deployment needs --superlink HOST:PORT (the SuperLink's Control API, "
                             "default port 9093); see docs/federated.md.")
+    if engine == "deployment" and model is not None:
+        raise BadInputError("The deployment engine starts from --model SPEC (every SuperNode rebuilds the "
+                            "architecture from it); give no MODEL, or use --engine simulation.")
     if example is None:
         raise BadInputError("federate needs the clients' data: use --example digits (each simulated client holds "
                             "a partition of its training split).")
