@@ -45,6 +45,8 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     (["--dp-clip", "-1", "--dp-noise", "1"], "--dp-clip must be a positive"),
     (["--engine", "deployment"], "needs --superlink"),
     (["--engine", "cloud"], "Unknown --engine 'cloud'"),
+    (["--engine", "deployment", "--superlink", "127.0.0.1:1", "model.onnx"], "deployment engine starts from --model"),
+    (["--secagg"], "--secagg is not available"),
 ])
 def test_bad_federate_input_is_one_line_exit_2(args: list[str], words: str, tmp_path: Path) -> None:
     result = run_cli("federate", "--example", "digits", "--clients", "10", *args, "-o", str(tmp_path / "out"))
