@@ -5,8 +5,12 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 EXTRAS ?= dev,text,distributed
+# Flower pins protobuf<7, rich<15, typer<0.21 and an older ray, so federated learning gets its own
+# venv (build/ is git-ignored) and `make test` runs tests/federated there as well.
+FED_VENV ?= build/fed-venv
+FED_PY := $(FED_VENV)/bin/python
 
-.PHONY: demo test install bench bench-peers lint clean
+.PHONY: demo test install install-federated bench bench-peers lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +23,15 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+$(FED_VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(FED_VENV)
+	$(FED_PY) -m pip install -q --upgrade pip
+	$(FED_PY) -m pip install -q -c constraints.txt -e ".[dev,text,federated]"
+	@if $(FED_PY) -m pip list 2>/dev/null | grep -qi '^nvidia-'; then echo "CUDA packages were installed: check constraints.txt" >&2; exit 1; fi
+	touch $@
+
+install-federated: $(FED_VENV)/.installed
+
 # The main job on the built-in example: the default budget (p90 latency <= 0.5x, size <= 0.25x,
 # quality >= 0.99x of the original), anytime-bounded to finish in under 5 minutes on 2 cores.
 demo: $(STAMP)
@@ -26,8 +39,9 @@ demo: $(STAMP)
 	rm -rf out/demo
 	$(VENV)/bin/compactai optimize --example digits --max-minutes 2.5 -o out/demo
 
-test: $(STAMP)
+test: $(STAMP) $(FED_VENV)/.installed
 	$(PY) -m pytest -q
+	$(FED_PY) -m pytest -q -p no:cacheprovider tests/federated
 
 bench: $(STAMP)
 	for f in $(filter-out benchmarks/peers.py,$(wildcard benchmarks/[!_]*.py)); do $(PY) $$f || exit 1; done

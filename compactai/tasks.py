@@ -71,7 +71,7 @@ class Quality:
 
     @property
     def relative(self) -> float | None:
-        if self.baseline in (None, 0):
+        if self.baseline is None or self.baseline == 0:  # `is None` so older mypy narrows it too
             return None
         return self.value / self.baseline
 

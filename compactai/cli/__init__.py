@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "compactai.cli.nas",
     "compactai.cli.bench",
     "compactai.cli.report",
+    "compactai.cli.federate",
 ]
 
 
