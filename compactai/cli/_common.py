@@ -64,6 +64,13 @@ class Output:
             yield lambda message: status.update(f"{what}: {message}")
 
 
+# One declaration of --hf-task, shared by every command that takes a model path.
+HF_TASK_OPTION: Any = typer.Option(
+    None, "--hf-task", help="Hugging Face directory: load as embedding, sequence-classification, "
+    "token-classification or causal-lm instead of its declared architecture.",
+)
+
+
 def fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "-"

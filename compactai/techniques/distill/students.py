@@ -272,5 +272,26 @@ def automatic(args: str, handle: ModelHandle, context: Any) -> nn.Module:
     return drop_layers(",".join(str(i) for i in range(0, len(found[1]), 2)), handle, context)
 
 
+def student_choices(handle: ModelHandle) -> list[str]:
+    """Student specs that fit ``handle`` as it is (its real depth and layers), smallest change first;
+    empty when it is not a torch model."""
+    module = handle.module
+    if module is None:
+        return []
+    found = find_layer_stack(module)
+    if found is not None:
+        depth = len(found[1])
+        half = list(range(0, depth, 2))
+        two_thirds = sorted({round(i * (depth - 1) / max(1, (2 * depth) // 3 - 1)) for i in range((2 * depth) // 3)})
+        choices = [",".join(map(str, keep)) for keep in (two_thirds, half) if 0 < len(keep) < depth]
+        return [f"layers:{c}" for c in dict.fromkeys(choices)]
+    if any(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) for m in module.modules()):
+        return ["width:0.5", "width:0.35"]
+    # a torch.export program's module has graph nodes, no layers to narrow: a new MLP student
+    if len(handle.input_names) == 1 and np.dtype(handle.inputs[0].dtype).kind == "f":
+        return ["mlp:128", "mlp:64"]
+    return []
+
+
 def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
