@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from compactai.cli._common import (
+    HF_TASK_OPTION,
     Output,
     app,
     check_output_dir,
@@ -29,10 +30,7 @@ def quantize(
         None, help="Model: .onnx, .pt2 or Hugging Face directory; or --example."
     ),
     example: str | None = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
-    hf_task: str | None = typer.Option(
-        None, "--hf-task", help="Hugging Face directory: load as embedding, sequence-classification, "
-        "token-classification or causal-lm instead of its declared architecture.",
-    ),
+    hf_task: str | None = HF_TASK_OPTION,
     data: Path | None = typer.Option(
         None,
         "--data",
