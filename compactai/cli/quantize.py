@@ -249,14 +249,13 @@ def print_quantize(out: Output, result: dict[str, Any]) -> None:
         for q in ("p50", "p90"):
             key = f"latency_{q}_ms"
             rows.append([f"ORT latency {q} (ms)", base[key], new[key], ratio(base[key], new[key], "speed-up")])
-    rows.append(
-        [
+    if summary.get("kept") != "float":  # a second timing of the same float model would only show noise
+        rows.append([
             f"ORT throughput @{new['throughput_batch']} (items/s)",
             base["throughput_items_per_s"],
             new["throughput_items_per_s"],
             ratio(new["throughput_items_per_s"], base["throughput_items_per_s"], ""),
-        ]
-    )
+        ])
     if torch_base:
         rows.append(
             [
@@ -279,7 +278,8 @@ def print_quantize(out: Output, result: dict[str, Any]) -> None:
         )
     left = summary.get("left_in_float") or []
     if left:
-        out.console.print(f"left in float: {len(left)} op(s)" + "".join(
+        where = "the model" if summary.get("kept") != "float" else f"the {summary.get('mode')} candidate"
+        out.console.print(f"left in float in {where}: {len(left)} op(s)" + "".join(
             f"\n  {op['op_type']} {op['name']}: {op['reason']}" for op in left[:15])
             + (f"\n  ... {len(left) - 15} more in results.json" if len(left) > 15 else ""), highlight=False)
     sensitivity = result.get("sensitivity")
