@@ -10,7 +10,15 @@ from typing import Any
 
 import typer
 
-from compactai.cli._common import HF_TASK_OPTION, Output, app, check_output_dir, resolve_model, table, task_from_data
+from compactai.cli._common import (
+    HF_TASK_OPTION,
+    Output,
+    app,
+    check_output_dir,
+    resolve_model,
+    table,
+    task_from_data,
+)
 from compactai.errors import BadInputError, BudgetNotMetError
 from compactai.models.onnx_teacher import as_teacher
 

@@ -176,7 +176,7 @@ def _sequence_macs(node: Any, shapes: dict[str, list[int]]) -> int | None:
     source = length
     if node.op_type == "MultiHeadAttention" and len(inputs) > 1 and shapes.get(inputs[1]):
         key = shapes[inputs[1]]
-        source = key[-2] if len(key) == 3 else key[-2]
+        source = key[-2]  # [batch, sequence, hidden] or [batch, heads, sequence, head size]
     return macs + 2 * batch * length * source * hidden
 
 

@@ -33,7 +33,7 @@ def test_distill_from_a_users_onnx_teacher_and_data(user_zoo, tmp_path: Path) ->
         [sys.executable, "-m", "compactai.cli", "distill", "--teacher", str(model.onnx), "--data", str(data),
          "--epochs", "15", "--patience", "15", "--lr", "0.01", "--batch-size", "16", "--max-minutes", "8",
          "--queries", "20", "-o", str(tmp_path / "out"), "--json"],
-        capture_output=True, text=True, env=env, timeout=900)
+        check=False, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["status"] == "ok" and summary["teacher_params"] == 30 * 64 + 64 + 64 * 32 + 32 + 32 * 2 + 2

@@ -20,7 +20,7 @@ CHATTER = ("pre-processing", "tensor_type", "elem_type", "DeprecationWarning", "
 def _cli(args: list[str], log: Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COMPACTAI_LOG": str(log)}
     env.pop("COMPACTAI_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "compactai.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "compactai.cli", *args], check=False, capture_output=True, text=True, env=env,
                           timeout=timeout, cwd=log.parent)
 
 

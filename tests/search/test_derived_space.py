@@ -77,7 +77,7 @@ def test_students_keep_only_layers_the_model_has(depth: int) -> None:
 
 
 def test_distill_is_skipped_without_a_train_split(tabular) -> None:
-    handle, task = tabular  # the zoo's data.npz holds calibration, validation and test only
+    _, task = tabular  # the zoo's data.npz holds calibration, validation and test only
     torch_handle = load_model(_Stack(4).eval(), torch.randn(1, 8))
     space = space_for_model(torch_handle, task, None, ["distill"])
     assert "train split" in space.skipped["distill"] and not space.stages

@@ -76,7 +76,10 @@ class SplitReader:
     (padding trimmed per batch, so sequence models see their real lengths)."""
 
     def __init__(self, split: Split, input_names: list[str], samples: int, batch_size: int = 8) -> None:
-        self.part = split.take(min(samples, len(split)))
+        count = min(samples, len(split))
+        if count > batch_size:  # ORT's entropy/percentile calibrators stack batches: all must be the same size
+            count -= count % batch_size
+        self.part = split.take(count)
         self.input_names = input_names
         self.batch_size = batch_size
         self._iter: Iterator[dict[str, np.ndarray]] | None = None
