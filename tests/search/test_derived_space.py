@@ -103,3 +103,16 @@ def test_exhausted_space_stops_honestly_and_exit_3_writes_the_closest_model(tabu
     assert "NOT meet the budget" in data["closest"]["note"]
     kept = [t["lineage"][-1]["decisions"]["kept"] for t in data["trials"] if t["recipe"]]
     assert kept == ["quantized", "quantized"]  # size budget: int8 kept whether or not it is faster
+
+
+@pytest.mark.slow
+def test_every_value_of_the_derived_quantize_space_is_accepted(tabular) -> None:
+    """No trial can fail on its parameters: each fixed value and choice validates."""
+    from compactai.techniques import create_technique
+
+    handle, task = tabular
+    stage = space_for_model(handle, task, parse_budget("size_mb<=0.25x", "0.99")).stages[0]
+    fixed, search = stage.fixed["quantize"], stage.search["quantize"]
+    for name, spec in search.items():
+        for value in spec.choices:
+            create_technique("quantize", **{**fixed, name: value}).validate()
