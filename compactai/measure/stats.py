@@ -121,9 +121,7 @@ def _onnx_macs(handle: ModelHandle) -> int | None:
                     dim.dim_value = int(size)
         if any(node.domain == "com.microsoft" for node in model.graph.node):
             # fused (contrib) ops such as Attention: ONNX's inference stops at them, ORT's knows them
-            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-            model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+            model = _symbolic_shapes(model)
         else:
             model = shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001 (best effort: any failure means "not available")
@@ -149,6 +147,23 @@ def _onnx_macs(handle: ModelHandle) -> int | None:
             return None  # shape inference stopped (e.g. at a contrib op): unknown, not undercounted
         total += _node_macs(node, shapes, out)
     return int(total)
+
+
+def _symbolic_shapes(model: Any) -> Any:
+    """ORT's symbolic shape inference, run in a temporary directory: when it gives up it writes
+    sym_shape_infer_temp.onnx and external-data files into the working directory."""
+    import os
+    import tempfile
+
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    previous = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="compactai-shapes-") as scratch:
+        os.chdir(scratch)
+        try:
+            return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        finally:
+            os.chdir(previous)
 
 
 def _sequence_macs(node: Any, shapes: dict[str, list[int]]) -> int | None:
