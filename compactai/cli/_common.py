@@ -65,6 +65,13 @@ class Output:
             yield lambda message: status.update(f"{what}: {message}")
 
 
+# One declaration of --hf-task, shared by every command that takes a model path.
+HF_TASK_OPTION: Any = typer.Option(
+    None, "--hf-task", help="Hugging Face directory: load as embedding, sequence-classification, "
+    "token-classification or causal-lm instead of its declared architecture.",
+)
+
+
 def fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -88,7 +95,7 @@ def run_app(argv: list[str]) -> int:
     """Run the typer app, turning compactai errors into one line and an exit code."""
     debug = "--debug" in argv or os.environ.get("COMPACTAI_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log_path = setup_logging(debug)
     # With --json, stdout carries exactly one JSON object: libraries that print (ONNX Runtime's
     # calibrators do) are sent to stderr instead.
     redirect = contextlib.redirect_stdout(sys.stderr) if "--json" in argv else contextlib.nullcontext()
@@ -125,11 +132,51 @@ def run_app(argv: list[str]) -> int:
         if debug:
             raise
         Console(stderr=True).print(
-            f"[bold red]internal error:[/bold red] {type(exc).__name__}: {exc} (re-run with --debug for the traceback)",
+            f"[bold red]internal error:[/bold red] {type(exc).__name__}: {exc} (re-run with --debug for the traceback; "
+            f"what the libraries logged is in {log_path})",
             highlight=False, soft_wrap=True,
         )
         return 1
     return returned if isinstance(returned, int) else 0
+
+
+def log_file() -> Path:
+    """Where a command's log goes: $COMPACTAI_LOG, else compactai/last-run.log in the user's cache."""
+    if os.environ.get("COMPACTAI_LOG"):
+        return Path(os.environ["COMPACTAI_LOG"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "compactai" / "last-run.log"
+
+
+def setup_logging(debug: bool) -> Path:
+    """compactai's own warnings go to stderr. What the libraries say (ONNX Runtime's "please consider
+    pre-processing" and its tensor-type dumps, torch deprecation warnings) goes to the log file
+    only, and to stderr as well with --debug. Returns the log file's path."""
+    formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    path = log_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        to_file: logging.Handler = logging.FileHandler(path, mode="w", delay=True, encoding="utf-8")
+    except OSError:  # a read-only home: the libraries' messages are dropped rather than shown
+        to_file = logging.NullHandler()
+    to_file.setFormatter(formatter)
+    root.addHandler(to_file)
+    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.setFormatter(formatter)
+    if not debug:
+        to_stderr.setLevel(logging.WARNING)
+        to_stderr.addFilter(lambda record: record.name.startswith("compactai"))
+    root.addHandler(to_stderr)
+    with contextlib.suppress(ImportError):  # ONNX Runtime's C++ logger writes to stderr itself
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(0 if debug else 3)
+    return path
 
 
 def _click_errors() -> tuple[type[Any], ...]:

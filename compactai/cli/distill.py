@@ -10,17 +10,32 @@ from typing import Any
 
 import typer
 
-from compactai.cli._common import Output, app, check_output_dir, resolve_model, table
+from compactai.cli._common import (
+    HF_TASK_OPTION,
+    Output,
+    app,
+    check_output_dir,
+    resolve_model,
+    table,
+    task_from_data,
+)
 from compactai.errors import BadInputError, BudgetNotMetError
+from compactai.models.onnx_teacher import as_teacher
 
 
 @app.command()
 def distill(
     teacher: str | None = typer.Option(None, "--teacher", "-t",
-                                          help="Teacher model (.pt2 or Hugging Face directory); needs --example for data."),
+                                          help="Your teacher model (.onnx, .pt2 or Hugging Face directory), with --data "
+                                               "(or --example for the example's data)."),
+    data: Path | None = typer.Option(None, "--data", help="Task data for --teacher: .npz with '<split>/<input>' arrays "
+                                        "(a train split to learn from, validation, test; optional '<split>/labels')."),
+    hf_task: str | None = HF_TASK_OPTION,
     example: str | None = typer.Option(None, "--example", "-e", help="Built-in example (teacher and data): digits or minilm."),
     student: str = typer.Option("auto", "--student", "-s",
-                                help="layers:0,2,4 | width:0.5 | digits-cnn:12,24,48 | mlp:128 | self | auto | a .pt2 file."),
+                                help="layers:0,2,4 | width:0.5 | digits-cnn:12,24,48 | mlp:128 | self | a .pt2 file | "
+                                     "auto (from the teacher's real shape: every other layer of its layer stack; "
+                                     "an ONNX teacher: an MLP at half its hidden widths)."),
     temperature: float = typer.Option(4.0, "--temperature", "-T", help="Softmax temperature of the soft targets."),
     alpha: float = typer.Option(0.9, "--alpha", help="Weight of the soft-target loss (1 - alpha: hard labels)."),
     epochs: int = typer.Option(10, "--epochs", help="Maximum epochs (early stopping on validation may end sooner)."),
@@ -69,9 +84,11 @@ def distill(
     out = Output(json_output)
     output = output or Path("out/distill")
     floor = parse_min_quality(min_quality) if min_quality is not None else None
-    if example is None:
-        raise BadInputError("distill needs training data: use --example NAME (digits, minilm); with --teacher PATH "
-                            "the example's data trains your teacher's student.")
+    if example is None and (teacher is None or data is None):
+        raise BadInputError("distill needs a teacher and data to train on: --teacher MODEL --data FILE.npz (with a "
+                            "train split), or --example NAME (digits, minilm).")
+    if example is not None and data is not None:
+        raise BadInputError("--data goes with --teacher: an example brings its own data. Drop --data or --example.")
     parse_student_spec(student)  # bad specs fail before any model is loaded
     if teacher is not None:
         from compactai.models.load import refuse_unsafe_file
@@ -87,15 +104,26 @@ def distill(
     config.check()
     check_output_dir(output)
     with out.progress("Distilling") as say:
-        handle, task, info = resolve_model(None, example, progress=lambda e, n, acc: say(f"training example {e}/{n}"))
-        if teacher is not None:
-            handle, task = _own_teacher(teacher, task)
-            info["teacher"] = teacher
-    context = Context(task=task, teacher=handle, seed=seed, work_dir=work_dir or output / "work")
+        if example is not None:
+            handle, task, info = resolve_model(None, example, progress=lambda e, n, acc: say(f"training example {e}/{n}"))
+            if teacher is not None:
+                handle, task = _own_teacher(teacher, task, hf_task)
+                info["teacher"] = teacher
+        else:
+            assert teacher is not None and data is not None
+            handle, _, info = resolve_model(teacher, None, hf_task=hf_task)
+            say("scoring the teacher on --data")
+            task = task_from_data(data, handle)
+            if "train" not in task.splits:
+                raise BadInputError(f"{data} has no train split to distill on; add 'train/<input>' arrays "
+                                    f"({', '.join(handle.input_names)}) next to {', '.join(sorted(task.splits))}.")
+            info = {"teacher": teacher, "data": str(data)}
+    trainable = as_teacher(handle)  # an ONNX teacher runs on ONNX Runtime for its targets
+    context = Context(task=task, teacher=trainable, seed=seed, work_dir=work_dir or output / "work")
     with _training_bar(out) as progress:
         context.progress = progress
         started = time.monotonic()
-        student_handle = technique.apply(handle, context)
+        student_handle = technique.apply(trainable, context)
         train_seconds = time.monotonic() - started
     with out.progress("Measuring") as say:
         say("teacher on onnxruntime")
@@ -104,6 +132,10 @@ def distill(
         model_path = save_model(student_handle, output)
         measured = measure(student_handle, task, runtime="onnxruntime", config=config, progress=say)
     decisions = student_handle.metadata["history"][-1]["decisions"]
+    if handle.module is None:  # an ONNX teacher's parameters are its initializers
+        from compactai.measure import parameter_count
+
+        decisions["teacher_params"] = parameter_count(handle)
     problem = quality_problem(decisions.get("sanity") or {}, floor, measured.quality, baseline.quality, decisions)
     status = "ok" if problem is None else "quality_lost"
     results_path = write_results(
@@ -150,19 +182,19 @@ def _text(value: Any) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _own_teacher(path: str, task: Any) -> tuple[Any, Any]:
+def _own_teacher(path: str, task: Any, hf_task: str | None) -> tuple[Any, Any]:
     """The user's teacher with the example's data; the quality baseline becomes the teacher's own."""
+    from compactai.measure import make_runner
     from compactai.models import load_model
     from compactai.tasks import EmbeddingFidelity
 
-    handle = load_model(path)
-    if handle.module is None:
-        raise BadInputError(f"{path} is an ONNX model; distillation needs a torch teacher (.pt2 or a Hugging Face directory).")
+    handle = load_model(path, hf_task=hf_task)
+    run = handle.run_torch if handle.module is not None else make_runner(handle, "onnxruntime").run
     if isinstance(task.metric, EmbeddingFidelity):
-        task.metric = EmbeddingFidelity(handle.run_torch, primary=task.metric.primary)
+        task.metric = EmbeddingFidelity(run, primary=task.metric.primary)
         task.baseline = 1.0
     else:
-        task.baseline = task.evaluate(handle.run_torch).value
+        task.baseline = task.evaluate(run).value
     return handle, task
 
 

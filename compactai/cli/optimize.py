@@ -7,13 +7,23 @@ from typing import Any
 
 import typer
 
-from compactai.cli._common import Output, app, check_output_dir, fmt, resolve_model, table, task_from_data
+from compactai.cli._common import (
+    HF_TASK_OPTION,
+    Output,
+    app,
+    check_output_dir,
+    fmt,
+    resolve_model,
+    table,
+    task_from_data,
+)
 
 
 @app.command()
 def optimize(
     path: str | None = typer.Argument(None, help="Model: .onnx, .pt2 or Hugging Face directory."),
     example: str | None = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
+    hf_task: str | None = HF_TASK_OPTION,
     data: Path | None = typer.Option(None, "--data", help="Task data for PATH: .npz with '<split>/<input>' arrays "
                                         "(train, calibration, validation, test) and optional '<split>/labels'."),
     budget: str | None = typer.Option(
@@ -51,7 +61,7 @@ def optimize(
     from compactai.search import SearchConfig
     from compactai.search.optimize import optimize as run_optimize
     from compactai.search.recipe import load_recipe
-    from compactai.search.space import default_space, space_from_config
+    from compactai.search.space import space_for_model, space_from_config
 
     out = Output(json_output)
     spec = load_recipe(recipe) if recipe else None
@@ -79,7 +89,8 @@ def optimize(
     config.check()  # bad limits fail here, before the model is loaded or the output directory made
     check_output_dir(output)
     with out.progress("Optimizing") as say:
-        handle, task, info = resolve_model(path, example, progress=lambda e, n, acc: say(f"training example {e}/{n}"))
+        handle, task, info = resolve_model(path, example, progress=lambda e, n, acc: say(f"training example {e}/{n}"),
+                                           hf_task=hf_task)
         if task is None and data is not None:
             task = task_from_data(data, handle)
         if task is None:
@@ -90,7 +101,7 @@ def optimize(
         if spec is not None and spec.search_space:
             space = space_from_config([s.model_dump() for s in spec.search_space])
         else:
-            space = default_space(handle.kind, handle.framework, techniques.split(",") if techniques else None)
+            space = space_for_model(handle, task, parsed, techniques.split(",") if techniques else None)
         target = output or Path("out") / f"optimize-{info.get('example') or Path(str(path)).stem}"
         check_output_dir(target)
 
@@ -114,7 +125,7 @@ def optimize(
             results_path = target / "results.json"
             if results_path.exists():
                 saved: dict[str, Any] = json.loads(results_path.read_text())
-                saved["paths"] = _paths(target, chosen=False)
+                saved["paths"] = _paths(target, chosen=bool(saved["model"].get("path")))
                 print_summary(out, saved)
                 out.emit(saved)
             raise
@@ -128,14 +139,15 @@ def _paths(target: Path, chosen: bool) -> dict[str, str]:
              "study": str(target / "study.db")}
     if chosen:
         paths["model"] = str(target / "model.onnx")
-    else:
+    if (target / "candidates").is_dir():
         paths["candidates"] = str(target / "candidates")
     return paths
 
 
 def print_summary(out: Output, results: dict[str, Any]) -> None:
     base = results["baseline"]
-    chosen = (results.get("chosen") or {}).get("figures")
+    chosen = (results.get("chosen") or results.get("closest") or {}).get("figures")
+    column = "chosen" if results.get("chosen") else "closest (misses budget)"
     rows = []
     for label, key in (("quality", "quality"), ("size (MB)", "size_mb"), ("params", "params"), ("MACs", "macs"),
                        ("latency p50 (ms)", "latency_p50_ms"), ("latency p90 (ms)", "latency_p90_ms"),
@@ -151,11 +163,18 @@ def print_summary(out: Output, results: dict[str, Any]) -> None:
         rows.append([label, before, after, ratio])
     if chosen:
         rows.append(["test-split quality", results["task"]["baseline_test"], chosen["test_quality"]["value"], "-"])
-    out.console.print(table(f"Original vs chosen ({results['model']['name']})", ["figure", "original", "chosen",
+    out.console.print(table(f"Original vs {column} ({results['model']['name']})", ["figure", "original", column,
                                                                                   "change"], rows))
     out.console.print(results["selection"]["explanation"])
     if results.get("chosen"):
         out.console.print(f"chosen pipeline: {results['chosen']['label']}")
+    elif results.get("closest"):
+        out.console.print(f"closest pipeline: {results['closest']['label']}, written as model.onnx although it "
+                          "does not meet the budget")
+    for name, reason in (results["search"]["space"].get("skipped") or {}).items():
+        out.console.print(f"skipped {name}: {reason}")
+    if results["selection"].get("stop_reason") and not results.get("chosen"):
+        out.console.print(results["selection"]["stop_reason"])
     out.console.print(f"trials: {results['search']['trials_finished']} (stopped by {results['search']['stopped_by']})"
                       f"; report: {results['paths']['report']}")
     _ = fmt

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from compactai.cli._common import Output, app, resolve_model, table, task_from_data
+from compactai.cli._common import HF_TASK_OPTION, Output, app, resolve_model, table, task_from_data
 from compactai.errors import UnknownNameError
 
 
@@ -18,10 +18,7 @@ def profile(
     data: Path | None = typer.Option(
         None, "--data", help="Task data for PATH (.npz as for quantize): adds quality, judged on its test split."
     ),
-    hf_task: str | None = typer.Option(
-        None, "--hf-task", help="Hugging Face directory: load as embedding, sequence-classification, "
-        "token-classification or causal-lm instead of its declared architecture.",
-    ),
+    hf_task: str | None = HF_TASK_OPTION,
     runtime: str = typer.Option("all", "--runtime", "-r", help="onnxruntime, torch, or all."),
     threads: int | None = typer.Option(None, help="Intra-op threads (default: all CPUs of this process)."),
     queries: int = typer.Option(200, help="Minimum timed batch-1 queries (after warm-up)."),

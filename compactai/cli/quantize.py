@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from compactai.cli._common import (
+    HF_TASK_OPTION,
     Output,
     app,
     check_output_dir,
@@ -29,10 +30,7 @@ def quantize(
         None, help="Model: .onnx, .pt2 or Hugging Face directory; or --example."
     ),
     example: str | None = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
-    hf_task: str | None = typer.Option(
-        None, "--hf-task", help="Hugging Face directory: load as embedding, sequence-classification, "
-        "token-classification or causal-lm instead of its declared architecture.",
-    ),
+    hf_task: str | None = HF_TASK_OPTION,
     data: Path | None = typer.Option(
         None,
         "--data",
@@ -239,17 +237,25 @@ def print_quantize(out: Output, result: dict[str, Any]) -> None:
     rows.append(
         ["ONNX size (MB)", base["size_mb"], new["size_mb"], ratio(base["size_mb"], new["size_mb"], "smaller")]
     )
-    for q in ("p50", "p90"):
-        key = f"latency_{q}_ms"
-        rows.append([f"ORT latency {q} (ms)", base[key], new[key], ratio(base[key], new[key], "speed-up")])
-    rows.append(
-        [
+    summary = result.get("quantization", {})
+    decided = summary.get("float_latency_p50_ms") is not None and summary.get("quantized_latency_p50_ms") is not None
+    if decided:
+        # the measurement the keep/revert decision used, not a second timing that could disagree with it
+        float_ms, quant_ms = summary["float_latency_p50_ms"], summary["quantized_latency_p50_ms"]
+        rows.append([f"ORT latency p50 (ms), {summary.get('mode', result['mode'])} candidate", float_ms, quant_ms,
+                     ratio(float_ms, quant_ms, "speed-up")])
+        rows.append(["kept", "", summary.get("kept", "-"), "decided on the row above"])
+    else:
+        for q in ("p50", "p90"):
+            key = f"latency_{q}_ms"
+            rows.append([f"ORT latency {q} (ms)", base[key], new[key], ratio(base[key], new[key], "speed-up")])
+    if summary.get("kept") != "float":  # a second timing of the same float model would only show noise
+        rows.append([
             f"ORT throughput @{new['throughput_batch']} (items/s)",
             base["throughput_items_per_s"],
             new["throughput_items_per_s"],
             ratio(new["throughput_items_per_s"], base["throughput_items_per_s"], ""),
-        ]
-    )
+        ])
     if torch_base:
         rows.append(
             [
@@ -262,7 +268,6 @@ def print_quantize(out: Output, result: dict[str, Any]) -> None:
     out.console.print(
         table(f"compactai quantize (mode {result['mode']})", ["figure", "float", "quantized", "change"], rows)
     )
-    summary = result.get("quantization", {})
     if summary.get("kept") == "float" or summary.get("note"):
         out.console.print(f"[yellow]note:[/yellow] {summary.get('note')}")
     if summary.get("float_ops") is not None:
@@ -271,6 +276,12 @@ def print_quantize(out: Output, result: dict[str, Any]) -> None:
             f"{summary.get('chosen_config', {}).get('mode')} "
             f"{'per-channel' if summary.get('chosen_config', {}).get('per_channel') else 'per-tensor'}"
         )
+    left = summary.get("left_in_float") or []
+    if left:
+        where = "the model" if summary.get("kept") != "float" else f"the {summary.get('mode')} candidate"
+        out.console.print(f"left in float in {where}: {len(left)} op(s)" + "".join(
+            f"\n  {op['op_type']} {op['name']}: {op['reason']}" for op in left[:15])
+            + (f"\n  ... {len(left) - 15} more in results.json" if len(left) > 15 else ""), highlight=False)
     sensitivity = result.get("sensitivity")
     if sensitivity:
         from compactai.techniques.quantize.sensitivity import (

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import typer
 
-from compactai.cli._common import Output, app, resolve_model, table
+from compactai.cli._common import HF_TASK_OPTION, Output, app, resolve_model, table
 from compactai.errors import BadInputError, ModelNotFoundError
 
 
@@ -21,6 +21,7 @@ def slice_command(
     path: str | None = typer.Argument(None, help="Model (.onnx, .pt2, HF directory), or `run` to run a slice."),
     out_dir: str | None = typer.Argument(None, help="With `run`: the directory `compactai slice -o` wrote."),
     example: str | None = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
+    hf_task: str | None = HF_TASK_OPTION,
     data: Path | None = typer.Option(None, "--data", help=".npz of model inputs by input name (rows = samples)."),
     bandwidth_mbps: float | None = typer.Option(None, "--bandwidth-mbps", help="Uplink bandwidth, Mbit/s."),
     rtt_ms: float | None = typer.Option(None, "--rtt-ms", help="Round-trip time to the server, ms."),
@@ -78,7 +79,8 @@ def slice_command(
     config = SliceConfig(max_tensors=max_tensors, max_cuts=max_cuts, threads=threads, rounds=rounds,
                          memory=memory or device_memory_mb is not None)
     with out.progress("Slicing") as say:
-        handle, task, info = resolve_model(path, example, progress=lambda e, n, acc: say(f"training example, epoch {e}/{n}"))
+        handle, task, info = resolve_model(path, example, progress=lambda e, n, acc: say(f"training example, epoch {e}/{n}"),
+                                           hf_task=hf_task)
         samples = _samples(handle, task, data)
         work = Path(tempfile.mkdtemp(prefix="compactai-slice-"))
         try:

@@ -28,8 +28,9 @@ def parameter_count(handle: ModelHandle) -> int:
 def count_macs(handle: ModelHandle) -> int | None:
     """Multiply-accumulates of one forward pass at batch 1 on the example inputs.
 
-    Torch modules use torch's FLOP counter (MACs = FLOPs / 2); ONNX files count Conv,
-    Gemm and MatMul (and their quantized forms) from inferred shapes. None when unknown.
+    Torch modules use torch's FLOP counter (MACs = FLOPs / 2), with formulas added for the fused
+    attention kernels it leaves out; ONNX files count Conv, Gemm, MatMul (and their quantized
+    forms), GRU, LSTM, RNN and fused attention from inferred shapes. None when unknown.
     """
     if handle.module is not None:
         return _torch_macs(handle)
@@ -65,12 +66,42 @@ def _torch_macs(handle: ModelHandle) -> int | None:
     feeds = _batch_one(handle)
     args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in handle.input_names]
     try:
-        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=_attention_formulas()) as counter:
             handle.module(*args)  # type: ignore[misc]
     except Exception:  # noqa: BLE001 some custom modules cannot be traced by the counter
         return None
     return int(counter.get_total_flops() // 2)
 
+
+def _attention_formulas() -> dict[Any, Any]:
+    """FLOP formulas for the fused attention kernels torch's counter has none for on the CPU
+    (nn.MultiheadAttention's fast path and scaled_dot_product_attention count 0 without them)."""
+    import torch
+
+    def sdpa(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        *batch, length, dim = query
+        scores = int(np.prod(batch)) * length * key[-2]
+        return 2 * scores * (dim + value[-1])  # Q K^T, then the weights times V
+
+    def native_mha(query: Any, key: Any, value: Any, embed_dim: int, *args: Any, out_shape: Any = None,
+                   **kwargs: Any) -> int:
+        batch = query[0] if len(query) == 3 else 1
+        length, source = query[-2], key[-2]
+        projections = (2 * length + 2 * source) * embed_dim * embed_dim  # q and output, k and v
+        return 2 * batch * (projections + 2 * length * source * embed_dim)
+
+    ops = torch.ops.aten
+    formulas: dict[Any, Any] = {}
+    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", sdpa),
+                          ("_native_multi_head_attention", native_mha)):
+        if hasattr(ops, name):
+            formulas[getattr(ops, name)] = formula
+    return formulas
+
+
+# ONNX recurrent ops: gates per step (their weights W are [directions, gates x hidden, input])
+_RECURRENT_GATES = {"GRU": 3, "LSTM": 4, "RNN": 1}
+_ATTENTION_OPS = {"Attention", "MultiHeadAttention"}
 
 _MAC_OPS = {"Conv", "ConvInteger", "QLinearConv", "Gemm", "MatMul", "MatMulInteger", "QLinearMatMul",
             "FusedMatMul", "MatMulNBits", "ConvTranspose"}
@@ -88,7 +119,11 @@ def _onnx_macs(handle: ModelHandle) -> int | None:
                 for dim, size in zip(value.type.tensor_type.shape.dim, feeds[value.name].shape):
                     dim.Clear()
                     dim.dim_value = int(size)
-        model = shape_inference.infer_shapes(model, data_prop=True)
+        if any(node.domain == "com.microsoft" for node in model.graph.node):
+            # fused (contrib) ops such as Attention: ONNX's inference stops at them, ORT's knows them
+            model = _symbolic_shapes(model)
+        else:
+            model = shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001 (best effort: any failure means "not available")
         return None
     shapes: dict[str, list[int]] = {}
@@ -99,6 +134,12 @@ def _onnx_macs(handle: ModelHandle) -> int | None:
         shapes[init.name] = list(init.dims)
     total = 0
     for node in model.graph.node:
+        if node.op_type in _RECURRENT_GATES or node.op_type in _ATTENTION_OPS:
+            counted = _sequence_macs(node, shapes)
+            if counted is None:
+                return None
+            total += counted
+            continue
         if node.op_type not in _MAC_OPS or not node.output:
             continue
         out = shapes.get(node.output[0])
@@ -106,6 +147,52 @@ def _onnx_macs(handle: ModelHandle) -> int | None:
             return None  # shape inference stopped (e.g. at a contrib op): unknown, not undercounted
         total += _node_macs(node, shapes, out)
     return int(total)
+
+
+def _symbolic_shapes(model: Any) -> Any:
+    """ORT's symbolic shape inference, run in a temporary directory: when it gives up it writes
+    sym_shape_infer_temp.onnx and external-data files into the working directory."""
+    import os
+    import tempfile
+
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    previous = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="compactai-shapes-") as scratch:
+        os.chdir(scratch)
+        try:
+            return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        finally:
+            os.chdir(previous)
+
+
+def _sequence_macs(node: Any, shapes: dict[str, list[int]]) -> int | None:
+    """MACs of a recurrent op (every step multiplies the input by W and the state by R) or of a
+    fused attention op (projections when it holds the weights, then Q K^T and the weights times V)."""
+    inputs = list(node.input)
+    x = shapes.get(inputs[0])
+    if not x or any(d < 0 for d in x):
+        return None
+    attrs = {a.name: a for a in node.attribute}
+    if node.op_type in _RECURRENT_GATES:
+        weight, recurrence = shapes.get(inputs[1]), shapes.get(inputs[2])
+        if not weight or not recurrence:
+            return None
+        batch_first = "layout" in attrs and attrs["layout"].i == 1
+        steps, batch = (x[1], x[0]) if batch_first else (x[0], x[1])
+        per_step = int(np.prod(weight)) + int(np.prod(recurrence))  # all directions and gates
+        return steps * batch * per_step
+    batch, length, hidden = x[0], x[-2] if len(x) >= 3 else 1, x[-1]
+    macs = 0
+    if node.op_type == "Attention" and len(inputs) > 1 and shapes.get(inputs[1]):
+        weight = shapes[inputs[1]]  # [hidden, 3 x hidden]: the q, k and v projections in one
+        macs += batch * length * int(np.prod(weight))
+        hidden = weight[-1] // 3
+    source = length
+    if node.op_type == "MultiHeadAttention" and len(inputs) > 1 and shapes.get(inputs[1]):
+        key = shapes[inputs[1]]
+        source = key[-2]  # [batch, sequence, hidden] or [batch, heads, sequence, head size]
+    return macs + 2 * batch * length * source * hidden
 
 
 def _node_macs(node: Any, shapes: dict[str, list[int]], out: list[int]) -> int:

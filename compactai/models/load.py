@@ -129,8 +129,7 @@ def load_onnx(path: Path, *, name: str | None = None, kind: str | None = None) -
     initializers = {i.name for i in model.graph.initializer}
     inputs = [_onnx_spec(v) for v in model.graph.input if v.name not in initializers]
     outputs = [_onnx_spec(v) for v in model.graph.output]
-    op_types = {n.op_type for n in model.graph.node}
-    guessed = "cnn" if "Conv" in op_types else "transformer" if {"Softmax", "Attention"} & op_types else "mlp"
+    guessed = kind_from_ops({n.op_type for n in model.graph.node})
     return ModelHandle(
         framework="onnx",
         name=name or path.stem,
@@ -200,6 +199,33 @@ def _to_feeds(module: Any, example_inputs: Any, input_names: list[str] | None) -
         array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
         feeds[key] = array
     return feeds
+
+
+# torch.export (aten) operators -> the ONNX op type they export to, for kind_from_ops
+_ATEN_AS_ONNX = {"convolution": "Conv", "conv1d": "Conv", "conv2d": "Conv", "conv3d": "Conv",
+                 "softmax": "Softmax", "_softmax": "Softmax", "scaled_dot_product_attention": "Attention"}
+
+
+def kind_from_ops(op_types: set[str]) -> str:
+    """cnn / transformer / mlp from the op types of a graph (ONNX names; aten names of a
+    torch.export program are mapped to them first), so an ONNX file and a .pt2 of the same
+    model get the same kind."""
+    if "Conv" in op_types:
+        return "cnn"
+    if {"Softmax", "Attention", "MultiHeadAttention"} & op_types:
+        return "transformer"
+    return "mlp"
+
+
+def program_op_types(program: Any) -> set[str]:
+    """The ops of a torch.export program, named as ONNX would name them where kind_from_ops cares."""
+    names = set()
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        packet = getattr(getattr(node.target, "overloadpacket", None), "__name__", str(node.target))
+        names.add(_ATEN_AS_ONNX.get(packet, packet))
+    return names
 
 
 def guess_kind(module: Any) -> str:
@@ -322,6 +348,8 @@ def load_pt2(path: Path, example_inputs: Any = None, *, name: str | None = None,
     if example_inputs is None and program.example_inputs is not None:
         example_inputs = tuple(program.example_inputs[0])
     names = [spec.arg.name for spec in program.graph_signature.input_specs if spec.kind.name == "USER_INPUT"]
+    # the program's module holds graph nodes, not nn.Conv2d layers: the kind comes from its ops
+    kind = kind or kind_from_ops(program_op_types(program))
     handle = _from_module(module, example_inputs, name or path.stem, kind, names or None, None)
     handle.metadata["source"] = str(path)
     return handle

@@ -24,7 +24,7 @@ from compactai.measure import MeasureConfig
 from compactai.models.handle import ModelHandle
 from compactai.results import describe
 from compactai.search.executors import make_executor
-from compactai.search.space import SearchSpace
+from compactai.search.space import SearchSpace, recipe_key
 from compactai.search.trial import TrialResult
 from compactai.tasks import Task
 
@@ -65,7 +65,7 @@ class SearchConfig:
 class SearchOutcome:
     trials: list[TrialResult]
     interrupted: bool
-    stopped_by: str  # "max_trials" | "time" | "interrupt" | "exhausted"
+    stopped_by: str  # "max_trials" | "time" | "interrupt" | "exhausted" (every recipe of the space has run)
     storage: str
 
 
@@ -161,6 +161,7 @@ def run_search(
 ) -> SearchOutcome:
     """Run trials until max_trials (counting resumed ones), the time limit or Ctrl-C."""
     import optuna
+    from optuna.trial import FixedTrial
 
     study = open_study(out_dir, config)
     abandoned = _fail_abandoned(study)
@@ -174,6 +175,11 @@ def run_search(
     executor = make_executor(config, handle, task, budget, out_dir, source=source,
                              selection_baseline=selection_baseline)
     seen: dict[str, TrialResult] = {json.dumps(r.recipe, sort_keys=True): r for r in finished_results(study)}
+    # a finite space is listed once: the run stops when every recipe in it has run, and a repeat the
+    # sampler proposes is followed by a recipe not run yet (instead of guessing exhaustion from repeats)
+    listed = space.enumerate()
+    every = {} if listed is None else {recipe_key(space.sample(FixedTrial(p))): p for p in listed}
+    tried = {recipe_key(r.recipe) for r in finished_results(study)}  # ok or failed: neither is run again
     stopped_by, interrupted, repeats_in_a_row = "max_trials", False, 0
     previous_handler = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -185,7 +191,11 @@ def run_search(
             if done >= config.max_trials:
                 stopped_by = "max_trials"
                 break
-            if repeats_in_a_row >= MAX_REPEATS_IN_A_ROW:
+            if every and set(every) <= tried:
+                stopped_by = "exhausted"
+                say(f"every candidate the search space allows has run ({len(every)})")
+                break
+            if not every and repeats_in_a_row >= MAX_REPEATS_IN_A_ROW:
                 stopped_by = "exhausted"
                 say(f"the sampler proposed only recipes already run {MAX_REPEATS_IN_A_ROW} times in a row: "
                     "the search space looks exhausted")
@@ -200,7 +210,7 @@ def run_search(
                 recipe = space.sample(trial)
                 asked.append((trial, recipe))
                 if json.dumps(recipe, sort_keys=True) not in seen:
-                    say(f"trial {done + len(asked)}/{config.max_trials}: {describe(recipe)}")
+                    say(f"trial {trial.number} ({done + len(asked)} of at most {config.max_trials}): {describe(recipe)}")
             results: dict[int, TrialResult] = {}
             jobs = []
             for trial, recipe in asked:
@@ -211,8 +221,12 @@ def run_search(
                         {**previous.to_dict(), "number": trial.number, "seconds": 0.0, "cached_steps": len(recipe)})
                     trial.set_user_attr(REPEAT_ATTR, previous.number)
                     repeats_in_a_row += 1
+                    unseen = next((p for k, p in every.items() if k not in tried), None)
+                    if unseen is not None:
+                        study.enqueue_trial(unseen, skip_if_exists=True)
                 else:
                     jobs.append((trial.number, recipe))
+                    tried.add(key)
                     repeats_in_a_row = 0
             for result in executor.run_many(jobs, deadline):
                 results[result.number] = result

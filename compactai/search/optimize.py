@@ -18,7 +18,7 @@ from compactai.results import describe, save_model, to_jsonable
 from compactai.search.engine import SearchConfig, run_search
 from compactai.search.remeasure import interleave_final, interleaved_selection_figures
 from compactai.search.select import Selection, select
-from compactai.search.space import SearchSpace, default_space
+from compactai.search.space import SearchSpace, space_for_model
 from compactai.search.trial import StepCache, TrialResult, apply_recipe, figures_for
 from compactai.tasks import Task
 
@@ -64,11 +64,15 @@ def optimize(
     out.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda message: None)
     started = time.monotonic()
-    space = space or default_space(handle.kind, handle.framework)
+    space = space or space_for_model(handle, task, budget)
     if not space.stages:
         from compactai.errors import BadInputError
 
-        raise BadInputError(f"No registered technique applies to a {handle.kind} {handle.framework} model.")
+        why = "; ".join(f"{name}: {reason}" for name, reason in space.skipped.items())
+        raise BadInputError(f"No registered technique applies to this {handle.kind} {handle.framework} model"
+                            + (f" ({why})." if why else "."))
+    for name, reason in space.skipped.items():
+        say(f"skipping {name}: {reason}")
     selection_split = config.selection_split if config.selection_split in task.splits else task.eval_split
     config.selection_split = selection_split
     from compactai.search.engine import check_study  # fail fast on an existing study before any work
@@ -107,6 +111,12 @@ def optimize(
                                     selection_baseline)
     else:
         _write_closest(out, selection)
+        if selection.closest:  # the closest model is the output, marked as not meeting the budget
+            closest_handle = _load_artifact(handle, selection.closest[0])
+            chosen_final = measure_candidate(closest_handle, task, FINAL_MEASURE_with(config), selection_split,
+                                             selection_baseline)
+            save_model(closest_handle, out)
+    closest = selection.closest[0] if selection.chosen is None and selection.closest else None
     results = {
         "command": "optimize",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -115,7 +125,9 @@ def optimize(
         "source": source or {},
         "model": {"name": handle.name, "kind": handle.kind, "framework": handle.framework,
                   "inputs": [s.to_dict() for s in handle.inputs], "outputs": [s.to_dict() for s in handle.outputs],
-                  "fingerprint": handle.fingerprint(), "path": "model.onnx" if selection.chosen else None},
+                  "fingerprint": handle.fingerprint(),
+                  "path": "model.onnx" if selection.chosen or closest else None},
+        "budget_met": selection.chosen is not None,
         "task": {"name": task.name, "metric": task.metric.name, "selection_split": selection_split,
                  "test_split": task.eval_split, "baseline_test": task.baseline, "baseline_selection": selection_baseline},
         "budget": {**budget.to_dict(), "requested": requested},
@@ -128,6 +140,10 @@ def optimize(
             "trial": selection.chosen.number, "recipe": selection.chosen.recipe,
             "label": describe(selection.chosen.recipe), "lineage": selection.chosen.lineage,
             "figures": _strip(chosen_final), "search_figures": selection.chosen.figures},
+        "closest": None if closest is None else {
+            "trial": closest.number, "recipe": closest.recipe, "label": describe(closest.recipe),
+            "lineage": closest.lineage, "figures": _strip(chosen_final), "search_figures": closest.figures,
+            "note": "written as model.onnx; it does NOT meet the budget (see selection.checks)"},
         "recipe": selection.chosen.recipe if selection.chosen else [],
         "lineage": selection.chosen.lineage if selection.chosen else [],
         "measurements": {"onnxruntime": _strip(chosen_final)} if chosen_final else {},
@@ -136,7 +152,8 @@ def optimize(
                       "closest": [r.number for r in selection.closest],
                       "checks": [{"constraint": str(c.constraint), "actual": c.actual, "ok": c.ok, "slack": c.slack,
                                   "text": c.describe()} for c in
-                                 (budget.check(chosen_final) if chosen_final else selection.failed_checks)]},
+                                 (budget.check(chosen_final) if chosen_final else selection.failed_checks)],
+                      "stop_reason": stop_reason(outcome.stopped_by, space)},
         "waterfall": waterfall,
         "trials": [r.to_dict() for r in outcome.trials],
         "latency_samples_ms": {"original": baseline_final.get("latency_samples_ms", []),
@@ -149,11 +166,27 @@ def optimize(
         render(results, out / "report.html")
     _cleanup_trials(out, selection)
     if selection.chosen is None:
+        wrote = (f"The closest model is written to {out / 'model.onnx'} (it does not meet the budget), the "
+                 f"closest candidates to {out / 'candidates'}" if closest else "No model is written")
         raise BudgetNotMetError(
-            f"{selection.explain(budget)}. Closest candidates written to {out / 'candidates'}; report: "
-            f"{out / 'report.html'}. Relax the budget or allow more trials/minutes."
+            f"{selection.explain(budget)}. {wrote}; report: {out / 'report.html'}. "
+            f"{stop_reason(outcome.stopped_by, space)}"
         )
     return results
+
+
+def stop_reason(stopped_by: str, space: SearchSpace) -> str:
+    """Why the search stopped, and what could change the outcome (more time helps only when
+    candidates were left untried)."""
+    if stopped_by == "exhausted":
+        return (f"Every candidate the search space allows has run ({space.size() or 'all'}); more trials or "
+                "minutes cannot help: relax the budget, or allow other techniques"
+                + (f" (skipped: {', '.join(space.skipped)})" if space.skipped else "") + ".")
+    if stopped_by == "max_trials":
+        return "The trial limit stopped the search with candidates left untried: allow more trials (--max-trials)."
+    if stopped_by == "time":
+        return "The time limit stopped the search with candidates left untried: allow more minutes (--max-minutes)."
+    return "The search was interrupted; --resume continues it."
 
 
 def FINAL_MEASURE_with(config: SearchConfig) -> MeasureConfig:

@@ -12,7 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from compactai.budget import Budget
 from compactai.errors import BadInputError, UnknownNameError
+from compactai.models.handle import ModelHandle
+from compactai.tasks import Task
 from compactai.techniques.base import (
     ChoiceParam,
     FloatParam,
@@ -56,12 +59,47 @@ SKIP = "skip"
 @dataclass
 class SearchSpace:
     stages: list[Stage]
+    skipped: dict[str, str] = field(default_factory=dict)  # technique -> why it cannot apply to the model
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stages": [s.to_dict() for s in self.stages]}
+        return {"stages": [s.to_dict() for s in self.stages], "skipped": dict(self.skipped),
+                "candidates": self.size()}
+
+    def enumerate(self) -> list[dict[str, Any]] | None:
+        """Optuna parameters of every distinct recipe the space allows (one per recipe, in a fixed
+        order), or None when a stage searches a continuous range (the space is not finite)."""
+        import itertools
+
+        from optuna.trial import FixedTrial
+
+        axes: list[tuple[str, tuple[Any, ...]]] = []
+        for i, stage in enumerate(self.stages):
+            options = stage.techniques + ([SKIP] if stage.optional else [])
+            if len(options) > 1:
+                axes.append((f"{i}.technique", tuple(options)))
+            for name in stage.techniques:
+                for pname, spec in stage.search.get(name, {}).items():
+                    if not isinstance(spec, ChoiceParam):
+                        return None
+                    axes.append((f"{i}.{name}.{pname}", tuple(spec.choices)))
+        distinct: dict[str, dict[str, Any]] = {}
+        for values in itertools.product(*(choices for _, choices in axes)):
+            params = dict(zip((key for key, _ in axes), values))
+            key = recipe_key(self.sample(FixedTrial(params)))
+            distinct.setdefault(key, params)
+            if len(distinct) > 10_000:
+                return None  # too many to list: treated as not finite
+        return list(distinct.values())
+
+    def size(self) -> int | None:
+        """How many distinct recipes the space allows (None: not finite)."""
+        listed = self.enumerate()
+        return None if listed is None else len(listed)
 
     def sample(self, trial: Any) -> list[dict[str, Any]]:
-        """A recipe (ordered steps with params) drawn through an Optuna trial (define-by-run)."""
+        """A recipe (ordered steps with params) drawn through an Optuna trial (define-by-run); each
+        technique's params are canonical (those that cannot matter given the others are dropped)."""
+        registry = available_techniques()
         recipe = []
         for i, stage in enumerate(self.stages):
             options = stage.techniques + ([SKIP] if stage.optional else [])
@@ -77,7 +115,7 @@ class SearchSpace:
                     params[pname] = trial.suggest_float(key, spec.low, spec.high, log=spec.log)
                 elif isinstance(spec, IntParam):
                     params[pname] = trial.suggest_int(key, spec.low, spec.high, log=spec.log)
-            recipe.append({"technique": name, "params": params})
+            recipe.append({"technique": name, "params": registry[name].canonical(params)})
         return recipe
 
     def _defaults(self, index: int, name: str) -> dict[str, Any]:
@@ -127,6 +165,43 @@ class SearchSpace:
         return [params for _, params in sorted(trials, key=lambda item: item[0])]
 
 
+def recipe_key(recipe: list[dict[str, Any]]) -> str:
+    """The identity of a recipe: two recipes with the same key build the same model."""
+    import json
+
+    return json.dumps(recipe, sort_keys=True, default=str)
+
+
+def space_for_model(handle: ModelHandle, task: Task | None, budget: Budget | None = None,
+                    techniques: list[str] | None = None,
+                    overrides: dict[str, dict[str, Any]] | None = None) -> SearchSpace:
+    """The default space derived from this model: techniques that cannot apply to it (or its task
+    data) are left out with the reason (``space.skipped``), and each technique's settings come
+    from ``search_defaults_for`` (students from its real depth, the formats its runtime runs, a
+    quantize guard rail that follows the budget)."""
+    registry = available_techniques()
+    if techniques:
+        for name in techniques:
+            if name not in registry:
+                raise UnknownNameError(f"Unknown technique '{name}'; registered techniques: {', '.join(registry)}.")
+        names = list(techniques)
+    else:
+        names = [n for n, cls in registry.items() if getattr(cls, "in_default_search", True)]
+    skipped: dict[str, str] = {}
+    usable = []
+    for name in names:
+        reason = registry[name].why_not(handle, task)
+        if reason:
+            skipped[name] = reason
+        else:
+            usable.append(name)
+    constrained = budget.keys if budget is not None else set()
+    defaults = {n: registry[n].search_defaults_for(handle, constrained) for n in usable}
+    space = _build(usable, defaults, overrides)
+    space.skipped = skipped
+    return space
+
+
 def _param_from_override(value: Any, base: Param | None) -> Range | None:
     if isinstance(value, list):
         return ChoiceParam(tuple(value), value[0])
@@ -152,6 +227,13 @@ def default_space(kind: str, framework: str = "torch", techniques: list[str] | N
     else:
         names = [n for n, cls in registry.items() if kind in cls.kinds and _reachable(cls, framework)
                  and getattr(cls, "in_default_search", True)]
+    return _build(names, {n: registry[n].search_defaults(kind) for n in names}, overrides)
+
+
+def _build(names: list[str], defaults: dict[str, dict[str, Any]],
+           overrides: dict[str, dict[str, Any]] | None) -> SearchSpace:
+    """One optional stage per family, in FAMILY_ORDER; ``defaults[name]``: fixed values and ranges."""
+    registry = available_techniques()
     families: dict[str, list[str]] = {}
     for name in names:
         families.setdefault(registry[name].family, []).append(name)
@@ -163,7 +245,7 @@ def default_space(kind: str, framework: str = "torch", techniques: list[str] | N
         fixed: dict[str, dict[str, Any]] = {}
         for n in members:
             fixed[n] = {}
-            for pname, value in registry[n].search_defaults(kind).items():
+            for pname, value in defaults[n].items():
                 if isinstance(value, (ChoiceParam, FloatParam, IntParam)):
                     search[n][pname] = value  # a kind-specific range to search
                 else:

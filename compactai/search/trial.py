@@ -97,7 +97,7 @@ def apply_recipe(
         if hit is not None:
             current, cached = hit, cached + 1
             continue
-        if current.module is not None:  # quantization keeps MACs; carry them to the ONNX result
+        if current.module is not None or "macs" not in current.metadata:  # quantization keeps MACs: carry them
             from compactai.measure import count_macs
 
             # on a derived handle: the caller's (and a cached step's) metadata stay as they were

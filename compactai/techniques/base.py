@@ -234,6 +234,30 @@ class Technique(ABC):
         (ChoiceParam, FloatParam, IntParam) are kind-specific ranges to search."""
         return {}
 
+    @classmethod
+    def why_not(cls, handle: ModelHandle, task: Task | None) -> str | None:
+        """Why this technique cannot apply to ``handle`` (with ``task``), or None. The optimizer
+        skips a technique with a reason, and records it, rather than running trials that must fail."""
+        if handle.kind not in cls.kinds:
+            return f"it is not made for {handle.kind} models (only {', '.join(cls.kinds)})"
+        if handle.framework not in cls.accepts and not (handle.framework == "torch" and "onnx" in cls.accepts):
+            names = {"onnx": "an ONNX", "torch": "a torch"}
+            return (f"it needs {' or '.join(names.get(a, a) for a in cls.accepts)} model, and '{handle.name}' is "
+                    f"{names.get(handle.framework, handle.framework)} model (give the torch model to use it)")
+        return None
+
+    @classmethod
+    def search_defaults_for(cls, handle: ModelHandle, constrained: set[str]) -> dict[str, Any]:
+        """The optimizer's settings for this model (``constrained``: the budget's keys, e.g.
+        {"size_mb", "latency_p90_ms"}); by default those for its kind (``search_defaults``)."""
+        return cls.search_defaults(handle.kind)
+
+    @classmethod
+    def canonical(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` without those that cannot change the result given the others (e.g. the
+        calibration of a dynamic int8 model), so the search does not run the same model twice."""
+        return params
+
     def __init__(self, **params: Any) -> None:
         self.params = params
 

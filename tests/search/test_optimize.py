@@ -87,7 +87,8 @@ def test_impossible_budget_writes_closest_and_raises(digits, round_technique, tm
     data = json.loads((out / "results.json").read_text())
     assert data["chosen"] is None and data["selection"]["closest"]
     assert list((out / "candidates").glob("*/model.onnx"))
-    assert (out / "report.html").exists() and not (out / "model.onnx").exists()
+    assert (out / "report.html").exists() and (out / "model.onnx").exists()  # the closest, marked as such
+    assert data["budget_met"] is False and data["closest"]["trial"] == data["selection"]["closest"][0]
 
 
 def test_failed_trial_is_recorded_not_fatal(digits, round_technique, tmp_path):

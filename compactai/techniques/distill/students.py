@@ -30,6 +30,7 @@ from torch import nn
 from compactai._registry import Registry
 from compactai.errors import ParameterError, TechniqueError
 from compactai.models.handle import ModelHandle, flatten_outputs
+from compactai.models.onnx_teacher import OnnxTeacher
 from compactai.models.zoo import digits_resnet
 
 StudentBuilder = Callable[[str, ModelHandle, Any], nn.Module]
@@ -136,7 +137,32 @@ def find_layer_stack(module: nn.Module) -> tuple[str, nn.ModuleList] | None:
 def _teacher_module(handle: ModelHandle) -> nn.Module:
     if handle.module is None:
         raise TechniqueError(f"Distill needs a torch model to build a student from; '{handle.name}' is {handle.framework}.")
+    if isinstance(handle.module, OnnxTeacher):
+        raise ParameterError(
+            f"'{handle.name}' is an ONNX teacher: it can teach but has no torch layers to copy or cut; use "
+            f"student 'auto' (an MLP at half its widths: {', '.join(onnx_student_choices(handle))}), 'mlp:...', "
+            "'digits-cnn:...' or a .pt2 student."
+        )
     return handle.module
+
+
+def onnx_student_choices(handle: ModelHandle) -> list[str]:
+    """MLP students for an ONNX teacher: half the widths of its hidden Gemm/MatMul layers (at
+    least 8), or of a 128-wide layer when it has none (e.g. a CNN with one classifier layer)."""
+    import onnx
+
+    assert isinstance(handle.module, OnnxTeacher)
+    model = onnx.load(str(handle.module.path), load_external_data=False)
+    weights = {i.name: list(i.dims) for i in model.graph.initializer}
+    widths = []
+    for node in model.graph.node:
+        if node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 and len(weights.get(node.input[1], [])) == 2:
+            dims = weights[node.input[1]]
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            widths.append(dims[0] if trans_b else dims[1])
+    hidden = [max(8, w // 2) for w in widths[:-1]] or [128]
+    quarter = [max(8, w // 2) for w in hidden]
+    return list(dict.fromkeys(["mlp:" + ",".join(map(str, hidden)), "mlp:" + ",".join(map(str, quarter))]))
 
 
 def _parse_layers(args: str) -> list[int]:
@@ -230,7 +256,7 @@ def mlp(args: str, handle: ModelHandle, context: Any) -> nn.Module:
     hidden = _int_list("mlp", "128")(args)
     if any(w == 0 for w in hidden):
         raise _spec_error(f"mlp:{args}", "hidden widths must be positive.")
-    teacher = _teacher_module(handle)
+    teacher = handle.module if isinstance(handle.module, OnnxTeacher) else _teacher_module(handle)
     if len(handle.input_names) != 1:
         raise ParameterError(
             f"Student 'mlp:{args}' takes one input, and '{handle.name}' has {len(handle.input_names)} "
@@ -265,11 +291,37 @@ def copy_of_model(args: str, handle: ModelHandle, context: Any) -> nn.Module:
 
 @register_student("auto", _no_args("auto"))
 def automatic(args: str, handle: ModelHandle, context: Any) -> nn.Module:
-    """Every other layer of the layer stack when there is one, else a copy of the model."""
+    """Every other layer of the layer stack when there is one, else a copy of the model (an ONNX
+    teacher: an MLP at half its hidden widths)."""
+    if isinstance(handle.module, OnnxTeacher):
+        return mlp(onnx_student_choices(handle)[0].partition(":")[2], handle, context)
     found = find_layer_stack(_teacher_module(handle))
     if found is None:
         return copy_of_model("", handle, context)
     return drop_layers(",".join(str(i) for i in range(0, len(found[1]), 2)), handle, context)
+
+
+def student_choices(handle: ModelHandle) -> list[str]:
+    """Student specs that fit ``handle`` as it is (its real depth and layers), smallest change first;
+    empty when it is not a torch model."""
+    module = handle.module
+    if module is None:
+        return []
+    if isinstance(module, OnnxTeacher):
+        return onnx_student_choices(handle)
+    found = find_layer_stack(module)
+    if found is not None:
+        depth = len(found[1])
+        half = list(range(0, depth, 2))
+        two_thirds = sorted({round(i * (depth - 1) / max(1, (2 * depth) // 3 - 1)) for i in range((2 * depth) // 3)})
+        choices = [",".join(map(str, keep)) for keep in (two_thirds, half) if 0 < len(keep) < depth]
+        return [f"layers:{c}" for c in dict.fromkeys(choices)]
+    if any(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) for m in module.modules()):
+        return ["width:0.5", "width:0.35"]
+    # a torch.export program's module has graph nodes, no layers to narrow: a new MLP student
+    if len(handle.input_names) == 1 and np.dtype(handle.inputs[0].dtype).kind == "f":
+        return ["mlp:128", "mlp:64"]
+    return []
 
 
 def parameter_count(module: nn.Module) -> int:

@@ -32,7 +32,12 @@ from compactai.techniques.distill.objectives import (
     Objective,
     to_tensors,
 )
-from compactai.techniques.distill.students import build_student, parameter_count, parse_student_spec
+from compactai.techniques.distill.students import (
+    build_student,
+    parameter_count,
+    parse_student_spec,
+    student_choices,
+)
 from compactai.techniques.distill.trainer import TrainConfig, Trainer
 from compactai.techniques.distill.views import AUGMENTATIONS
 from compactai.techniques.losses import EMBEDDING_LOSSES
@@ -215,6 +220,24 @@ class Distill(Technique):
                     "max_minutes": 8.0, "dropout": "off", "freeze": "embeddings", "batch_size": 32}
         return {"student": ChoiceParam(("width:0.5", "width:0.35"), "width:0.5"), "epochs": 8, "max_minutes": 2.0,
                 "augment": "shift" if kind == "cnn" else "none"}
+
+    @classmethod
+    def why_not(cls, handle: ModelHandle, task: Task | None) -> str | None:
+        reason = super().why_not(handle, task)
+        if reason is None and (task is None or "train" not in task.splits):
+            reason = "the task data has no train split to train a student on (add 'train/<input>' arrays to --data)"
+        return reason
+
+    @classmethod
+    def search_defaults_for(cls, handle: ModelHandle, constrained: set[str]) -> dict[str, Any]:
+        """Students from this model's real shape: about half or two thirds of its layer stack when
+        it has one (a 4-layer BERT keeps layers 0,2 or 0,1,3, never a 6-layer model's 0,2,5);
+        else narrower copies when it has layers to prune, else an MLP on the flattened input."""
+        settings = dict(cls.search_defaults(handle.kind))
+        students = student_choices(handle)
+        if students:
+            settings["student"] = ChoiceParam(tuple(students), students[0])
+        return settings
 
     def _apply(self, handle: ModelHandle, context: Context, params: dict[str, Any]
                ) -> tuple[ModelHandle, dict[str, Any]]:

@@ -76,7 +76,10 @@ class SplitReader:
     (padding trimmed per batch, so sequence models see their real lengths)."""
 
     def __init__(self, split: Split, input_names: list[str], samples: int, batch_size: int = 8) -> None:
-        self.part = split.take(min(samples, len(split)))
+        count = min(samples, len(split))
+        if count > batch_size:  # ORT's entropy/percentile calibrators stack batches: all must be the same size
+            count -= count % batch_size
+        self.part = split.take(count)
         self.input_names = input_names
         self.batch_size = batch_size
         self._iter: Iterator[dict[str, np.ndarray]] | None = None
@@ -156,3 +159,34 @@ def output_spread_ratio(
         for rows, runner in zip(pooled, runners):
             rows.append(sample_vectors(runner.run(feeds)[0], feeds.get("attention_mask")))
     return spread_ratio(np.concatenate(pooled[0]), np.concatenate(pooled[1]))
+
+
+# Ops that carry weights, for the "left in float" list (ORT's int8 quantizers have no kernel for the
+# recurrent ones, so they stay float whatever the mode).
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "GRU", "LSTM", "RNN", "Attention")
+NO_INT8_KERNEL = ("GRU", "RNN")
+
+
+def ops_left_in_float(model_path: Path, excluded: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """The weight-carrying ops of a quantized model that still compute in float32: their weight
+    is a float32 constant rather than an integer one (QOperator ops are renamed, e.g. QLinearConv,
+    and QDQ weights come from a DequantizeLinear), each with the reason it stayed float."""
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    float_constants = {i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT}
+    float_constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"
+                        and any(a.t.data_type == TensorProto.FLOAT for a in n.attribute if a.name == "value")}
+    left = []
+    for node in model.graph.node:
+        if node.op_type not in COMPUTE_OPS or len(node.input) < 2 or node.input[1] not in float_constants:
+            continue
+        if node.name in excluded:
+            reason = "kept in float on purpose (excluded)"
+        elif node.op_type in NO_INT8_KERNEL:
+            reason = f"ONNX Runtime has no int8 kernel for {node.op_type}"
+        else:
+            reason = "not quantized by this mode"
+        left.append({"name": node.name, "op_type": node.op_type, "reason": reason})
+    return left

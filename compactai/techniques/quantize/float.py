@@ -4,6 +4,7 @@ machine actually executes them (checked by running the converted model, not assu
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,8 +18,29 @@ def convert_float16(source: Path, target: Path) -> Path:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+    sort_nodes(model.graph)  # the converter appends its input casts last, which the ONNX checker refuses
     onnx.save(model, str(target))
     return target
+
+
+def sort_nodes(graph: Any) -> None:
+    """Put ``graph``'s nodes in topological order (stable: nodes already in order keep it)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(name in available for name in n.input)]
+        if not ready:  # a cycle or an input from an outer scope: keep the rest as it was
+            ordered += pending
+            break
+        for node in ready:
+            available.update(node.output)
+        ordered += ready
+        pending = [n for n in pending if all(n is not r for r in ready)]
+    copies = [type(n)() for n in ordered]
+    for copy, node in zip(copies, ordered):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def _to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
@@ -86,3 +108,24 @@ def check_executes(handle: ModelHandle, reference: ModelHandle, dtype: str, tole
             f"above {tolerance:g}. Use int8 (mode='static' or 'dynamic') instead."
         )
     return error
+
+
+_RUNS: dict[tuple[str, str], bool] = {}  # (model fingerprint, dtype) -> whether ORT runs it here
+
+
+def float_mode_runs(handle: ModelHandle, dtype: str) -> bool:
+    """Whether ONNX Runtime on this machine executes ``handle`` converted to ``dtype`` (fp16/bf16)
+    with outputs close to float32: converted and run once, the answer kept for the process."""
+    import tempfile
+
+    key = (handle.fingerprint(), dtype)
+    if key not in _RUNS:
+        with tempfile.TemporaryDirectory(prefix=f"compactai-{dtype}-") as work:
+            target = Path(work) / "model.onnx"
+            try:
+                CONVERTERS[dtype](Path(handle.path), target)  # type: ignore[arg-type]
+                check_executes(handle.as_onnx(target), handle, dtype)
+                _RUNS[key] = True
+            except Exception:  # noqa: BLE001 any failure means ORT does not run it here
+                _RUNS[key] = False
+    return _RUNS[key]

@@ -7,6 +7,8 @@ table (``CALIBRATION_METHODS``) so that adding one is a one-line change.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import shutil
@@ -197,6 +199,19 @@ def preprocess(source: Path, target: Path, kind: str = "generic", heads: int = 0
     return ", ".join(done) or "none"
 
 
+class _LogWriter(io.TextIOBase):
+    """A text stream whose lines go to ``logger`` at INFO (for libraries that print)."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.strip():
+                self.logger.info(line)
+        return len(text)
+
+
 def quantize_int8(
     source: Path,
     target: Path,
@@ -284,16 +299,18 @@ def _quantize_once(
                     "int4 weights (weight_bits=4) need format='qdq'; QOperator kernels are int8 only."
                 )
             reader = calibration_reader(calibration, input_names, config.calibration_samples)
-            quantize_static(
-                str(source),
-                str(target),
-                reader,
-                quant_format=QuantFormat.QDQ if config.format == "qdq" else QuantFormat.QOperator,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt4 if config.weight_bits == 4 else QuantType.QInt8,
-                calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[config.calibration]),
-                **common,
-            )
+            # ORT's histogram calibrators print their progress: into the log, not the user's terminal
+            with contextlib.redirect_stdout(_LogWriter(log)):
+                quantize_static(
+                    str(source),
+                    str(target),
+                    reader,
+                    quant_format=QuantFormat.QDQ if config.format == "qdq" else QuantFormat.QOperator,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt4 if config.weight_bits == 4 else QuantType.QInt8,
+                    calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[config.calibration]),
+                    **common,
+                )
         else:
             raise TechniqueError(f"Unknown int8 mode '{config.mode}'; use dynamic or static.")
     except TechniqueError:

@@ -29,13 +29,14 @@ from compactai.techniques.quantize._common import (
     Evaluator,
     default_probe,
     file_size,
+    ops_left_in_float,
     output_spread_ratio,
     resolve_reduce_range,
     weight_nodes,
 )
 from compactai.techniques.quantize.auto import search_mixed_precision
 from compactai.techniques.quantize.equalize import scale_outlier_channels
-from compactai.techniques.quantize.float import CONVERTERS, check_executes
+from compactai.techniques.quantize.float import CONVERTERS, check_executes, float_mode_runs
 from compactai.techniques.quantize.ort_ptq import (
     Int8Config,
     cached_weight_quantization,
@@ -159,6 +160,8 @@ class Quantize(Technique):
         "outlier_scaling": ChoiceParam(("auto", "on", "off"), "auto"),
         "outlier_threshold": FloatParam(1.0, 1000.0, 3.0),
         "block_size": ChoiceParam((16, 32, 64, 128), 32),
+        # keep the first and/or last weight op (stem, classifier) in float: the ops int8 hurts most often
+        "float_ends": ChoiceParam(("none", "first", "last", "both"), "none"),
         "min_quality": NoneOr(FloatParam(-math.inf, math.inf)),
         "max_drop": NoneOr(FloatParam(0.0, math.inf)),  # metric points
         "objective": ChoiceParam(("latency", "size"), "latency"),
@@ -183,6 +186,41 @@ class Quantize(Technique):
         """Static int8 of transformer encoders loses too much to activation outliers (see
         docs/quantization.md); the optimizer searches dynamic int8 for them."""
         return {"mode": "dynamic"} if kind == "transformer" else {}
+
+    @classmethod
+    def search_defaults_for(cls, handle: ModelHandle, constrained: set[str]) -> dict[str, Any]:
+        """The optimizer's space for this model: int8 formats, calibrations, per-channel and keeping the
+        stem/classifier in float; fp16 where ONNX Runtime runs this model in it, int4 where it has
+        MatMul weights. A size budget keeps a smaller int8 model even when it is not faster."""
+        settings = dict(cls.search_defaults(handle.kind))
+        settings["objective"] = "size" if "size_mb" in constrained else "latency"
+        if handle.framework != "onnx" or handle.path is None:
+            return settings
+        modes = [settings.pop("mode")] if "mode" in settings else ["static", "dynamic"]
+        path = Path(handle.path)
+        if weight_nodes(path, ("MatMul",)):
+            modes.append("int4")
+        if float_mode_runs(handle, "fp16"):
+            modes.append("fp16")
+        settings.update({
+            "mode": ChoiceParam(tuple(modes), modes[0]),
+            "format": ChoiceParam(("qdq", "qoperator"), "qdq"),
+            "calibration": ChoiceParam(("minmax", "entropy", "percentile"), "minmax"),
+            "float_ends": ChoiceParam(("none", "first", "last", "both"), "none"),
+        })
+        return settings
+
+    @classmethod
+    def canonical(cls, params: dict[str, Any]) -> dict[str, Any]:
+        mode = params.get("mode", "dynamic")
+        unused: tuple[str, ...] = ()
+        if mode == "dynamic":
+            unused = ("format", "calibration")
+        elif mode == "int4":
+            unused = ("format", "calibration", "per_channel")
+        elif mode in ("fp16", "bf16"):
+            unused = ("format", "calibration", "per_channel", "float_ends")
+        return {k: v for k, v in params.items() if k not in unused}
 
     def _apply(self, handle: ModelHandle, context: Context, params: dict[str, Any]
                ) -> tuple[ModelHandle, dict[str, Any]]:
@@ -236,6 +274,14 @@ class Quantize(Technique):
                 source = scaled
         if source != float_path:
             decisions["preprocess_parity_max_abs_diff"] = check_equivalent(float_handle, source)
+        if params["float_ends"] != "none" and mode in ("dynamic", "static", "auto", "int4"):
+            from dataclasses import replace
+
+            weighted = weight_nodes(source)
+            ends = {"first": weighted[:1], "last": weighted[-1:], "both": weighted[:1] + weighted[-1:]}
+            kept = [n for n in ends[params["float_ends"]] if n not in base.nodes_to_exclude]
+            base = replace(base, nodes_to_exclude=tuple(base.nodes_to_exclude) + tuple(kept))
+            decisions["float_ends"] = kept
         target = work / f"model.{mode}.onnx"
         report: dict[str, Any] = {}
         if mode in ("dynamic", "static"):
@@ -257,6 +303,9 @@ class Quantize(Technique):
             decisions.update(
                 {k: v for k, v in report.items() if k in ("chosen_config", "float_ops", "target")}
             )
+        if mode in ("dynamic", "static", "int4", "auto"):
+            excluded = tuple(base.nodes_to_exclude) + tuple(decisions.get("float_ops", ()))
+            decisions["left_in_float"] = ops_left_in_float(target, excluded)
         self._refuse_collapsed(float_handle, target, context, decisions)
         return self._guard(handle, float_handle, target, params, probe, decisions, report, context)
 
