@@ -151,6 +151,11 @@ def onnx_to_module(handle: ModelHandle) -> ModelHandle:
     if missing:
         model, missing = _older_opset(model, missing)
     if missing:
+        from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY
+
+        known = {(d.domain, d.operation_type) for d in _CONVERTER_REGISTRY}
+        never = [m for m in missing if (m.rpartition("::")[0], m.split(" ")[0].rpartition("::")[2]) not in known]
+        missing = [m.split(" ")[0] + " (no converter at any opset)" for m in never] or missing
         raise UnsupportedFormatError(
             f"Cannot prune '{handle.name}': onnx2torch has no converter for op {', '.join(missing)}, so the "
             "ONNX graph cannot become an nn.Module with real layers; prune the torch model before export."
