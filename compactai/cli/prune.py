@@ -166,7 +166,7 @@ def prune(
         from compactai.techniques.prune.unstructured import compressed_size
 
         result["compressed_size_bytes"] = {
-            "baseline": compressed_size(handle.to_onnx().path),
+            "baseline": compressed_size(source.to_onnx().path),
             "pruned": compressed_size(pruned.to_onnx().path),  # type: ignore[arg-type]
         }
     if speed is not None:

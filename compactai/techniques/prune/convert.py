@@ -59,7 +59,7 @@ def _onnx2torch() -> Any:
     except ImportError as exc:
         raise MissingDependencyError(
             "Pruning an ONNX or .pt2 model converts it with onnx2torch, which is not installed; "
-            "run: pip install 'compactai[prune-onnx]'."
+            "run: pip install --no-deps 'onnx2torch>=1.5.15' (it needs no torchvision for this)."
         ) from exc
     return onnx2torch
 

@@ -60,7 +60,7 @@ def _block(channels: int, path: Path) -> Path:
 def _time(session: Any, feed: dict[str, np.ndarray], seconds: float) -> float:
     for _ in range(5):
         session.run(None, feed)
-    samples = []
+    samples: list[float] = []
     end = time.perf_counter() + seconds
     while time.perf_counter() < end or len(samples) < 20:
         start = time.perf_counter()
