@@ -61,6 +61,11 @@ def _onnx2torch() -> Any:
             "Pruning an ONNX or .pt2 model converts it with onnx2torch, which is not installed; "
             "run: pip install --no-deps 'onnx2torch>=1.5.15' (it needs no torchvision for this)."
         ) from exc
+    except RuntimeError as exc:  # an installed torchvision built for another torch fails while importing
+        raise MissingDependencyError(
+            f"onnx2torch cannot be imported ({str(exc).splitlines()[0][:160]}): the installed torchvision does not "
+            "match this torch; uninstall torchvision (onnx2torch needs it only for NMS/RoiAlign)."
+        ) from exc
     return onnx2torch
 
 
