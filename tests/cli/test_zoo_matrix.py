@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.cli.test_bad_input import run_cli
@@ -41,7 +42,13 @@ def _model(user_zoo, root: Path, name: str) -> tuple[Path, Path]:
         gpt2 = gpt2_dir(root / "gpt2")
         return gpt2, token_npz(root / "gpt2.npz", gpt2)
     model = user_zoo(name.split(".")[0])
-    return (model.pt2 if name.endswith(".pt2") else model.onnx), model.data
+    if not name.endswith(".pt2"):
+        return model.onnx, model.data
+    # torch.export names the input after forward's argument ('x'), the ONNX export 'input': a user
+    # keys the data by the names their file has
+    arrays = {key.replace("/input", "/x"): value for key, value in np.load(model.data, allow_pickle=False).items()}
+    np.savez(root / "pt2-data.npz", **arrays)
+    return model.pt2, root / "pt2-data.npz"
 
 
 def _cell(command: str, model: Path, data: Path, work: Path) -> tuple[int, str]:
