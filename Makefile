@@ -18,6 +18,9 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -c constraints.txt -e ".[$(EXTRAS)]"
+	# onnx2torch turns users' ONNX/.pt2 models into prunable nn.Modules. --no-deps: it declares
+	# torchvision, whose PyPI wheel does not load against the CPU torch pinned here (and is not needed)
+	$(PIP) install -c constraints.txt --no-deps "onnx2torch>=1.5.15"
 	@if $(PIP) list 2>/dev/null | grep -qi '^nvidia-'; then echo "CUDA packages were installed: check constraints.txt" >&2; exit 1; fi
 	touch $(STAMP)
 

@@ -22,7 +22,9 @@ from compactai.cli._common import (
 
 @app.command()
 def prune(
-    path: str | None = typer.Argument(None, help="Model: a Hugging Face encoder directory (BERT family), or use --example."),
+    path: str | None = typer.Argument(None, help="Model: an ONNX file or .pt2 program (converted to an nn.Module "
+                                       "with onnx2torch, parity-checked), a Hugging Face directory (BERT family, "
+                                       "GPT-2), or use --example."),
     example: str | None = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
     data: Path | None = typer.Option(None, "--data", help="Task data for PATH: .npz with '<split>/<input>' arrays "
                                         "(splits train, calibration, validation, test; optional '<split>/labels')."),
@@ -44,6 +46,9 @@ def prune(
     lr: float = typer.Option(1e-3, help="Fine-tune learning rate (AdamW)."),
     kd_weight: float = typer.Option(0.0, "--kd-weight", help="Weight of KL to the unpruned model (classification)."),
     protect: list[str] = typer.Option([], "--protect", help="Layer name whose output channels are kept (repeat)."),
+    round_to: int | None = typer.Option(
+        None, "--round-to", help="Keep channel/neuron counts at multiples of N (1: no rounding). Default: 8 or 16, "
+                                 "whichever this CPU's ONNX Runtime kernels run faster (measured once, cached)."),
     reconstruct: bool = typer.Option(False, "--reconstruct", help="Transformers (--scope ffn, heads or "
                                      "ffn+heads): re-fit each pruned FFN's output projection, and the attention "
                                      "output projection of each layer that lost heads, by least squares on train "
@@ -57,6 +62,9 @@ def prune(
     queries: int = typer.Option(200, help="Minimum timed batch-1 queries per measurement."),
     seconds: float = typer.Option(1.0, help="Minimum seconds of timed batch-1 queries."),
     time_limit: float | None = typer.Option(None, "--time-limit", help="Seconds for pruning + fine-tuning."),
+    check_rounds: int = typer.Option(
+        5, "--check-rounds", help="Interleaved rounds timing the pruned model against the unpruned one on ONNX "
+                                  "Runtime at batch 1; a pruned model that is not faster exits 3 (0: no check)."),
     seed: int = typer.Option(0, help="Seed for data order."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
@@ -73,6 +81,8 @@ def prune(
         raise UnknownNameError(f"Unknown runtime '{runtime}'; choose onnxruntime, torch or all.")
     if not (math.isfinite(max_drop) and 0 <= max_drop <= 100):
         raise ParameterError(f"--max-drop must be a number of metric points from 0 to 100 (e.g. 2.0); got {max_drop}.")
+    if round_to is not None and not 1 <= round_to <= 256:
+        raise ParameterError(f"--round-to must be a whole number from 1 to 256 (1: no rounding); got {round_to}.")
     common: dict[str, Any] = {"ratio": ratio, "steps": steps, "finetune_epochs": finetune_epochs or 0, "lr": lr,
                               "kd_weight": kd_weight, "max_batches": max_batches, "protect": list(protect)}
     if unstructured:
@@ -89,12 +99,26 @@ def prune(
                            energy=False, threads=threads, throughput_min_batches=10 if queries >= 50 else 3)
     config.check()
     check_time_limit(time_limit)
+    if not 0 <= check_rounds <= 100:
+        raise ParameterError(f"--check-rounds must be a whole number from 0 to 100; got {check_rounds}.")
     check_output_dir(out_dir)
     with out.progress("Pruning") as say:
-        handle, task, info = resolve_model(path, example, progress=lambda e, n, acc: say(f"training example {e}/{n}"))
+        source, task, info = resolve_model(path, example, progress=lambda e, n, acc: say(f"training example {e}/{n}"))
+        from compactai.techniques.prune.convert import prunable_handle
         from compactai.techniques.prune.engine import check_prunable
 
+        say("converting to an nn.Module with real layers (parity-checked)")
+        handle = prunable_handle(source)  # an ONNX file, .pt2 program or GPT-2 Conv1D model gets real layers
         check_prunable(handle)  # before any measurement: fail fast on a model that cannot be pruned
+        if handle is not source:
+            info["converted"] = handle.metadata.get("converted_from")
+        if not unstructured:
+            if round_to is None:
+                from compactai.techniques.prune.rounding import default_round_to
+
+                say("channel multiple for this CPU (measured once, cached)")
+                round_to = default_round_to(threads)
+            technique.params["round_to"] = round_to
         if reconstruct:
             from compactai.techniques.prune.structured import check_reconstructable
 
@@ -106,8 +130,8 @@ def prune(
             technique.params["finetune_epochs"] = default_finetune_epochs(task, reconstruct)
         baseline = {}
         for name in runtimes:
-            say(f"baseline on {name}")
-            baseline[name] = measure(handle, task, runtime=name, config=config)
+            say(f"baseline on {name}")  # ONNX Runtime runs the user's own file; torch the converted module
+            baseline[name] = measure(source if name == "onnxruntime" else handle, task, runtime=name, config=config)
         deadline = time.monotonic() + time_limit if time_limit else None
         context = Context(task=task, teacher=handle, seed=seed, progress=say, deadline=deadline, threads=threads,
                           work_dir=out_dir or Path.cwd() / ".compactai-work")
@@ -122,6 +146,10 @@ def prune(
         for name in runtimes:
             say(f"pruned model on {name}")
             measured[name] = measure(pruned, task, runtime=name, config=config)
+        speed = None
+        if not unstructured and check_rounds > 0:
+            say(f"pruned vs unpruned on onnxruntime, {check_rounds} interleaved rounds")
+            speed = latency_check(source, pruned, config, check_rounds)
     decisions = pruned.metadata["history"][-1]["decisions"]
     result: dict[str, Any] = {
         "command": "prune",
@@ -138,11 +166,19 @@ def prune(
         from compactai.techniques.prune.unstructured import compressed_size
 
         result["compressed_size_bytes"] = {
-            "baseline": compressed_size(handle.to_onnx().path),
+            "baseline": compressed_size(source.to_onnx().path),
             "pruned": compressed_size(pruned.to_onnx().path),  # type: ignore[arg-type]
         }
+    if speed is not None:
+        result["latency_check"] = speed
     result["problem"] = quality_lost(result["quality"], max_drop)
     result["status"] = "ok" if result["problem"] is None else "quality_lost"
+    if result["problem"] is None and speed is not None and not speed["faster"]:
+        result["status"] = "slower_than_parent"
+        result["problem"] = (f"The pruned model is not faster than the unpruned one at batch 1 on ONNX Runtime "
+                             f"(p50 {speed['pruned_p50_ms']:.4g} ms vs {speed['parent_p50_ms']:.4g} ms, median of "
+                             f"{speed['rounds']} interleaved rounds); keep the unpruned model, or prune more "
+                             "(--ratio) or with another --round-to.")
     if out_dir is not None:
         result["paths"] = {"model": str(Path(out_dir) / "model.onnx")}
         sections = {k: v for k, v in result.items() if k not in ("command",)}
@@ -151,7 +187,21 @@ def prune(
     out.emit(result)
     if result["problem"] is not None:
         where = f" The model was written to {result['paths']['model']} but is not fit to use." if out_dir else ""
+        if result["status"] == "slower_than_parent" and out_dir:
+            where = f" It was written to {result['paths']['model']}, marked slower in results.json."
         raise BudgetNotMetError(result["problem"] + where)
+
+
+def latency_check(parent: Any, pruned: Any, config: Any, rounds: int) -> dict[str, Any]:
+    """Batch-1 ONNX Runtime p50 of ``pruned`` against ``parent`` in interleaved rounds (load on a
+    shared machine then hits both alike); ``faster`` only when the pruned median is lower."""
+    from compactai.measure import interleaved_latency
+
+    parent_t, pruned_t = interleaved_latency([parent, pruned], config, rounds)
+    return {"rounds": rounds, "parent_p50_ms": parent_t["latency_p50_ms"], "pruned_p50_ms": pruned_t["latency_p50_ms"],
+            "speedup": parent_t["latency_p50_ms"] / pruned_t["latency_p50_ms"],
+            "faster": pruned_t["latency_p50_ms"] < parent_t["latency_p50_ms"],
+            "parent_rounds_ms": parent_t["latency_rounds_ms"], "pruned_rounds_ms": pruned_t["latency_rounds_ms"]}
 
 
 def default_finetune_epochs(task: Any, reconstruct: bool) -> int:
@@ -202,13 +252,19 @@ def print_prune(out: Output, result: dict[str, Any]) -> None:
         drop = quality.get("drop")
         rows.append([f"quality ({quality['metric']})", quality["baseline"], quality["value"],
                      f"{-drop:+.4f}" if drop is not None else "-"])
-    lost = result.get("problem") is not None
+    speed = result.get("latency_check")
+    if speed:
+        rows.append([f"ORT p50, {speed['rounds']} interleaved rounds (ms)", speed["parent_p50_ms"],
+                     speed["pruned_p50_ms"], f"{speed['speedup']:.2f}x speed-up"])
+    lost = result.get("status") == "quality_lost"
     if lost:  # no speed-up column next to a model that lost its quality
         rows = [row[:3] + (["QUALITY LOST"] if row[0].startswith("quality") else ["-"]) for row in rows]
     title = f"compactai prune ({result['technique']})" + (" -- QUALITY LOST, NOT USABLE" if lost else "")
     out.console.print(table(title, ["figure", "baseline", "pruned", "change"], rows))
     if lost:
         out.console.print(f"[bold red]quality lost:[/bold red] {result['problem']}", highlight=False)
+    elif result.get("status") == "slower_than_parent":
+        out.console.print(f"[bold red]slower than the unpruned model:[/bold red] {result['problem']}", highlight=False)
     pruning = result["pruning"]
     if "zero_fraction" in pruning:
         out.console.print(f"zero fraction of the sparsified weights: {pruning['zero_fraction']:.1%} "

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from compactai.errors import ParameterError, TechniqueError
+from compactai.errors import ParameterError, TechniqueError, UnsupportedFormatError
 from compactai.techniques.layers import prunable_layer_names
 
 log = logging.getLogger(__name__)
@@ -60,17 +60,28 @@ def attention_modules(module: Any) -> dict[str, Any]:
     return found
 
 
+FFN_UP = ("intermediate.dense", "mlp.c_fc")  # BERT family; GPT-2 (its Conv1D swapped for nn.Linear)
+
+
 def ffn_modules(module: Any) -> dict[str, Any]:
-    """The FFN up-projections (``*.intermediate.dense``) of BERT-family layers, by name."""
+    """The FFN up-projections of transformer layers (BERT's ``*.intermediate.dense``, GPT-2's
+    ``*.mlp.c_fc`` once its ``Conv1D`` is an ``nn.Linear``), by name."""
     from torch import nn
 
-    return {n: m for n, m in module.named_modules() if n.endswith("intermediate.dense") and isinstance(m, nn.Linear)}
+    return {n: m for n, m in module.named_modules() if n.endswith(FFN_UP) and isinstance(m, nn.Linear)}
+
+
+def fused_attention(module: Any) -> bool:
+    """GPT-2-style attention: one fused q/k/v projection (``attn.c_attn``); its heads are not pruned."""
+    return any(n.endswith("attn.c_attn") for n, _ in module.named_modules())
 
 
 def resolve_scope(module: Any, scope: str) -> str:
-    has_attention = bool(attention_modules(module))
+    has_attention = bool(attention_modules(module)) or fused_attention(module)
     if scope == "auto":
-        return "ffn+heads" if has_attention else "channels"
+        if has_attention:
+            return "ffn+heads" if attention_modules(module) else "ffn"
+        return "channels"
     if scope == "channels" and has_attention:
         raise ParameterError(
             "The 'scope' parameter 'channels' would shrink the hidden size of this transformer, which every "
@@ -98,17 +109,17 @@ def check_protected(module: Any, names: Sequence[str]) -> None:
 
 
 def check_prunable(handle: Any) -> None:
-    """Raise TechniqueError unless ``handle`` is a torch model with Conv/Linear modules to prune."""
+    """Raise UnsupportedFormatError (exit 2) unless ``handle`` is a torch model with Conv/Linear modules to prune."""
     if handle.framework != "torch" or handle.module is None:
-        raise TechniqueError(
-            f"Pruning needs a torch model, but '{handle.name}' is {handle.framework}; prune the nn.Module "
-            "before export or quantization."
+        raise UnsupportedFormatError(
+            f"Pruning needs a torch model, but '{handle.name}' is {handle.framework}; convert it first "
+            "(compactai.techniques.prune.convert.prunable_handle, as `compactai prune` does) or prune the "
+            "nn.Module before export."
         )
     if not prunable_layer_names(handle.module):
-        raise TechniqueError(
-            f"{type(handle.module).__name__} has no nn.Conv/nn.Linear modules to prune (a torch.export program "
-            "holds functional ops only); prune the original nn.Module, loaded with "
-            "compactai.load_model(module, example_inputs)."
+        raise UnsupportedFormatError(
+            f"{type(handle.module).__name__} has no nn.Conv/nn.Linear modules to prune; prune the original "
+            "nn.Module, loaded with compactai.load_model(module, example_inputs)."
         )
 
 
@@ -275,4 +286,5 @@ def replay(module: Any, example_args: tuple[Any, ...], history: list[dict[str, A
 
 
 __all__ = ["SCOPES", "Graph", "Unit", "attention_modules", "check_protected", "check_prunable", "ffn_modules", "fix_attention",
+           "fused_attention",
            "prune_copy", "replay", "resolve_scope"]

@@ -34,6 +34,7 @@ from compactai.techniques.base import (
     register_technique,
 )
 from compactai.techniques.layers import prunable_layer_names
+from compactai.techniques.prune.convert import prunable_handle
 from compactai.techniques.prune.engine import (
     SCOPES,
     Graph,
@@ -191,6 +192,7 @@ class StructuredPrune(Technique):
 
     def _apply(self, handle: ModelHandle, context: Context, params: dict[str, Any]
                ) -> tuple[ModelHandle, dict[str, Any]]:
+        handle = prunable_handle(handle)  # a torch.export program or GPT-2 Conv1D layers get real layers
         check_prunable(handle)
         criterion = get_criterion(params["criterion"])
         protect = params["protect"]

@@ -29,6 +29,7 @@ from compactai.techniques.base import (
     register_technique,
 )
 from compactai.techniques.layers import prunable_layer_names
+from compactai.techniques.prune.convert import prunable_handle
 from compactai.techniques.prune.engine import check_protected, check_prunable
 from compactai.techniques.prune.finetune import FinetuneConfig, default_loss, finetune, recalibrate_batchnorm
 
@@ -105,6 +106,7 @@ class UnstructuredPrune(Technique):
 
     def _apply(self, handle: ModelHandle, context: Context, params: dict[str, Any]
                ) -> tuple[ModelHandle, dict[str, Any]]:
+        handle = prunable_handle(handle)  # a torch.export program or GPT-2 Conv1D layers get real layers
         check_prunable(handle)
         protect = params["protect"]
         check_protected(handle.module, protect)
