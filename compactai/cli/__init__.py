@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "compactai.cli.optimize",
     "compactai.cli.serve",
     "compactai.cli.slice",
+    "compactai.cli.export",
 ]
 
 

@@ -20,8 +20,8 @@ import numpy as np
 
 from compactai.errors import BudgetNotMetError, CorruptModelError, ParityError
 from compactai.measure.runtime import (
-    RuntimePlugin,
     Runner,
+    RuntimePlugin,
     default_threads,
     make_runner,
     register_runtime,
@@ -96,7 +96,7 @@ class OpenVinoPlugin(RuntimePlugin):
         import openvino as ov
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        onnx_handle = handle.to_onnx(Path(tempfile.mkdtemp(prefix="ov-", dir=out_dir)) / "source.onnx") \
+        onnx_handle = handle.to_onnx(Path(tempfile.mkdtemp(prefix="compactai-ov-")) / "source.onnx") \
             if handle.framework == "torch" else handle
         model = ov.convert_model(str(onnx_handle.path))
         details: dict[str, Any] = {"converter": f"openvino.convert_model {ov.__version__}", "precision": "fp32"}
