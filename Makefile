@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev,text,distributed
+EXTRAS ?= dev,text,distributed,openvino
 
 .PHONY: demo test install bench lint clean
 

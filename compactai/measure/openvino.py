@@ -56,9 +56,7 @@ class OpenVinoRunner:
                            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
             self.compiled = core.compile_model(model, "CPU", self.config)
         except RuntimeError as exc:  # OpenVINO raises RuntimeError (or subclasses) for unreadable models
-            raise CorruptModelError(
-                f"OpenVINO cannot load {handle.path}: {str(exc).strip().splitlines()[0][:300]}"
-            ) from exc
+            raise CorruptModelError(f"OpenVINO cannot load {handle.path}: {converter_message(exc)}") from exc
         self.request = self.compiled.create_infer_request()
         self._inputs = handle.input_names
         self._outputs = list(self.compiled.outputs)
@@ -71,6 +69,16 @@ class OpenVinoRunner:
     def thread_settings(self) -> dict[str, Any]:
         return {"inference_num_threads": self.threads, "num_streams": 1, "performance_hint": "LATENCY",
                 "inference_precision": "f32"}
+
+
+def converter_message(exc: BaseException, limit: int = 400) -> str:
+    """The useful part of an OpenVINO error: its "Summary:" (the operators it could not convert)
+    when there is one, else its first line that is not a source location."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if "Summary:" in lines:
+        return " ".join(lines[lines.index("Summary:") + 1:])[:limit]
+    useful = [line for line in lines if not line.startswith(("Exception from", "Check '"))]
+    return (useful or lines or [type(exc).__name__])[0][:limit]
 
 
 @register_runtime
