@@ -142,3 +142,15 @@ def test_export_cli_bad_format_and_flags_exit_2(small_onnx, tmp_path):
     assert result.returncode == 2 and "choose one of: onnx, openvino, tflite, pte" in result.stderr
     result = run_cli("export", str(small_onnx), "--min-quality", "0.9", "-o", str(tmp_path / "o"))
     assert result.returncode == 2 and "--quantize int8" in result.stderr
+
+
+@needs_openvino
+def test_profile_runtime_auto_measures_every_installed_runtime(small_onnx):
+    result = run_cli("profile", str(small_onnx), "--runtime", "auto", "--queries", "5", "--seconds", "0.02",
+                     "--batch", "4", "--no-memory", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(result.stdout)
+    assert set(data["measurements"]) == set(installed_runtimes()) >= {"onnxruntime", "openvino"}
+    p50 = {name: m["latency_p50_ms"] for name, m in data["measurements"].items()}
+    assert data["fastest"]["batch_1"] == min(p50, key=p50.__getitem__)
+    assert data["measurements"]["openvino"]["runtime_settings"]["inference_num_threads"] >= 1
