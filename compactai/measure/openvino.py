@@ -27,7 +27,8 @@ from compactai.measure.runtime import (
     register_runtime,
 )
 from compactai.measure.stats import count_macs, parameter_count
-from compactai.models.handle import ModelHandle
+from compactai.models.handle import ModelHandle, TensorSpec
+from compactai.models.load import synthesize_inputs
 
 FP32_TOLERANCE = 1e-3
 INT8_MIN_COSINE = 0.99
@@ -121,6 +122,35 @@ class OpenVinoPlugin(RuntimePlugin):
                                   macs=handle.metadata.get("macs") or count_macs(handle))
         converted.metadata["parity"] = check_converted(handle, converted, task, int8=quantize is not None)
         return converted
+
+
+def load_openvino(path: str | Path, name: str | None = None) -> ModelHandle:
+    """A handle for an OpenVINO IR file (model.xml next to its model.bin): its signature read from
+    the IR (dynamic dimensions named), example inputs synthesized from it."""
+    import openvino as ov
+
+    path = Path(path)
+    weights = path.with_suffix(".bin")
+    if path.suffix != ".xml" or not path.is_file() or not weights.is_file():
+        raise CorruptModelError(f"{path} is not an OpenVINO IR: it needs {path.name} and {weights.name} side by side.")
+    try:
+        model = ov.Core().read_model(str(path))
+    except RuntimeError as exc:
+        raise CorruptModelError(f"OpenVINO cannot read {path}: {converter_message(exc)}") from exc
+
+    def specs(ports: Any, prefix: str) -> list[TensorSpec]:
+        out = []
+        for index, port in enumerate(ports):
+            names = sorted(port.get_names())
+            shape = tuple(d.get_length() if d.is_static else ("batch" if i == 0 else f"{prefix}{index}_{i}")
+                          for i, d in enumerate(port.get_partial_shape()))
+            out.append(TensorSpec(names[0] if names else f"{prefix}{index}", shape, port.get_element_type().to_dtype().name))
+        return out
+
+    inputs = specs(model.inputs, "input")
+    return ModelHandle(framework="openvino", name=name or path.stem, inputs=inputs, outputs=specs(model.outputs, "output"),
+                       example_inputs=synthesize_inputs(inputs, batch=1, seed=0), path=path,
+                       metadata={"runtime": "openvino"})
 
 
 def parity_feeds(handle: ModelHandle, task: Any, rows: int = 64) -> dict[str, np.ndarray]:
