@@ -16,6 +16,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from compactai.errors import CompactAIError
@@ -97,7 +98,8 @@ def run_app(argv: list[str]) -> int:
     except CompactAIError as exc:
         if debug:
             raise
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        # escaped: a message may hold brackets rich would eat as markup, e.g. pip's 'compactai[openvino]'
+        Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")

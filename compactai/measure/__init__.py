@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from compactai.errors import ParameterError
+from compactai.measure.devices import ExecuTorchPlugin, LiteRtPlugin
 from compactai.measure.energy import measure_energy
 from compactai.measure.environment import environment
 from compactai.measure.latency import LatencyStats, measure_latency, measure_throughput
@@ -37,10 +38,35 @@ from compactai.measure.stats import count_macs, fixed_batch, parameter_count, si
 from compactai.models.handle import ModelHandle
 
 __all__ = [
-    "RUNTIMES", "RUNTIME_PLUGINS", "LatencyStats", "MeasureConfig", "Measurement", "OnnxRuntimeRunner", "OpenVinoRunner",
-    "Runner", "RuntimePlugin", "TorchRunner", "batch_feeds", "count_macs", "default_threads", "environment", "fixed_batch",
-    "installed_runtimes", "interleaved_latency", "make_runner", "measure", "measure_latency", "measure_throughput",
-    "parameter_count", "register_runtime", "runtime_plugin", "size_on_disk", "thread_settings", "turn_order",
+    "RUNTIMES",
+    "RUNTIME_PLUGINS",
+    "ExecuTorchPlugin",
+    "LatencyStats",
+    "LiteRtPlugin",
+    "MeasureConfig",
+    "Measurement",
+    "OnnxRuntimeRunner",
+    "OpenVinoRunner",
+    "Runner",
+    "RuntimePlugin",
+    "TorchRunner",
+    "batch_feeds",
+    "count_macs",
+    "default_threads",
+    "environment",
+    "fixed_batch",
+    "installed_runtimes",
+    "interleaved_latency",
+    "make_runner",
+    "measure",
+    "measure_latency",
+    "measure_throughput",
+    "parameter_count",
+    "register_runtime",
+    "runtime_plugin",
+    "size_on_disk",
+    "thread_settings",
+    "turn_order",
 ]
 
 # runtimes whose peak memory the subprocess probe (_memprobe.py) knows how to measure

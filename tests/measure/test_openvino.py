@@ -34,7 +34,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_every_runtime_is_a_registered_plugin():
-    assert {"onnxruntime", "torch", "openvino"} <= set(RUNTIME_PLUGINS.names())
+    assert RUNTIME_PLUGINS.names() == ["onnxruntime", "torch", "litert", "executorch", "openvino"]
     assert "onnxruntime" in installed_runtimes() and "torch" not in installed_runtimes()
     with pytest.raises(UnknownNameError, match="openvino"):
         runtime_plugin("tensorrt")
@@ -154,3 +154,10 @@ def test_profile_runtime_auto_measures_every_installed_runtime(small_onnx):
     p50 = {name: m["latency_p50_ms"] for name, m in data["measurements"].items()}
     assert data["fastest"]["batch_1"] == min(p50, key=p50.__getitem__)
     assert data["measurements"]["openvino"]["runtime_settings"]["inference_num_threads"] >= 1
+
+
+@pytest.mark.skipif(runtime_plugin("litert").available(), reason="ai-edge-litert is installed here")
+def test_export_to_an_uninstalled_runtime_gives_the_pip_line(small_onnx, tmp_path):
+    result = run_cli("export", str(small_onnx), "--format", "tflite", "-o", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "pip install -c constraints.txt 'compactai[litert]'" in result.stderr

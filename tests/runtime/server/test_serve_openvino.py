@@ -9,7 +9,14 @@ import httpx
 import numpy as np
 import pytest
 
-from compactai.bundle import BundleRefused, VerifyPolicy, build_bundle, generate_keypair, load_private_key, verify_bundle
+from compactai.bundle import (
+    BundleRefused,
+    VerifyPolicy,
+    build_bundle,
+    generate_keypair,
+    load_private_key,
+    verify_bundle,
+)
 from compactai.bundle.signing import load_public_key
 from compactai.measure import make_runner, runtime_plugin
 from tests.runtime.server.conftest import cli_server
