@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 EXTRAS ?= dev,text,distributed,openvino
 
-.PHONY: demo test install bench lint clean
+.PHONY: demo test install bench lint clean runtime-venvs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,3 +38,12 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# LiteRT's and ExecuTorch's converters in their own venvs (docs/runtimes.md): their dependency
+# trees would change packages of the shared environment
+RUNTIME_VENVS ?= /work/venvs
+runtime-venvs:
+	$(PYTHON) -m venv $(RUNTIME_VENVS)/litert
+	$(RUNTIME_VENVS)/litert/bin/pip install -c constraints.txt litert-torch ai-edge-litert
+	$(PYTHON) -m venv $(RUNTIME_VENVS)/executorch
+	$(RUNTIME_VENVS)/executorch/bin/pip install -c constraints.txt executorch torch==2.13.0
