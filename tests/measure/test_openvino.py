@@ -61,6 +61,13 @@ def test_parity_figures_catch_a_changed_output():
     assert same["max_abs_diff"]["y"] == 0.0 and same["mean_cosine"]["y"] == pytest.approx(1.0)
     flipped = parity_figures(expected, [-expected[0]], ["y"])
     assert flipped["mean_cosine"]["y"] == pytest.approx(-1.0)
+    # padded positions (mask 0) of a sequence output do not count
+    tokens = np.ones((1, 2, 3), np.float32)
+    padded_off = tokens.copy()
+    padded_off[0, 1] = -5.0
+    masked = parity_figures([tokens], [padded_off], ["h"], np.array([[1, 0]]))
+    assert masked["max_abs_diff"]["h"] == 0.0
+    assert parity_figures([tokens], [padded_off], ["h"])["max_abs_diff"]["h"] == 6.0
     with pytest.raises(ParityError, match="shape"):
         parity_figures(expected, [expected[0][:1]], ["y"])
 
