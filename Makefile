@@ -4,13 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev,text,distributed
+EXTRAS ?= dev,text,distributed,openvino
 # Flower pins protobuf<7, rich<15, typer<0.21 and an older ray, so federated learning gets its own
 # venv (build/ is git-ignored) and `make test` runs tests/federated there as well.
 FED_VENV ?= build/fed-venv
 FED_PY := $(FED_VENV)/bin/python
 
-.PHONY: demo test install install-federated bench bench-peers lint clean
+.PHONY: demo test install install-federated bench bench-peers lint clean runtime-venvs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -73,3 +73,12 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# LiteRT's and ExecuTorch's converters in their own venvs (docs/runtimes.md): their dependency
+# trees would change packages of the shared environment
+RUNTIME_VENVS ?= /work/venvs
+runtime-venvs:
+	$(PYTHON) -m venv $(RUNTIME_VENVS)/litert
+	$(RUNTIME_VENVS)/litert/bin/pip install -c constraints.txt litert-torch ai-edge-litert
+	$(PYTHON) -m venv $(RUNTIME_VENVS)/executorch
+	$(RUNTIME_VENVS)/executorch/bin/pip install -c constraints.txt executorch torch==2.13.0

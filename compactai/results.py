@@ -40,6 +40,8 @@ def save_model(handle: ModelHandle, out_dir: str | Path) -> Path:
         handle.to_onnx(target)
         return target
     assert handle.path is not None
+    if handle.framework == "openvino":  # OpenVINO IR: model.xml + model.bin (the runtime that chose it runs it)
+        return _copy_files(Path(handle.path), out / "model.xml", {".xml": ".xml", ".bin": ".bin"})
     if Path(handle.path).resolve() != target.resolve():
         tmp = target.with_suffix(".onnx.tmp")
         shutil.copyfile(handle.path, tmp)
@@ -48,6 +50,22 @@ def save_model(handle: ModelHandle, out_dir: str | Path) -> Path:
         if data.exists():
             shutil.copyfile(data, out / (MODEL_FILE + ".data"))
     return target
+
+
+def _copy_files(source: Path, target: Path, suffixes: dict[str, str]) -> Path:
+    """Copy ``source`` and its sibling files with the other ``suffixes`` next to ``target``."""
+    for old, new in suffixes.items():
+        origin, destination = source.with_suffix(old), target.with_suffix(new)
+        if origin.exists() and origin.resolve() != destination.resolve():
+            tmp = destination.with_name(destination.name + ".tmp")
+            shutil.copyfile(origin, tmp)
+            os.replace(tmp, destination)
+    return target
+
+
+def model_file(handle: ModelHandle) -> str:
+    """The name ``save_model`` gives this model's main file (model.onnx, or model.xml for OpenVINO IR)."""
+    return "model.xml" if handle.framework == "openvino" else MODEL_FILE
 
 
 def recipe_of(handle: ModelHandle) -> list[dict[str, Any]]:
@@ -91,7 +109,7 @@ def write_results(out_dir: str | Path, command: str, handle: ModelHandle, *, see
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = handle.summary()
-    summary["path"] = MODEL_FILE
+    summary["path"] = model_file(handle)
     data = {
         "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

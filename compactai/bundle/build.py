@@ -25,6 +25,7 @@ from compactai.bundle.manifest import (
     MANIFEST_FILE,
     METADATA_FILES,
     MODEL_FILE,
+    OPENVINO_MODEL_FILE,
     RESERVED_FILES,
     SIGNATURE_FILE,
     BundleRefused,
@@ -51,12 +52,16 @@ def find_source(source: str | Path) -> tuple[Path, dict[str, Any] | None]:
         raise ModelNotFoundError(f"Not found: {path}. Pass an .onnx file or a compactai output directory.")
     if path.is_dir():
         model = path / MODEL_FILE
+        if not model.is_file() and (path / OPENVINO_MODEL_FILE).is_file():
+            model = path / OPENVINO_MODEL_FILE  # an output directory whose chosen model runs in OpenVINO
         if not model.is_file():
             raise BadInputError(f"{path} has no {MODEL_FILE}; pass an .onnx file or the output directory of "
                                 "compactai quantize/prune/distill/optimize.")
         results_path = path / RESULTS_FILE
         results = json.loads(results_path.read_text()) if results_path.is_file() else None
         return model, results
+    if path.suffix.lower() == ".xml":
+        return path, None  # OpenVINO IR; read and checked by OpenVINO in _openvino_files
     if path.suffix.lower() != ".onnx":
         raise BadInputError(f"{path.name} is not an ONNX file. Bundles hold ONNX models: export yours first "
                             "(compactai profile exports with a parity check), or pass an output directory.")
@@ -123,8 +128,36 @@ def _copy_external_data(model: Path, location: str, work: Path) -> None:
         shutil.copyfileobj(source, out, 1 << 20)
 
 
+def _openvino_files(model: Path, work: Path) -> None:
+    """Copy an OpenVINO IR (model.xml + model.bin, regular files reached without symlinks) into
+    the bundle, after OpenVINO has read it."""
+    from compactai.measure.openvino import load_openvino
+
+    load_openvino(model)  # CorruptModelError when OpenVINO cannot read it
+    for suffix in (".xml", ".bin"):
+        try:
+            fd = open_beneath(model.parent, model.with_suffix(suffix).name)
+        except BundleRefused as refusal:
+            raise BadInputError(f"{model.with_suffix(suffix)} cannot be bundled: "
+                                f"{_UNREADABLE.get(refusal.reason, str(refusal))}.") from refusal
+        with os.fdopen(fd, "rb") as source, (work / f"model{suffix}").open("xb") as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+
+
 def golden_pair(model: Path, inputs: dict[str, np.ndarray] | None, samples: int = 2) -> tuple[dict, dict]:
-    """Golden inputs (given, or synthesized from the signature) and the model's outputs on them in ONNX Runtime."""
+    """Golden inputs (given, or synthesized from the signature) and the model's outputs on them in
+    ONNX Runtime (or OpenVINO, for an IR)."""
+    if model.suffix == ".xml":
+        from compactai.measure import make_runner
+        from compactai.measure.openvino import load_openvino
+        from compactai.models.load import synthesize_inputs as synthesize
+
+        handle = load_openvino(model)
+        feeds = inputs if inputs is not None else synthesize(handle.inputs, batch=samples, seed=0)
+        handle.check_feeds(feeds)
+        outputs = dict(zip(handle.output_names, make_runner(handle, "openvino", threads=1).run(feeds)))
+        _check_finite(outputs)
+        return {n: np.asarray(feeds[n]) for n in handle.input_names}, outputs
     import onnxruntime as ort
 
     from compactai.models.load import load_onnx, synthesize_inputs
@@ -138,11 +171,15 @@ def golden_pair(model: Path, inputs: dict[str, np.ndarray] | None, samples: int 
     handle.check_feeds(feeds)
     names = [o.name for o in session.get_outputs()]
     outputs = dict(zip(names, session.run(names, {n: feeds[n] for n in handle.input_names})))
+    _check_finite(outputs)
+    return {n: np.asarray(feeds[n]) for n in handle.input_names}, outputs
+
+
+def _check_finite(outputs: dict[str, np.ndarray]) -> None:
     for name, value in outputs.items():
         if not np.all(np.isfinite(value)):
             raise BadInputError(f"The model returns NaN/Inf for output {name!r} on its golden inputs; pass other "
                                 "golden inputs or fix the model before bundling it.")
-    return {n: np.asarray(feeds[n]) for n in handle.input_names}, outputs
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -197,15 +234,21 @@ def build_bundle(
     if out_path.exists():
         raise BadInputError(f"{out_path} already exists; bundles are never overwritten. Choose a new -o path.")
     archive = out_path.name.endswith(ARCHIVE_SUFFIXES)
-    external = _model_files(model)  # before anything is written
+    openvino = model.suffix.lower() == ".xml"
+    external = [] if openvino else _model_files(model)  # before anything is written
     out_path.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out_path.parent))
     try:
-        shutil.copyfile(model, work / MODEL_FILE)
+        model_file = OPENVINO_MODEL_FILE if openvino else MODEL_FILE
+        if openvino:
+            _openvino_files(model, work)
+        else:
+            shutil.copyfile(model, work / MODEL_FILE)
         for location in external:
             _copy_external_data(model, location, work)
         _copy_extra_files(work, extra_files or {})
-        inputs, outputs = golden_pair(work / MODEL_FILE, golden_inputs)
+        inputs, outputs = golden_pair(work / model_file, golden_inputs)
+        signature = _signature(work / model_file)
         save_arrays(work / GOLDEN_INPUTS_FILE, inputs)
         save_arrays(work / GOLDEN_OUTPUTS_FILE, outputs)
         created = time.time() if now is None else now
@@ -216,9 +259,10 @@ def build_bundle(
             "semver": semver,
             "created": format_time(created),
             "expires": format_time(created + expires_days * 86400),
-            "model": MODEL_FILE,
-            "inputs": _signature(work / MODEL_FILE)[0],
-            "outputs": _signature(work / MODEL_FILE)[1],
+            "model": model_file,
+            "runtime": "openvino" if openvino else "onnxruntime",  # the runtime that runs it (and its self-test)
+            "inputs": signature[0],
+            "outputs": signature[1],
             "golden": {"inputs": GOLDEN_INPUTS_FILE, "outputs": GOLDEN_OUTPUTS_FILE, "rtol": rtol, "atol": atol},
             "signed_by": key_id(private_key.public_key()),
             "source": _source_info(model, results),
@@ -248,9 +292,10 @@ def _copy_extra_files(work: Path, extra_files: dict[str, str | Path]) -> None:
 
 
 def _signature(model: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    from compactai.measure.openvino import load_openvino
     from compactai.models.load import load_onnx
 
-    handle = load_onnx(model)
+    handle = load_openvino(model) if model.suffix == ".xml" else load_onnx(model)
     return [s.to_dict() for s in handle.inputs], [s.to_dict() for s in handle.outputs]
 
 

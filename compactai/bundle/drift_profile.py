@@ -69,15 +69,14 @@ def example_of(results: dict[str, Any] | None) -> str | None:
 
 
 def model_outputs(model: Path, inputs: dict[str, np.ndarray], batch_size: int = 64) -> list[np.ndarray]:
-    """The model's outputs on the reference inputs, run in ONNX Runtime as the server will run it."""
-    import onnxruntime as ort
-
+    """The model's outputs on the reference inputs, run in ONNX Runtime (or OpenVINO, for an IR) as
+    the server will run it."""
+    from compactai.measure import make_runner
     from compactai.tasks import trim_padding
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
+    handle = _load(model)
+    runner = make_runner(handle, "openvino" if handle.framework == "openvino" else "onnxruntime", threads=None)
+    names = handle.input_names
     missing = sorted(set(names) - set(inputs))
     if missing:
         raise BadInputError(f"The drift reference data lacks the model's input(s) {missing}; it has {sorted(inputs)}.")
@@ -85,7 +84,7 @@ def model_outputs(model: Path, inputs: dict[str, np.ndarray], batch_size: int = 
     chunks: list[list[np.ndarray]] = []
     for start in range(0, total, batch_size):
         feeds = trim_padding({n: inputs[n][start : start + batch_size] for n in names})
-        chunks.append(session.run(None, feeds))
+        chunks.append(runner.run(feeds))
     return [_pad_tokens([c[i] for c in chunks]) for i in range(len(chunks[0]))]
 
 
@@ -115,6 +114,13 @@ def write_drift_profile(
     return {path.name: path}
 
 
+def _load(model: Path) -> Any:
+    from compactai.measure.openvino import load_openvino
+    from compactai.models.load import load_onnx
+
+    return load_openvino(model) if model.suffix == ".xml" else load_onnx(model)
+
+
 def drift_profile_files(
     model: str | Path,
     results: dict[str, Any] | None,
@@ -131,13 +137,11 @@ def drift_profile_files(
     """The profile files for a bundle and where the reference came from; ({}, why not) when there is
     no reference data (the bundle is then served without drift detection). ``example_loader``
     (e.g. ``compactai.load_example``) loads a named example's data."""
-    from compactai.models.load import load_onnx
-
     if data is not None and example is not None:
         raise BadInputError("Give the drift reference as --data FILE.npz or --example NAME, not both.")
     example = example or (example_of(results) if data is None else None)
     if data is not None:
-        inputs, inferred = reference_from_npz(data, load_onnx(Path(model)).input_names)
+        inputs, inferred = reference_from_npz(data, _load(Path(model)).input_names)
         origin = f"{Path(data).name} ({' + '.join(REFERENCE_SPLITS)} splits)"
     elif example is not None:
         if example_loader is None:

@@ -4,7 +4,8 @@ A bundle is a directory (or a tar archive of one)::
 
     manifest.json        this manifest, canonical JSON (the bytes that are signed)
     manifest.json.sig    detached Ed25519 signature over those bytes (JSON: key_id, signature)
-    model.onnx           the model (+ model.onnx.data when its weights are external)
+    model.onnx           the model (+ model.onnx.data when its weights are external), or
+    model.xml + model.bin  an OpenVINO IR (the manifest's "runtime" says which runtime runs it)
     golden_inputs.npz    inputs for the self-test (numeric arrays, loaded with allow_pickle=False)
     golden_outputs.npz   the outputs the model must reproduce on them, within the signed tolerance
 
@@ -30,6 +31,7 @@ FORMAT = "compactai-bundle/1"
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.json.sig"
 MODEL_FILE = "model.onnx"
+OPENVINO_MODEL_FILE = "model.xml"  # an OpenVINO IR bundle: model.xml + model.bin, manifest "runtime": "openvino"
 GOLDEN_INPUTS_FILE = "golden_inputs.npz"
 GOLDEN_OUTPUTS_FILE = "golden_outputs.npz"
 METADATA_FILES = (MANIFEST_FILE, SIGNATURE_FILE)

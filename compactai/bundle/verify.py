@@ -126,8 +126,18 @@ def external_data_locations(model_path: Path) -> list[str]:
 
 def check_external_data(root: Path, manifest: dict[str, Any]) -> None:
     listed = {entry["path"] for entry in manifest["files"]}
-    # the model is checked whatever its name: ONNX Runtime would follow its external data all the same
-    for onnx_file in sorted({p for p in listed if p.endswith(".onnx")} | {manifest["model"]}):
+    # the model is checked whatever its name: ONNX Runtime would follow its external data all the same;
+    # an OpenVINO bundle's model is an IR whose weights are the listed model.bin beside it (OpenVINO opens
+    # nothing else), and it must be named so
+    model = manifest["model"]
+    if manifest.get("runtime") == "openvino":
+        if not (model.endswith(".xml") and model[:-4] + ".bin" in listed):
+            raise BundleRefused("invalid-model", f"An OpenVINO bundle's model must be an IR .xml with its .bin listed "
+                                                 f"beside it; got {model!r}.")
+        model_set: set[str] = set()
+    else:
+        model_set = {model}
+    for onnx_file in sorted({p for p in listed if p.endswith(".onnx")} | model_set):
         try:
             locations = external_data_locations(root / onnx_file)
         except Exception as exc:  # a protobuf DecodeError; the file was signed, so the publisher erred
@@ -212,6 +222,12 @@ def validate_model(root: Path, manifest: dict[str, Any], threads: int = 1) -> di
 
     check_manifest_paths(manifest)  # the model and golden files it opens must be listed files
     model_path = root / manifest["model"]
+    runtime = manifest.get("runtime", "onnxruntime")
+    if runtime == "openvino":
+        return _validate_openvino(root, manifest, threads)
+    if runtime != "onnxruntime":
+        raise BundleRefused("invalid-model", f"The bundle's model runs on {runtime!r}, which this verifier cannot "
+                                             "run; verify it on a device with that runtime.")
     try:
         onnx.checker.check_model(str(model_path))
     except Exception as exc:
@@ -228,13 +244,42 @@ def validate_model(root: Path, manifest: dict[str, Any], threads: int = 1) -> di
                                              f"({str(exc).splitlines()[0][:200]}).") from exc
     golden = manifest["golden"]
     inputs = load_arrays(root / golden["inputs"])
-    expected = load_arrays(root / golden["outputs"])
     output_names = [o.name for o in session.get_outputs()]
     try:
         actual = dict(zip(output_names, session.run(output_names, inputs)))
     except Exception as exc:
         raise BundleRefused("golden-mismatch", f"The model fails on its golden inputs "
                                                f"({str(exc).splitlines()[0][:200]}).") from exc
+    return compare_golden(root, manifest, inputs, actual)
+
+
+def _validate_openvino(root: Path, manifest: dict[str, Any], threads: int) -> dict[str, Any]:
+    """The self-test of an OpenVINO IR bundle, run in OpenVINO (the runtime it ships for)."""
+    from compactai.errors import CompactAIError
+    from compactai.measure import make_runner
+    from compactai.measure.openvino import load_openvino
+
+    try:
+        handle = load_openvino(root / manifest["model"])
+        runner = make_runner(handle, "openvino", threads)
+    except CompactAIError as exc:  # not installed, or an IR OpenVINO cannot read
+        raise BundleRefused("invalid-model", f"OpenVINO cannot run {manifest['model']}: {exc}") from exc
+    inputs = load_arrays(root / manifest["golden"]["inputs"])
+    try:
+        actual = dict(zip(handle.output_names, runner.run(inputs)))
+    except Exception as exc:  # any failure on the golden inputs refuses the bundle
+        raise BundleRefused("golden-mismatch", f"The model fails on its golden inputs "
+                                               f"({str(exc).splitlines()[0][:200]}).") from exc
+    result = compare_golden(root, manifest, inputs, actual)
+    result["runtime"] = "openvino"
+    return result
+
+
+def compare_golden(root: Path, manifest: dict[str, Any], inputs: dict[str, np.ndarray],
+                   actual: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Golden outputs within the signed tolerance; raises BundleRefused("golden-mismatch") otherwise."""
+    golden = manifest["golden"]
+    expected = load_arrays(root / golden["outputs"])
     rtol, atol = float(golden.get("rtol", 1e-3)), float(golden.get("atol", 1e-4))
     diffs: dict[str, float] = {}
     for name, want in expected.items():

@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "compactai.cli.bench",
     "compactai.cli.report",
     "compactai.cli.federate",
+    "compactai.cli.export",
 ]
 
 

@@ -105,7 +105,7 @@ def run_app(argv: list[str]) -> int:
     except CompactAIError as exc:
         if debug:
             raise
-        # escaped: messages carry install lines such as 'compactai[federated]' that rich would read as markup
+        # escaped: a message may hold brackets rich would eat as markup, e.g. pip's 'compactai[openvino]'
         Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -19,7 +19,8 @@ def profile(
         None, "--data", help="Task data for PATH (.npz as for quantize): adds quality, judged on its test split."
     ),
     hf_task: str | None = HF_TASK_OPTION,
-    runtime: str = typer.Option("all", "--runtime", "-r", help="onnxruntime, torch, or all."),
+    runtime: str = typer.Option("all", "--runtime", "-r", help="onnxruntime, torch, openvino (extra), all (torch "
+                                "and every installed runtime) or auto (all, and name the fastest at batch 1 and B)."),
     threads: int | None = typer.Option(None, help="Intra-op threads (default: all CPUs of this process)."),
     queries: int = typer.Option(200, help="Minimum timed batch-1 queries (after warm-up)."),
     seconds: float = typer.Option(1.0, help="Minimum seconds of timed batch-1 queries."),
@@ -30,14 +31,15 @@ def profile(
 ) -> None:
     """Measure a model: quality vs baseline, size, params, MACs, p50/p90/p99 latency, throughput,
     peak memory and energy, on PyTorch eager and ONNX Runtime (with an export parity check)."""
-    from compactai.measure import RUNTIMES, MeasureConfig
+    from compactai.measure import RUNTIME_PLUGINS, MeasureConfig, installed_runtimes
     from compactai.profile import profile_model
 
     out = Output(json_output)
-    wanted = list(RUNTIMES) if runtime == "all" else [runtime]
+    wanted = ["torch", *installed_runtimes()] if runtime in ("all", "auto") else [runtime]
     for name in wanted:
-        if name not in RUNTIMES:
-            raise UnknownNameError(f"Unknown runtime '{name}'; choose onnxruntime, torch or all.")
+        if name not in RUNTIME_PLUGINS:
+            raise UnknownNameError(f"Unknown runtime '{name}'; choose {', '.join(RUNTIME_PLUGINS.names())}, all or auto.")
+        RUNTIME_PLUGINS.get(name).require()
     config = MeasureConfig(min_queries=queries, min_seconds=seconds, throughput_batch=batch,
                            core_watts=core_watts, memory=not no_memory, threads=threads)
     config.check()  # before the model is loaded
@@ -50,8 +52,16 @@ def profile(
             task = task_from_data(data, handle)
         result = profile_model(handle, task, runtimes=wanted, config=config, progress=say)
     result["source"] = info
+    if runtime == "auto":
+        result["fastest"] = fastest(result["measurements"])
     print_profile(out, result)
     out.emit(result)
+
+
+def fastest(measurements: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The runtime with the lowest batch-1 p50 and the one with the highest throughput."""
+    return {"batch_1": min(measurements, key=lambda r: measurements[r]["latency_p50_ms"]),
+            "throughput": max(measurements, key=lambda r: measurements[r]["throughput_items_per_s"])}
 
 
 def print_profile(out: Output, result: dict[str, Any]) -> None:
@@ -82,6 +92,9 @@ def print_profile(out: Output, result: dict[str, Any]) -> None:
     row("energy (mJ/inference)", "energy_mj")
     row("energy method", "energy_method")
     row("threads", "threads")
+    if "fastest" in result:
+        rows.append(["fastest"] + [" ".join(w for w in ("batch 1", "throughput") if result["fastest"][w.replace(" ", "_")] == n)
+                                   or "-" for n in names])
     model = result["model"]
     loaded = f", {model['architecture']}" if model.get("architecture") else ""
     out.console.print(table(f"Profile of {model['name']} ({model['kind']}, {model['framework']}{loaded})", ["figure", *names], rows))

@@ -70,7 +70,13 @@ def quantize(
     preprocess: bool = typer.Option(
         True, "--preprocess/--no-preprocess", help="Graph pre-processing (attention fusion, shape inference)."
     ),
-    objective: str = typer.Option("latency", help="latency (keep float if int8 is not faster) or size."),
+    objective: str = typer.Option("latency", help="latency (keep float if int8 is not faster) or size; with "
+                                  "--runtime auto/NAME also throughput (write the fastest at the --batch size)."),
+    runtime: str = typer.Option("onnxruntime", "--runtime", "-r", help="onnxruntime (default), another installed "
+                                "runtime (openvino), or auto: measure every candidate on every installed runtime "
+                                "(plus each runtime's own int8) and keep the fastest that meets the quality floor."),
+    rounds: int = typer.Option(3, "--rounds", help="--runtime auto/NAME: interleaved timing rounds per candidate."),
+    batch: int = typer.Option(32, "--batch", help="--runtime auto/NAME: batch size of the throughput figure."),
     sensitivity_samples: int = typer.Option(
         100, "--sensitivity-samples", help="auto: validation rows per sensitivity evaluation."
     ),
@@ -90,13 +96,19 @@ def quantize(
 ) -> None:
     """Quantize a model and measure it next to the float baseline: quality, size, p50/p90 latency
     and speed-up on ONNX Runtime; writes OUT/model.onnx + results.json (with the sensitivity table)."""
-    from compactai.errors import UnknownNameError
+    from compactai.errors import ParameterError, UnknownNameError
     from compactai.measure import MeasureConfig, measure
+    from compactai.search.runtimes import resolve_runtimes
     from compactai.techniques import Context, create_technique
     from compactai.techniques.quantize import QualityTargetNotMetError
 
     if mode not in CLI_MODES:
         raise UnknownNameError(f"Unknown quantization mode '{mode}'; choose one of: {', '.join(CLI_MODES)}.")
+    runtimes = resolve_runtimes(runtime)  # an unknown or uninstalled runtime fails before any work
+    if objective == "throughput" and runtime == "onnxruntime":
+        raise ParameterError("--objective throughput chooses between runtimes; add --runtime auto (or a runtime name).")
+    if not 1 <= rounds <= 100:
+        raise ParameterError(f"--rounds must be a whole number from 1 to 100; got {rounds}.")
     out = Output(json_output)
     # settings both techniques share: how the int8 model is laid out and calibrated
     reduce_choices = {"auto": "auto", "on": True, "off": False}
@@ -114,7 +126,7 @@ def quantize(
             nodes_to_exclude=list(exclude) or None,
             min_quality=min_quality,
             max_drop=max_drop,
-            objective=objective,
+            objective="latency" if objective == "throughput" else objective,
             sensitivity_samples=sensitivity_samples,
             max_float_fraction=max_float_fraction,
             outlier_scaling=outlier_scaling,
@@ -124,7 +136,7 @@ def quantize(
         )
     technique.validate()  # bad parameters fail before any model is loaded
     config = MeasureConfig(
-        min_queries=queries, min_seconds=seconds, memory=False, energy=False, threads=threads
+        min_queries=queries, min_seconds=seconds, memory=False, energy=False, threads=threads, throughput_batch=batch
     )
     config.check()
     check_time_limit(time_limit)
@@ -138,10 +150,9 @@ def quantize(
             task = task_from_data(data, handle)
         result["source"] = info
         baseline = {}
-        runtimes = ("onnxruntime", "torch") if handle.module is not None else ("onnxruntime",)
-        for runtime in runtimes:
-            say(f"baseline on {runtime}")
-            baseline[runtime] = measure(handle, task, runtime=runtime, config=config)
+        for name in ("onnxruntime", "torch") if handle.module is not None else ("onnxruntime",):
+            say(f"baseline on {name}")
+            baseline[name] = measure(handle, task, runtime=name, config=config)
         result["baseline"] = {k: v.to_dict() for k, v in baseline.items()}
         work_dir = (out_dir or Path.cwd()) / ".compactai-work"
         context = Context(
@@ -154,6 +165,15 @@ def quantize(
             deadline=time.monotonic() + time_limit if time_limit else None,
         )
         started = time.monotonic()
+        if runtime != "onnxruntime":
+            from compactai.cli._runtime_choice import choose_runtime
+
+            result["status"] = "ok"
+            choose_runtime(out, result, handle, technique, context, task, config, out_dir, seed,
+                           runtimes=runtimes, min_quality=min_quality, max_drop=max_drop, objective=objective,
+                           rounds=rounds)
+            out.emit(result)
+            return
         try:
             quantized = technique.apply(handle, context)
         except QualityTargetNotMetError as exc:

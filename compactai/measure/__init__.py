@@ -14,26 +14,63 @@ from typing import Any
 import numpy as np
 
 from compactai.errors import ParameterError
+from compactai.measure.devices import ExecuTorchPlugin, LiteRtPlugin
 from compactai.measure.energy import measure_energy
 from compactai.measure.environment import environment
 from compactai.measure.latency import LatencyStats, measure_latency, measure_throughput
 from compactai.measure.memory import measure_peak_memory
+from compactai.measure.openvino import OpenVinoRunner
 from compactai.measure.runtime import (
+    RUNTIME_PLUGINS,
     RUNTIMES,
     OnnxRuntimeRunner,
     Runner,
+    RuntimePlugin,
     TorchRunner,
     default_threads,
+    installed_runtimes,
     make_runner,
+    register_runtime,
+    runtime_plugin,
+    thread_settings,
 )
 from compactai.measure.stats import count_macs, fixed_batch, parameter_count, size_on_disk
 from compactai.models.handle import ModelHandle
 
 __all__ = [
-    "RUNTIMES", "LatencyStats", "MeasureConfig", "Measurement", "OnnxRuntimeRunner", "Runner", "TorchRunner",
-    "batch_feeds", "count_macs", "default_threads", "environment", "fixed_batch", "interleaved_latency", "make_runner", "measure", "measure_latency",
-    "measure_throughput", "parameter_count", "size_on_disk", "turn_order",
+    "RUNTIMES",
+    "RUNTIME_PLUGINS",
+    "ExecuTorchPlugin",
+    "LatencyStats",
+    "LiteRtPlugin",
+    "MeasureConfig",
+    "Measurement",
+    "OnnxRuntimeRunner",
+    "OpenVinoRunner",
+    "Runner",
+    "RuntimePlugin",
+    "TorchRunner",
+    "batch_feeds",
+    "count_macs",
+    "default_threads",
+    "environment",
+    "fixed_batch",
+    "installed_runtimes",
+    "interleaved_latency",
+    "make_runner",
+    "measure",
+    "measure_latency",
+    "measure_throughput",
+    "parameter_count",
+    "register_runtime",
+    "runtime_plugin",
+    "size_on_disk",
+    "thread_settings",
+    "turn_order",
 ]
+
+# runtimes whose peak memory the subprocess probe (_memprobe.py) knows how to measure
+_MEMORY_PROBE_RUNTIMES = ("onnxruntime", "torch")
 
 
 # (field, CLI flag, lowest, highest): bounds that keep a typo from hanging or exhausting the machine
@@ -107,6 +144,7 @@ class Measurement:
     quality: dict[str, Any] | None = None
     latency_samples_ms: list[float] = field(default_factory=list, repr=False)
     notes: list[str] = field(default_factory=list)
+    runtime_settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def size_mb(self) -> float | None:
@@ -180,7 +218,11 @@ def measure(
     threads = config.threads or default_threads()
     say = progress or (lambda message: None)
     runner = make_runner(handle, runtime, threads)
-    onnx_handle = handle.to_onnx() if runtime == "onnxruntime" else (handle._onnx_cache or None)
+    own_format = handle.framework not in ("torch", "onnx")  # e.g. OpenVINO IR: no ONNX form to count from
+    if own_format:
+        onnx_handle = None
+    else:
+        onnx_handle = handle.to_onnx() if runtime != "torch" else (handle._onnx_cache or None)
     rows = fixed_batch(handle)  # 1, unless the model cannot run fewer rows
     single = batch_feeds({k: v[:rows] for k, v in (feeds or handle.example_inputs).items()}, rows)
     throughput_batch = config.throughput_batch if rows == 1 else rows
@@ -193,15 +235,22 @@ def measure(
         runner, batch_feeds(single, throughput_batch), min_batches=config.throughput_min_batches,
         min_seconds=config.min_seconds / 2,
     )
-    size = size_on_disk(onnx_handle.path) if onnx_handle is not None and onnx_handle.path else None
-    macs = count_macs(handle if handle.module is not None else onnx_handle or handle)
-    if macs is not None and rows > 1 and handle.module is None:
+    if runtime == "torch":
+        size = size_on_disk(onnx_handle.path) if onnx_handle is not None and onnx_handle.path else None
+    else:
+        size = runtime_plugin(runtime).model_size(handle)
+    if own_format:
+        macs, params = handle.metadata.get("macs"), handle.metadata.get("params")
+    else:
+        macs = count_macs(handle if handle.module is not None else onnx_handle or handle)
+        params = parameter_count(handle if runtime == "torch" else onnx_handle or handle)
+    if macs is not None and rows > 1 and handle.module is None and not own_format:
         macs //= rows  # counted on the inferred shapes, i.e. for the whole fixed batch
     result = Measurement(
         runtime=runtime,
         threads=threads,
         size_bytes=size,
-        params=parameter_count(handle if runtime == "torch" else onnx_handle or handle),
+        params=params,
         macs=macs,
         latency_p50_ms=latency.p50_ms,
         latency_p90_ms=latency.p90_ms,
@@ -212,6 +261,7 @@ def measure(
         throughput_batch=throughput_batch,
         throughput_items_per_s=throughput,
         latency_samples_ms=latency.samples_ms,
+        runtime_settings=thread_settings(runner),
     )
     if rows > 1:
         result.notes.append(
@@ -226,7 +276,9 @@ def measure(
         energy = measure_energy(rerun, latency.cpu_seconds, latency.queries, config.core_watts)
         result.energy_mj, result.energy_method, result.energy_formula = (
             energy.millijoules_per_inference, energy.method, energy.formula)
-    if config.memory:
+    if config.memory and runtime not in _MEMORY_PROBE_RUNTIMES:
+        result.notes.append(f"peak memory not measured on {runtime}: the memory probe runs onnxruntime and torch only")
+    elif config.memory:
         say(f"{runtime}: peak memory in a subprocess")
         memory = measure_peak_memory(handle, runtime, threads)
         if memory is None:

@@ -1,15 +1,32 @@
-"""Runners: one way to execute a model on a runtime with explicit thread counts."""
+"""Runners: one way to execute a model on a runtime with explicit thread counts.
+
+Each runtime is a plug-in (:class:`RuntimePlugin`) registered in ``RUNTIME_PLUGINS`` by name,
+like techniques: it opens a session for a handle (converting it as its official tool requires),
+converts a handle to its own file format, and reports its thread settings. ``onnxruntime`` and
+``torch`` live here; ``openvino`` in ``measure/openvino.py``; ``litert`` and ``executorch`` in
+``measure/devices.py``. A runtime whose optional extra is missing raises MissingDependencyError
+with the exact pip line.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
-from compactai.errors import BadInputError, CorruptModelError, InputSignatureError, UnknownNameError
+from compactai._registry import Registry
+from compactai.errors import (
+    BadInputError,
+    CorruptModelError,
+    InputSignatureError,
+    MissingDependencyError,
+    UnknownNameError,
+)
 from compactai.models.handle import ModelHandle, set_eval
 
+# the runtimes every install has (profile/prune "all"); plug-ins add to RUNTIME_PLUGINS
 RUNTIMES = ("onnxruntime", "torch")
 
 
@@ -28,6 +45,83 @@ class Runner(Protocol):
     threads: int
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+class RuntimePlugin:
+    """One runtime: how to open a session for a handle, convert a handle to the runtime's own
+    format, and what its thread settings are. Subclasses set ``name``, ``modules`` (what must be
+    importable), ``extra`` (the optional extra that installs them; None = always installed) and
+    ``formats`` (the handle frameworks it runs without conversion)."""
+
+    name: str = ""
+    modules: tuple[str, ...] = ()
+    extra: str | None = None
+    formats: tuple[str, ...] = ("onnx",)
+    file_format: str = "onnx"  # what `compactai export --format` calls its files
+
+    @classmethod
+    def install_line(cls) -> str:
+        return f"pip install -c constraints.txt 'compactai[{cls.extra}]'" if cls.extra else ""
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether the runtime's packages can be imported here (without importing them)."""
+        import importlib.util
+
+        return all(importlib.util.find_spec(module) is not None for module in cls.modules)
+
+    @classmethod
+    def require(cls) -> None:
+        """MissingDependencyError with the pip line when the runtime is not installed."""
+        if not cls.available():
+            raise MissingDependencyError(
+                f"The {cls.name} runtime needs {', '.join(cls.modules)}, which is not installed. "
+                f"Install it with: {cls.install_line()}"
+            )
+
+    @classmethod
+    def open(cls, handle: ModelHandle, threads: int | None = None) -> Runner:
+        """A session for ``handle`` (converted in memory if it is not in this runtime's format)."""
+        raise NotImplementedError
+
+    @classmethod
+    def convert(cls, handle: ModelHandle, out_dir: Path, *, quantize: str | None = None,
+                task: Any = None, min_quality: float | None = None) -> ModelHandle:
+        """``handle`` written in this runtime's format under ``out_dir`` (``quantize``: None or
+        "int8"), checked for parity in this runtime against the source on real inputs."""
+        raise UnknownNameError(f"The {cls.name} runtime has no converter of its own; use --format onnx.")
+
+    @classmethod
+    def model_size(cls, handle: ModelHandle) -> int | None:
+        """Bytes on disk of the model as this runtime loads it (None when it has no file)."""
+        from compactai.measure.stats import size_on_disk
+
+        target = handle if handle.framework in cls.formats else handle.to_onnx()
+        return size_on_disk(target.path) if target.path is not None else None
+
+
+RUNTIME_PLUGINS: Registry[type[RuntimePlugin]] = Registry("runtime")
+
+
+def register_runtime(plugin: type[RuntimePlugin]) -> type[RuntimePlugin]:
+    """Class decorator: make ``plugin`` known by its ``name``."""
+    return RUNTIME_PLUGINS.register(plugin.name, plugin)
+
+
+def runtime_plugin(name: str) -> type[RuntimePlugin]:
+    """The plug-in called ``name``; an unknown name lists the known ones."""
+    return RUNTIME_PLUGINS.get(name)
+
+
+def installed_runtimes() -> list[str]:
+    """Registered runtimes (other than torch eager) whose packages are installed here."""
+    return [name for name, plugin in RUNTIME_PLUGINS.items() if name != "torch" and plugin.available()]
+
+
+def thread_settings(runner: Runner) -> dict[str, Any]:
+    """The runner's thread settings as plain data (intra-op threads and what else it reports)."""
+    report = getattr(runner, "thread_settings", None)
+    return report() if callable(report) else {"threads": runner.threads}
 
 
 class OnnxRuntimeRunner:
@@ -60,6 +154,9 @@ class OnnxRuntimeRunner:
                 f"ONNX Runtime cannot load {onnx_handle.path}: {str(exc).splitlines()[0][:300]}"
             ) from exc
         self._output_names = [o.name for o in self.session.get_outputs()]
+
+    def thread_settings(self) -> dict[str, Any]:
+        return {"intra_op_threads": self.threads, "inter_op_threads": 1}
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         self.handle.check_feeds(feeds)
@@ -96,11 +193,51 @@ class TorchRunner:
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.handle.run_torch(feeds)
 
+    def thread_settings(self) -> dict[str, Any]:
+        return {"intra_op_threads": self.threads}
+
+
+@register_runtime
+class OnnxRuntimePlugin(RuntimePlugin):
+    """ONNX Runtime on the CPU: compactai's default runtime."""
+
+    name = "onnxruntime"
+    modules = ("onnxruntime",)
+
+    @classmethod
+    def open(cls, handle: ModelHandle, threads: int | None = None) -> Runner:
+        return OnnxRuntimeRunner(handle, threads=threads)
+
+    @classmethod
+    def convert(cls, handle: ModelHandle, out_dir: Path, *, quantize: str | None = None,
+                task: Any = None, min_quality: float | None = None) -> ModelHandle:
+        if quantize is not None:
+            raise UnknownNameError("ONNX int8 comes from `compactai quantize`; export --format onnx writes float.")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return handle.to_onnx(out_dir / "model.onnx") if handle.framework == "torch" else handle
+
+
+@register_runtime
+class TorchPlugin(RuntimePlugin):
+    """PyTorch eager: the reference a converted model is compared with."""
+
+    name = "torch"
+    modules = ("torch",)
+    formats = ("torch",)
+
+    @classmethod
+    def open(cls, handle: ModelHandle, threads: int | None = None) -> Runner:
+        return TorchRunner(handle, threads=threads)
+
+    @classmethod
+    def model_size(cls, handle: ModelHandle) -> int | None:
+        return None
+
 
 def make_runner(handle: ModelHandle, runtime: str = "onnxruntime", threads: int | None = None) -> Runner:
-    """A runner for ``handle`` on ``runtime`` ("onnxruntime" or "torch")."""
-    if runtime == "onnxruntime":
-        return OnnxRuntimeRunner(handle, threads=threads)
-    if runtime == "torch":
-        return TorchRunner(handle, threads=threads)
-    raise UnknownNameError(f"Unknown runtime '{runtime}'; choose one of {', '.join(RUNTIMES)}.")
+    """A runner for ``handle`` on ``runtime`` (any registered runtime: onnxruntime, torch, openvino, ...)."""
+    if runtime not in RUNTIME_PLUGINS:
+        raise UnknownNameError(f"Unknown runtime '{runtime}'; choose one of {', '.join(RUNTIME_PLUGINS.names())}.")
+    plugin = RUNTIME_PLUGINS.get(runtime)
+    plugin.require()
+    return plugin.open(handle, threads)

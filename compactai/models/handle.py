@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from compactai.errors import CompactAIError, InputSignatureError
+from compactai.errors import CompactAIError, InputSignatureError, UnsupportedFormatError
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +53,7 @@ class ModelHandle:
     ``metadata`` carries plain data: lineage, technique decisions, the ONNX export settings.
     """
 
-    framework: str  # "torch" | "onnx"
+    framework: str  # "torch" | "onnx" | a runtime's own format ("openvino")
     name: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -131,6 +131,11 @@ class ModelHandle:
         """This model as an ONNX handle; torch models are exported (with a parity check) and cached."""
         if self.framework == "onnx":
             return self
+        if self.module is None:  # a runtime's own format (OpenVINO IR, .tflite, .pte): no way back to ONNX
+            raise UnsupportedFormatError(
+                f"Model '{self.name}' is a {self.framework} model ({self.path}); it has no ONNX form. "
+                f"Run it with --runtime {self.framework}, or start from the ONNX or torch model."
+            )
         if self._onnx_cache is not None and (path is None or Path(path) == self._onnx_cache.path):
             return self._onnx_cache
         if not _onnx_exporter:
@@ -184,6 +189,9 @@ def onnx_files(path: Path) -> list[Path]:
     data = path.with_name(path.name + ".data")
     if data.exists():
         files.append(data)
+    weights = path.with_suffix(".bin")  # an OpenVINO IR is model.xml + model.bin
+    if path.suffix == ".xml" and weights.exists():
+        files.append(weights)
     return files
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from compactai.models.load import load_onnx, synthesize_inputs
 from compactai.runtime.server.protocol import TensorMeta, tensor_meta
 
 DRIFT_PROFILE_FILE = "drift_profile.json"
+NUMPY_TYPES = {"bool": "BOOL", "uint8": "UINT8", "int8": "INT8", "int32": "INT32", "int64": "INT64",
+               "float16": "FP16", "float32": "FP32", "float64": "FP64"}
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
@@ -42,6 +45,10 @@ class LoadedVersion:
     root: Path | None = None  # the bundle directory (None for a plain .onnx)
 
     def __post_init__(self) -> None:
+        self.runtime = "openvino" if self.model_path.suffix == ".xml" else "onnxruntime"
+        if self.runtime == "openvino":
+            self._open_openvino()
+            return
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -59,8 +66,35 @@ class LoadedVersion:
         self.batchable = all(t.shape and t.shape[0] == -1 for t in self.inputs + self.outputs)
         self.loaded_at = time.time()
 
+    def _open_openvino(self) -> None:
+        """An OpenVINO IR (a bundle whose manifest says runtime openvino), through the measure plug-in."""
+        from compactai.measure import make_runner
+        from compactai.measure.openvino import load_openvino
+
+        handle = load_openvino(self.model_path)
+        self._ir_inputs = handle.inputs
+        self._runner = make_runner(handle, "openvino", self.threads)
+        self._lock = threading.Lock()  # one infer request: calls take turns
+
+        def meta(spec: Any) -> TensorMeta:
+            datatype = NUMPY_TYPES.get(spec.dtype)
+            if datatype is None:
+                raise BadInputError(f"Tensor {spec.name!r} has type {spec.dtype}, which the protocol cannot carry.")
+            return TensorMeta(spec.name, datatype, tuple(d if isinstance(d, int) and d >= 0 else -1 for d in spec.shape))
+
+        self.inputs = [meta(spec) for spec in handle.inputs]
+        self.outputs = [meta(spec) for spec in handle.outputs]
+        self.output_names = [o.name for o in self.outputs]
+        self.size_bytes = sum(p.stat().st_size for p in (self.model_path, self.model_path.with_suffix(".bin")))
+        self.batchable = all(t.shape and t.shape[0] == -1 for t in self.inputs + self.outputs)
+        self.loaded_at = time.time()
+
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """One ONNX Runtime call (thread-safe; releases the GIL while it computes)."""
+        """One ONNX Runtime call (thread-safe; releases the GIL while it computes), or one OpenVINO
+        inference (its request serves one call at a time)."""
+        if self.runtime == "openvino":
+            with self._lock:
+                return self._runner.run(feeds)
         return list(self.session.run(self.output_names, feeds))
 
     def warm_up(self) -> None:
@@ -70,7 +104,8 @@ class LoadedVersion:
         if golden and self.root is not None:
             feeds = load_arrays(self.root / golden)
         if feeds is None:
-            feeds = synthesize_inputs(load_onnx(self.model_path).inputs, batch=1)
+            feeds = synthesize_inputs(self._ir_inputs if self.runtime == "openvino"
+                                      else load_onnx(self.model_path).inputs, batch=1)
         self.run(feeds)
 
     def drift_profile(self) -> dict[str, Any] | None:
@@ -86,7 +121,8 @@ class LoadedVersion:
 
     def metadata(self) -> dict[str, Any]:
         """The protocol's model metadata for this version."""
-        return {"name": self.name, "versions": [self.version], "platform": "onnxruntime_onnx",
+        return {"name": self.name, "versions": [self.version],
+                "platform": "openvino_ir" if self.runtime == "openvino" else "onnxruntime_onnx",
                 "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
 
 
