@@ -10,6 +10,7 @@ small JSON header: what the cost model counts.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -145,7 +146,10 @@ class SplitRunner:
             name = model_name or self.plan["tail_model_name"]
             self.url = f"{remote_url.rstrip('/')}/v2/models/{name}/infer"
             headers = {"authorization": f"Bearer {token}"} if token else {}
-            self.client = httpx.Client(timeout=timeout_s, headers=headers)
+            # TCP_NODELAY: the paced upload goes out in small writes, which Nagle would hold back
+            # until the server's delayed ACK (tens of ms per request)
+            transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+            self.client = httpx.Client(timeout=timeout_s, headers=headers, transport=transport)
         self.last: Timing | None = None
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -185,3 +189,38 @@ class SplitRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+OVERHEAD_INPUT = "x"
+
+
+def overhead_model() -> bytes:
+    """A one-element Identity ONNX model: served next to nothing else, its ``/infer`` time is the
+    per-request cost of the server and the protocol (the cost model's ``server_overhead_ms``)."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info(OVERHEAD_INPUT, TensorProto.FLOAT, [1, 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])
+    graph = helper.make_graph([helper.make_node("Identity", [OVERHEAD_INPUT], ["y"])], "overhead", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def measure_request_overhead(url: str, model_name: str, queries: int = 30, token: str | None = None,
+                             warmup: int = 5) -> list[float]:
+    """Round-trip times (ms) of ``/infer`` requests for the one-element model of ``overhead_model()``
+    served as ``model_name`` at ``url``, sent by the split runner's own client code."""
+    body, headers = encode_request({OVERHEAD_INPUT: np.ones((1, 1), np.float32)})
+    auth = {"authorization": f"Bearer {token}"} if token else {}
+    transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+    samples: list[float] = []
+    with httpx.Client(timeout=30.0, headers=auth, transport=transport) as client:
+        for index in range(warmup + queries):
+            start = time.perf_counter()
+            response = client.post(f"{url.rstrip('/')}/v2/models/{model_name}/infer", content=body, headers=headers)
+            if response.status_code != 200:
+                raise RemoteError(f"The server at {url} answered {response.status_code} for the overhead model "
+                                  f"{model_name!r}: {response.text[:300]}")
+            decode_response(response.content, response.headers.get(HEADER_LENGTH))
+            if index >= warmup:
+                samples.append((time.perf_counter() - start) * 1e3)
+    return samples
