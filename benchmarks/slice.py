@@ -9,7 +9,7 @@ end-to-end latency (median of the timed queries) is compared with the cost model
 ``server_overhead_ms`` is measured with a real ``/infer`` of a one-element model
 (``runner.overhead_model()``) against its own `compactai serve` process, by the split runner's
 client code; on loopback that round trip also holds the RTT, so the RTT term is 0 here. Head, tail
-and overhead are re-measured next to every cut's run, in interleaved rounds (time the parts, then
+and overhead are re-measured next to every cut's run (1 intra-op thread everywhere), in interleaved rounds (time the parts, then
 run the split queries), so load from other processes hits the prediction and the run alike; one
 profile taken minutes before the run made all-local miss by +63% on a busy machine.
 
@@ -45,6 +45,11 @@ from compactai.techniques.slice.placement import SliceConfig, end_to_end_ms, pro
 from compactai.techniques.slice.runner import SplitRunner, measure_request_overhead, overhead_model
 
 RESULTS = Path(__file__).parent / "results" / "slice.json"
+# ONNX Runtime intra-op threads for every head and tail, here and in the servers: on the 2-CPU
+# machine shared with other work, 2 threads made the digits CNN twice as slow as 1 thread and far
+# noisier (p50 29-37 ms vs 12-16 ms in interleaved rounds at load average 13), so the profile and
+# the run drifted apart; the cost model is about composing the parts, which 1 thread shows cleanly
+THREADS = 1
 console = Console(width=160)
 
 
@@ -53,7 +58,7 @@ def start_server(tail: Path, serve_from: str | None, name: str = "tail") -> tupl
     if serve_from:
         env["PYTHONPATH"] = serve_from
     process = subprocess.Popen([sys.executable, "-m", "compactai.cli", "serve", str(tail), "--port", "0",
-                                "--name", name, "--json"], stdout=subprocess.PIPE, text=True, env=env,
+                                "--name", name, "--threads", str(THREADS), "--json"], stdout=subprocess.PIPE, text=True, env=env,
                                cwd=serve_from or None)  # python -m puts the cwd first on sys.path
     line = process.stdout.readline()  # type: ignore[union-attr]
     if not line:
@@ -78,7 +83,7 @@ def part_runner(path: Path | None, feeds: dict[str, np.ndarray]) -> tuple[Any, d
         return None
     handle = load_onnx(path)
     handle.example_inputs = {k: v for k, v in feeds.items() if k in handle.input_names}
-    return make_runner(handle, "onnxruntime", None), handle.example_inputs
+    return make_runner(handle, "onnxruntime", THREADS), handle.example_inputs
 
 
 def measure_cut(profile: Any, directory: Path, url: str | None, overhead_url: str, feeds: dict[str, np.ndarray],
@@ -90,7 +95,7 @@ def measure_cut(profile: Any, directory: Path, url: str | None, overhead_url: st
     tail = part_runner(tail_part.path, middle)
     head_ms, tail_ms, overhead_ms, measured = [], [], [], []
     head_in_run = []
-    with SplitRunner(directory, url, bandwidth_mbps=args.bandwidth_mbps) as runner:
+    with SplitRunner(directory, url, bandwidth_mbps=args.bandwidth_mbps, threads=THREADS) as runner:
         for _ in range(3):
             runner.run(feeds)
         for _ in range(args.rounds):
@@ -136,7 +141,7 @@ def main() -> None:
     else:
         model, name = args.model, args.model.stem
         samples = load_onnx(model).example_inputs
-    config = SliceConfig(max_cuts=1000, compressions=("raw",), rounds=1)
+    config = SliceConfig(max_cuts=1000, compressions=("raw",), rounds=1, threads=THREADS)
     console.print(f"profiling every cut of {name} ...")
     profiles = profile_cuts(model, samples, config, work / "cuts", progress=lambda m: console.print(f"  {m}"))
     feeds = {k: v[:1] for k, v in samples.items()}

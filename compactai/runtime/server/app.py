@@ -242,10 +242,19 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def http_stack() -> dict[str, str]:
+    """The HTTP parser and event loop uvicorn will use: httptools and uvloop (``uvicorn[standard]``)
+    when installed, else the pure-Python h11 and asyncio (the server works either way, slower)."""
+    import importlib.util
+
+    return {"http": "httptools" if importlib.util.find_spec("httptools") else "h11",
+            "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"}
+
+
 def make_uvicorn(server: ModelServer) -> Any:
     """A uvicorn Server for the app (no access log: every event already has a structured log line)."""
     import uvicorn
 
     config = uvicorn.Config(create_app(server), log_level="warning", access_log=False, lifespan="on",
-                            timeout_keep_alive=30)
+                            timeout_keep_alive=30, **http_stack())
     return uvicorn.Server(config)

@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 
 from compactai.errors import BadInputError, CompactAIError
+from compactai.measure import default_threads
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 DATATYPES = {
@@ -134,8 +135,10 @@ class SplitRunner:
         if self.plan["head"]:
             options = ort.SessionOptions()
             options.log_severity_level = 3
-            if threads:
-                options.intra_op_num_threads = threads
+            # the settings `compactai slice` timed the head with (compactai.measure's runner): intra-op
+            # threads explicit, inter-op 1, so the prediction and the run time the same session
+            options.intra_op_num_threads = threads or default_threads()
+            options.inter_op_num_threads = 1
             self.head = ort.InferenceSession(str(self.directory / self.plan["head"]), options,
                                              providers=["CPUExecutionProvider"])
         self.client: httpx.Client | None = None
