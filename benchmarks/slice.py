@@ -169,11 +169,12 @@ def main() -> None:
         overhead_server.wait(timeout=30)
     table = Table(title=f"{name}: predicted vs measured end-to-end at {args.bandwidth_mbps:g} Mbit/s (loopback, "
                         "token-bucket sender)")
-    for column in ("cut", "KB sent", "head ms", "transfer ms", "overhead ms", "tail ms", "predicted ms",
-                   "measured ms", "error"):
+    for column in ("cut", "KB sent", "head ms", "head ms in run", "transfer ms", "overhead ms", "tail ms",
+                   "predicted ms", "measured ms", "error"):
         table.add_column(column, justify="left" if column == "cut" else "right")
     for row in rows:
         table.add_row(row["cut"][:48], f"{row['request_bytes'] / 1024:.1f}", f"{row['predicted_head_ms']:.2f}",
+                      f"{row['head_ms_in_run']:.2f}",
                       f"{row['predicted_transfer_ms']:.2f}", f"{row['predicted_overhead_ms']:.2f}",
                       f"{row['predicted_tail_ms']:.2f}", f"{row['predicted_end_to_end_ms']:.2f}",
                       f"{row['measured_ms']:.2f}", f"{row['relative_error']:+.1%}")

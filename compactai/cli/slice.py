@@ -117,9 +117,8 @@ def slice_command(
             assert bandwidth_mbps is not None and rtt_ms is not None
             measured = json.loads(server_profile.read_text()) if server_profile else {}
             server = measured.get("tail_ms") if server_profile else None
-            overhead = server_overhead_ms if server_overhead_ms is not None else measured.get("server_overhead_ms")
-            if overhead is None:
-                overhead = measure_server_overhead(work, say)
+            stated = server_overhead_ms if server_overhead_ms is not None else measured.get("server_overhead_ms")
+            overhead = float(stated) if stated is not None else measure_server_overhead(work, say)
             write_placement(out, profiles, model_path, samples, output, info, bandwidth_mbps=bandwidth_mbps,
                             rtt_ms=rtt_ms, server_speedup=server_speedup, limit=limits[0] if limits else None,
                             modes=modes, server=server, config=config, server_overhead_ms=overhead)

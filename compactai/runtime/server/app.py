@@ -255,6 +255,7 @@ def make_uvicorn(server: ModelServer) -> Any:
     """A uvicorn Server for the app (no access log: every event already has a structured log line)."""
     import uvicorn
 
+    stack = http_stack()
     config = uvicorn.Config(create_app(server), log_level="warning", access_log=False, lifespan="on",
-                            timeout_keep_alive=30, **http_stack())
+                            timeout_keep_alive=30, http=stack["http"], loop=stack["loop"])
     return uvicorn.Server(config)
