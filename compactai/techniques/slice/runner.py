@@ -208,22 +208,38 @@ def overhead_model() -> bytes:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
+class OverheadProbe:
+    """Times ``/infer`` requests for the one-element model of ``overhead_model()`` served as
+    ``model_name`` at ``url``, on one kept-alive connection, with the split runner's client code."""
+
+    def __init__(self, url: str, model_name: str, token: str | None = None) -> None:
+        self.body, self.headers = encode_request({OVERHEAD_INPUT: np.ones((1, 1), np.float32)})
+        self.url = f"{url.rstrip('/')}/v2/models/{model_name}/infer"
+        auth = {"authorization": f"Bearer {token}"} if token else {}
+        transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        self.client = httpx.Client(timeout=30.0, headers=auth, transport=transport)
+
+    def once(self) -> float:
+        """One request's round trip, ms."""
+        start = time.perf_counter()
+        response = self.client.post(self.url, content=self.body, headers=self.headers)
+        if response.status_code != 200:
+            raise RemoteError(f"The server answered {response.status_code} at {self.url} for the overhead model: "
+                              f"{response.text[:300]}")
+        decode_response(response.content, response.headers.get(HEADER_LENGTH))
+        return (time.perf_counter() - start) * 1e3
+
+    def close(self) -> None:
+        self.client.close()
+
+
 def measure_request_overhead(url: str, model_name: str, queries: int = 30, token: str | None = None,
                              warmup: int = 5) -> list[float]:
-    """Round-trip times (ms) of ``/infer`` requests for the one-element model of ``overhead_model()``
-    served as ``model_name`` at ``url``, sent by the split runner's own client code."""
-    body, headers = encode_request({OVERHEAD_INPUT: np.ones((1, 1), np.float32)})
-    auth = {"authorization": f"Bearer {token}"} if token else {}
-    transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
-    samples: list[float] = []
-    with httpx.Client(timeout=30.0, headers=auth, transport=transport) as client:
-        for index in range(warmup + queries):
-            start = time.perf_counter()
-            response = client.post(f"{url.rstrip('/')}/v2/models/{model_name}/infer", content=body, headers=headers)
-            if response.status_code != 200:
-                raise RemoteError(f"The server at {url} answered {response.status_code} for the overhead model "
-                                  f"{model_name!r}: {response.text[:300]}")
-            decode_response(response.content, response.headers.get(HEADER_LENGTH))
-            if index >= warmup:
-                samples.append((time.perf_counter() - start) * 1e3)
-    return samples
+    """Round-trip times (ms) of ``queries`` ``/infer`` requests of the overhead model (after ``warmup``)."""
+    probe = OverheadProbe(url, model_name, token)
+    try:
+        for _ in range(warmup):
+            probe.once()
+        return [probe.once() for _ in range(queries)]
+    finally:
+        probe.close()
