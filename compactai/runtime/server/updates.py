@@ -152,6 +152,11 @@ class UpdateLoop:
         probation.closed = True  # from here on live requests no longer feed the monitor
         if monitor.requests < self.agent.probation.min_requests or not probation.done.is_set():
             self._synthesized(loaded, monitor, self.probation_requests - monitor.requests)
+        if not monitor.verdict()[0]:
+            # traffic goes back to the previous version first, then the agent rolls back on disk: once the
+            # roll back is recorded, no request is routed to the failed version any more
+            self.model.end_probation(probation, keep=False)
+            return self.agent.finish_probation(monitor)
         final = self.agent.finish_probation(monitor)
         self.model.end_probation(probation, keep=final.status == "committed")
         return final
