@@ -49,12 +49,13 @@ def build_model(work: Path) -> tuple[Path, str]:
 
     from compactai import load_model
     from compactai.examples import cache_dir
-    from compactai.examples.digits import build_digits_cnn, load_digits_splits, recipe_key
+    from compactai.examples.digits import WIDTHS, load_digits_splits, recipe_key
+    from compactai.models.zoo import digits_resnet
     from compactai.techniques.quantize.ort_ptq import Int8Config, preprocess, quantize_int8
 
     splits = load_digits_splits()
     weights = cache_dir() / f"digits-teacher-{recipe_key()}.safetensors"
-    module = build_digits_cnn()
+    module = digits_resnet(WIDTHS)
     if weights.exists():
         from safetensors.torch import load_file
 
