@@ -49,12 +49,13 @@ def build_model(work: Path) -> tuple[Path, str]:
 
     from compactai import load_model
     from compactai.examples import cache_dir
-    from compactai.examples.digits import build_digits_cnn, load_digits_splits, recipe_key
+    from compactai.examples.digits import WIDTHS, load_digits_splits, recipe_key
+    from compactai.models.zoo import digits_resnet
     from compactai.techniques.quantize.ort_ptq import Int8Config, preprocess, quantize_int8
 
     splits = load_digits_splits()
     weights = cache_dir() / f"digits-teacher-{recipe_key()}.safetensors"
-    module = build_digits_cnn()
+    module = digits_resnet(WIDTHS)
     if weights.exists():
         from safetensors.torch import load_file
 
@@ -201,6 +202,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=2000, help="batch-1 queries for the p50 figures")
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
+    load_start = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="compactai-bench-serve-"))
     console = Console()
     console.print("building the int8 digits model...")
@@ -229,7 +231,7 @@ def main() -> None:
 
     report: dict[str, Any] = {
         "model": what, "threads": THREADS, "queries": args.queries, "cpus": os.cpu_count(),
-        "load_average": os.getloadavg()[0],
+        "load_average": os.getloadavg()[0], "load_average_start": load_start, "load_average_end": os.getloadavg(),
         "batch1": {"bare_ort_p50_ms": bare, "server_json_p50_ms": json_p50, "server_binary_p50_ms": binary_p50,
                    "added_json_p50_ms": json_p50 - bare, "added_binary_p50_ms": binary_p50 - bare,
                    "in_server_mean_ms": in_server and in_server * 1e3, "compute_mean_ms": compute and compute * 1e3},
@@ -238,7 +240,8 @@ def main() -> None:
                                             "speedup": batched["throughput_rps"] / unbatched["throughput_rps"]},
     }
     table = Table(title=f"compactai serve: {what}, {THREADS} intra-op thread, load average "
-                        f"{report['load_average']:.1f} on {report['cpus']} CPUs", title_justify="left")
+                        f"{load_start[0]:.1f} at the start, {report['load_average']:.1f} at the end, on "
+                        f"{report['cpus']} CPUs", title_justify="left")
     for column in ("figure", "value"):
         table.add_column(column, justify="left" if column == "figure" else "right")
     b1 = report["batch1"]

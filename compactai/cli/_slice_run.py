@@ -4,39 +4,74 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from compactai.cli._common import Output, table
-from compactai.errors import BadInputError, ModelNotFoundError
+from compactai.errors import BadInputError, CompactAIError, ModelNotFoundError
 from compactai.results import to_jsonable
 
 TAIL_NAME = "tail"
 
 
-def write_profile(out: Output, profiles: list[Any], output: Path, info: dict[str, Any]) -> None:
-    """`--profile-only`: every cut's tail latency on this machine, for `--server-profile` on the device."""
+def measure_server_overhead(work: Path, say: Any, queries: int = 30) -> float:
+    """The per-request cost of `compactai serve` on this machine (ms): the median round trip of
+    ``/infer`` on a one-element model, against a real server process on 127.0.0.1."""
+    from compactai.techniques.slice.runner import measure_request_overhead, overhead_model
+
+    say("measuring the server's per-request overhead (a one-element model on `compactai serve`)")
+    model = work / "overhead.onnx"
+    model.write_bytes(overhead_model())
+    process = subprocess.Popen([sys.executable, "-m", "compactai.cli", "serve", str(model), "--port", "0",
+                                "--name", "overhead", "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line:
+            raise CompactAIError("`compactai serve` did not start to measure the server overhead; give "
+                                 "--server-overhead-ms MS instead.")
+        url = f"http://127.0.0.1:{json.loads(line)['port']}"
+        # the server logs one line per event; drain them so a full pipe never blocks it
+        threading.Thread(target=process.stdout.read, daemon=True).start()
+        return statistics.median(measure_request_overhead(url, "overhead", queries))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def write_profile(out: Output, profiles: list[Any], output: Path, info: dict[str, Any],
+                  server_overhead_ms: float) -> None:
+    """`--profile-only`: every cut's tail latency on this machine and the server's per-request
+    overhead here, for `--server-profile` on the device."""
     from compactai.techniques.slice.placement import profile_key
 
     output.mkdir(parents=True, exist_ok=True)
     tail_ms = {profile_key(p.cut, mode): ms for p in profiles for mode, ms in p.tail_ms.items()}
-    data = {"source": info, "tail_ms": tail_ms, "cuts": [p.to_dict() for p in profiles]}
+    data = {"source": info, "tail_ms": tail_ms, "server_overhead_ms": server_overhead_ms,
+            "cuts": [p.to_dict() for p in profiles]}
     (output / "profile.json").write_text(json.dumps(to_jsonable(data), indent=2))
-    out.console.print(f"wrote {output / 'profile.json'} ({len(tail_ms)} tail timings)")
-    out.emit({"profile": str(output / "profile.json"), "tail_ms": tail_ms})
+    out.console.print(f"wrote {output / 'profile.json'} ({len(tail_ms)} tail timings, server overhead "
+                      f"{server_overhead_ms:.3f} ms per request)", highlight=False)
+    out.emit({"profile": str(output / "profile.json"), "tail_ms": tail_ms, "server_overhead_ms": server_overhead_ms})
 
 
 def write_placement(out: Output, profiles: list[Any], model_path: Path, samples: dict[str, np.ndarray],
                     output: Path, info: dict[str, Any], *, bandwidth_mbps: float, rtt_ms: float,
                     server_speedup: float, limit: float | None, modes: tuple[str, ...],
-                    server: dict[str, float] | None, config: Any) -> None:
+                    server: dict[str, float] | None, config: Any, server_overhead_ms: float) -> None:
     from compactai.report.slicing import write_bandwidth_svg
     from compactai.techniques.slice.placement import placement_report
 
     result = placement_report(profiles, bandwidth_mbps=bandwidth_mbps, rtt_ms=rtt_ms, server_speedup=server_speedup,
-                              device_memory_mb=limit, modes=modes, server_profile=server)
+                              device_memory_mb=limit, modes=modes, server_profile=server,
+                              server_overhead_ms=server_overhead_ms)
     output.mkdir(parents=True, exist_ok=True)
     for stale in ("head.onnx", "tail.onnx"):
         (output / stale).unlink(missing_ok=True)
@@ -84,15 +119,15 @@ def print_placement(out: Output, result: dict[str, Any]) -> None:
                          row["head_memory_mb"], *[row["end_to_end_ms"][mode][bw] for bw in sweep]])
     assumptions = result["assumptions"]
     out.console.print(table(
-        f"Cuts (RTT {assumptions['rtt_ms']} ms, server speed-up {assumptions['server_speedup']}x; end-to-end "
-        "predicted from measured parts)",
+        f"Cuts (RTT {assumptions['rtt_ms']} ms, server overhead {assumptions['server_overhead_ms']:.2f} ms per "
+        f"request, server speed-up {assumptions['server_speedup']}x; end-to-end predicted from measured parts)",
         ["cut:wire", "tensors", "head ms", "sent KB", "tail ms (here)", "max|diff|", "agree/cos", "head MB",
          *[f"e2e ms @{bw} Mbit/s" for bw in sweep]], rows))
     choice = result["choice"]
     out.console.print(f"choice at {assumptions['bandwidth_mbps']:g} Mbit/s: [bold]{choice['cut']['label']}[/bold] "
                       f"({choice['compression']}), {choice['end_to_end_ms']:.3f} ms end-to-end "
-                      f"(head {choice['head_ms']:.3f} + transfer {choice['transfer_ms']:.3f} + tail "
-                      f"{choice['tail_ms']:.3f})", highlight=False)
+                      f"(head {choice['head_ms']:.3f} + transfer {choice['transfer_ms']:.3f} + server overhead "
+                      f"{choice['overhead_ms']:.3f} + tail {choice['tail_ms']:.3f})", highlight=False)
     moves = "; ".join(f"{bw} Mbit/s -> {c['cut']} ({c['compression']}, {c['end_to_end_ms']:.3f} ms)"
                       for bw, c in result["choice_by_bandwidth"].items())
     out.console.print(f"note: the choice by bandwidth: {moves}", highlight=False)

@@ -50,6 +50,14 @@ def optimize(
                                          help="Before choosing, measure the original and the contenders (trials that "
                                               "meet every non-latency limit) again in this many interleaved rounds and "
                                               "use the medians; 0: keep each trial's single measurement."),
+    bandwidth_mbps: float | None = typer.Option(None, "--bandwidth-mbps", help="Uplink to a server, Mbit/s: the "
+                                                "results then say where to split the chosen model (compactai slice)."),
+    rtt_ms: float | None = typer.Option(None, "--rtt-ms", help="With --bandwidth-mbps: round-trip time, ms."),
+    server_speedup: float = typer.Option(1.0, "--server-speedup", help="With --bandwidth-mbps: the server runs a "
+                                                                       "tail this many times faster than this machine."),
+    server_overhead_ms: float | None = typer.Option(None, "--server-overhead-ms", help="With --bandwidth-mbps: "
+                                                    "per-request server cost, ms (default: measured here on a real "
+                                                    "`compactai serve`)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Search pipelines of the registered techniques (prune -> distill -> quantize) for the best model
@@ -80,7 +88,7 @@ def optimize(
         seed=seed if seed is not None else (spec.seed if spec else 0),
         executor=executor if executor != "local" or spec is None else spec.executor,
         ray_address=ray_address, storage=storage, resume=resume, measure=measure,
-        remeasure_rounds=remeasure_rounds,
+        remeasure_rounds=remeasure_rounds, network=_network(bandwidth_mbps, rtt_ms, server_speedup, server_overhead_ms),
     )
     if config.executor not in ("local", "ray"):
         from compactai.errors import BadInputError
@@ -89,6 +97,8 @@ def optimize(
     config.check()  # bad limits fail here, before the model is loaded or the output directory made
     check_output_dir(output)
     with out.progress("Optimizing") as say:
+        if config.network is not None and server_overhead_ms is None:
+            config.network.server_overhead_ms = _measured_overhead(say)
         handle, task, info = resolve_model(path, example, progress=lambda e, n, acc: say(f"training example {e}/{n}"),
                                            hf_task=hf_task)
         if task is None and data is not None:
@@ -134,6 +144,36 @@ def optimize(
     out.emit({k: v for k, v in results.items() if k != "latency_samples_ms"})
 
 
+def _network(bandwidth_mbps: float | None, rtt_ms: float | None, server_speedup: float,
+             server_overhead_ms: float | None) -> Any:
+    """The stated network (None without --bandwidth-mbps); checked with the rest of the config."""
+    from compactai.errors import BadInputError
+    from compactai.search.deployment import NetworkSpec
+
+    if bandwidth_mbps is None:
+        if rtt_ms is not None or server_overhead_ms is not None:
+            raise BadInputError("--rtt-ms and --server-overhead-ms describe a network: give --bandwidth-mbps too.")
+        return None
+    if rtt_ms is None:
+        raise BadInputError("--bandwidth-mbps needs --rtt-ms (the round-trip time to the server, ms).")
+    if server_overhead_ms is not None and not server_overhead_ms >= 0:
+        raise BadInputError(f"--server-overhead-ms must be 0 or more milliseconds; got {server_overhead_ms}.")
+    return NetworkSpec(bandwidth_mbps, rtt_ms, server_speedup, server_overhead_ms or 0.0)
+
+
+def _measured_overhead(say: Any) -> float:
+    import shutil
+    import tempfile
+
+    from compactai.cli._slice_run import measure_server_overhead
+
+    work = Path(tempfile.mkdtemp(prefix="compactai-overhead-"))
+    try:
+        return measure_server_overhead(work, say)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _paths(target: Path, chosen: bool) -> dict[str, str]:
     paths = {"output_dir": str(target), "results": str(target / "results.json"), "report": str(target / "report.html"),
              "study": str(target / "study.db")}
@@ -175,6 +215,13 @@ def print_summary(out: Output, results: dict[str, Any]) -> None:
         out.console.print(f"skipped {name}: {reason}")
     if results["selection"].get("stop_reason") and not results.get("chosen"):
         out.console.print(results["selection"]["stop_reason"])
+    split = results.get("split")
+    if split:
+        c, net = split["choice"], split["network"]
+        out.console.print(f"split at {net['bandwidth_mbps']:g} Mbit/s, RTT {net['rtt_ms']:g} ms: {c['cut']} "
+                          f"({c['end_to_end_ms']:.3f} ms predicted end-to-end; head {c['head_ms']:.3f} + transfer "
+                          f"{c['transfer_ms']:.3f} + server {c['overhead_ms']:.3f} + tail {c['tail_ms']:.3f})",
+                          highlight=False)
     out.console.print(f"trials: {results['search']['trials_finished']} (stopped by {results['search']['stopped_by']})"
                       f"; report: {results['paths']['report']}")
     _ = fmt

@@ -72,7 +72,7 @@ def serve(
     from compactai.errors import BadInputError
     from compactai.runtime import ProbationPolicy
     from compactai.runtime.server import BatchSettings, FallbackPolicy, ModelServer, ServeConfig
-    from compactai.runtime.server.app import bind_socket, make_uvicorn
+    from compactai.runtime.server.app import bind_socket, http_stack, make_uvicorn
     from compactai.runtime.server.fallback import load_rule
 
     token = _read_token(token_file) if token_file is not None else None
@@ -99,7 +99,7 @@ def serve(
     start = server.log("start", url=f"http://{host}:{bound}", model=server.model.name,
                        version=slot.version if slot else None, source=str(source), kind=server.kind,
                        threads=server.threads, workers=workers, max_batch=max_batch, auth=token is not None,
-                       fallback=fallback_url, update_source=update_source or repo_url)
+                       fallback=fallback_url, update_source=update_source or repo_url, **http_stack())
     if json_output:
         out = sys.__stdout__ or sys.stdout
         out.write(json.dumps({**start, "port": bound}) + "\n")

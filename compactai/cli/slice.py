@@ -31,6 +31,10 @@ def slice_command(
                                                                        "faster than this machine."),
     server_profile: Path | None = typer.Option(None, "--server-profile", help="Tail latencies measured on the "
                                                                                "server (`--profile-only`)."),
+    server_overhead_ms: float | None = typer.Option(None, "--server-overhead-ms", help="Per-request cost of the "
+                                                    "server and protocol besides the tail (ms); default: from "
+                                                    "--server-profile, else measured here with a one-element "
+                                                    "model on a real `compactai serve`."),
     profile_only: bool = typer.Option(False, "--profile-only", help="Only measure every cut here and write "
                                                                    "profile.json (run it on the server)."),
     parts: int | None = typer.Option(None, "--parts", help="Split into K consecutive parts under the memory limits."),
@@ -71,6 +75,8 @@ def slice_command(
         else:
             check_network(bandwidth_mbps, rtt_ms, server_speedup)
     limits = _limits(device_memory_mb, parts)
+    if server_overhead_ms is not None and not server_overhead_ms >= 0:
+        raise BadInputError(f"--server-overhead-ms must be 0 or more milliseconds; got {server_overhead_ms}.")
     if server_profile is not None and not server_profile.is_file():
         raise ModelNotFoundError(f"--server-profile {server_profile} does not exist; write it on the server with "
                                  "`compactai slice MODEL --profile-only -o DIR` (DIR/profile.json).")
@@ -103,16 +109,21 @@ def slice_command(
                 cuts = [Graph.load(model_path).validate_cut([c.strip() for c in cut.split(",") if c.strip()])]
             profiles = profile_cuts(model_path, samples, config, work / "cuts", progress=say, cuts=cuts)
             assert output is not None
-            from compactai.cli._slice_run import write_placement, write_profile
+            from compactai.cli._slice_run import measure_server_overhead, write_placement, write_profile
 
             if profile_only:
-                write_profile(out, profiles, output, info)
+                overhead = server_overhead_ms if server_overhead_ms is not None else \
+                    measure_server_overhead(work, say)
+                write_profile(out, profiles, output, info, overhead)
                 return
             assert bandwidth_mbps is not None and rtt_ms is not None
-            server = json.loads(server_profile.read_text())["tail_ms"] if server_profile else None
+            measured = json.loads(server_profile.read_text()) if server_profile else {}
+            server = measured.get("tail_ms") if server_profile else None
+            stated = server_overhead_ms if server_overhead_ms is not None else measured.get("server_overhead_ms")
+            overhead = float(stated) if stated is not None else measure_server_overhead(work, say)
             write_placement(out, profiles, model_path, samples, output, info, bandwidth_mbps=bandwidth_mbps,
                             rtt_ms=rtt_ms, server_speedup=server_speedup, limit=limits[0] if limits else None,
-                            modes=modes, server=server, config=config)
+                            modes=modes, server=server, config=config, server_overhead_ms=overhead)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 

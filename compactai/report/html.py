@@ -43,6 +43,9 @@ Test-split quality: original {{ fmt(r.task.baseline_test) }}{% if chosen_fig %},
 <h2>Per-technique contribution</h2><figure id="waterfall-plot">{{ waterfall | safe }}</figure>
 {% if r.waterfall %}<table id="waterfall-table"><tr><th>after step</th><th>quality</th><th>p90 ms</th><th>size MB</th><th>params</th><th>MACs</th></tr>
 {% for s in r.waterfall %}<tr><td>{{ s.step }}</td><td>{{ fmt(s.quality) }}</td><td>{{ fmt(s.latency_p90_ms) }}</td><td>{{ fmt(s.size_mb) }}</td><td>{{ fmt(s.params) }}</td><td>{{ fmt(s.macs) }}</td></tr>{% endfor %}</table>{% endif %}
+{% if r.split %}<h2>Where to split it</h2>
+<p id="split-choice">On {{ fmt(r.split.network.bandwidth_mbps) }} Mbit/s with a {{ fmt(r.split.network.rtt_ms) }} ms RTT (server {{ fmt(r.split.network.server_speedup) }}x this machine, {{ fmt(r.split.network.server_overhead_ms) }} ms per request), the slicing cost model chooses <b>{{ r.split.choice.cut }}</b>: {{ fmt(r.split.choice.end_to_end_ms) }} ms end-to-end predicted (head {{ fmt(r.split.choice.head_ms) }} + transfer {{ fmt(r.split.choice.transfer_ms) }} + server {{ fmt(r.split.choice.overhead_ms) }} + tail {{ fmt(r.split.choice.tail_ms) }}).
+By bandwidth: {% for bw, c in r.split.choice_by_bandwidth.items() %}{{ bw }} Mbit/s: {{ c.cut }} ({{ fmt(c.end_to_end_ms) }} ms){% if not loop.last %}; {% endif %}{% endfor %}. {{ r.split.how }}.</p>{% endif %}
 <h2>Latency distribution</h2><figure id="latency-plot">{{ latency | safe }}</figure>
 
 <h2>Recipe to reproduce</h2>

@@ -16,16 +16,18 @@ def bandwidth_svg(result: dict[str, Any]) -> str:
     assumptions = result["assumptions"]
     stated = assumptions["bandwidth_mbps"]
     rtt, speedup = assumptions["rtt_ms"], assumptions["server_speedup"]
+    overhead = assumptions.get("server_overhead_ms") or 0.0
     grid = np.logspace(np.log10(stated / 100), np.log10(stated * 100), 60)
     chosen = result["choice"]
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     for index, row in enumerate(result["cuts"]):
         mode = chosen["compression"] if chosen["compression"] in row["tail_ms"] else "raw"
-        head, tail, sent = row["head_ms"][mode], row["tail_ms"][mode] / speedup, row["tensor_bytes"][mode]
+        head, tail = row["head_ms"][mode], row["tail_ms"][mode] / speedup
+        sent = (row.get("request_bytes") or {}).get(mode) or row["tensor_bytes"][mode]
         if row["cut"]["kind"] == "all-local":
             values = np.full_like(grid, head)
         else:
-            values = head + tail + rtt + sent * 8 / (grid * 1e6) * 1e3
+            values = head + tail + rtt + overhead + sent * 8 / (grid * 1e6) * 1e3
         is_chosen = index == chosen["index"]
         label = row["cut"]["label"]
         ax.plot(grid, values, color=CHOSEN if is_chosen else None, linewidth=2.5 if is_chosen else 1,

@@ -23,6 +23,7 @@ from compactai.errors import BadInputError, ParameterError
 from compactai.measure import MeasureConfig
 from compactai.models.handle import ModelHandle
 from compactai.results import describe
+from compactai.search.deployment import NetworkSpec
 from compactai.search.executors import make_executor
 from compactai.search.space import SearchSpace, recipe_key
 from compactai.search.trial import TrialResult
@@ -47,6 +48,7 @@ class SearchConfig:
         min_queries=100, min_seconds=0.5, warmup=10, throughput_min_batches=5, memory=False))
     enqueue_singles: bool = True
     remeasure_rounds: int = 3  # interleaved re-measurement of the contenders before selection (remeasure.py)
+    network: NetworkSpec | None = None  # when given, results say where to split the chosen model (deployment.py)
 
     def check(self) -> None:
         """Raise ParameterError for limits that cannot mean anything (called before any work starts):
@@ -59,6 +61,8 @@ class SearchConfig:
         if not 0 <= self.remeasure_rounds <= 20:
             raise ParameterError(f"--remeasure-rounds must be from 0 to 20; got {self.remeasure_rounds}.")
         self.measure.check()
+        if self.network is not None:
+            self.network.check()
 
 
 @dataclass

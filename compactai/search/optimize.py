@@ -15,12 +15,13 @@ from compactai.errors import BudgetNotMetError
 from compactai.measure import MeasureConfig, environment, make_runner, measure
 from compactai.models.handle import ModelHandle
 from compactai.results import describe, save_model, to_jsonable
+from compactai.search.deployment import split_choice
 from compactai.search.engine import SearchConfig, run_search
 from compactai.search.remeasure import interleave_final, interleaved_selection_figures
 from compactai.search.select import Selection, select
 from compactai.search.space import SearchSpace, space_for_model
 from compactai.search.trial import StepCache, TrialResult, apply_recipe, figures_for
-from compactai.tasks import Task
+from compactai.tasks import Task, trim_padding
 
 FINAL_MEASURE = MeasureConfig(min_queries=300, min_seconds=1.5, warmup=30, throughput_batch=32,
                               throughput_min_batches=10, memory=True)
@@ -117,6 +118,12 @@ def optimize(
                                              selection_baseline)
             save_model(closest_handle, out)
     closest = selection.closest[0] if selection.chosen is None and selection.closest else None
+    split = None
+    if config.network is not None and selection.chosen is not None:
+        say("placing the chosen model on the stated network (slicing cost model)")
+        samples = trim_padding({k: v[:64] for k, v in task.splits[selection_split].inputs.items()})
+        split = split_choice(out / "model.onnx", samples, config.network, threads=config.measure.threads,
+                             progress=say)
     results = {
         "command": "optimize",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -155,6 +162,7 @@ def optimize(
                                  (budget.check(chosen_final) if chosen_final else selection.failed_checks)],
                       "stop_reason": stop_reason(outcome.stopped_by, space)},
         "waterfall": waterfall,
+        "split": split,
         "trials": [r.to_dict() for r in outcome.trials],
         "latency_samples_ms": {"original": baseline_final.get("latency_samples_ms", []),
                                "chosen": (chosen_final or {}).get("latency_samples_ms", [])},

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -104,7 +105,11 @@ class FallbackClient:
         self.policy = policy
         headers = {"authorization": f"Bearer {policy.token}"} if policy.token else {}
         # httpx's timeouts only back up the deadline (wait_for in forward), so they sit past it
-        self.client = httpx.AsyncClient(timeout=2 * policy.timeout_s + 1.0, headers=headers, follow_redirects=False)
+        # TCP_NODELAY: httpx writes headers and body separately, and Nagle would hold the body
+        # back until the remote's delayed ACK (about 40 ms on Linux)
+        transport = httpx.AsyncHTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        self.client = httpx.AsyncClient(timeout=2 * policy.timeout_s + 1.0, headers=headers, follow_redirects=False,
+                                        transport=transport)
 
     def infer_url(self, local_name: str) -> str:
         base = self.policy.url.rstrip("/")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import statistics
 import threading
 import time
@@ -59,7 +60,9 @@ def run_load(url: str, model: str, input_name: str, shape: list[int], *, concurr
 
     def worker(index: int) -> None:
         rng = np.random.default_rng(seed + index)
-        with httpx.Client(timeout=timeout, headers=headers) as client:
+        # TCP_NODELAY, as a real client should: Nagle would add the server's delayed ACK to each request
+        transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        with httpx.Client(timeout=timeout, headers=headers, transport=transport) as client:
             while time.perf_counter() < deadline:
                 with lock:
                     if budget[0] <= 0:

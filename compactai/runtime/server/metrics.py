@@ -81,7 +81,7 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("compactai_requests", "Inference requests by model, version and outcome "
-                                "(ok, bad_request, not_found, unauthorized, too_large, error)",
+                                "(ok, bad_request, not_found, unauthorized, too_large, nonfinite_output, error)",
                                 ["model", "version", "outcome"], registry=r)
         self.request_seconds = Histogram("compactai_request_duration_seconds", "Inference request latency in the "
                                          "server, body read to response", ["model"], buckets=LATENCY_BUCKETS,

@@ -37,7 +37,8 @@ ORT_TYPES = {
 
 
 class RequestError(Exception):
-    """A client mistake: ``status`` is the HTTP status (400, 401, 404, 413), the message says what to fix."""
+    """A request that cannot be answered: ``status`` is the HTTP status (400, 401, 404, 413 for client
+    mistakes; 500 for a model output that JSON cannot carry), the message says what to fix."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -261,10 +262,15 @@ def encode_response(request: InferRequest, outputs: dict[str, np.ndarray], *, mo
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
+            if array.dtype.kind in "fc" and not np.all(np.isfinite(array)):
+                # JSON has no NaN/Infinity; writing Python's `NaN` token would hand clients invalid JSON
+                raise RequestError(500, f"Model {model_name!r} version {model_version} produced NaN or Inf in "
+                                        f"output {name!r}, which JSON cannot carry; ask for binary outputs "
+                                        "(parameters.binary_data_output: true) to receive the raw IEEE values.")
             entry["data"] = _to_json_data(array)
         entries.append(entry)
     body["outputs"] = entries
-    header = json.dumps(body, separators=(",", ":")).encode()
+    header = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
     if not blobs:
         return header, {"content-type": "application/json"}
     return header + b"".join(blobs), {"content-type": "application/octet-stream",

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from compactai.bundle.manifest import MAX_MANIFEST_BYTES
+from compactai.bundle.stage import read_archive_metadata
 from compactai.bundle.verify import load_arrays
 from compactai.errors import CompactAIError
 from compactai.runtime import UpdateAgent, UpdateResult
@@ -49,6 +50,8 @@ def peek_version(source: str, timeout: float = 10.0) -> int | None:
                         raw += block
                         if len(raw) > MAX_MANIFEST_BYTES:  # endless data: not a manifest, let the agent refuse
                             return None
+        elif Path(source).is_file():  # a tar archive: its manifest is read from the stream, size-bounded
+            raw = read_archive_metadata(Path(source))[0]
         else:
             path = Path(source) / "manifest.json"
             raw = path.read_bytes()[:MAX_MANIFEST_BYTES] if path.is_file() else b""
@@ -149,6 +152,11 @@ class UpdateLoop:
         probation.closed = True  # from here on live requests no longer feed the monitor
         if monitor.requests < self.agent.probation.min_requests or not probation.done.is_set():
             self._synthesized(loaded, monitor, self.probation_requests - monitor.requests)
+        if not monitor.verdict()[0]:
+            # traffic goes back to the previous version first, then the agent rolls back on disk: once the
+            # roll back is recorded, no request is routed to the failed version any more
+            self.model.end_probation(probation, keep=False)
+            return self.agent.finish_probation(monitor)
         final = self.agent.finish_probation(monitor)
         self.model.end_probation(probation, keep=final.status == "committed")
         return final

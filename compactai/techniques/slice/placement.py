@@ -4,10 +4,15 @@ cut with the lowest end-to-end latency for a stated network and device memory.
 
 Cost model (per query, batch 1)::
 
-    end-to-end = head_ms (device) + bytes * 8 / bandwidth + RTT + tail_ms / server_speedup
+    end-to-end = head_ms (device) + request_bytes * 8 / bandwidth + RTT + server_overhead_ms
+                 + tail_ms / server_speedup
 
-The upload is what the bandwidth limits; the response (the model's output) is assumed small and
-rides inside the RTT. all-local (no transfer) and all-remote (the raw input is sent) are candidates.
+The upload is what the bandwidth limits (``request_bytes``: the tensor plus the protocol's JSON
+header, as the split runner sends it); the response (the model's output) is assumed small and rides
+inside the RTT. ``server_overhead_ms`` is what one request costs besides the tail itself (HTTP
+parsing, protocol decoding, the client's encoding): measured with a real ``/infer`` of a
+one-element model against a real server, not assumed. all-local (no transfer) and all-remote (the
+raw input is sent) are candidates.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from compactai.measure import make_runner, measure_latency, turn_order
 from compactai.measure.memory import measure_peak_memory
 from compactai.models.load import load_onnx
 from compactai.techniques.slice.graph import COMPRESSIONS, LOCAL, REMOTE, Cut, Graph, compress, observe
+from compactai.techniques.slice.runner import encode_request
 
 
 @dataclass
@@ -60,10 +66,11 @@ class CutProfile:
     cut: Cut
     head_ms: dict[str, float]  # per compression; 0 when nothing runs on the device
     tail_ms: dict[str, float]  # per compression, on this machine; 0 when nothing runs remotely
-    tensor_bytes: dict[str, int]  # bytes crossing the network per query, per compression
+    tensor_bytes: dict[str, int]  # tensor bytes crossing the network per query, per compression
     fidelity: dict[str, dict[str, float]]  # per compression: outputs vs the unsplit model
     head_memory_mb: float | None = None  # peak RSS minus the runtime's RSS before loading
     head_peak_mb: float | None = None
+    request_bytes: dict[str, int] = field(default_factory=dict)  # the whole request body, header included
     parts: dict[str, tuple[Part, Part]] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,6 +151,7 @@ def profile_cuts(model_path: Path, samples: dict[str, np.ndarray], config: Slice
             middle = _run_model(head, batch, config.threads) if head.path else batch
             sent_one = {k: v[:1] if v.ndim else v for k, v in middle.items()}
             profile.tensor_bytes[mode] = 0 if cut.kind == LOCAL else int(sum(v.nbytes for v in sent_one.values()))
+            profile.request_bytes[mode] = 0 if cut.kind == LOCAL else len(encode_request(sent_one)[0])
             outputs = middle if tail.path is None else _run_model(tail, middle, config.threads)
             profile.fidelity[mode] = fidelity(reference, outputs)
         profiles.append(profile)
@@ -228,21 +236,24 @@ def _runner(path: Path, feeds: dict[str, np.ndarray], threads: int | None) -> An
 
 
 def end_to_end_ms(profile: CutProfile, mode: str, bandwidth_mbps: float, rtt_ms: float, server_speedup: float,
-                  server_tail_ms: float | None = None) -> dict[str, float]:
-    """The cost model's figures for one cut and compression on one network."""
+                  server_tail_ms: float | None = None, server_overhead_ms: float = 0.0) -> dict[str, float]:
+    """The cost model's figures for one cut and compression on one network: ``transfer_ms`` is the
+    upload plus the RTT, ``overhead_ms`` the per-request cost of the server and protocol."""
     tail = profile.tail_ms[mode] / server_speedup if server_tail_ms is None else server_tail_ms
     if profile.cut.kind == LOCAL:
-        transfer = 0.0
-        tail = 0.0
+        transfer = overhead = tail = 0.0
     else:
-        transfer = profile.tensor_bytes[mode] * 8 / (bandwidth_mbps * 1e6) * 1e3 + rtt_ms
+        sent = profile.request_bytes.get(mode) or profile.tensor_bytes[mode]  # profiles from before request_bytes
+        transfer = sent * 8 / (bandwidth_mbps * 1e6) * 1e3 + rtt_ms
+        overhead = server_overhead_ms
     head = profile.head_ms[mode]
-    return {"head_ms": head, "transfer_ms": transfer, "tail_ms": tail, "end_to_end_ms": head + transfer + tail}
+    return {"head_ms": head, "transfer_ms": transfer, "overhead_ms": overhead, "tail_ms": tail,
+            "end_to_end_ms": head + transfer + overhead + tail}
 
 
 def choose(profiles: list[CutProfile], bandwidth_mbps: float, rtt_ms: float, server_speedup: float,
            device_memory_mb: float | None = None, modes: tuple[str, ...] = ("raw",),
-           server_profile: dict[str, float] | None = None) -> dict[str, Any]:
+           server_profile: dict[str, float] | None = None, server_overhead_ms: float = 0.0) -> dict[str, Any]:
     """The (cut, compression) with the lowest end-to-end latency whose head fits the device memory."""
     best: dict[str, Any] | None = None
     for index, profile in enumerate(profiles):
@@ -252,7 +263,7 @@ def choose(profiles: list[CutProfile], bandwidth_mbps: float, rtt_ms: float, ser
             if mode not in profile.tail_ms:
                 continue
             server = None if server_profile is None else server_profile.get(profile_key(profile.cut, mode))
-            figures = end_to_end_ms(profile, mode, bandwidth_mbps, rtt_ms, server_speedup, server)
+            figures = end_to_end_ms(profile, mode, bandwidth_mbps, rtt_ms, server_speedup, server, server_overhead_ms)
             if best is None or figures["end_to_end_ms"] < best["end_to_end_ms"]:
                 best = {"index": index, "cut": profile.cut.to_dict(), "compression": mode, **figures}
     if best is None:
@@ -274,7 +285,8 @@ def bandwidth_sweep(bandwidth_mbps: float) -> list[float]:
 
 def placement_report(profiles: list[CutProfile], *, bandwidth_mbps: float, rtt_ms: float, server_speedup: float,
                      device_memory_mb: float | None, modes: tuple[str, ...],
-                     server_profile: dict[str, float] | None = None) -> dict[str, Any]:
+                     server_profile: dict[str, float] | None = None, server_overhead_ms: float = 0.0
+                     ) -> dict[str, Any]:
     """The table (every cut at three bandwidths), the choice at the stated bandwidth and at the
     others (so the note shows how it moves), and the assumptions, as plain data."""
     rows = []
@@ -284,19 +296,22 @@ def placement_report(profiles: list[CutProfile], *, bandwidth_mbps: float, rtt_m
         row["end_to_end_ms"] = {
             mode: {f"{bw:g}": end_to_end_ms(profile, mode, bw, rtt_ms, server_speedup,
                                              None if server_profile is None
-                                             else server_profile.get(profile_key(profile.cut, mode)))["end_to_end_ms"]
+                                             else server_profile.get(profile_key(profile.cut, mode)),
+                                             server_overhead_ms)["end_to_end_ms"]
                    for bw in sweep} for mode in profile.tail_ms}
         row["fits_memory"] = device_memory_mb is None or (profile.head_memory_mb or 0.0) <= device_memory_mb
         rows.append(row)
-    choice = choose(profiles, bandwidth_mbps, rtt_ms, server_speedup, device_memory_mb, modes, server_profile)
-    by_bandwidth = {f"{bw:g}": choose(profiles, bw, rtt_ms, server_speedup, device_memory_mb, modes, server_profile)
-                    for bw in sweep}
+    choice = choose(profiles, bandwidth_mbps, rtt_ms, server_speedup, device_memory_mb, modes, server_profile,
+                    server_overhead_ms)
+    by_bandwidth = {f"{bw:g}": choose(profiles, bw, rtt_ms, server_speedup, device_memory_mb, modes, server_profile,
+                                      server_overhead_ms) for bw in sweep}
     return {
         "assumptions": {"bandwidth_mbps": bandwidth_mbps, "rtt_ms": rtt_ms, "server_speedup": server_speedup,
                         "device_memory_mb": device_memory_mb, "candidate_compressions": list(modes),
+                        "server_overhead_ms": server_overhead_ms,
                         "tail_latency": "server profile" if server_profile else "this machine / server_speedup",
-                        "cost_model": "head_ms + bytes*8/bandwidth + rtt_ms + tail_ms/server_speedup; "
-                                      "the response rides inside the RTT",
+                        "cost_model": "head_ms + request_bytes*8/bandwidth + rtt_ms + server_overhead_ms + "
+                                      "tail_ms/server_speedup; the response rides inside the RTT",
                         "bandwidths_mbps": sweep},
         "cuts": rows,
         "choice": choice,

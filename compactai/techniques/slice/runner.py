@@ -10,6 +10,7 @@ small JSON header: what the cost model counts.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import httpx
 import numpy as np
 
 from compactai.errors import BadInputError, CompactAIError
+from compactai.measure import default_threads
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 DATATYPES = {
@@ -133,8 +135,10 @@ class SplitRunner:
         if self.plan["head"]:
             options = ort.SessionOptions()
             options.log_severity_level = 3
-            if threads:
-                options.intra_op_num_threads = threads
+            # the settings `compactai slice` timed the head with (compactai.measure's runner): intra-op
+            # threads explicit, inter-op 1, so the prediction and the run time the same session
+            options.intra_op_num_threads = threads or default_threads()
+            options.inter_op_num_threads = 1
             self.head = ort.InferenceSession(str(self.directory / self.plan["head"]), options,
                                              providers=["CPUExecutionProvider"])
         self.client: httpx.Client | None = None
@@ -145,7 +149,10 @@ class SplitRunner:
             name = model_name or self.plan["tail_model_name"]
             self.url = f"{remote_url.rstrip('/')}/v2/models/{name}/infer"
             headers = {"authorization": f"Bearer {token}"} if token else {}
-            self.client = httpx.Client(timeout=timeout_s, headers=headers)
+            # TCP_NODELAY: the paced upload goes out in small writes, which Nagle would hold back
+            # until the server's delayed ACK (tens of ms per request)
+            transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+            self.client = httpx.Client(timeout=timeout_s, headers=headers, transport=transport)
         self.last: Timing | None = None
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -185,3 +192,54 @@ class SplitRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+OVERHEAD_INPUT = "x"
+
+
+def overhead_model() -> bytes:
+    """A one-element Identity ONNX model: served next to nothing else, its ``/infer`` time is the
+    per-request cost of the server and the protocol (the cost model's ``server_overhead_ms``)."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info(OVERHEAD_INPUT, TensorProto.FLOAT, [1, 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])
+    graph = helper.make_graph([helper.make_node("Identity", [OVERHEAD_INPUT], ["y"])], "overhead", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+class OverheadProbe:
+    """Times ``/infer`` requests for the one-element model of ``overhead_model()`` served as
+    ``model_name`` at ``url``, on one kept-alive connection, with the split runner's client code."""
+
+    def __init__(self, url: str, model_name: str, token: str | None = None) -> None:
+        self.body, self.headers = encode_request({OVERHEAD_INPUT: np.ones((1, 1), np.float32)})
+        self.url = f"{url.rstrip('/')}/v2/models/{model_name}/infer"
+        auth = {"authorization": f"Bearer {token}"} if token else {}
+        transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        self.client = httpx.Client(timeout=30.0, headers=auth, transport=transport)
+
+    def once(self) -> float:
+        """One request's round trip, ms."""
+        start = time.perf_counter()
+        response = self.client.post(self.url, content=self.body, headers=self.headers)
+        if response.status_code != 200:
+            raise RemoteError(f"The server answered {response.status_code} at {self.url} for the overhead model: "
+                              f"{response.text[:300]}")
+        decode_response(response.content, response.headers.get(HEADER_LENGTH))
+        return (time.perf_counter() - start) * 1e3
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def measure_request_overhead(url: str, model_name: str, queries: int = 30, token: str | None = None,
+                             warmup: int = 5) -> list[float]:
+    """Round-trip times (ms) of ``queries`` ``/infer`` requests of the overhead model (after ``warmup``)."""
+    probe = OverheadProbe(url, model_name, token)
+    try:
+        for _ in range(warmup):
+            probe.once()
+        return [probe.once() for _ in range(queries)]
+    finally:
+        probe.close()

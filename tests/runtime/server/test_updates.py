@@ -48,6 +48,8 @@ def test_new_versions_roll_in_and_a_bad_one_rolls_back(serve, make_bundle, keys,
 
         publish(source, bad_bundle(make_bundle, 3))
         wait_for(lambda: 3 in load_state(install).blocked, what="roll back of v3")
+        # the roll back is on disk before the loop logs it: wait for its log line
+        wait_for(lambda: "rolled_back" in [e["outcome"] for e in events(running, "update")], what="roll-back log")
         wait_for(lambda: running.server.model.probation is None, what="end of probation")
         assert load_state(install).active == 2
         assert version() == "2"
