@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from compactai import load_model
-from compactai.errors import BadInputError, ParameterError, TechniqueError
+from compactai.errors import BadInputError, ParameterError, TechniqueError, UnsupportedFormatError
 from compactai.models import zoo
 from compactai.tasks import Accuracy, EmbeddingFidelity, Split, Task
 from compactai.techniques import Context, create_technique
@@ -191,8 +191,9 @@ def test_unprunable_architecture_names_the_layer_and_returns_nothing_half_pruned
     model = HardCodedReshape().eval()
     handle = load_model(model, torch.randn(1, 1, 8, 8))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(TechniqueError, match=r"'conv'.*protect"):
+    with pytest.raises(UnsupportedFormatError, match=r"'conv'.*protect") as refused:
         prune(handle, ratio=0.5, target="channels")
+    assert refused.value.exit_code == 2  # a refusal of this model as asked, not an internal error
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert isinstance(TechniqueError("x"), RuntimeError) and not isinstance(TechniqueError("x"), BadInputError)
 

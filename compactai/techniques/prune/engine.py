@@ -252,11 +252,11 @@ def prune_copy(
         Graph(alone, example_args, scope, protected).prune({name: elements})
         own = _forward_problem(alone, example_args, expected)
         if own is not None:
-            raise TechniqueError(
+            raise UnsupportedFormatError(  # this model cannot be pruned as asked: a refusal, exit 2
                 f"Removing output channels of '{name}' {own}; the graph engine cannot follow an op that uses "
                 f"this layer's width (e.g. a hard-coded reshape). Add '{name}' to the 'protect' parameter."
             )
-    raise TechniqueError(f"The pruned model {problem}; protect some layers with the 'protect' parameter.")
+    raise UnsupportedFormatError(f"The pruned model {problem}; protect some layers with the 'protect' parameter.")
 
 
 def _forward_problem(module: Any, example_args: tuple[Any, ...], expected: list[tuple[int, ...]]) -> str | None:

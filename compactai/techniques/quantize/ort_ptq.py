@@ -230,6 +230,13 @@ def quantize_int8(
     if config.mode != "static":
         return _quantize_once(source, target, config, calibration, input_names)
     notes = notes if notes is not None else {}
+    if config.format == "qoperator" and _has_fused_attention(source):
+        # ORT's QOperator quantizer fails after a fused Attention op (it leaves its output
+        # uncalibrated); QDQ expresses the same int8 MatMuls and keeps Attention in float
+        log.warning("static int8 of %s: QOperator cannot express the fused Attention op; writing QDQ instead",
+                    source.name)
+        notes["format"] = "qdq: QOperator cannot express the fused Attention op"
+        config = replace(config, format="qdq")
     masked = [n for n in mask_path_nodes(source) if n not in config.nodes_to_exclude]
     if masked:
         notes["mask_path_float_nodes"] = masked
