@@ -16,6 +16,9 @@ def federate(
         None, help="Starting model: an output directory or model.onnx of prune/distill (float ONNX), or a .pt2; "
                    "default: --model SPEC, a fresh architecture."),
     example: str | None = typer.Option(None, "--example", "-e", help="Built-in example whose data the clients hold: digits."),
+    data: Path | None = typer.Option(None, "--data", help="Your own labelled data instead of --example: an .npz with "
+                                     "'train/<input>', 'validation/...', 'test/...' arrays and '<split>/labels' (as for "
+                                     "quantize, plus a train split); needs MODEL. Simulation engine only."),
     model_spec: str = typer.Option("mlp:64", "--model", "-m",
                                    help="Architecture when no MODEL is given: mlp:64 | digits-cnn:8,16,32 | width:0.25 "
                                         "(the example's model pruned) | a .pt2 file."),
@@ -70,9 +73,15 @@ def federate(
     if engine == "deployment" and model is not None:
         raise BadInputError("The deployment engine starts from --model SPEC (every SuperNode rebuilds the "
                             "architecture from it); give no MODEL, or use --engine simulation.")
-    if example is None:
-        raise BadInputError("federate needs the clients' data: use --example digits (each simulated client holds "
-                            "a partition of its training split).")
+    if (example is None) == (data is None):
+        raise BadInputError("federate needs the clients' data from exactly one of --example digits or --data FILE.npz "
+                            "(each simulated client holds a partition of its training split).")
+    if data is not None and model is None:
+        raise BadInputError("--data needs MODEL (a .onnx, .pt2 or prune/distill output directory) to start from: "
+                            "--model SPEC architectures are built for the built-in examples.")
+    if data is not None and engine == "deployment":
+        raise BadInputError("--data runs on the simulation engine; on the deployment engine each SuperNode loads its "
+                            "own data (see docs/federated.md).")
     if secagg:
         raise ParameterError(
             "--secagg is not available: in the installed Flower, SecAgg+ (SecAggPlusWorkflow + secaggplus_mod) "
@@ -89,7 +98,7 @@ def federate(
             "it gets its own venv); elsewhere: pip install -c constraints.txt 'compactai[federated]' in a new venv") from None
     with out.progress(f"Federating over {clients} clients ({engine} engine)") as say:
         summary = run_federate(model, example, model_spec, config, engine=engine, superlink=superlink,
-                               insecure=insecure, alone=alone, output=output, progress=say)
+                               insecure=insecure, alone=alone, output=output, progress=say, data=data)
     print_summary(out, summary)
     out.emit(summary)
 

@@ -45,7 +45,7 @@ def client_resources(config: FederatedConfig) -> Any:
 
 
 def federate_simulation(module: Any, task: Task, config: FederatedConfig,
-                        clients: list[ClientData] | None = None) -> FederatedResult:
+                        clients: list[ClientData] | None = None, classes: int = 10) -> FederatedResult:
     """Federate ``module`` (torch, trained in place on a copy) over ``config.clients`` simulated
     clients holding parts of ``task``'s training split; returns the global model and the record."""
     require("flwr", "federated")
@@ -77,7 +77,7 @@ def federate_simulation(module: Any, task: Task, config: FederatedConfig,
     return FederatedResult(module=result_module, rounds=record.rounds, test=evaluate(result_module, test_split),
                            round0_test=evaluate(round0, test_split), seconds=record.seconds,
                            clients=[{"client": i, "train_samples": len(c.train), "holdout_samples": len(c.holdout),
-                                     "labels": c.label_counts(10)} for i, c in enumerate(data)])
+                                     "labels": c.label_counts(classes)} for i, c in enumerate(data)])
 
 
 def clients_alone(module: Any, task: Task, config: FederatedConfig,
