@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from compactai.measure.runtime import installed_runtimes
+
+# runtimes `profile --runtime all` (the default) adds when their extra is installed
+EXTRA_RUNTIMES = {name for name in installed_runtimes() if name not in ("onnxruntime", "torch")}
+
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -29,7 +34,8 @@ def test_profile_onnx_json(small_onnx):
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     ort = data["measurements"]["onnxruntime"]
-    assert set(data["measurements"]) == {"onnxruntime"}  # no torch module in an ONNX file
+    # every installed runtime (OpenVINO with its extra), never torch: an ONNX file has no torch module
+    assert set(data["measurements"]) == {"onnxruntime", *EXTRA_RUNTIMES}
     assert ort["latency_queries"] >= 30 and ort["latency_p90_ms"] >= ort["latency_p50_ms"] > 0
     assert ort["size_bytes"] == small_onnx.stat().st_size
 
@@ -87,7 +93,7 @@ def test_profile_minilm_export_fidelity():
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["parity"]["cosine_min"] >= 0.9999
-    assert set(data["measurements"]) == {"torch", "onnxruntime"}
+    assert set(data["measurements"]) == {"torch", "onnxruntime", *EXTRA_RUNTIMES}
     for figures in data["measurements"].values():
         assert figures["latency_p50_ms"] > 0 and figures["quality"]["metric"] == "embedding_fidelity"
 

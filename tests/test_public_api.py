@@ -33,16 +33,9 @@ def _origin(value: object, here: str) -> str:
 
 
 SUBPACKAGES = sorted(m.name for m in pkgutil.walk_packages(compactai.__path__, "compactai.") if m.ispkg)
-NOT_YET = {  # __init__ files owned by parallel work (issue 13: cli; issue 14 items 4-5: measure)
-    "compactai.cli": "COMMAND_MODULES is public but not in __all__",
-    "compactai.measure": "measure_energy and measure_peak_memory are public but not in __all__",
-}
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=NOT_YET[n])) if n in NOT_YET else n
-    for n in SUBPACKAGES
-])
+@pytest.mark.parametrize("name", SUBPACKAGES)
 def test_each_subpackage_all_lists_exactly_its_public_names(name):
     package = importlib.import_module(name)
     assert hasattr(package, "__all__"), f"{name} has no __all__"

@@ -11,7 +11,7 @@ import sys
 
 from compactai.cli._common import app
 
-COMMAND_MODULES = [
+_COMMAND_MODULES = [  # imported when the entry point runs: each registers its command on ``app``
     "compactai.cli.profile",
     "compactai.cli.quantize",
     "compactai.cli.prune",
@@ -30,7 +30,7 @@ COMMAND_MODULES = [
 
 
 def _load_commands() -> None:
-    for module in COMMAND_MODULES:
+    for module in _COMMAND_MODULES:
         importlib.import_module(module)
 
 

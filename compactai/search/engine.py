@@ -184,6 +184,7 @@ def run_search(
     listed = space.enumerate()
     every = {} if listed is None else {recipe_key(space.sample(FixedTrial(p))): p for p in listed}
     tried = {recipe_key(r.recipe) for r in finished_results(study)}  # ok or failed: neither is run again
+    enqueued: set[str] = set()  # unseen recipes already queued (not again while they wait)
     stopped_by, interrupted, repeats_in_a_row = "max_trials", False, 0
     previous_handler = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -199,7 +200,9 @@ def run_search(
                 stopped_by = "exhausted"
                 say(f"every candidate the search space allows has run ({len(every)})")
                 break
-            if not every and repeats_in_a_row >= MAX_REPEATS_IN_A_ROW:
+            # also for a listed space: a recipe of a killed run is left RUNNING in the study, never
+            # finished, so it can stay unseen while the sampler proposes only repeats
+            if repeats_in_a_row >= MAX_REPEATS_IN_A_ROW:
                 stopped_by = "exhausted"
                 say(f"the sampler proposed only recipes already run {MAX_REPEATS_IN_A_ROW} times in a row: "
                     "the search space looks exhausted")
@@ -225,9 +228,11 @@ def run_search(
                         {**previous.to_dict(), "number": trial.number, "seconds": 0.0, "cached_steps": len(recipe)})
                     trial.set_user_attr(REPEAT_ATTR, previous.number)
                     repeats_in_a_row += 1
-                    unseen = next((p for k, p in every.items() if k not in tried), None)
+                    unseen = next(((k, p) for k, p in every.items() if k not in tried and k not in enqueued), None)
                     if unseen is not None:
-                        study.enqueue_trial(unseen, skip_if_exists=True)
+                        # not skip_if_exists: Optuna would skip a recipe whose trial a killed run left RUNNING
+                        enqueued.add(unseen[0])
+                        study.enqueue_trial(unseen[1])
                 else:
                     jobs.append((trial.number, recipe))
                     tried.add(key)
