@@ -19,10 +19,22 @@ import numpy as np
 from compactai.errors import BadInputError
 from compactai.tasks import Task, trim_padding
 from compactai.techniques._training import TrainingLoop, first_output
+from compactai.techniques.base import CallableParam, FloatParam, IntParam, NoneOr, Param
 from compactai.techniques.losses import embedding_loss as pooled_embedding_loss
 from compactai.techniques.losses import hidden_state_loss, logit_distillation_loss, masked_mean_pool
 
 Loss = Callable[[Any, Any, Any, dict[str, Any]], Any]
+
+# The fine-tuning parameters structured and unstructured pruning share (one declaration).
+FINETUNE_SPACE: dict[str, Param] = {
+    "finetune_epochs": IntParam(0, 200, 0),
+    "lr": FloatParam(1e-6, 1.0, 1e-3, log=True),
+    "kd_weight": FloatParam(0.0, 1.0, 0.0),
+    "batch_size": IntParam(1, 4096, 64),
+    "max_batches": NoneOr(IntParam(0, 10**9)),  # cap on batches per fine-tune epoch (quick runs)
+    "loss": NoneOr(CallableParam(signature="student, teacher, labels, feeds -> loss")),  # default per task
+    "augment": NoneOr(CallableParam(signature="list of input tensors -> list")),  # for fine-tuning batches
+}
 
 
 def classification_loss(kd_weight: float = 0.0, temperature: float = 2.0) -> Loss:

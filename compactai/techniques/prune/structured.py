@@ -20,13 +20,11 @@ import numpy as np
 from compactai.errors import ParameterError, TechniqueError
 from compactai.models.handle import ModelHandle, set_eval
 from compactai.techniques.base import (
-    CallableParam,
     ChoiceParam,
     Context,
     FloatParam,
     IntParam,
     NameParam,
-    NoneOr,
     Param,
     Range,
     StringsParam,
@@ -43,7 +41,13 @@ from compactai.techniques.prune.engine import (
     prune_copy,
     resolve_scope,
 )
-from compactai.techniques.prune.finetune import FinetuneConfig, default_loss, finetune, recalibrate_batchnorm
+from compactai.techniques.prune.finetune import (
+    FINETUNE_SPACE,
+    FinetuneConfig,
+    default_loss,
+    finetune,
+    recalibrate_batchnorm,
+)
 from compactai.techniques.prune.importance import (
     CRITERIA,
     activation_statistics,
@@ -157,17 +161,11 @@ class StructuredPrune(Technique):
         "ranking": ChoiceParam(("layer", "global"), "layer"),
         "scope": ChoiceParam(SCOPES, "auto"),
         "steps": IntParam(1, 20, 1),
-        "finetune_epochs": IntParam(0, 200, 0),
-        "lr": FloatParam(1e-6, 1.0, 1e-3, log=True),
-        "kd_weight": FloatParam(0.0, 1.0, 0.0),
-        "batch_size": IntParam(1, 4096, 64),
-        "max_batches": NoneOr(IntParam(0, 10**9)),  # cap on batches per fine-tune epoch (quick runs)
+        **FINETUNE_SPACE,
         "protect": StringsParam(single_ok=True),  # layer names whose output channels are kept
         "protect_first": ChoiceParam((True, False), True),
         "round_to": IntParam(1, 256, 1),
         "taylor_batches": IntParam(1, 1000, 4),
-        "loss": NoneOr(CallableParam(signature="student, teacher, labels, feeds -> loss")),  # default per task
-        "augment": NoneOr(CallableParam(signature="list of input tensors -> list")),  # for fine-tuning batches
         "reconstruct": ChoiceParam((False, True), False),  # least-squares re-fit of pruned FFNs/heads (transformers)
         "reconstruct_samples": IntParam(16, 100_000, 1024),  # sequences of the train split for the re-fit
     }

@@ -16,12 +16,10 @@ from typing import Any, ClassVar
 from compactai.errors import ParameterError, TechniqueError
 from compactai.models.handle import ModelHandle, set_eval
 from compactai.techniques.base import (
-    CallableParam,
     ChoiceParam,
     Context,
     FloatParam,
     IntParam,
-    NoneOr,
     Param,
     Range,
     StringsParam,
@@ -31,7 +29,13 @@ from compactai.techniques.base import (
 from compactai.techniques.layers import prunable_layer_names
 from compactai.techniques.prune.convert import prunable_handle
 from compactai.techniques.prune.engine import check_protected, check_prunable
-from compactai.techniques.prune.finetune import FinetuneConfig, default_loss, finetune, recalibrate_batchnorm
+from compactai.techniques.prune.finetune import (
+    FINETUNE_SPACE,
+    FinetuneConfig,
+    default_loss,
+    finetune,
+    recalibrate_batchnorm,
+)
 
 DENSE_RUNTIME_NOTE = (
     "Unstructured sparsity keeps every weight tensor's shape: dense runtimes (ONNX Runtime CPU, PyTorch eager) "
@@ -87,15 +91,9 @@ class UnstructuredPrune(Technique):
         "ratio": FloatParam(0.0, 1.0, 0.8, open_low=True, open_high=True),
         "ranking": ChoiceParam(("layer", "global"), "layer"),
         "steps": IntParam(1, 50, 1),
-        "finetune_epochs": IntParam(0, 200, 0),
-        "lr": FloatParam(1e-6, 1.0, 1e-3, log=True),
-        "kd_weight": FloatParam(0.0, 1.0, 0.0),
-        "batch_size": IntParam(1, 4096, 64),
-        "max_batches": NoneOr(IntParam(0, 10**9)),  # cap on batches per fine-tune epoch (quick runs)
+        **FINETUNE_SPACE,
         "protect": StringsParam(single_ok=True),  # layer names whose weights are kept dense
         "protect_first": ChoiceParam((True, False), True),
-        "loss": NoneOr(CallableParam(signature="student, teacher, labels, feeds -> loss")),
-        "augment": NoneOr(CallableParam(signature="list of input tensors -> list")),  # for fine-tuning batches
     }
     search_space: ClassVar[dict[str, Range]] = {
         "ratio": FloatParam(0.05, 0.95, 0.8),
