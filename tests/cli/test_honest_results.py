@@ -30,7 +30,10 @@ def test_optimize_with_nothing_above_the_quality_floor_exits_3_and_keeps_the_clo
     assert result.returncode == 3, result.stderr[-3000:]
     saved = json.loads(result.stdout)
     assert saved["chosen"] is None and saved["selection"]["closest"]
-    assert not (out / "model.onnx").exists()
+    # the closest model is the output (issue 15), marked as not meeting the budget
+    assert (out / "model.onnx").exists()
+    written = json.loads((out / "results.json").read_text())
+    assert written["budget_met"] is False and written["closest"]
     assert list((out / "candidates").glob("*/model.onnx"))
 
 
