@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from compactai.cli._common import (
+    HF_TASK_OPTION,
     Output,
     app,
     check_output_dir,
@@ -28,6 +29,7 @@ def prune(
     example: str | None = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
     data: Path | None = typer.Option(None, "--data", help="Task data for PATH: .npz with '<split>/<input>' arrays "
                                         "(splits train, calibration, validation, test; optional '<split>/labels')."),
+    hf_task: str | None = HF_TASK_OPTION,
     ratio: float = typer.Option(0.5, help="Fraction of the --target quantity to remove, in (0, 1)."),
     target: str = typer.Option("params", help="What --ratio reduces: params, macs, latency (measured ORT p50) "
                                               "or channels (channels/neurons/heads)."),
@@ -103,7 +105,8 @@ def prune(
         raise ParameterError(f"--check-rounds must be a whole number from 0 to 100; got {check_rounds}.")
     check_output_dir(out_dir)
     with out.progress("Pruning") as say:
-        source, task, info = resolve_model(path, example, progress=lambda e, n, acc: say(f"training example {e}/{n}"))
+        source, task, info = resolve_model(path, example, progress=lambda e, n, acc: say(f"training example {e}/{n}"),
+                                           hf_task=hf_task)
         from compactai.techniques.prune.convert import prunable_handle
         from compactai.techniques.prune.engine import check_prunable
 

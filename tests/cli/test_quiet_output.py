@@ -55,7 +55,7 @@ def test_profile_of_a_pt2_program_prints_no_torch_warnings(user_zoo, tmp_path: P
     assert json.loads(result.stdout)["model"]["kind"] == "cnn"
 
 
-@pytest.mark.parametrize("command", ["profile", "quantize", "optimize", "distill", "slice"])
+@pytest.mark.parametrize("command", ["profile", "quantize", "prune", "optimize", "distill", "slice"])
 def test_every_command_taking_a_model_path_accepts_hf_task(command: str, capsys) -> None:
     from compactai.cli import main
 
