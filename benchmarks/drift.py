@@ -21,7 +21,6 @@ e.g. "server", are kept as they are).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _results import write_section
 from rich.console import Console
 from rich.table import Table
 from scipy.stats import beta
@@ -243,10 +243,7 @@ def main() -> None:
               "live": "digits test split, shuffled windows", "profile_file": PROFILE_FILE,
               "false_alarms": rows, "detection": detected, "cost": cost,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results["drift"] = report  # other sections (e.g. "server") belong to other benchmarks: kept as they are
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    write_section(RESULTS, "drift", report)  # other sections (e.g. "server") belong to other benchmarks
     console.print(f"wrote the 'drift' section of {RESULTS}")
 
 

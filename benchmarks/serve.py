@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _results import write_section
 from rich.console import Console
 from rich.table import Table
 
@@ -259,10 +260,7 @@ def main() -> None:
     for label, value in rows:
         table.add_row(label, f"{value:.3f}" if isinstance(value, float) else str(value))
     console.print(table)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results["server"] = report  # other sections (e.g. "drift") belong to other benchmarks: kept as they are
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    write_section(RESULTS, "server", report)  # other sections (e.g. "drift") belong to other benchmarks
     console.print(f"wrote the 'server' section of {RESULTS}")
 
 
