@@ -185,6 +185,8 @@ def print_bench(out: Output, result: dict[str, Any]) -> None:
         out.console.print(f"[dim]{roof['formula']}: {roof['fp32_macs_per_cycle']} fp32 / {roof['int8_macs_per_cycle']} "
                           f"int8 MACs/cycle/core x {roof['cores']} cores x {roof['clock_ghz']:.2f} GHz "
                           f"({roof['clock_source']}); {roof['achieved_formula']}[/dim]")
+    if roof.get("caveat"):
+        out.console.print(f"[yellow]roofline:[/yellow] {roof['caveat']}")
     out.console.print(f"[yellow]note:[/yellow] {result['note']}; load average {result['load_average'][0]:.2f}")
 
 

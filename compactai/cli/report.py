@@ -100,7 +100,8 @@ def _roofline(source: dict[str, Any]) -> str | None:
     return (f"{roof['achieved_gmacs']:.2f} GMAC/s achieved = {100 * roof['fraction_of_peak']:.1f}% of this CPU's "
             f"{precision} peak {roof[precision + '_peak_gmacs']:.1f} GMAC/s ({roof['formula']}: "
             f"{roof[precision + '_macs_per_cycle']} MACs/cycle/core [{roof[precision + '_basis']}] x {roof['cores']} "
-            f"cores x {roof['clock_ghz']:.2f} GHz; {roof['achieved_formula']}).")
+            f"cores x {roof['clock_ghz']:.2f} GHz; {roof['achieved_formula']})."
+            + (f" Note: {roof['caveat']}." if roof.get("caveat") else ""))
 
 
 def _print(out: Output, result: dict[str, Any]) -> None:

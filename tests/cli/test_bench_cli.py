@@ -34,7 +34,10 @@ def test_bench_runs_every_scenario_on_a_bundle_with_the_digits_task(tmp_path, di
     assert data["mlperf_minimums"]["single-stream"] == {"min_duration_s": 600, "min_queries": 1024, "percentile": 90}
     # the bundle holds the same fp32 model as the reference: quality is 100% of it
     assert data["quality"]["mlperf"]["ratio"] == 1.0 and data["quality"]["mlperf"]["pass_99_9"] is True
-    assert data["roofline"]["precision"] == "fp32" and 0 < data["roofline"]["fraction_of_peak"] < 1
+    roof = data["roofline"]
+    assert roof["precision"] == "fp32" and roof["fraction_of_peak"] > 0
+    # a VM's /proc/cpuinfo clock can be below the boost clock the cores run at: then it says so
+    assert (roof["caveat"] is None) == (roof["fraction_of_peak"] <= 1)
     assert json.loads(results.read_text())["scenarios"]["single-stream"]["p50_ms"] == single["p50_ms"]
     assert "MLPerf minimum" in run.stderr and "not an MLPerf submission" in run.stderr
 
