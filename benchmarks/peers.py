@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -205,7 +206,8 @@ def pareto_check(rows: list[dict[str, Any]], quality_key: str, perf_key: str, hi
 
 def run_model(name: str, threads: int, rounds: int, minutes: float) -> dict[str, Any]:
     work = WORK / name
-    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)  # this script's own scratch: a previous run's optimize study
+    work.mkdir(parents=True)                 # would make `optimize -o` refuse the directory
     print(f"{name}: building contenders", flush=True)
     contenders, example = (minilm_contenders(threads, work) if name == "minilm"
                            else digits_contenders(threads, work, minutes))
