@@ -155,11 +155,9 @@ def test_ratio_outside_open_interval(small_handle, ratio):
         prune(small_handle, ratio=ratio)
 
 
-def test_bad_input_errors(small_handle, small_onnx):
+def test_bad_input_errors(small_handle):
     with pytest.raises(ParameterError, match=r"'criterion'.*l1, l2, taylor, bn"):
         prune(small_handle, criterion="magic")
-    with pytest.raises(TechniqueError, match="needs a torch model"):
-        prune(load_model(small_onnx), ratio=0.5)
     with pytest.raises(ParameterError, match="scope='channels'"):
         prune(small_handle, scope="heads")
 

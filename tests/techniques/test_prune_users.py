@@ -4,6 +4,7 @@ rounded to the CPU's multiple (measured once, cached), and the pruned-vs-parent 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -51,6 +52,22 @@ def test_user_mobilenet_file_prunes_through_onnx2torch_with_rounded_channels(use
 def test_gru_model_is_refused_naming_the_op(user_zoo):
     with pytest.raises(UnsupportedFormatError, match=r"no converter for op GRU"):
         prunable_handle(load_model(user_zoo("sensor").onnx))
+
+
+@pytest.mark.slow
+def test_optimizer_prunes_onnx_models_that_convert_and_skips_the_others_with_the_op(user_zoo):
+    from compactai.cli._common import task_from_data
+    from compactai.techniques.prune.structured import StructuredPrune
+    from compactai.techniques.prune.unstructured import UnstructuredPrune
+
+    mobilenet, sensor = user_zoo("mobilenet"), user_zoo("sensor")
+    handle = load_model(mobilenet.onnx)
+    task = task_from_data(mobilenet.data, handle)  # calibration, validation and test: no train split
+    with_train = dataclasses.replace(task, splits={**task.splits, "train": task.splits["calibration"]})
+    assert StructuredPrune.why_not(handle, with_train) is None and UnstructuredPrune.why_not(handle, None) is None
+    assert "train and validation splits" in StructuredPrune.why_not(handle, task)
+    for technique in (StructuredPrune, UnstructuredPrune):
+        assert "no converter for op GRU" in technique.why_not(load_model(sensor.onnx), with_train)
 
 
 def test_conv1d_becomes_an_equivalent_linear():

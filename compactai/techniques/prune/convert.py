@@ -144,27 +144,50 @@ def _older_opset(model: Any, missing: list[str]) -> tuple[Any, list[str]]:
     return model, missing
 
 
-def onnx_to_module(handle: ModelHandle) -> ModelHandle:
-    """A torch handle for the ONNX model ``handle`` (converted by onnx2torch, parity-checked against
-    ONNX Runtime on the handle's example inputs). UnsupportedFormatError names the op that blocks it."""
+def _convertible(handle: ModelHandle) -> tuple[Any, str | None]:
+    """The ONNX model of ``handle`` prepared for onnx2torch (constants inlined, an older opset where
+    that removes unsupported ops), and why it cannot be converted (None when it can)."""
     import onnx
 
-    onnx2torch = _onnx2torch()
+    _onnx2torch()
     assert handle.path is not None
     model = inline_constants(onnx.load(str(handle.path)))
     missing = unsupported_ops(model)
     if missing:
         model, missing = _older_opset(model, missing)
-    if missing:
-        from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY
+    if not missing:
+        return model, None
+    from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY
 
-        known = {(d.domain, d.operation_type) for d in _CONVERTER_REGISTRY}
-        never = [m for m in missing if (m.rpartition("::")[0], m.split(" ")[0].rpartition("::")[2]) not in known]
-        missing = [m.split(" ")[0] + " (no converter at any opset)" for m in never] or missing
-        raise UnsupportedFormatError(
-            f"Cannot prune '{handle.name}': onnx2torch has no converter for op {', '.join(missing)}, so the "
-            "ONNX graph cannot become an nn.Module with real layers; prune the torch model before export."
-        )
+    known = {(d.domain, d.operation_type) for d in _CONVERTER_REGISTRY}
+    never = [m for m in missing if (m.rpartition("::")[0], m.split(" ")[0].rpartition("::")[2]) not in known]
+    missing = [m.split(" ")[0] + " (no converter at any opset)" for m in never] or missing
+    return model, (f"Cannot prune '{handle.name}': onnx2torch has no converter for op {', '.join(missing)}, so the "
+                   "ONNX graph cannot become an nn.Module with real layers; prune the torch model before export.")
+
+
+def conversion_blocker(handle: ModelHandle) -> str | None:
+    """Why the ONNX model ``handle`` cannot become a prunable nn.Module (a missing onnx2torch, an op
+    it has no converter for), or None. Cheap: nothing is converted."""
+    try:
+        return _convertible(handle)[1]
+    except MissingDependencyError as exc:
+        return str(exc)
+
+
+def why_not_prunable(handle: ModelHandle) -> str | None:
+    """For the prune techniques' ``why_not``: an ONNX model prunes through onnx2torch, unless
+    its graph cannot be converted (the reason); torch models are not checked here."""
+    return conversion_blocker(handle) if handle.framework == "onnx" else None
+
+
+def onnx_to_module(handle: ModelHandle) -> ModelHandle:
+    """A torch handle for the ONNX model ``handle`` (converted by onnx2torch, parity-checked against
+    ONNX Runtime on the handle's example inputs). UnsupportedFormatError names the op that blocks it."""
+    onnx2torch = _onnx2torch()
+    model, blocker = _convertible(handle)
+    if blocker:
+        raise UnsupportedFormatError(blocker)
     try:
         module = onnx2torch.convert(model)
     except Exception as exc:
@@ -254,5 +277,5 @@ def prunable_handle(handle: ModelHandle) -> ModelHandle:
     return handle
 
 
-__all__ = ["PARITY_TOLERANCE", "check_conversion", "onnx_to_module", "prunable_handle", "replace_conv1d",
-           "unsupported_ops"]
+__all__ = ["PARITY_TOLERANCE", "check_conversion", "conversion_blocker", "onnx_to_module", "prunable_handle",
+           "replace_conv1d", "unsupported_ops", "why_not_prunable"]

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from compactai.errors import ParameterError, TechniqueError
 from compactai.models.handle import ModelHandle, set_eval
+from compactai.tasks import Task
 from compactai.techniques.base import (
     ChoiceParam,
     Context,
@@ -27,7 +28,7 @@ from compactai.techniques.base import (
     register_technique,
 )
 from compactai.techniques.layers import prunable_layer_names
-from compactai.techniques.prune.convert import prunable_handle
+from compactai.techniques.prune.convert import prunable_handle, why_not_prunable
 from compactai.techniques.prune.engine import check_protected, check_prunable
 from compactai.techniques.prune.finetune import (
     FINETUNE_SPACE,
@@ -85,7 +86,7 @@ class UnstructuredPrune(Technique):
 
     name = "unstructured_prune"
     family = "prune"
-    accepts = ("torch",)
+    accepts = ("torch", "onnx")  # ONNX converts with onnx2torch (why_not says when it cannot)
     kinds = ("cnn", "mlp", "transformer", "generic")
     space: ClassVar[dict[str, Param]] = {
         "ratio": FloatParam(0.0, 1.0, 0.8, open_low=True, open_high=True),
@@ -101,6 +102,10 @@ class UnstructuredPrune(Technique):
     }
     in_default_search = False  # a dense runtime gains no speed from zeros; searched only when named
     quick: ClassVar[dict[str, Any]] = {"ratio": 0.5, "finetune_epochs": 0}
+
+    @classmethod
+    def why_not(cls, handle: ModelHandle, task: Task | None) -> str | None:
+        return super().why_not(handle, task) or why_not_prunable(handle)
 
     def _apply(self, handle: ModelHandle, context: Context, params: dict[str, Any]
                ) -> tuple[ModelHandle, dict[str, Any]]:
