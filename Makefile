@@ -42,8 +42,15 @@ demo: $(STAMP)
 	rm -rf out/demo
 	$(VENV)/bin/compactai optimize --example digits --max-minutes 2.5 -o out/demo
 
+# Two pytest-xdist workers (one a core): most tests wait on subprocesses, servers and file I/O, so
+# two at a time fill both cores. Tests marked quiet compare latencies within one run and run alone
+# afterwards. Each worker builds its own session fixtures; shared caches are written under a lock
+# or atomically, and every server binds port 0.
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP) $(FED_VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not quiet"
+	$(PY) -m pytest -q -m quiet
 	$(FED_PY) -m pytest -q -p no:cacheprovider tests/federated
 
 bench: $(STAMP)
