@@ -42,8 +42,17 @@ demo: $(STAMP)
 	rm -rf out/demo
 	$(VENV)/bin/compactai optimize --example digits --max-minutes 2.5 -o out/demo
 
+# Two pytest-xdist workers: much of the suite is single-threaded (CLI subprocesses starting up,
+# servers, file I/O), so a second worker uses the core the first leaves idle. Tests marked quiet
+# compare latencies within one run and run alone afterwards. Parallel-safe because every server
+# binds port 0, work goes to tmp_path, and the shared caches (~/.cache/compactai) are written under
+# a lock (digits teacher, NAS latency table) or re-measured when a read finds them half-written
+# (round-to.json); each worker builds its own session fixtures. PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP) $(FED_VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not quiet"
+	$(PY) -m pytest -q -m quiet
 	$(FED_PY) -m pytest -q -p no:cacheprovider tests/federated
 
 bench: $(STAMP)

@@ -71,19 +71,11 @@ def install_error(module: str) -> str:
     return f" (pip install {package} failed here: {(errors or ['see ' + str(log)])[-1][:240]})"
 
 
-def minilm_contenders(threads: int, work: Path) -> tuple[list[build.Contender], Any]:
-    example = load_example("minilm")
-    handle, task = example.handle, example.task
-    float_onnx = handle.to_onnx(work / "fp32.onnx")
+def peer_contenders(out: list[build.Contender], handle: Any, task: Any, float_onnx: Any, work: Path, threads: int,
+                    *, transformer: bool) -> None:
+    """The peers every model is run through (after ours): PyTorch and ORT fp32, ORT's dynamic int8,
+    Optimum, OpenVINO fp32 and NNCF int8 (calibrated on 64 rows of the calibration split)."""
     calibration = [dict(feeds) for feeds, _ in task.split("calibration").take(64).batches(1)]
-    out: list[build.Contender] = []
-
-    def ours() -> build.Contender:
-        context = Context(task=task, work_dir=work / "compactai", threads=threads)
-        chosen = create_technique("quantize", mode="auto", min_quality=0.99).apply(handle, context)
-        return build.ort("compactai int8 auto (min 0.99)", chosen.to_onnx(work / "compactai.onnx"), threads, ours=True)
-
-    attempt(out, "compactai int8 auto (min 0.99)", "onnxruntime", ours)
     attempt(out, "PyTorch fp32 eager", "torch", lambda: build.torch_eager(handle, threads))
     attempt(out, "ONNX Runtime fp32", "onnxruntime", lambda: build.ort("ONNX Runtime fp32", float_onnx, threads))
     for per_channel in (False, True):
@@ -92,7 +84,22 @@ def minilm_contenders(threads: int, work: Path) -> tuple[list[build.Contender], 
     attempt(out, "Optimum ORTQuantizer", "onnxruntime", lambda: build.optimum_quantizer(float_onnx, work, threads))
     attempt(out, "OpenVINO fp32", "openvino", lambda: build.openvino_fp32(float_onnx, work, threads))
     attempt(out, "OpenVINO int8 (NNCF PTQ)", "openvino",
-            lambda: build.openvino_int8(float_onnx, calibration, work, threads, transformer=True))
+            lambda: build.openvino_int8(float_onnx, calibration, work, threads, transformer=transformer))
+
+
+def minilm_contenders(threads: int, work: Path) -> tuple[list[build.Contender], Any]:
+    example = load_example("minilm")
+    handle, task = example.handle, example.task
+    float_onnx = handle.to_onnx(work / "fp32.onnx")
+    out: list[build.Contender] = []
+
+    def ours() -> build.Contender:
+        context = Context(task=task, work_dir=work / "compactai", threads=threads)
+        chosen = create_technique("quantize", mode="auto", min_quality=0.99).apply(handle, context)
+        return build.ort("compactai int8 auto (min 0.99)", chosen.to_onnx(work / "compactai.onnx"), threads, ours=True)
+
+    attempt(out, "compactai int8 auto (min 0.99)", "onnxruntime", ours)
+    peer_contenders(out, handle, task, float_onnx, work, threads, transformer=True)
     return out, example
 
 
@@ -103,7 +110,6 @@ def digits_contenders(threads: int, work: Path, minutes: float) -> tuple[list[bu
     example = load_example("digits")
     handle, task = example.handle, example.task
     float_onnx = handle.to_onnx(work / "fp32.onnx")
-    calibration = [dict(feeds) for feeds, _ in task.split("calibration").take(64).batches(1)]
     out: list[build.Contender] = []
     chosen: dict[str, Any] = {}
 
@@ -124,15 +130,7 @@ def digits_contenders(threads: int, work: Path, minutes: float) -> tuple[list[bu
         return contender
 
     attempt(out, "compactai optimize (demo budget)", "onnxruntime", ours)
-    attempt(out, "PyTorch fp32 eager", "torch", lambda: build.torch_eager(handle, threads))
-    attempt(out, "ONNX Runtime fp32", "onnxruntime", lambda: build.ort("ONNX Runtime fp32", float_onnx, threads))
-    for per_channel in (False, True):
-        attempt(out, f"ORT quantize_dynamic {'per-channel' if per_channel else 'default'}", "onnxruntime",
-                lambda pc=per_channel: build.ort_dynamic(float_onnx, work, threads, pc))
-    attempt(out, "Optimum ORTQuantizer", "onnxruntime", lambda: build.optimum_quantizer(float_onnx, work, threads))
-    attempt(out, "OpenVINO fp32", "openvino", lambda: build.openvino_fp32(float_onnx, work, threads))
-    attempt(out, "OpenVINO int8 (NNCF PTQ)", "openvino",
-            lambda: build.openvino_int8(float_onnx, calibration, work, threads, transformer=False))
+    peer_contenders(out, handle, task, float_onnx, work, threads, transformer=False)
     original_macs = count_macs(float_onnx) or 1
     ratio = (count_macs(chosen["handle"]) or original_macs) / original_macs if "handle" in chosen else 0.5
     target = ratio if ratio < 0.95 else 0.5

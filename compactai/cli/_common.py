@@ -70,6 +70,9 @@ HF_TASK_OPTION: Any = typer.Option(
     None, "--hf-task", help="Hugging Face directory: load as embedding, sequence-classification, "
     "token-classification or causal-lm instead of its declared architecture.",
 )
+# --json and --example as most commands declare them (a command whose option means more says so itself).
+JSON_OPTION: Any = typer.Option(False, "--json", help="Print one JSON object on stdout.")
+EXAMPLE_OPTION: Any = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm.")
 
 
 def fmt(value: Any, digits: int = 3) -> str:

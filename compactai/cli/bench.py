@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from compactai.cli._common import Output, app, check_output_dir, fmt, table, task_from_data
+from compactai.cli._common import JSON_OPTION, Output, app, check_output_dir, fmt, table, task_from_data
 from compactai.errors import BadInputError, ModelNotFoundError, UnknownNameError
 
 
@@ -41,7 +41,7 @@ def bench(
     no_quality: bool = typer.Option(False, "--no-quality", help="Skip the quality run."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Also write the JSON to this file "
                                        "(input of `compactai report --decision`)."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = JSON_OPTION,
 ) -> None:
     """Benchmark a model the way MLPerf Inference does: single-stream (one query at a time:
     p50/p90/p99 and LoadGen's early-stopping p90 estimate), offline (all samples at once:

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from compactai.cli._common import Output, app, check_output_dir, fmt, table
+from compactai.cli._common import JSON_OPTION, Output, app, check_output_dir, fmt, table
 
 MAX_EXPIRES_DAYS = 36_500  # a century; larger values overflow the date arithmetic
 MAX_PROBATION_QUERIES = 10_000  # each query is a real inference on the device; more only delays the commit
@@ -44,7 +44,7 @@ def _refused(out: Output, data: dict[str, Any], reason: str, message: str) -> No
 def keygen(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Directory for bundle-signing.key (0600) and .pub."),
     force: bool = typer.Option(False, "--force", help="Replace an existing key pair in OUT."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = JSON_OPTION,
 ) -> None:
     """Create an Ed25519 signing key pair: keep the .key secret, give the .pub to devices."""
     from compactai.bundle import generate_keypair, key_id, load_public_key
@@ -79,7 +79,7 @@ def bundle_command(
     drift_alpha: float = typer.Option(0.01, "--drift-alpha", help="False-alarm rate per window the drift "
                                       "thresholds are calibrated to."),
     no_drift: bool = typer.Option(False, "--no-drift", help="Bundle without a drift profile."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = JSON_OPTION,
 ) -> None:
     """Package a model as a signed bundle: model, manifest (hashes, figures, recipe, golden I/O), drift
     profile, signature."""
@@ -156,7 +156,7 @@ def verify(
     trusted_key: list[str] = typer.Option([], "--trusted-key", "-t", help="Trusted public key (repeatable)."),
     min_version: int = typer.Option(0, "--newer-than", help="Also refuse versions <= this (rollback check)."),
     no_self_test: bool = typer.Option(False, "--no-self-test", help="Skip loading the model and the golden check."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = JSON_OPTION,
 ) -> None:
     """Check a bundle: signature, expiry, version, paths, file set, hashes, external data, no pickle, self-test.
     Exit 0 if it passes, 1 with a one-line reason if refused."""
@@ -201,7 +201,7 @@ def update(
                                             "must keep over each 30 s window (0 = no minimum)."),
     max_version_jump: int = typer.Option(2**32, "--max-version-jump", help="Refuse versions more than this above "
                                          "the highest trusted one (0 = only the 2^53-1 bound)."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = JSON_OPTION,
 ) -> None:
     """Install a signed update atomically, watch it on probation, commit or roll back. Exit 1 if refused.
 

@@ -12,6 +12,7 @@ import typer
 
 from compactai.cli._common import (
     HF_TASK_OPTION,
+    JSON_OPTION,
     Output,
     app,
     check_output_dir,
@@ -70,7 +71,7 @@ def distill(
                                        help="Output directory for model.onnx and results.json (default: out/distill)."),
     work_dir: Path | None = typer.Option(None, "--work-dir", help="Checkpoints (default: OUTPUT/work)."),
     queries: int = typer.Option(100, help="Minimum timed batch-1 queries per model."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = JSON_OPTION,
 ) -> None:
     """Knowledge distillation: a smaller student (fewer layers, narrower, or your architecture) trained on
     the teacher's soft targets or embeddings, with early stopping, a time budget and resumable

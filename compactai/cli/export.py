@@ -8,7 +8,17 @@ from typing import Any
 
 import typer
 
-from compactai.cli._common import Output, app, check_output_dir, resolve_model, table, task_from_data
+from compactai.cli._common import (
+    EXAMPLE_OPTION,
+    HF_TASK_OPTION,
+    JSON_OPTION,
+    Output,
+    app,
+    check_output_dir,
+    resolve_model,
+    table,
+    task_from_data,
+)
 from compactai.errors import ParameterError, UnknownNameError
 
 # --format -> the runtime that runs it
@@ -18,7 +28,7 @@ FORMATS = {"onnx": "onnxruntime", "openvino": "openvino", "tflite": "litert", "p
 @app.command()
 def export(
     path: str | None = typer.Argument(None, help="Model: .onnx, .pt2 or Hugging Face directory; or --example."),
-    example: str | None = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
+    example: str | None = EXAMPLE_OPTION,
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx, openvino (IR: model.xml + model.bin), tflite "
                             "(LiteRT) or pte (ExecuTorch)."),
     quantize: str | None = typer.Option(None, "--quantize", "-q", help="int8: the runtime's own post-training "
@@ -27,10 +37,9 @@ def export(
                                              "validation split; OpenVINO then uses NNCF's accuracy-aware int8."),
     data: Path | None = typer.Option(None, "--data", help="Task data for PATH (.npz as for quantize): "
                                      "calibration and parity inputs."),
-    hf_task: str | None = typer.Option(None, "--hf-task", help="Hugging Face directory: load as embedding, "
-                                       "sequence-classification, token-classification or causal-lm."),
+    hf_task: str | None = HF_TASK_OPTION,
     out_dir: Path = typer.Option(..., "--out", "-o", help="Write the model and results.json here."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = JSON_OPTION,
 ) -> None:
     """Convert a model to a runtime's format with that runtime's official tool (OpenVINO:
     ov.convert_model and NNCF; LiteRT: litert-torch; ExecuTorch: torch.export + XNNPACK), then run

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from compactai.cli._common import Output, app, check_output_dir, table
+from compactai.cli._common import JSON_OPTION, Output, app, check_output_dir, table
 
 
 @app.command()
@@ -47,7 +47,7 @@ def federate(
     insecure: bool = typer.Option(False, "--insecure", help="Deployment: plain gRPC (loopback tests only)."),
     seed: int = typer.Option(0, "--seed", help="Seed for partitions, initialisation and client order."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Output directory (default: out/federate)."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = JSON_OPTION,
 ) -> None:
     """Federated learning on Flower: each client trains the global model on its own partition of the
     data (Dirichlet label skew for non-IID), a Flower strategy aggregates the updates, and the global

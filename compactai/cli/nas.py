@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from compactai.cli._common import Output, app, check_output_dir, resolve_model, table
+from compactai.cli._common import JSON_OPTION, Output, app, check_output_dir, resolve_model, table
 from compactai.errors import BadInputError, BudgetNotMetError
 
 
@@ -40,7 +40,7 @@ def nas(
     remeasure_rounds: int = typer.Option(3, "--remeasure-rounds",
                                          help="Interleaved rounds re-measuring the chosen model against the teacher."),
     output: Path = typer.Option(Path("out/nas"), "-o", "--output", help="Output directory."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = JSON_OPTION,
 ) -> None:
     """Hardware-aware neural architecture search. Candidates are screened by a per-part latency table
     measured on this machine, measured whole on ONNX Runtime, and trained with successive halving

@@ -8,7 +8,9 @@ from typing import Any
 import typer
 
 from compactai.cli._common import (
+    EXAMPLE_OPTION,
     HF_TASK_OPTION,
+    JSON_OPTION,
     Output,
     app,
     check_output_dir,
@@ -22,7 +24,7 @@ from compactai.cli._common import (
 @app.command()
 def optimize(
     path: str | None = typer.Argument(None, help="Model: .onnx, .pt2 or Hugging Face directory."),
-    example: str | None = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
+    example: str | None = EXAMPLE_OPTION,
     hf_task: str | None = HF_TASK_OPTION,
     data: Path | None = typer.Option(None, "--data", help="Task data for PATH: .npz with '<split>/<input>' arrays "
                                         "(train, calibration, validation, test) and optional '<split>/labels'."),
@@ -58,7 +60,7 @@ def optimize(
     server_overhead_ms: float | None = typer.Option(None, "--server-overhead-ms", help="With --bandwidth-mbps: "
                                                     "per-request server cost, ms (default: measured here on a real "
                                                     "`compactai serve`)."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = JSON_OPTION,
 ) -> None:
     """Search pipelines of the registered techniques (prune -> distill -> quantize) for the best model
     within the budget: every trial measured on ONNX Runtime, Pareto front, resumable, report.html.

@@ -7,14 +7,23 @@ from typing import Any
 
 import typer
 
-from compactai.cli._common import HF_TASK_OPTION, Output, app, resolve_model, table, task_from_data
+from compactai.cli._common import (
+    EXAMPLE_OPTION,
+    HF_TASK_OPTION,
+    JSON_OPTION,
+    Output,
+    app,
+    resolve_model,
+    table,
+    task_from_data,
+)
 from compactai.errors import UnknownNameError
 
 
 @app.command()
 def profile(
     path: str | None = typer.Argument(None, help="Model: .onnx file, .pt2 file or Hugging Face directory."),
-    example: str | None = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
+    example: str | None = EXAMPLE_OPTION,
     data: Path | None = typer.Option(
         None, "--data", help="Task data for PATH (.npz as for quantize): adds quality, judged on its test split."
     ),
@@ -27,7 +36,7 @@ def profile(
     batch: int = typer.Option(32, help="Batch size for offline throughput."),
     core_watts: float = typer.Option(10.0, help="Watts per busy core, for the energy estimate without RAPL."),
     no_memory: bool = typer.Option(False, "--no-memory", help="Skip the peak-memory subprocess."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = JSON_OPTION,
 ) -> None:
     """Measure a model: quality vs baseline, size, params, MACs, p50/p90/p99 latency, throughput,
     peak memory and energy, on PyTorch eager and ONNX Runtime (with an export parity check)."""

@@ -10,7 +10,9 @@ from typing import Any
 import typer
 
 from compactai.cli._common import (
+    EXAMPLE_OPTION,
     HF_TASK_OPTION,
+    JSON_OPTION,
     Output,
     app,
     check_output_dir,
@@ -26,7 +28,7 @@ def prune(
     path: str | None = typer.Argument(None, help="Model: an ONNX file or .pt2 program (converted to an nn.Module "
                                        "with onnx2torch, parity-checked), a Hugging Face directory (BERT family, "
                                        "GPT-2), or use --example."),
-    example: str | None = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
+    example: str | None = EXAMPLE_OPTION,
     data: Path | None = typer.Option(None, "--data", help="Task data for PATH: .npz with '<split>/<input>' arrays "
                                         "(splits train, calibration, validation, test; optional '<split>/labels')."),
     hf_task: str | None = HF_TASK_OPTION,
@@ -68,7 +70,7 @@ def prune(
         5, "--check-rounds", help="Interleaved rounds timing the pruned model against the unpruned one on ONNX "
                                   "Runtime at batch 1; a pruned model that is not faster exits 3 (0: no check)."),
     seed: int = typer.Option(0, help="Seed for data order."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = JSON_OPTION,
 ) -> None:
     """Prune a model so it is physically smaller and measure it next to the baseline: params, MACs,
     p50/p90 latency on ONNX Runtime and PyTorch, quality; writes OUT/model.onnx + results.json."""

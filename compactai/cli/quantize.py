@@ -11,7 +11,9 @@ from typing import Any
 import typer
 
 from compactai.cli._common import (
+    EXAMPLE_OPTION,
     HF_TASK_OPTION,
+    JSON_OPTION,
     Output,
     app,
     check_output_dir,
@@ -29,7 +31,7 @@ def quantize(
     path: str | None = typer.Argument(
         None, help="Model: .onnx, .pt2 or Hugging Face directory; or --example."
     ),
-    example: str | None = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
+    example: str | None = EXAMPLE_OPTION,
     hf_task: str | None = HF_TASK_OPTION,
     data: Path | None = typer.Option(
         None,
@@ -92,7 +94,7 @@ def quantize(
     seconds: float = typer.Option(1.0, help="Minimum seconds of timed batch-1 queries."),
     time_limit: float | None = typer.Option(None, "--time-limit", help="Seconds for the auto search."),
     seed: int = typer.Option(0, help="Seed."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = JSON_OPTION,
 ) -> None:
     """Quantize a model and measure it next to the float baseline: quality, size, p50/p90 latency
     and speed-up on ONNX Runtime; writes OUT/model.onnx + results.json (with the sensitivity table)."""

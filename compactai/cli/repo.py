@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from compactai.cli._common import Output, app, table
+from compactai.cli._common import JSON_OPTION, Output, app, table
 
 repo_app = typer.Typer(help="Publish bundles to a fleet repository (The Update Framework, python-tuf): separate "
                             "roles, threshold signatures, key rotation and revocation. See docs/fleet.md.",
@@ -49,7 +49,7 @@ def init(
     snapshot_expires: str = typer.Option("7d", "--snapshot-expires", help="How long each snapshot is valid."),
     timestamp_expires: str = typer.Option("1d", "--timestamp-expires", help="How long each timestamp is valid: "
                                           "a device refuses (and reports) metadata older than this (freeze)."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = JSON_OPTION,
 ) -> None:
     """Create the TUF metadata (root, targets, snapshot, timestamp) of an empty repository."""
     from compactai.fleet import Repository, load_keys
@@ -75,7 +75,7 @@ def add(
                                           "with (repeatable), as for compactai verify."),
     channel: str = typer.Option("stable", "--channel", "-c", help="Channel the bundle is published on."),
     signing_key: list[str] = typer.Option([], "--signing-key", "-s", help=SIGNING_HELP),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = JSON_OPTION,
 ) -> None:
     """Verify a bundle and publish it as the newest target of its model on a channel; re-sign targets,
     snapshot and timestamp."""
@@ -99,7 +99,7 @@ def refresh_timestamp(
     repo: Path = typer.Argument(..., help="Repository directory."),
     signing_key: list[str] = typer.Option([], "--signing-key", "-s", help="Timestamp key, if its recorded path "
                                           "is not available (repeatable)."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = JSON_OPTION,
 ) -> None:
     """Sign a new timestamp with a fresh expiry; run it from cron well within --timestamp-expires."""
     out = Output(json_output)
@@ -115,7 +115,7 @@ def resign(
     repo: Path = typer.Argument(..., help="Repository directory."),
     role: str = typer.Option(..., "--role", help="root, targets, snapshot or timestamp."),
     signing_key: list[str] = typer.Option([], "--signing-key", "-s", help=SIGNING_HELP),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = JSON_OPTION,
 ) -> None:
     """Sign a role again with a fresh expiry and unchanged keys (before root or targets expire)."""
     out = Output(json_output)
@@ -133,7 +133,7 @@ def rotate(
     threshold: int | None = typer.Option(None, "--threshold", help="New signature threshold of the role."),
     signing_key: list[str] = typer.Option([], "--signing-key", "-s", help="Root keys (old and new threshold) and "
                                           "the role's keys to sign with (repeatable)."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = JSON_OPTION,
 ) -> None:
     """Change a role's keys or threshold: a new root version signed by the old and the new root threshold."""
     from compactai.fleet import load_keys, resolve_keyid
@@ -152,7 +152,7 @@ def revoke(
     key: str = typer.Option(..., "--key", help="The compromised key: a key file or its TUF key id."),
     signing_key: list[str] = typer.Option([], "--signing-key", "-s", help="Root keys and the affected roles' "
                                           "remaining keys to sign with (repeatable)."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = JSON_OPTION,
 ) -> None:
     """Remove a compromised key from every role (a new root version); devices refuse what it signs."""
     from compactai.fleet import resolve_keyid
@@ -167,7 +167,7 @@ def revoke(
 @repo_app.command("status")
 def status(
     repo: Path = typer.Argument(..., help="Repository directory."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = JSON_OPTION,
 ) -> None:
     """Each role's version, threshold, keys and expiry, and the published targets."""
     out = Output(json_output)

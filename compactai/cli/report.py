@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from compactai.cli._common import Output, app, check_output_dir, table
+from compactai.cli._common import JSON_OPTION, Output, app, check_output_dir, table
 from compactai.errors import BadInputError, ModelNotFoundError
 
 
@@ -24,7 +24,7 @@ def report(
     assumptions: Path | None = typer.Option(None, "--assumptions", "-a", help="JSON object of assumptions "
                                             "(see docs/bench.md for names, units and defaults)."),
     output: Path = typer.Option(Path("decision"), "--output", "-o", help="Directory for decision.html and decision.json."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = JSON_OPTION,
 ) -> None:
     """Cloud or local? From measured figures and stated assumptions (requests per day and peak,
     network round trip and upload bandwidth, payload, cloud price and throughput, local hardware

@@ -12,7 +12,15 @@ from typing import Any
 import numpy as np
 import typer
 
-from compactai.cli._common import HF_TASK_OPTION, Output, app, resolve_model, table
+from compactai.cli._common import (
+    EXAMPLE_OPTION,
+    HF_TASK_OPTION,
+    JSON_OPTION,
+    Output,
+    app,
+    resolve_model,
+    table,
+)
 from compactai.errors import BadInputError, ModelNotFoundError
 
 
@@ -20,7 +28,7 @@ from compactai.errors import BadInputError, ModelNotFoundError
 def slice_command(
     path: str | None = typer.Argument(None, help="Model (.onnx, .pt2, HF directory), or `run` to run a slice."),
     out_dir: str | None = typer.Argument(None, help="With `run`: the directory `compactai slice -o` wrote."),
-    example: str | None = typer.Option(None, "--example", "-e", help="Built-in example: digits or minilm."),
+    example: str | None = EXAMPLE_OPTION,
     hf_task: str | None = HF_TASK_OPTION,
     data: Path | None = typer.Option(None, "--data", help=".npz of model inputs by input name (rows = samples)."),
     bandwidth_mbps: float | None = typer.Option(None, "--bandwidth-mbps", help="Uplink bandwidth, Mbit/s."),
@@ -51,7 +59,7 @@ def slice_command(
     output: Path | None = typer.Option(None, "--output", "-o", help="Output directory."),
     remote: str | None = typer.Option(None, "--remote", help="With `run`: URL of the server holding tail.onnx."),
     model_name: str | None = typer.Option(None, "--model-name", help="With `run`: the tail's name on the server."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_output: bool = JSON_OPTION,
 ) -> None:
     """Split a model across devices: measure every cut (head ms, tensor KB raw/fp16/int8 and its fidelity
     cost, tail ms), predict end-to-end latency for the stated network and write head.onnx, tail.onnx,

@@ -203,12 +203,17 @@ def client_app(config: FederatedConfig, build_model: ModelFactory, client_data: 
         mods.append(fixedclipping_mod)
     app = ClientApp(mods=mods)
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
+    def received(msg: Message, context: Context) -> tuple[int, ClientData, Any]:
+        """(this client's partition id, its data, a model holding the weights ``msg`` carries)."""
         client = int(context.node_config["partition-id"])
         data = client_data(client, context)
         model = build_model()
         set_weights(model, from_record(arrays_of(msg)))
+        return client, data, model
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        client, data, model = received(msg, context)
         settings = msg.content.config_records["config"]
         mu = number(settings["proximal-mu"]) if "proximal-mu" in settings else 0.0
         seed = int(number(settings["seed"])) * 7919 + int(number(settings["server-round"])) * 101 + client
@@ -221,10 +226,7 @@ def client_app(config: FederatedConfig, build_model: ModelFactory, client_data: 
 
     @app.evaluate()
     def score(msg: Message, context: Context) -> Message:
-        client = int(context.node_config["partition-id"])
-        data = client_data(client, context)
-        model = build_model()
-        set_weights(model, from_record(arrays_of(msg)))
+        client, data, model = received(msg, context)
         metrics = evaluate(model, data.holdout)
         return Message(content=RecordDict({"metrics": MetricRecord({**metrics, "client": client})}), reply_to=msg)
 

@@ -158,7 +158,6 @@ def run_search(
     out_dir: Path,
     config: SearchConfig,
     *,
-    source: dict[str, Any] | None = None,
     selection_baseline: float | None = None,
     on_trial: Callable[[TrialResult], None] | None = None,
     progress: Callable[[str], None] | None = None,
@@ -176,8 +175,7 @@ def run_search(
         for params in space.seed_trials():
             study.enqueue_trial(params, skip_if_exists=True)
     deadline = None if config.max_minutes is None else time.monotonic() + config.max_minutes * 60
-    executor = make_executor(config, handle, task, budget, out_dir, source=source,
-                             selection_baseline=selection_baseline)
+    executor = make_executor(config, handle, task, budget, out_dir, selection_baseline=selection_baseline)
     seen: dict[str, TrialResult] = {json.dumps(r.recipe, sort_keys=True): r for r in finished_results(study)}
     # a finite space is listed once: the run stops when every recipe in it has run, and a repeat the
     # sampler proposes is followed by a recipe not run yet (instead of guessing exhaustion from repeats)

@@ -114,7 +114,7 @@ class RayExecutor:
 
 
 def make_executor(config: Any, handle: ModelHandle, task: Task, budget: Budget, out_dir: Path, *,
-                  source: dict[str, Any] | None = None, selection_baseline: float | None = None) -> Executor:
+                  selection_baseline: float | None = None) -> Executor:
     if config.executor == "local":
         return LocalExecutor(config, handle, task, budget, out_dir, selection_baseline)
     if config.executor == "ray":

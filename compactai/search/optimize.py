@@ -89,8 +89,8 @@ def optimize(
     unresolved = budget
     budget = budget.resolve(baseline_quick)
     say(f"budget: {budget}")
-    outcome = run_search(handle, task, budget, space, out, config, source=source,
-                         selection_baseline=selection_baseline, on_trial=on_trial, progress=say)
+    outcome = run_search(handle, task, budget, space, out, config, selection_baseline=selection_baseline,
+                         on_trial=on_trial, progress=say)
     budget, remeasured = interleaved_selection_figures(
         lambda trial: _load_artifact(handle, trial), baseline_handle, outcome.trials, unresolved, budget,
         baseline_quick, config.measure, rounds=config.remeasure_rounds, progress=say)

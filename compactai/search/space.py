@@ -9,6 +9,7 @@ stages: a list value is a choice, ``{"low", "high", "log"}`` a range, anything e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,13 +181,7 @@ def space_for_model(handle: ModelHandle, task: Task | None, budget: Budget | Non
     from ``search_defaults_for`` (students from its real depth, the formats its runtime runs, a
     quantize guard rail that follows the budget)."""
     registry = available_techniques()
-    if techniques:
-        for name in techniques:
-            if name not in registry:
-                raise UnknownNameError(f"Unknown technique '{name}'; registered techniques: {', '.join(registry)}.")
-        names = list(techniques)
-    else:
-        names = [n for n, cls in registry.items() if getattr(cls, "in_default_search", True)]
+    names = _technique_names(techniques, lambda cls: True)
     skipped: dict[str, str] = {}
     usable = []
     for name in names:
@@ -219,15 +214,20 @@ def default_space(kind: str, framework: str = "torch", techniques: list[str] | N
     registered techniques that fit the model kind and framework; techniques that set
     ``in_default_search = False`` are only searched when named."""
     registry = available_techniques()
+    names = _technique_names(techniques, lambda cls: kind in cls.kinds and _reachable(cls, framework))
+    return _build(names, {n: registry[n].search_defaults(kind) for n in names}, overrides)
+
+
+def _technique_names(techniques: list[str] | None, fits: Callable[[type[Technique]], bool]) -> list[str]:
+    """The techniques named (each checked against the registry), else every registered one that
+    ``fits`` and does not set ``in_default_search = False``."""
+    registry = available_techniques()
     if techniques:
         for name in techniques:
             if name not in registry:
                 raise UnknownNameError(f"Unknown technique '{name}'; registered techniques: {', '.join(registry)}.")
-        names = list(techniques)
-    else:
-        names = [n for n, cls in registry.items() if kind in cls.kinds and _reachable(cls, framework)
-                 and getattr(cls, "in_default_search", True)]
-    return _build(names, {n: registry[n].search_defaults(kind) for n in names}, overrides)
+        return list(techniques)
+    return [n for n, cls in registry.items() if fits(cls) and getattr(cls, "in_default_search", True)]
 
 
 def _build(names: list[str], defaults: dict[str, dict[str, Any]],

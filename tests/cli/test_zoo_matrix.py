@@ -55,7 +55,16 @@ def _model(user_zoo, root: Path, name: str) -> tuple[Path, Path]:
     return model.pt2, root / "pt2-data.npz"
 
 
-def _cell(command: str, model: Path, data: Path, work: Path) -> tuple[int, str]:
+@pytest.fixture(scope="module")
+def signing_key(tmp_path_factory) -> Path:
+    """One `compactai keygen` for the whole matrix (each model's bundle cell signs with it)."""
+    key = tmp_path_factory.mktemp("matrix-key")
+    result = run_cli("keygen", "-o", str(key), "--force")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return key
+
+
+def _cell(command: str, model: Path, data: Path, work: Path, key: Path) -> tuple[int, str]:
     """(exit code, the error line or "ok") of one command on one model."""
     out = work / command.replace(" ", "-").replace("+", "")
     if command == "profile":
@@ -67,9 +76,7 @@ def _cell(command: str, model: Path, data: Path, work: Path) -> tuple[int, str]:
                  "--finetune-epochs", "0", "--max-drop", "100", "--check-rounds", "0", "--round-to", "8",
                  "--runtime", "onnxruntime", "-o", str(out), *FAST)]
     else:
-        key = work / "key"
-        runs = [("keygen", "-o", str(key), "--force"),
-                ("bundle", str(model), "-o", str(out), "-k", str(key / "bundle-signing.key"), "-v", "1",
+        runs = [("bundle", str(model), "-o", str(out), "-k", str(key / "bundle-signing.key"), "-v", "1",
                  "--data", str(data), "--drift-window", "32"),  # small data sets, as a user's may be
                 ("verify", str(out), "-t", str(key / "bundle-signing.pub"))]
     for args in runs:
@@ -84,10 +91,10 @@ def _cell(command: str, model: Path, data: Path, work: Path) -> tuple[int, str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobilenet", "mobilenet.pt2", "tabular", "sensor", "bert-dir", "gpt2-dir"])
-def test_zoo_model_through_every_command(user_zoo, tmp_path_factory, name: str) -> None:
+def test_zoo_model_through_every_command(user_zoo, signing_key, tmp_path_factory, name: str) -> None:
     root = tmp_path_factory.mktemp("matrix")
     model, data = _model(user_zoo, root, name)
-    cells = {command: _cell(command, model, data, root) for command in COMMANDS}
+    cells = {command: _cell(command, model, data, root, signing_key) for command in COMMANDS}
     wanted = {command: EXPECTED.get((name, command), 0) for command in COMMANDS}
     got = {command: code for command, (code, _) in cells.items()}
     target = os.environ.get("COMPACTAI_MATRIX_OUT")

@@ -24,6 +24,9 @@ def start_server(fleet, **config) -> RunningServer:
     return RunningServer(ModelServer(fleet.install, settings)).start()
 
 
+# quiet: probation compares the new version's median latency with the previous one's (5x and 1 ms),
+# which a loaded machine can trip (seen at load 10 on 2 cores: 27.6x, rolled back); make test runs it alone
+@pytest.mark.quiet
 def test_server_updates_from_the_fleet_repository_with_zero_failed_requests(fleet):
     running = start_server(fleet)
     answers: list[tuple[str, float]] = []

@@ -108,6 +108,7 @@ def test_round_to_default_comes_from_the_cache_for_this_cpu(tmp_path, monkeypatc
     assert default_round_to(1) == 24 - measured
 
 
+@pytest.mark.quiet  # a latency ratio: run alone after the parallel part of make test
 def test_latency_check_flags_a_pruned_model_slower_than_its_parent(tmp_path):
     from compactai.cli.prune import latency_check
     from compactai.measure import MeasureConfig

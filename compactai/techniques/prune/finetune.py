@@ -19,7 +19,7 @@ import numpy as np
 from compactai.errors import BadInputError
 from compactai.tasks import Task, trim_padding
 from compactai.techniques._training import TrainingLoop, first_output
-from compactai.techniques.base import CallableParam, FloatParam, IntParam, NoneOr, Param
+from compactai.techniques.base import CallableParam, Context, FloatParam, IntParam, NoneOr, Param
 from compactai.techniques.losses import embedding_loss as pooled_embedding_loss
 from compactai.techniques.losses import hidden_state_loss, logit_distillation_loss, masked_mean_pool
 
@@ -207,6 +207,16 @@ def finetune(
     }
 
 
+def finetune_step(module: Any, input_names: list[str], task: Task, params: dict[str, Any], context: Context,
+                  step: int, *, teacher: Any, loss: Loss | None,
+                  after_step: Callable[[Any], None] | None = None) -> dict[str, Any]:
+    """Fine-tune after pruning step ``step`` with the ``FINETUNE_SPACE`` parameters in ``params``
+    (the one call structured and unstructured pruning share). Returns :func:`finetune`'s record."""
+    config = FinetuneConfig(epochs=params["finetune_epochs"], lr=params["lr"], batch_size=params["batch_size"],
+                            max_batches=params["max_batches"], seed=context.seed + step, augment=params["augment"])
+    return finetune(module, input_names, task, teacher=teacher, loss=loss, after_step=after_step, config=config,
+                    out_of_time=context.out_of_time, progress=context.progress)
+
+
 __all__ = ["FinetuneConfig", "Loss", "classification_loss", "default_loss", "embedding_loss", "finetune",
-           "recalibrate_batchnorm",
-           "task_batches", "torch_predict"]
+           "finetune_step", "recalibrate_batchnorm", "task_batches", "torch_predict"]

@@ -44,9 +44,8 @@ from compactai.techniques.prune.engine import (
 )
 from compactai.techniques.prune.finetune import (
     FINETUNE_SPACE,
-    FinetuneConfig,
     default_loss,
-    finetune,
+    finetune_step,
     recalibrate_batchnorm,
 )
 from compactai.techniques.prune.importance import (
@@ -303,13 +302,8 @@ class StructuredPrune(Technique):
                     blocks=reconstruction_blocks(module, original, scope))
             if params["finetune_epochs"] > 0 and task is not None:
                 context.progress(f"pruning step {step}: fine-tuning {params['finetune_epochs']} epoch(s)")
-                record["finetune"] = finetune(
-                    module, handle.input_names, task, teacher=teacher, loss=loss,
-                    config=FinetuneConfig(epochs=params["finetune_epochs"], lr=params["lr"],
-                                          batch_size=params["batch_size"], max_batches=params["max_batches"],
-                                          seed=context.seed + step, augment=params["augment"]),
-                    out_of_time=context.out_of_time, progress=context.progress,
-                )
+                record["finetune"] = finetune_step(module, handle.input_names, task, params, context, step,
+                                                   teacher=teacher, loss=loss)
             steps.append(record)
         set_eval(module)
         after = {"params": count_params(module), params["target"]: metric(module)}

@@ -32,9 +32,8 @@ from compactai.techniques.prune.convert import prunable_handle, why_not_prunable
 from compactai.techniques.prune.engine import check_protected, check_prunable
 from compactai.techniques.prune.finetune import (
     FINETUNE_SPACE,
-    FinetuneConfig,
     default_loss,
-    finetune,
+    finetune_step,
     recalibrate_batchnorm,
 )
 
@@ -149,13 +148,8 @@ class UnstructuredPrune(Technique):
             if task is not None and recalibrate_batchnorm(module, handle.input_names, task, seed=context.seed):
                 record["batchnorm_recalibrated"] = True  # the zeroed weights shift every activation's statistics
             if params["finetune_epochs"] > 0 and task is not None:
-                record["finetune"] = finetune(
-                    module, handle.input_names, task, teacher=teacher, loss=loss, after_step=apply_masks,
-                    config=FinetuneConfig(epochs=params["finetune_epochs"], lr=params["lr"],
-                                          batch_size=params["batch_size"], max_batches=params["max_batches"],
-                                          seed=context.seed + step, augment=params["augment"]),
-                    out_of_time=context.out_of_time, progress=context.progress,
-                )
+                record["finetune"] = finetune_step(module, handle.input_names, task, params, context, step,
+                                                   teacher=teacher, loss=loss, after_step=apply_masks)
             steps.append(record)
         set_eval(module)
         per_layer = {n: float(1 - m.float().mean()) for n, m in masks.items()}

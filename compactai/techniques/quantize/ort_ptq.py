@@ -20,12 +20,24 @@ from typing import Any
 
 from compactai.errors import TechniqueError
 from compactai.tasks import Split
-from compactai.techniques.quantize._common import calibration_reader, name_unnamed_nodes
+from compactai.techniques.base import ChoiceParam, IntParam, Param
+from compactai.techniques.quantize._common import calibration_reader, name_unnamed_nodes, resolve_reduce_range
 from compactai.techniques.quantize.masks import mask_path_nodes, nodes_touching, unbounded_scales
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+# The int8 parameters quantize and qat share (one declaration; ``int8_config`` reads them), so
+# that QAT and plain PTQ can be compared at the same setting.
+INT8_SPACE: dict[str, Param] = {
+    "per_channel": ChoiceParam((True, False), True),
+    "format": ChoiceParam(("qoperator", "qdq"), "qoperator"),
+    "calibration": ChoiceParam(tuple(CALIBRATION_METHODS), "minmax"),
+    "calibration_samples": IntParam(1, 100_000, 128),
+    "reduce_range": ChoiceParam(("auto", False, True), "auto"),
+    "weight_bits": ChoiceParam((8, 4), 8),
+}
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,15 @@ class Int8Config:
         data = asdict(self)
         data["nodes_to_exclude"] = list(self.nodes_to_exclude)
         return data
+
+
+def int8_config(params: dict[str, Any], mode: str, **more: Any) -> Int8Config:
+    """The :class:`Int8Config` of a technique's ``INT8_SPACE`` parameters, in ``mode``
+    (``more``: the other fields, e.g. ``nodes_to_exclude``)."""
+    return Int8Config(mode=mode, per_channel=params["per_channel"],
+                      reduce_range=resolve_reduce_range(params["reduce_range"]), format=params["format"],
+                      calibration=params["calibration"], calibration_samples=params["calibration_samples"],
+                      weight_bits=params["weight_bits"], **more)
 
 
 @contextmanager

@@ -23,7 +23,6 @@ from compactai.errors import ParameterError
 from compactai.models.handle import ModelHandle
 from compactai.techniques._training import TrainingLoop, first_output
 from compactai.techniques.base import (
-    ChoiceParam,
     Context,
     FloatParam,
     IntParam,
@@ -32,7 +31,7 @@ from compactai.techniques.base import (
 )
 from compactai.techniques.layers import quantizable_types
 from compactai.techniques.quantize._common import file_size, resolve_reduce_range
-from compactai.techniques.quantize.ort_ptq import Int8Config, preprocess, quantize_int8
+from compactai.techniques.quantize.ort_ptq import INT8_SPACE, int8_config, preprocess, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +139,7 @@ class QAT(Technique):
         "lr": FloatParam(0.0, 1.0, 1e-4, log=True, open_low=True),
         "batch_size": IntParam(1, 65_536, 64),
         "max_batches": IntParam(0, 1_000_000, 0),  # per epoch; 0 = the whole train split
-        "per_channel": ChoiceParam((True, False), True),
-        "format": ChoiceParam(("qoperator", "qdq"), "qoperator"),
-        "calibration": ChoiceParam(("minmax", "entropy", "percentile"), "minmax"),
-        "calibration_samples": IntParam(1, 100_000, 128),
-        "reduce_range": ChoiceParam(("auto", False, True), "auto"),
-        "weight_bits": ChoiceParam((8, 4), 8),
+        **INT8_SPACE,
     }
     cost = 2
     search_space = {"epochs": IntParam(1, 5, 2), "lr": FloatParam(1e-5, 1e-3, 1e-4, log=True)}
@@ -215,15 +209,7 @@ class QAT(Technique):
         trained = handle.derive(module=model).to_onnx(work / "qat-float.onnx")
         source = work / "preprocessed.onnx"
         preprocess(Path(trained.path), source, handle.kind)  # type: ignore[arg-type]
-        config = Int8Config(
-            mode="static",
-            per_channel=params["per_channel"],
-            reduce_range=resolve_reduce_range(params["reduce_range"]),
-            format=params["format"],
-            calibration=params["calibration"],
-            calibration_samples=params["calibration_samples"],
-            weight_bits=params["weight_bits"],
-        )
+        config = int8_config(params, mode="static")
         say(f"int8 with ONNX Runtime: {config.label()}")
         target = quantize_int8(
             source,

@@ -31,15 +31,16 @@ from compactai.techniques.quantize._common import (
     file_size,
     ops_left_in_float,
     output_spread_ratio,
-    resolve_reduce_range,
     weight_nodes,
 )
 from compactai.techniques.quantize.auto import search_mixed_precision
 from compactai.techniques.quantize.equalize import scale_outlier_channels
 from compactai.techniques.quantize.float import CONVERTERS, check_executes, float_mode_runs
 from compactai.techniques.quantize.ort_ptq import (
+    INT8_SPACE,
     Int8Config,
     cached_weight_quantization,
+    int8_config,
     preprocess,
     quantize_int8,
 )
@@ -146,12 +147,7 @@ class Quantize(Technique):
     accepts = ("torch", "onnx")
     space = {
         "mode": ChoiceParam(MODES, "dynamic"),
-        "per_channel": ChoiceParam((True, False), True),
-        "format": ChoiceParam(("qoperator", "qdq"), "qoperator"),
-        "calibration": ChoiceParam(("minmax", "entropy", "percentile"), "minmax"),
-        "calibration_samples": IntParam(1, 100_000, 128),
-        "reduce_range": ChoiceParam(("auto", False, True), "auto"),
-        "weight_bits": ChoiceParam((8, 4), 8),
+        **INT8_SPACE,
         "const_weights_only": ChoiceParam((True, False), True),
         "nodes_to_exclude": NoneOr(StringsParam()),
         "op_types": NoneOr(StringsParam()),
@@ -232,14 +228,8 @@ class Quantize(Technique):
         float_handle = handle.to_onnx(work / "float.onnx") if handle.framework == "torch" else handle
         float_path = Path(float_handle.path)  # type: ignore[arg-type]
         probe = params["latency_probe"] or default_probe(context.threads)
-        base = Int8Config(
-            mode=mode if mode in ("dynamic", "static") else "dynamic",
-            per_channel=params["per_channel"],
-            reduce_range=resolve_reduce_range(params["reduce_range"]),
-            format=params["format"],
-            calibration=params["calibration"],
-            calibration_samples=params["calibration_samples"],
-            weight_bits=params["weight_bits"],
+        base = int8_config(
+            params, mode=mode if mode in ("dynamic", "static") else "dynamic",
             const_weights_only=params["const_weights_only"],
             nodes_to_exclude=tuple(params["nodes_to_exclude"] or ()),
             op_types=tuple(params["op_types"]) if params["op_types"] else None,

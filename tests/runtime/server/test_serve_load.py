@@ -22,7 +22,9 @@ from compactai.runtime.server.loadgen import summarize
 from tests.runtime.server.conftest import REPO, cli_server, log_events, wait_for
 from tests.runtime.server.test_updates import bad_bundle, publish
 
-pytestmark = pytest.mark.slow
+# quiet as well: eight clients load the server while probation compares the new version's latency
+# with the previous one's; make test runs it alone, after the parallel part
+pytestmark = [pytest.mark.slow, pytest.mark.quiet]
 
 CONCURRENCY = 8
 SECONDS = 7.0
