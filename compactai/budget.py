@@ -105,6 +105,10 @@ class Budget:
     def satisfied(self, figures: dict[str, Any]) -> bool:
         return all(ch.ok for ch in self.check(figures))
 
+    def misses_quality(self, figures: dict[str, Any]) -> bool:
+        """True when a quality constraint (quality, quality_relative) is not met or not measured."""
+        return any(not ch.ok for ch in self.check(figures) if ch.constraint.key.startswith("quality"))
+
     def violation(self, figures: dict[str, Any]) -> float:
         """Sum of relative overshoots (0 when within budget): distance used to rank near misses."""
         return float(sum(-min(ch.slack, 0.0) if ch.actual is not None else 1e6 for ch in self.check(figures)))

@@ -49,6 +49,9 @@ def select(results: list[TrialResult], budget: Budget, closest_count: int = 3) -
         chosen = max(feasible, key=lambda r: (round(r.figures.get("quality", 0.0), 6),
                                               -r.figures.get("latency_p90_ms", 0.0), -(r.figures.get("size_mb") or 0.0)))
         return Selection(chosen, front, [], [])
-    closest = sorted(ok, key=lambda r: (budget.violation(r.figures), -r.figures.get("quality", 0.0)))[:closest_count]
+    # a model that lost the quality it must keep is no near miss however small it is: candidates
+    # that keep it come first (a collapsed pruned CNN once ranked closest on size and latency)
+    closest = sorted(ok, key=lambda r: (budget.misses_quality(r.figures), budget.violation(r.figures),
+                                        -r.figures.get("quality", 0.0)))[:closest_count]
     checks = budget.check(closest[0].figures) if closest else []
     return Selection(None, front, closest, checks)

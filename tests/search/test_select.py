@@ -24,11 +24,19 @@ def test_select_best_quality_within_budget_ties_by_latency():
 
 def test_nothing_fits_names_the_failed_constraint():
     budget = parse_budget("latency_p90_ms<=0.1", "0.99")
-    selection = select([trial(0, 0.99, 2.0, 4.0), trial(1, 0.95, 0.5, 1.0)], budget)
+    selection = select([trial(0, 0.99, 2.0, 4.0), trial(1, 0.95, 0.5, 1.0), trial(2, 0.99, 1.0, 4.0)], budget)
     assert selection.chosen is None
-    assert [r.number for r in selection.closest] == [1, 0]
+    # those that keep the quality floor come first (nearest first), then the one that lost quality
+    assert [r.number for r in selection.closest] == [2, 0, 1]
     text = selection.explain(budget)
     assert "latency_p90_ms" in text and "beyond the limit" in text
+
+
+def test_a_collapsed_model_is_never_the_closest_while_one_keeps_quality():
+    # a pruned CNN that collapsed (quality 0) is smaller and faster than every int8 trial
+    budget = parse_budget("latency_p90_ms<=0.1,size_mb<=0.04", "0.99")
+    selection = select([trial(0, 0.0, 0.2, 0.05), trial(1, 1.0, 0.22, 0.07)], budget)
+    assert [r.number for r in selection.closest] == [1, 0]
 
 
 def test_contenders_are_the_trials_that_only_latency_could_rule_out():
