@@ -26,7 +26,7 @@ from compactai.models.handle import ModelHandle
 from compactai.techniques.distill.students import drop_layers, find_layer_stack
 
 
-def _layer_parts(layer: nn.Module) -> tuple[nn.Module, nn.Linear, nn.Linear, nn.Linear]:
+def _layer_parts(layer: nn.Module) -> tuple[Any, nn.Linear, nn.Linear, nn.Linear]:
     """(self-attention, attention output projection, FFN in, FFN out) of a BERT-style layer."""
     try:
         attention = layer.attention.self  # type: ignore[union-attr]
@@ -120,7 +120,9 @@ def build_encoder(spec: dict[str, Any], teacher: ModelHandle, seed: int = 0) -> 
     assert teacher.module is not None
     path = find_layer_stack(teacher.module)[0]  # type: ignore[index]  # (teacher_shape found it)
     torch.manual_seed(seed)
-    for layer in student.get_submodule(path):  # by the teacher's path: a 1-layer list is no "stack" to find
+    stack = student.get_submodule(path)  # by the teacher's path: a 1-layer list is no "stack" to find
+    assert isinstance(stack, nn.ModuleList)
+    for layer in stack:
         if spec["init"] == "random":  # the teacher's structure, fresh weights
             for module in layer.modules():
                 if isinstance(module, (nn.Linear, nn.LayerNorm)):

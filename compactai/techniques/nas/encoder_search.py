@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
 from torch import nn
 
 from compactai.errors import ParameterError
@@ -165,7 +164,7 @@ def run_encoder_search(
         candidate.status = OK if candidate.epochs_run >= rungs[-1] else STOPPED
         outcome.models[candidate.number] = member.model
         fidelity.tell(member.rung_trial, candidate.validation)
-        study.tell(member.trial, [candidate.validation, candidate.latency_p90_ms])
+        study.tell(member.trial, [candidate.validation, candidate.latency_p90_ms or 0.0])
     outcome.seconds = round(time.monotonic() - started, 1)
     return outcome
 
