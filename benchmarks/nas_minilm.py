@@ -55,7 +55,7 @@ def reference_budget(rounds: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-minutes", type=float, default=24.0, help="the search's own limit (the bar is 30)")
-    parser.add_argument("--max-trials", type=int, default=10)
+    parser.add_argument("--max-trials", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--reduction-factor", type=int, default=3)
     parser.add_argument("--space", type=Path, default=Path(__file__).parent / "nas_minilm_space.json")
