@@ -1,4 +1,5 @@
-"""NAS benchmark (issue 21): the digits bar of `compactai nas`.
+"""NAS benchmark (issue 21): the digits bar of `compactai nas` (``--model digits``), and the MiniLM
+bar (``--model minilm``, see ``nas_minilm.py``).
 
 Budget: half the teacher's measured p90 batch-1 latency on ONNX Runtime (``latency_p90_ms<=0.5x``).
 Bar: test accuracy within 1 point of the teacher's, found in under 15 minutes on 2 cores, with the
@@ -30,7 +31,16 @@ def main() -> int:
     parser.add_argument("--max-trials", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=18)
     parser.add_argument("--out", type=Path, default=Path("/tmp/compactai-bench-nas"))
-    args = parser.parse_args()
+    parser.add_argument("--model", choices=["digits", "minilm"], default="digits")
+    args, rest = parser.parse_known_args()
+    if args.model == "minilm":  # its own options (nas_minilm.py --help)
+        from nas_minilm import (
+            main as bench_minilm,  # benchmarks/ is not a package: the script's folder is on sys.path
+        )
+
+        return bench_minilm(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     load_before = os.getloadavg()
     started = time.monotonic()
     command = [sys.executable, "-m", "compactai.cli", "nas", "--example", "digits", "--budget", "latency_p90_ms<=0.5x",

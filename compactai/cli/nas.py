@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ from compactai.errors import BadInputError, BudgetNotMetError
 def nas(
     example: str | None = typer.Option(None, "--example", "-e",
                                        help="Built-in example: digits (its trained CNN is the teacher and the reference "
-                                            "for a relative budget)."),
+                                            "for a relative budget), or minilm with --space encoder (students of "
+                                            "the MiniLM encoder, each distilled from it)."),
     data: Path | None = typer.Option(None, "--data",
                                      help="Labelled data instead of an example: an .npz with '<split>/<input>' and "
                                           "'<split>/labels' for train, validation and test (no teacher)."),
@@ -23,15 +25,26 @@ def nas(
                                help="Latency budget: 'latency_p90_ms<=2' (ms, batch 1, ONNX Runtime) or '<=0.5x' "
                                     "(a multiple of the example teacher's measured p90)."),
     space: str = typer.Option("cnn", "--space",
-                              help="Search space: cnn (MobileNet family), mlp, or a JSON/YAML file "
+                              help="Search space: cnn (MobileNet family), mlp, encoder (students of a transformer "
+                                   "teacher: layers, heads, FFN width, which teacher layers), or a JSON/YAML file "
                                    "{\"family\": ..., \"choices\": {...}} (see docs/nas.md)."),
     max_trials: int = typer.Option(30, "--max-trials", help="Candidates to propose at most."),
     max_minutes: float | None = typer.Option(None, "--max-minutes",
                                              help="Stop proposing (and cut the training in progress) after this "
                                                   "long; the best candidate so far is written."),
-    epochs: int = typer.Option(18, "--epochs", help="Epochs of a candidate that is continued to the last rung."),
-    min_epochs: int = typer.Option(2, "--min-epochs", help="Epochs of the first rung of successive halving."),
-    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate of each candidate (AdamW, cosine decay)."),
+    epochs: int | None = typer.Option(None, "--epochs",
+                                      help="Epochs of a candidate that is continued to the last rung (default 18; "
+                                           "encoder 6)."),
+    min_epochs: int | None = typer.Option(None, "--min-epochs",
+                                          help="Epochs of the first rung of successive halving (default 2; encoder 1)."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate of each candidate (AdamW, cosine decay; "
+                                                       "default 8e-3, encoder 1e-3)."),
+    train_samples: int = typer.Option(0, "--train-samples", min=0,
+                                      help="Train on the first N training samples only (0: all), e.g. a quick trial."),
+    compare_student: str | None = typer.Option(None, "--compare-student",
+                                               help="Encoder space: a distillation student spec (e.g. layers:0,2,5) "
+                                                    "re-measured interleaved with the teacher and the chosen student, "
+                                                    "for a latency comparison in results.json."),
     reduction_factor: int = typer.Option(3, "--reduction-factor",
                                          help="Successive halving: 1 in this many continues past each rung."),
     threads: int | None = typer.Option(None, "--threads", help="ONNX Runtime threads (default: the CPUs available)."),
@@ -58,9 +71,22 @@ def nas(
     if (example is None) == (data is None):
         raise BadInputError("Give either --example NAME (digits) or --data FILE.npz, not both or neither.")
     search_space = load_space(space)  # a bad space fails before anything is loaded
-    if search_space["family"] == "encoder":
-        raise BadInputError("The encoder space is declared but its search is not available in `compactai nas` yet; "
-                            "use --space cnn or mlp (see docs/nas.md).")
+    encoder = search_space["family"] == "encoder"
+    if encoder and example is None:
+        raise BadInputError("The encoder space searches students of a transformer teacher: use --example minilm "
+                            "(--data has no teacher).")
+    if compare_student is not None and not encoder:
+        raise BadInputError("--compare-student is for the encoder space (--space encoder).")
+    if compare_student is not None:
+        from compactai.techniques.distill.students import parse_student_spec
+
+        parse_student_spec(compare_student)  # a bad spec fails before anything loads
+    # (epochs, first rung, learning rate, batch size): a distilled encoder student starts from the
+    # teacher's weights, so it needs far fewer epochs and a fine-tuning rate
+    default_epochs, default_min, default_lr, batch_size = (6, 1, 1e-3, 32) if encoder else (
+        18, 2, TrainSettings.lr, TrainSettings.batch_size)
+    epochs = default_epochs if epochs is None else epochs
+    min_epochs = default_min if min_epochs is None else min_epochs
     parsed = parse_budget(budget)
     latency = [c for c in parsed.constraints if c.key == "latency_p90_ms"]
     if len(latency) != 1 or len(parsed.constraints) != 1:
@@ -70,7 +96,8 @@ def nas(
     threads = threads or default_threads()
     config = NasConfig(budget_ms=latency[0].value, max_trials=max_trials, max_minutes=max_minutes,
                        min_epochs=min_epochs, reduction_factor=reduction_factor, threads=threads,
-                       train=TrainSettings(max_epochs=epochs, seed=seed, lr=TrainSettings.lr if lr is None else lr))
+                       train=TrainSettings(max_epochs=epochs, seed=seed, lr=default_lr if lr is None else lr,
+                                           batch_size=batch_size))
     config.budget_ms = 1.0 if latency[0].relative else config.budget_ms  # checked now, resolved after measuring
     config.check()
     check_output_dir(output)
@@ -80,6 +107,9 @@ def nas(
             handle, task, info = resolve_model(None, example, progress=lambda e, n, acc: say(f"training example {e}/{n}"))
             if handle.module is None or task is None:
                 raise BadInputError(f"The example '{example}' has no torch teacher for NAS.")
+            if encoder != (handle.kind == "transformer"):
+                raise BadInputError(f"The example '{example}' is a {handle.kind} model; search it with "
+                                    f"{'--space cnn or mlp' if encoder else '--space encoder'}.")
             say("measuring the teacher (ONNX Runtime, batch 1)")
             measured = measure(handle, None, config=MeasureConfig(min_queries=200, min_seconds=1.0, memory=False,
                                                                   energy=False, threads=threads))
@@ -90,9 +120,19 @@ def nas(
             task = labelled_task(data)  # type: ignore[arg-type]
     if latency[0].relative:
         config.budget_ms = latency[0].value * teacher_figures["latency_p90_ms"]  # type: ignore[index]
+    if train_samples:
+        task = replace(task, splits={**task.splits, "train": task.split("train").take(min(train_samples,
+                                                                                         len(task.split("train"))))})
     output.mkdir(parents=True, exist_ok=True)
     with out.progress(f"Searching (budget p90 <= {config.budget_ms:.4g} ms)") as say:
-        summary = run_nas(search_space, task, teacher, config, output, info, teacher_figures, remeasure_rounds, say)
+        if encoder:
+            from compactai.cli._nas_encoder import encoder_label, run_encoder_nas
+
+            summary = run_encoder_nas(search_space, handle, task, config, output, info, teacher_figures,  # type: ignore[arg-type]
+                                      remeasure_rounds, compare_student, say)
+            label = encoder_label
+        else:
+            summary = run_nas(search_space, task, teacher, config, output, info, teacher_figures, remeasure_rounds, say)
     _print(out, summary, label)
     out.emit(summary)
     if summary["status"] != "ok":

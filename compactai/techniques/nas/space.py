@@ -72,8 +72,9 @@ BUILTIN_SPACES: dict[str, dict[str, Any]] = {
     "mlp": {"family": "mlp", "choices": {
         "layers": [1, 2, 3], "hidden": [64, 128, 256, 512], "activation": ["relu", "gelu"], "dropout": [0.0, 0.1]}},
     "encoder": {"family": "encoder", "choices": {
-        "layers": [2, 3, 4], "hidden": [192, 256, 384], "heads": [4, 6, 12], "ffn": [512, 768, 1024, 1536],
-        "init": ["spread", "first"]}},
+        # students of a MiniLM-sized teacher: they keep its token embeddings, so its hidden size (384)
+        "layers": [2, 3, 4], "hidden": [384], "heads": [4, 6, 8, 12], "ffn": [512, 768, 1024, 1536],
+        "init": ["spread", "first", "last"]}},
 }
 
 
@@ -172,7 +173,9 @@ def sample_spec(space: dict[str, Any], choose: Choose, task_shape: dict[str, Any
     hidden = choose("hidden", choices["hidden"])
     # only head counts that divide the hidden size: the choice is offered per hidden size so a
     # sampler never proposes a model that cannot exist
-    heads = choose(f"heads_for_{hidden}", [h for h in choices["heads"] if hidden % h == 0] or [1])
+    # (and, for a teacher's student, no more heads than the teacher has)
+    most = task_shape.get("teacher", {}).get("heads", 4096)
+    heads = choose(f"heads_for_{hidden}", [h for h in choices["heads"] if hidden % h == 0 and h <= most] or [1])
     return {**base, "layers": choose("layers", choices["layers"]), "hidden": hidden, "heads": heads,
             "ffn": choose("ffn", choices["ffn"]), "init": choose("init", choices["init"])}
 
