@@ -99,6 +99,7 @@ class InferRoute:
         label = name if name == server.model.name else "_unknown"  # a client cannot mint label values
         in_flight = metrics.in_flight.labels(label)
         in_flight.inc()
+        server.dispatcher.requests += 1
         try:
             headers = _headers(scope)
             client = scope.get("client")
@@ -130,6 +131,7 @@ class InferRoute:
             server.log("error", error=f"{type(exc).__name__}: {exc}"[:300])
             return 500, error_body(internal_error_message(exc)), {"content-type": "application/json"}
         finally:
+            server.dispatcher.requests -= 1
             in_flight.dec()
             metrics.request_seconds.labels(label).observe(time.perf_counter() - start)
 
