@@ -97,7 +97,7 @@ class InferRoute:
         metrics = server.metrics
         served_version = ""
         label = name if name == server.model.name else "_unknown"  # a client cannot mint label values
-        in_flight = metrics.in_flight.labels(label)
+        in_flight = metrics.child(metrics.in_flight, label)
         in_flight.inc()
         server.dispatcher.requests += 1
         try:
@@ -115,25 +115,25 @@ class InferRoute:
                                                                       parameters)
             content, extra = encode_response(parsed, outputs, model_name=model_name, model_version=served_version,
                                              parameters=parameters)
-            metrics.requests.labels(label, served_version, "ok").inc()
+            metrics.child(metrics.requests, label, served_version, "ok").inc()
             return 200, content, extra
         except RequestError as exc:
-            metrics.requests.labels(label, served_version, OUTCOMES.get(exc.status, "bad_request")).inc()
+            metrics.child(metrics.requests, label, served_version, OUTCOMES.get(exc.status, "bad_request")).inc()
             extra = {"content-type": "application/json"}
             if exc.status == 401:
                 extra["www-authenticate"] = "Bearer"
             return exc.status, error_body(str(exc)), extra
         except ClientGone:
-            metrics.requests.labels(label, served_version, "bad_request").inc()
+            metrics.child(metrics.requests, label, served_version, "bad_request").inc()
             raise
         except Exception as exc:  # noqa: BLE001 (answered 500 and logged, as the FastAPI routes' handler does)
-            metrics.requests.labels(label, served_version, "error").inc()
+            metrics.child(metrics.requests, label, served_version, "error").inc()
             server.log("error", error=f"{type(exc).__name__}: {exc}"[:300])
             return 500, error_body(internal_error_message(exc)), {"content-type": "application/json"}
         finally:
             server.dispatcher.requests -= 1
             in_flight.dec()
-            metrics.request_seconds.labels(label).observe(time.perf_counter() - start)
+            metrics.child(metrics.request_seconds, label).observe(time.perf_counter() - start)
 
 
 def _headers(scope: Scope) -> dict[str, str]:
