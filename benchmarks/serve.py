@@ -10,6 +10,9 @@ weights; the table says which). Calibration uses the digits calibration split ei
    The floor: the same client against a bare uvicorn echo (a plain ASGI app that reads the body
    and answers a fixed response of the same size, same httptools/uvloop stack): what Python HTTP
    costs on this machine before the server does anything.
+   The same on a model with the digits signature and almost no compute (one MatMul): with the
+   int8 model's ~2.5 ms call, preemption on a shared machine moves both p50s by more than the
+   server adds; on the trivial model the difference is the server's own cost.
 2. ONNX Runtime CPU time per row by batch size (thread CPU time, so other processes on the
    machine do not inflate it): what micro-batching can save in compute.
 3. throughput and p50/p99 at concurrency 32, without and with micro-batching, with the CPU
@@ -78,6 +81,25 @@ def build_model(work: Path) -> tuple[Path, str]:
     preprocess(fp32, prepared, kind="cnn")
     int8 = quantize_int8(prepared, work / "int8.onnx", Int8Config(mode="static"), splits["calibration"], ["image"])
     return int8, what
+
+
+def trivial_model(work: Path) -> Path:
+    """The digits signature (image: (batch, 1, 32, 32) FP32 -> output: (batch, 10)) with one MatMul."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((1024, 10)).astype(np.float32), "w")
+    shape = numpy_helper.from_array(np.array([-1, 1024], np.int64), "shape")
+    nodes = [helper.make_node("Reshape", ["image", "shape"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "w"], ["output"])]
+    graph = helper.make_graph(nodes, "trivial",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 32, 32])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 10])],
+                              [weight, shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(work / "trivial.onnx"))
+    return work / "trivial.onnx"
 
 
 def bare_p50_ms(model: Path, image: np.ndarray, queries: int) -> float:
@@ -257,7 +279,17 @@ def closed_loop(port: int, requests: list[tuple[bytes, dict[str, str]]], concurr
     return {"requests": len(latencies), "failed": failures[0], "throughput_rps": len(latencies) / elapsed,
             "p50_ms": float(np.percentile(latencies, 50) * 1e3), "p99_ms": float(np.percentile(latencies, 99) * 1e3),
             # CPU cores busy on average (1.0 = one core) over the run, of the 2 the machine has
-            "client_cpu_cores": client_cpu / elapsed, "server_cpu_cores": server_cpu / elapsed}
+            "client_cpu_cores": client_cpu / elapsed, "server_cpu_cores": server_cpu / elapsed, "seconds": elapsed}
+
+
+def merge_rounds(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Totals over rounds; p50/p99 and throughput as the median of the rounds'."""
+    total_cpu = sum(r["server_cpu_cores"] * r["seconds"] for r in runs)
+    merged = {"requests": sum(r["requests"] for r in runs), "failed": sum(r["failed"] for r in runs)}
+    for key in ("throughput_rps", "p50_ms", "p99_ms", "client_cpu_cores", "server_cpu_cores"):
+        merged[key] = float(np.median([r[key] for r in runs]))
+    merged["requests_per_server_cpu_s"] = merged["requests"] / total_cpu if total_cpu else float("nan")
+    return merged
 
 
 def histogram_mean(text: str, name: str) -> float | None:
@@ -268,9 +300,10 @@ def histogram_mean(text: str, name: str) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput run")
+    parser.add_argument("--seconds", type=float, default=8.0, help="duration of each throughput run (all rounds)")
     parser.add_argument("--queries", type=int, default=2000, help="batch-1 queries for the p50 figures")
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved unbatched/batched rounds")
     parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)  # the floor, run as a subprocess
     args = parser.parse_args()
     if args.echo_server:
@@ -293,6 +326,14 @@ def main() -> None:
         floor_binary = sequential_p50_ms(echo.port, binary_requests, args.queries)
     finally:
         echo.stop()
+    trivial = trivial_model(work)
+    trivial_bare = bare_p50_ms(trivial, image, args.queries)
+    server = Server(trivial)
+    try:
+        trivial_json = sequential_p50_ms(server.port, json_requests, args.queries)
+        trivial_binary = sequential_p50_ms(server.port, binary_requests, args.queries)
+    finally:
+        server.stop()
     server = Server(model)
     try:
         json_p50 = sequential_p50_ms(server.port, json_requests, args.queries)
@@ -300,15 +341,21 @@ def main() -> None:
         text = server.metrics()
         in_server = histogram_mean(text, "compactai_request_duration_seconds")
         compute = histogram_mean(text, "compactai_compute_duration_seconds")
-        unbatched = closed_loop(server.port, json_requests, args.concurrency, args.seconds, server.process.pid)
+        # both servers up at once, loaded in turn: interleaved rounds see the same machine load
+        batching = Server(model, "--max-batch", str(args.concurrency), "--max-delay-ms", "2")
+        try:
+            runs: dict[str, list[dict[str, float]]] = {"unbatched": [], "batched": []}
+            for _ in range(args.rounds):
+                for label, target in (("unbatched", server), ("batched", batching)):
+                    runs[label].append(closed_loop(target.port, json_requests, args.concurrency,
+                                                   args.seconds / args.rounds, target.process.pid))
+            batch_mean = histogram_mean(batching.metrics(), "compactai_batch_size")
+        finally:
+            batching.stop()
     finally:
         server.stop()
-    server = Server(model, "--max-batch", str(args.concurrency), "--max-delay-ms", "2")
-    try:
-        batched = closed_loop(server.port, json_requests, args.concurrency, args.seconds, server.process.pid)
-        batch_mean = histogram_mean(server.metrics(), "compactai_batch_size")
-    finally:
-        server.stop()
+    unbatched, batched = merge_rounds(runs["unbatched"]), merge_rounds(runs["batched"])
+    speedups = [b["throughput_rps"] / u["throughput_rps"] for u, b in zip(runs["unbatched"], runs["batched"])]
 
     report: dict[str, Any] = {
         "model": what, "threads": THREADS, "queries": args.queries, "cpus": os.cpu_count(),
@@ -317,10 +364,20 @@ def main() -> None:
                    "added_json_p50_ms": json_p50 - bare, "added_binary_p50_ms": binary_p50 - bare,
                    "floor_echo_json_p50_ms": floor_json, "floor_echo_binary_p50_ms": floor_binary,
                    "in_server_mean_ms": in_server and in_server * 1e3, "compute_mean_ms": compute and compute * 1e3},
+        "batch1_trivial_model": {"bare_ort_p50_ms": trivial_bare, "server_json_p50_ms": trivial_json,
+                                 "server_binary_p50_ms": trivial_binary,
+                                 "added_json_p50_ms": trivial_json - trivial_bare,
+                                 "added_binary_p50_ms": trivial_binary - trivial_bare},
         "ort_cpu_ms_per_row_by_batch": per_row,
         f"concurrency_{args.concurrency}": {"seconds": args.seconds, "unbatched": unbatched,
                                             "batched": {**batched, "mean_batch_rows": batch_mean},
-                                            "speedup": batched["throughput_rps"] / unbatched["throughput_rps"]},
+                                            "rounds": args.rounds, "rounds_detail": runs,
+                                            "speedup_by_round": speedups,
+                                            "speedup": float(np.median(speedups)),
+                                            # requests per CPU-second of the server: what batching saves in work,
+                                            # whatever share of the cores the server got from a busy machine
+                                            "efficiency_ratio": batched["requests_per_server_cpu_s"]
+                                            / unbatched["requests_per_server_cpu_s"]},
     }
     table = Table(title=f"compactai serve: {what}, {THREADS} intra-op thread, load average "
                         f"{load_start[0]:.1f} at the start, {report['load_average']:.1f} at the end, on "
@@ -332,6 +389,8 @@ def main() -> None:
             ("server binary p50 (ms)", binary_p50), ("added p50, JSON (ms)", b1["added_json_p50_ms"]),
             ("added p50, binary (ms)", b1["added_binary_p50_ms"]),
             ("floor: bare uvicorn echo p50, JSON / binary body (ms)", f"{floor_json:.3f} / {floor_binary:.3f}"),
+            ("trivial model (same signature): added p50, JSON / binary (ms)",
+             f"{trivial_json - trivial_bare:.3f} / {trivial_binary - trivial_bare:.3f}"),
             ("in-server mean, body read to response (ms)", b1["in_server_mean_ms"]),
             ("compute mean in server (ms)", b1["compute_mean_ms"])]
     for label, run in (("unbatched", unbatched), ("micro-batched", batched)):
@@ -340,7 +399,9 @@ def main() -> None:
                  (f"c{args.concurrency} {label} failed", run["failed"]),
                  (f"c{args.concurrency} {label} CPU cores busy, client / server",
                   f"{run['client_cpu_cores']:.2f} / {run['server_cpu_cores']:.2f}")]
-    rows += [("ORT CPU ms per row at batch " + ", ".join(per_row), " / ".join(f"{v:.2f}" for v in per_row.values())),
+    rows += [("requests per server CPU-second, unbatched / batched",
+              f"{unbatched['requests_per_server_cpu_s']:.0f} / {batched['requests_per_server_cpu_s']:.0f}"),
+             ("ORT CPU ms per row at batch " + ", ".join(per_row), " / ".join(f"{v:.2f}" for v in per_row.values())),
              ("mean rows per batch", batch_mean), ("throughput with / without batching",
                                                    report[f"concurrency_{args.concurrency}"]["speedup"])]
     for label, value in rows:
