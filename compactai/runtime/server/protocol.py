@@ -12,6 +12,7 @@ Every mistake of the client raises :class:`RequestError` with a 4xx status and o
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,7 +144,7 @@ def _parse_tensor(item: dict[str, Any], binary: bytes, offset: int) -> tuple[np.
     if datatype not in DATATYPES:
         raise RequestError(400, f"Input {name!r} has datatype {datatype!r}; use one of {', '.join(DATATYPES)}.")
     dtype = DATATYPES[datatype]
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)  # math.prod: np.prod costs ~20x more on a short list, on every request
     size = _object(item.get("parameters") or {}, f"'parameters' of input {name!r}").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):
