@@ -3,10 +3,10 @@
 The inference route is the one on the latency path, so it skips FastAPI's routing (a regex
 match per route), dependency solving and ``Request``/``Response`` objects: it reads the body from
 the ASGI ``receive`` channel under the size limit, answers with two ``send`` calls, and hands
-every other request to the FastAPI app. On the digits int8 model this took the server's
-added batch-1 p50 from about 1.1 ms above a bare uvicorn echo to about 0.3 ms (docs/serve.md,
-"Performance"). The behaviour is the FastAPI route's: the same statuses, ``{"error": ...}``
-bodies, metrics and log lines.
+every other request to the FastAPI app. Measured with
+benchmarks/serve.py's client: a FastAPI echo route costs 0.1 to 0.25 ms more than a bare ASGI echo
+on this machine (docs/serve.md, "Performance"). The behaviour is the FastAPI route's: the same
+statuses, ``{"error": ...}`` bodies, metrics and log lines.
 """
 
 from __future__ import annotations
