@@ -80,7 +80,13 @@ class Dispatcher:
 
         def work() -> list[np.ndarray]:
             started.append(time.perf_counter())
-            return run(feeds)
+            try:
+                return run(feeds)
+            finally:
+                # the end of the call is taken on the inference thread: taken on the loop after the
+                # await, it added the hand-back to the loop (milliseconds on a busy machine) to the
+                # compute time, which probation compares between versions
+                started.append(time.perf_counter())
 
         try:
             self.running += 1
@@ -90,7 +96,7 @@ class Dispatcher:
             self.waiting -= queued
         done = time.perf_counter()
         begin = started[0] if started else done
-        compute = done - begin
+        compute = (started[1] if len(started) > 1 else done) - begin
         # an exponential moving average: recent enough to follow load, smooth enough not to flap
         self._mean_compute_s = compute if self._mean_compute_s == 0 else 0.9 * self._mean_compute_s + 0.1 * compute
         return outputs, begin - submitted, compute
