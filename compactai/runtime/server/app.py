@@ -19,9 +19,7 @@ body is read, so an oversize request is refused without being held in memory.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import socket
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -31,17 +29,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from compactai.runtime.server.drift_hook import NO_PROFILE
-from compactai.runtime.server.protocol import (
-    HEADER_LENGTH,
-    RequestError,
-    check_inputs,
-    check_outputs,
-    encode_response,
-    parse_infer_request,
-)
+from compactai.runtime.server.infer_route import InferRoute, check_token, internal_error_message
+from compactai.runtime.server.protocol import RequestError
 from compactai.runtime.server.service import ModelServer
-
-OUTCOMES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "too_large", 500: "nonfinite_output"}
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -76,19 +66,10 @@ def create_app(server: ModelServer) -> FastAPI:
             await server.stop()
 
     app = FastAPI(title="compactai serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    token = server.config.token
 
     def authorize(request: Request) -> None:
-        if token is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        # constant-time comparison: the time taken does not tell how much of the token matched
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            server.log("refusal", route=request.url.path, reason="missing token" if not header else "invalid token",
-                       client=request.client.host if request.client else None)
-            raise RequestError(401, "This route needs 'Authorization: Bearer TOKEN' with the server's token "
-                                    "(--token-file).")
+        check_token(server, request.headers.get("authorization"), request.url.path,
+                    request.client.host if request.client else None)
 
     @app.exception_handler(RequestError)
     async def request_error(_request: Request, exc: RequestError) -> JSONResponse:
@@ -103,7 +84,7 @@ def create_app(server: ModelServer) -> FastAPI:
     @app.exception_handler(Exception)
     async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
         server.log("error", error=f"{type(exc).__name__}: {exc}"[:300])
-        return _error(500, f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        return _error(500, internal_error_message(exc))
 
     # ---- health and metadata ---------------------------------------------------------------------------
     @app.get("/v2/health/live")
@@ -150,39 +131,9 @@ def create_app(server: ModelServer) -> FastAPI:
     async def metrics() -> Response:
         return Response(server.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    # ---- inference -------------------------------------------------------------------------------------
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer(name: str, request: Request, version: str | None = None) -> Response:
-        start = time.perf_counter()
-        metrics = server.metrics
-        served_version = ""
-        label = name if name == server.model.name else "_unknown"  # a client cannot mint label values
-        metrics.in_flight.labels(label).inc()
-        try:
-            authorize(request)
-            model = server.model_for(name)
-            body = await read_body(request, server.config.max_body_bytes)
-            parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
-            slot, probation = model.route(version)  # once: the request runs on the version it is checked against
-            check_inputs(parsed, slot.loaded.inputs, name)
-            names = check_outputs(parsed, slot.loaded.output_names, name)
-            parameters: dict[str, Any] = {}
-            model_name, served_version, outputs = await server.answer(model, slot, probation, parsed, names,
-                                                                      parameters)
-            content, headers = encode_response(parsed, outputs, model_name=model_name, model_version=served_version,
-                                               parameters=parameters)
-            metrics.requests.labels(label, served_version, "ok").inc()
-            return Response(content, headers=headers)
-        except RequestError as exc:
-            metrics.requests.labels(label, served_version, OUTCOMES.get(exc.status, "bad_request")).inc()
-            raise
-        except Exception:
-            metrics.requests.labels(label, served_version, "error").inc()
-            raise
-        finally:
-            metrics.in_flight.labels(label).dec()
-            metrics.request_seconds.labels(label).observe(time.perf_counter() - start)
+    # ---- inference: POST /v2/models/{name}[/versions/{v}]/infer is answered by InferRoute (infer_route.py),
+    # a plain ASGI route in front of FastAPI's routing: it is the route on the latency path
+    app.add_middleware(InferRoute, server=server)
 
     # ---- repository extension --------------------------------------------------------------------------
     @app.post("/v2/repository/index")

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+INLINE_MAX_S = 0.005  # calls longer than this (recent mean) always go to an inference thread
 
 @dataclass
 class RunResult:
@@ -41,7 +42,17 @@ class Dispatcher:
         self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="compactai-infer")
         self.waiting = 0  # requests handed to the dispatcher that have not started computing
         self.running = 0  # calls computing now (batches count once)
+        self.requests = 0  # inference requests the server is handling now (the infer route counts them)
         self._mean_compute_s = 0.0
+
+    def can_run_inline(self) -> bool:
+        """True when a call may run on the event loop thread instead of an inference thread: it is the
+        only request in the server, no call is computing, and calls are short (recent mean under
+        INLINE_MAX_S). The hand-over to a thread and back costs more than the server's whole HTTP
+        handling of a small request (measured, docs/serve.md); blocking the loop for a short call
+        costs nothing when no other request is there to be served."""
+        return (self.requests <= 1 and self.running == 0 and self.waiting == 0
+                and 0 < self._mean_compute_s < INLINE_MAX_S)
 
     def estimated_wait_s(self) -> float:
         """Requests ahead x recent mean compute time / threads: the latency rule of the fallback."""
@@ -49,15 +60,33 @@ class Dispatcher:
         return ahead * self._mean_compute_s / self.workers
 
     async def call(self, run: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
-                   feeds: dict[str, np.ndarray], queued: int = 1) -> tuple[list[np.ndarray], float, float]:
-        """Run ``run(feeds)`` on an inference thread: (outputs, seconds queued, seconds computing)."""
+                   feeds: dict[str, np.ndarray], queued: int = 1,
+                   inline: bool = False) -> tuple[list[np.ndarray], float, float]:
+        """Run ``run(feeds)`` on an inference thread (or on this thread when ``inline`` and
+        :meth:`can_run_inline` allow it): (outputs, seconds queued, seconds computing)."""
+        if inline and self.can_run_inline():
+            begin = time.perf_counter()
+            self.running += 1
+            try:
+                outputs = run(feeds)
+            finally:
+                self.running -= 1
+            compute = time.perf_counter() - begin
+            self._mean_compute_s = 0.9 * self._mean_compute_s + 0.1 * compute
+            return outputs, 0.0, compute
         submitted = time.perf_counter()
         started: list[float] = []
         self.waiting += queued
 
         def work() -> list[np.ndarray]:
             started.append(time.perf_counter())
-            return run(feeds)
+            try:
+                return run(feeds)
+            finally:
+                # the end of the call is taken on the inference thread: taken on the loop after the
+                # await, it added the hand-back to the loop (milliseconds on a busy machine) to the
+                # compute time, which probation compares between versions
+                started.append(time.perf_counter())
 
         try:
             self.running += 1
@@ -67,7 +96,7 @@ class Dispatcher:
             self.waiting -= queued
         done = time.perf_counter()
         begin = started[0] if started else done
-        compute = done - begin
+        compute = (started[1] if len(started) > 1 else done) - begin
         # an exponential moving average: recent enough to follow load, smooth enough not to flap
         self._mean_compute_s = compute if self._mean_compute_s == 0 else 0.9 * self._mean_compute_s + 0.1 * compute
         return outputs, begin - submitted, compute
@@ -113,11 +142,14 @@ class MicroBatcher:
         return await item.future
 
     def _flush(self) -> None:
-        """Send what is pending as batches of compatible requests (same shapes past axis 0)."""
+        """Send what is pending as batches of compatible requests (same shapes past axis 0), one per
+        idle inference thread. The rest stays pending and leaves when a batch finishes: queued in the
+        thread pool it could not grow, and at concurrency 32 that made batches of ~3 rows instead of
+        the ~30 that arrive during one call (benchmarks/serve.py)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        while self.pending:
+        while self.pending and self.in_flight < self.dispatcher.workers:
             first = self.pending[0]
             batch, rows, rest = [first], first.rows, []
             for item in self.pending[1:]:

@@ -107,6 +107,18 @@ class ServerMetrics:
                                            "got wrong (error, NaN) and the previous version answered",
                                            ["model", "version"], registry=r)
         self.extra_registries: list[CollectorRegistry] = []
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: the request path asks for the same few children on
+        every request, and ``labels()`` takes a lock and validates each time. Only for metrics that are
+        never cleared (not the model-info gauges); the label values are bounded (model name or
+        ``_unknown``, loaded versions, a fixed set of outcomes)."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def set_models(self, loaded: Iterable[tuple[str, str, str, int]]) -> None:
         """Replace the model-info gauges with (model, version, state, size bytes) of what is loaded now."""

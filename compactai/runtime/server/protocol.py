@@ -12,11 +12,13 @@ Every mistake of the client raises :class:`RequestError` with a 4xx status and o
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # protocol datatype -> numpy dtype (BYTES is a numpy object array of str/bytes, as ONNX Runtime wants)
@@ -95,7 +97,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
                                     f"{len(body)}-byte body.")
         binary, body = body[int(header_length):], body[:int(header_length)]
     try:
-        raw = json.loads(body)
+        raw = orjson.loads(body)  # about 10x faster than json.loads on a 32x32 image of floats
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"The request body is not valid JSON ({exc}).") from exc
     raw = _object(raw, "The request body")
@@ -142,7 +144,7 @@ def _parse_tensor(item: dict[str, Any], binary: bytes, offset: int) -> tuple[np.
     if datatype not in DATATYPES:
         raise RequestError(400, f"Input {name!r} has datatype {datatype!r}; use one of {', '.join(DATATYPES)}.")
     dtype = DATATYPES[datatype]
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)  # math.prod: np.prod costs ~20x more on a short list, on every request
     size = _object(item.get("parameters") or {}, f"'parameters' of input {name!r}").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):
@@ -247,6 +249,14 @@ def _to_json_data(array: np.ndarray) -> list[Any]:
     return array.ravel().tolist()
 
 
+def _json_ready(array: np.ndarray) -> Any:
+    """The flat row-major data of ``array`` as orjson writes it: the array itself when orjson serializes
+    its dtype natively, else a list."""
+    if array.dtype.kind in "biuf" and array.dtype.isnative:
+        return np.ascontiguousarray(array).ravel()
+    return _to_json_data(array)
+
+
 def encode_response(request: InferRequest, outputs: dict[str, np.ndarray], *, model_name: str,
                     model_version: str, parameters: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
     """The response body and its extra headers (JSON, or JSON + binary tensors when asked for)."""
@@ -267,10 +277,11 @@ def encode_response(request: InferRequest, outputs: dict[str, np.ndarray], *, mo
                 raise RequestError(500, f"Model {model_name!r} version {model_version} produced NaN or Inf in "
                                         f"output {name!r}, which JSON cannot carry; ask for binary outputs "
                                         "(parameters.binary_data_output: true) to receive the raw IEEE values.")
-            entry["data"] = _to_json_data(array)
+            entry["data"] = _json_ready(array)
         entries.append(entry)
     body["outputs"] = entries
-    header = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    # orjson writes numpy arrays directly (float32 as the shortest text that reads back to the same float32)
+    header = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return header, {"content-type": "application/json"}
     return header + b"".join(blobs), {"content-type": "application/octet-stream",

@@ -64,7 +64,8 @@ class VersionSlot:
                 self._batcher = MicroBatcher(self.loaded.run, self.dispatcher, self.batching.max_batch,
                                              self.batching.max_delay_ms / 1e3)
             return await self._batcher.submit(feeds)
-        outputs, wait, compute = await self.dispatcher.call(self.loaded.run, feeds)
+        # unbatched: a lone short request may run on the event loop thread (Dispatcher.can_run_inline)
+        outputs, wait, compute = await self.dispatcher.call(self.loaded.run, feeds, inline=True)
         rows = int(next(iter(feeds.values())).shape[0]) if feeds and next(iter(feeds.values())).ndim else 1
         return RunResult(outputs, wait, compute, rows)
 

@@ -261,9 +261,10 @@ class ModelServer:
         return result, slot
 
     def _observe(self, model: str, version: str, result: RunResult) -> None:
-        self.metrics.compute_seconds.labels(model, version).observe(result.compute_s)
-        self.metrics.queue_seconds.labels(model).observe(result.queue_wait_s)
-        self.metrics.batch_rows.labels(model).observe(result.batch_rows)
+        metrics = self.metrics
+        metrics.child(metrics.compute_seconds, model, version).observe(result.compute_s)
+        metrics.child(metrics.queue_seconds, model).observe(result.queue_wait_s)
+        metrics.child(metrics.batch_rows, model).observe(result.batch_rows)
 
     async def _forward(self, model: ServedModel, request: InferRequest, output_names: list[str], reason: str,
                        parameters: dict[str, Any]) -> tuple[str, str, dict[str, np.ndarray]] | None:

@@ -97,3 +97,62 @@ def test_a_failing_batch_is_rerun_request_by_request(tmp_path) -> None:
     good, bad = asyncio.run(scenario())
     assert isinstance(bad, ValueError) and "this one request" in str(bad)
     np.testing.assert_array_equal(good.outputs[0], np.full((1, 4), 2, np.float32))
+
+
+def test_requests_gathering_behind_a_busy_thread_are_not_sent_as_small_batches(tmp_path) -> None:
+    """The delay bound passing while the only thread is busy does not send what gathered so far into the
+    thread pool's queue (where it could not grow): everything waiting leaves as one batch when the thread frees."""
+    loaded = load_onnx_file(tiny_model(tmp_path / "m.onnx", scale=2.0), threads=1, name="tiny")
+    release, calls = threading.Event(), []
+
+    def run(feeds):
+        calls.append(feeds["x"].shape[0])
+        if len(calls) == 1:
+            release.wait(30)
+        return loaded.run(feeds)
+
+    async def scenario():
+        batcher = MicroBatcher(run, Dispatcher(1), max_batch=16, max_delay_s=0.001)
+        first = asyncio.ensure_future(batcher.submit({"x": np.ones((1, 4), np.float32)}))
+        while not calls:
+            await asyncio.sleep(0.001)
+        early = [asyncio.ensure_future(batcher.submit({"x": np.ones((1, 4), np.float32)})) for _ in range(2)]
+        await asyncio.sleep(0.05)  # fifty times the delay bound
+        late = [asyncio.ensure_future(batcher.submit({"x": np.ones((1, 4), np.float32)})) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        release.set()
+        return await first, await asyncio.gather(*early, *late)
+
+    _first, rest = asyncio.run(scenario())
+    assert calls == [1, 5]
+    assert [r.batch_rows for r in rest] == [5] * 5
+
+
+def test_a_lone_short_request_runs_on_the_event_loop_thread(tmp_path) -> None:
+    """Inline only when the call is alone and known to be short; the first call (no mean yet), a call
+    with other requests in the server and a slow model's call go to an inference thread."""
+    loaded = load_onnx_file(tiny_model(tmp_path / "m.onnx", scale=2.0), threads=1, name="tiny")
+    threads: list[str] = []
+
+    def run(feeds):
+        threads.append(threading.current_thread().name)
+        return loaded.run(feeds)
+
+    async def scenario():
+        dispatcher = Dispatcher(1)
+        feeds = {"x": np.ones((1, 4), np.float32)}
+        dispatcher.requests = 1
+        await dispatcher.call(run, feeds, inline=True)  # no compute time known yet: a thread
+        await dispatcher.call(run, feeds, inline=True)  # alone and short: the loop thread
+        await dispatcher.call(run, feeds)  # not asked for (the micro-batcher never asks)
+        dispatcher.requests = 2
+        await dispatcher.call(run, feeds, inline=True)  # another request is in the server
+        dispatcher.requests = 1
+        dispatcher._mean_compute_s = 1.0
+        await dispatcher.call(run, feeds, inline=True)  # a slow model would block the loop
+        dispatcher.shutdown()
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(scenario())
+    assert [name == loop_thread for name in threads] == [False, True, False, False, False]
+    assert all(name.startswith("compactai-infer") for name in threads if name != loop_thread)
