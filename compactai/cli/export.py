@@ -29,6 +29,8 @@ def export(
                                      "calibration and parity inputs."),
     hf_task: str | None = typer.Option(None, "--hf-task", help="Hugging Face directory: load as embedding, "
                                        "sequence-classification, token-classification or causal-lm."),
+    batch: int | None = typer.Option(None, "--batch", min=1, help="tflite only: the batch size the .tflite is "
+                                     "converted for (LiteRT fixes shapes; default 1; larger inputs run in chunks)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Write the model and results.json here."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
@@ -46,6 +48,8 @@ def export(
         raise UnknownNameError(f"--quantize must be int8 (or left out for float); got {quantize!r}.")
     if min_quality is not None and quantize is None:
         raise ParameterError("--min-quality applies to --quantize int8; add --quantize int8 or drop it.")
+    if batch is not None and fmt != "tflite":
+        raise ParameterError(f"--batch applies to --format tflite (static shapes); --format {fmt} keeps a dynamic batch.")
     plugin = runtime_plugin(FORMATS[fmt])
     plugin.require()  # before the model is loaded: a missing extra says so at once
     check_output_dir(out_dir)
@@ -57,7 +61,9 @@ def export(
         if data is not None:
             task = task_from_data(data, handle)
         say(f"converting to {fmt}" + (" int8" if quantize else ""))
-        converted = plugin.convert(handle, Path(out_dir), quantize=quantize, task=task, min_quality=min_quality)
+        options = {"batch": batch} if batch is not None else {}
+        converted = plugin.convert(handle, Path(out_dir), quantize=quantize, task=task, min_quality=min_quality,
+                                   **options)
     files = sorted(str(p) for p in Path(out_dir).iterdir() if p.is_file() and p.suffix != ".json")
     result: dict[str, Any] = {
         "command": "export", "format": fmt, "runtime": plugin.name, "quantize": quantize, "source": info,
