@@ -10,7 +10,7 @@ the XNNPACK partitioner). ``serve RUNTIME MODEL THREADS`` then answers requests 
 each frame is an 8-byte length and a ``.npz`` archive (no pickle) whose ``__request__`` entry is
 JSON: ``run`` (the arrays in, the outputs back) or ``time`` (the call timed here, so the pipe
 between the processes is not part of a measured latency). A failure prints one line starting
-with ``ERROR_MARK`` to stderr: the converter's or runtime's own last error line.
+with ``ERROR_MARK`` to stderr: the converter's or runtime's own error.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ ERROR_MARK = "compactai-device-error: "
 
 
 def one_line(exc: BaseException) -> str:
-    """The converter's own last non-empty error line (where converters name the operator)."""
+    """The converter's own error, first line: where it names the operator (``Lowering not found:
+    aten.cumprod.default``); torch's FX interpreter appends the graph context below it."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:600]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:600]
 
 
 def convert(runtime: str, program_path: str, feeds_path: str, out: str) -> None:
@@ -107,7 +108,7 @@ def read_frame(stream: Any) -> dict[str, np.ndarray] | None:
 
 def write_frame(stream: Any, arrays: dict[str, np.ndarray]) -> None:
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, allow_pickle=False, **arrays)
     stream.write(struct.pack("<Q", buffer.tell()))
     stream.write(buffer.getvalue())
     stream.flush()
@@ -152,7 +153,7 @@ def main(argv: list[str]) -> int:
             convert(*argv[1:5])
         else:
             serve(argv[1], argv[2], int(argv[3]))
-    except Exception as exc:  # the parent shows this line; the traceback stays in its log
+    except Exception as exc:  # noqa: BLE001 (any converter/runtime failure becomes the one line the parent shows; the traceback stays in the log)
         import traceback
 
         traceback.print_exc()

@@ -17,6 +17,8 @@ Other dimensions (e.g. MiniLM's sequence length) are fixed to those of the parit
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import tempfile
@@ -54,6 +56,7 @@ def _last_error(log: str) -> str:
 
 
 class _DevicePlugin(RuntimePlugin):
+    in_auto = False
     env_var: ClassVar[str] = ""
     packages: ClassVar[str] = ""
     converter: ClassVar[str] = ""
@@ -130,14 +133,14 @@ class _DevicePlugin(RuntimePlugin):
             raise UnsupportedFormatError(f"torch.export cannot capture '{handle.name}' for {cls.name}: "
                                          f"{worker.one_line(exc)}") from exc
         torch.export.save(program, str(work / "program.pt2"))
-        np.savez(work / "inputs.npz", **{f"{i:03d}_{name}": sample[name] for i, name in enumerate(handle.input_names)})
+        np.savez(work / "inputs.npz", allow_pickle=False, **{f"{i:03d}_{name}": sample[name] for i, name in enumerate(handle.input_names)})
         out = out_dir / f"model.{cls.suffix}"
         log_path = out_dir / f"{cls.name}-convert.log"
         timeout = float(os.environ.get("COMPACTAI_CONVERT_TIMEOUT", CONVERT_TIMEOUT))
         command = [str(cls.venv_python()), worker.__file__, "convert", cls.name, str(work / "program.pt2"),
                    str(work / "inputs.npz"), str(out)]
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+            done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             raise TechniqueError(f"The {cls.name} converter did not finish within {timeout:g} s; raise "
                                  "COMPACTAI_CONVERT_TIMEOUT (seconds) on a slow or loaded machine.") from exc
@@ -165,11 +168,11 @@ class DeviceRunner:
         self.handle = handle
         self.threads = threads or default_threads()
         self.static_batch = plugin.static_batch
-        self._log = tempfile.TemporaryFile(mode="w+")
+        self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the worker; closed with it)
         self.process = subprocess.Popen(
             [str(plugin.venv_python()), worker.__file__, "serve", plugin.name, str(handle.path), str(self.threads)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
-        self._finalizer = weakref.finalize(self, _stop, self.process)
+        self._finalizer = weakref.finalize(self, _stop, self.process, self._log)
         reply = self._receive()
         self.shapes: list[list[int]] = reply["shapes"]
         self.max_batch = self.shapes[0][0] if self.shapes and self.shapes[0] else 1
@@ -181,17 +184,13 @@ class DeviceRunner:
             self._log.seek(0)
             raise CorruptModelError(f"{self.runtime} cannot run {self.handle.path}: {_last_error(self._log.read())}")
         self.reply_arrays = frame
-        import json
-
         return dict(json.loads(bytes(frame.pop("__reply__")).decode()))
 
     def _call(self, request: dict[str, Any], arrays: list[np.ndarray]) -> dict[str, Any]:
         assert self.process.stdin is not None
-        try:
+        with contextlib.suppress(BrokenPipeError):  # the worker died: _receive reports its last error line
             worker.write_frame(self.process.stdin, {"__request__": worker.pack_json(request),
                                                     **{f"input_{i}": a for i, a in enumerate(arrays)}})
-        except BrokenPipeError:
-            pass  # the worker died; _receive reports its last error line
         return self._receive()
 
     def _arrays(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -239,7 +238,8 @@ class DeviceRunner:
         self._finalizer()
 
 
-def _stop(process: subprocess.Popen) -> None:
+def _stop(process: subprocess.Popen, log: Any) -> None:
+    log.close()
     if process.poll() is None:
         if process.stdin is not None:
             process.stdin.close()  # the worker's loop ends at end of input
