@@ -60,6 +60,9 @@ def export(
         )
         if data is not None:
             task = task_from_data(data, handle)
+        if fmt in ("tflite", "pte") and handle.module is None:
+            say("onnx2torch: the ONNX model as a torch module (LiteRT and ExecuTorch convert from torch.export)")
+            handle = torch_from_onnx(handle, fmt)
         say(f"converting to {fmt}" + (" int8" if quantize else ""))
         options = {"batch": batch} if batch is not None else {}
         converted = plugin.convert(handle, Path(out_dir), quantize=quantize, task=task, min_quality=min_quality,
@@ -75,6 +78,20 @@ def export(
                        "results": str(write_results(out_dir, "export", converted, **sections))}
     print_export(out, result)
     out.emit(result)
+
+
+def torch_from_onnx(handle: Any, fmt: str) -> Any:
+    """The ONNX model as an nn.Module (onnx2torch, parity-checked: the path `compactai prune` uses),
+    since the LiteRT and ExecuTorch converters start from torch.export."""
+    from compactai.errors import UnsupportedFormatError
+    from compactai.techniques.prune.convert import onnx_to_module
+
+    try:
+        return onnx_to_module(handle)
+    except UnsupportedFormatError as exc:
+        reason = str(exc).split(": ", 1)[-1]  # drop onnx_to_module's "Cannot prune 'name'" lead
+        raise UnsupportedFormatError(f"--format {fmt} converts from torch, and '{handle.name}' is ONNX that "
+                                     f"onnx2torch cannot turn into torch: {reason}") from exc
 
 
 def print_export(out: Output, result: dict[str, Any]) -> None:

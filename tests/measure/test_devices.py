@@ -51,7 +51,7 @@ def test_a_missing_venv_says_how_to_create_it(runtime, small_onnx, tmp_path, mon
     assert result.returncode == 2 and "make runtime-venvs" in result.stderr
 
 
-def test_an_onnx_source_is_refused_with_what_to_give_instead(small_onnx, tmp_path, monkeypatch):
+def test_the_plugin_refuses_an_onnx_source_with_what_to_give_instead(small_onnx, tmp_path, monkeypatch):
     # any existing python passes the venv check; the refusal comes before it is used
     monkeypatch.setenv("COMPACTAI_LITERT_PYTHON", sys.executable)
     with pytest.raises(UnsupportedFormatError, match="takes a torch model"):
@@ -120,3 +120,17 @@ def test_executorch_converts_with_a_dynamic_batch_through_the_cli(small_handle, 
     assert data["runtime"] == "executorch" and Path(data["model"]).name == "model.pte"
     assert data["parity"]["ok"] and data["conversion"]["batch"] == "1..64"
     assert data["size_bytes"] == Path(data["model"]).stat().st_size
+
+
+@needs("litert")
+@pytest.mark.slow
+def test_an_onnx_model_exports_to_tflite_through_onnx2torch(small_onnx, tmp_path):
+    result = run_cli("export", str(small_onnx), "--format", "tflite", "--batch", "2", "-o", str(tmp_path / "o"), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(result.stdout)
+    assert data["parity"]["ok"] and data["conversion"]["batch"] == 2 and data["runtime"] == "litert"
+
+
+def test_the_batch_flag_is_for_tflite_only(small_onnx, tmp_path):
+    result = run_cli("export", str(small_onnx), "--format", "pte", "--batch", "4", "-o", str(tmp_path / "o"))
+    assert result.returncode == 2 and "--batch applies to --format tflite" in result.stderr
