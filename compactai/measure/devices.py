@@ -108,8 +108,6 @@ class _DevicePlugin(RuntimePlugin):
                 task: Any = None, min_quality: float | None = None, batch: int = 1) -> ModelHandle:
         """``handle`` (a torch model) as a .tflite/.pte under ``out_dir``: torch.export here, the
         official converter in the runtime's venv, then parity against the source in that runtime."""
-        import torch
-
         cls.require()
         if quantize is not None:
             raise UnknownNameError(f"int8 for --format {cls.file_format} is not wired yet; export float, or use "
@@ -119,23 +117,40 @@ class _DevicePlugin(RuntimePlugin):
                 f"The {cls.name} converter takes a torch model and '{handle.name}' is {handle.framework} "
                 f"({handle.path}); give the torch model (a .pt2 file, a Hugging Face directory or --example).")
         out_dir.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f"compactai-{cls.name}-"))
         feeds = parity_feeds(handle, task)
-        rows = batch if cls.static_batch else min(2, MAX_BATCH)  # 2: a batch of 1 would be specialized
+        rows = batch if cls.static_batch else 2  # 2: an example batch of 1 would be specialized to 1
         sample = {name: np.repeat(value[:1], rows, axis=0) if len(value) < rows else value[:rows]
                   for name, value in feeds.items()}
+        out = out_dir / f"model.{cls.suffix}"
+        with tempfile.TemporaryDirectory(prefix=f"compactai-{cls.name}-") as work:  # the .pt2: MiniLM's is 90 MB
+            cls._lower(handle, sample, Path(work), out)
+        details = {"converter": cls.converter, "python": str(cls.venv_python()), "precision": "fp32",
+                   "batch": batch if cls.static_batch else f"1..{MAX_BATCH}",
+                   "input_shapes": {name: list(sample[name].shape[1:]) for name in handle.input_names}}
+        converted = handle.derive(framework=cls.name, path=out, module=None,
+                                  metadata={**handle.metadata, "runtime": cls.name, cls.name: details})
+        converted.metadata.update(params=parameter_count(handle), macs=handle.metadata.get("macs") or count_macs(handle))
+        converted.metadata["parity"] = check_converted(handle, converted, task, runtime=cls.name)
+        return converted
+
+
+    @classmethod
+    def _lower(cls, handle: ModelHandle, sample: dict[str, np.ndarray], work: Path, out: Path) -> None:
+        """torch.export ``handle`` on ``sample`` here, then the official converter in the venv writes ``out``."""
+        import torch
+
         args = tuple(torch.from_numpy(np.ascontiguousarray(sample[name])) for name in handle.input_names)
         shapes = None if cls.static_batch else tuple(
             {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)} for _ in args)
         try:
             program = torch.export.export(handle.module, args, dynamic_shapes=shapes, strict=False)
-        except Exception as exc:
+        except Exception as exc:  # torch.export raises many types (UserError, GuardOnDataDependent, ...)
             raise UnsupportedFormatError(f"torch.export cannot capture '{handle.name}' for {cls.name}: "
                                          f"{worker.one_line(exc)}") from exc
         torch.export.save(program, str(work / "program.pt2"))
-        np.savez(work / "inputs.npz", allow_pickle=False, **{f"{i:03d}_{name}": sample[name] for i, name in enumerate(handle.input_names)})
-        out = out_dir / f"model.{cls.suffix}"
-        log_path = out_dir / f"{cls.name}-convert.log"
+        np.savez(work / "inputs.npz", allow_pickle=False,
+                 **{f"{i:03d}_{name}": sample[name] for i, name in enumerate(handle.input_names)})
+        log_path = out.parent / f"{cls.name}-convert.log"
         timeout = float(os.environ.get("COMPACTAI_CONVERT_TIMEOUT", CONVERT_TIMEOUT))
         command = [str(cls.venv_python()), worker.__file__, "convert", cls.name, str(work / "program.pt2"),
                    str(work / "inputs.npz"), str(out)]
@@ -148,14 +163,6 @@ class _DevicePlugin(RuntimePlugin):
         if done.returncode != 0 or not out.is_file():
             raise UnsupportedFormatError(f"The {cls.name} converter ({cls.converter}) cannot lower '{handle.name}': "
                                          f"{_last_error(done.stderr)} (full log: {log_path})")
-        details = {"converter": cls.converter, "python": str(cls.venv_python()), "precision": "fp32",
-                   "batch": batch if cls.static_batch else f"1..{MAX_BATCH}",
-                   "input_shapes": {name: list(sample[name].shape[1:]) for name in handle.input_names}}
-        converted = handle.derive(framework=cls.name, path=out, module=None,
-                                  metadata={**handle.metadata, "runtime": cls.name, cls.name: details})
-        converted.metadata.update(params=parameter_count(handle), macs=handle.metadata.get("macs") or count_macs(handle))
-        converted.metadata["parity"] = check_converted(handle, converted, task, runtime=cls.name)
-        return converted
 
 
 class DeviceRunner:

@@ -134,3 +134,10 @@ def test_an_onnx_model_exports_to_tflite_through_onnx2torch(small_onnx, tmp_path
 def test_the_batch_flag_is_for_tflite_only(small_onnx, tmp_path):
     result = run_cli("export", str(small_onnx), "--format", "pte", "--batch", "4", "-o", str(tmp_path / "o"))
     assert result.returncode == 2 and "--batch applies to --format tflite" in result.stderr
+
+
+def test_a_converter_that_overruns_its_time_is_stopped(small_handle, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPACTAI_LITERT_PYTHON", sys.executable)
+    monkeypatch.setenv("COMPACTAI_CONVERT_TIMEOUT", "0.001")  # no python starts, let alone converts, in 1 ms
+    with pytest.raises(RuntimeError, match=r"did not finish within 0\.001 s; raise COMPACTAI_CONVERT_TIMEOUT"):
+        runtime_plugin("litert").convert(small_handle, tmp_path / "o")
