@@ -218,6 +218,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--convert-only", action="store_true", help="convert and check parity (fills the cache; "
                         "no timing, so it need not hold the benchmark lock)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument("--fresh", action="store_true", help="convert again instead of reusing cached files")
     args = parser.parse_args()
     rounds, queries, seconds = (3, 20, 0.3) if args.quick else (args.rounds, 100, 1.0)
@@ -244,9 +245,9 @@ def main() -> None:
     }
     if args.convert_only:
         return
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"wrote {RESULTS}")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {args.results}")
 
 
 if __name__ == "__main__":
