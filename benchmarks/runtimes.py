@@ -128,15 +128,17 @@ def build(name: str, fresh: bool) -> tuple[list[Candidate], dict[str, Any]]:
     def device(runtime: str, batch: int) -> ModelHandle:
         plugin = runtime_plugin(runtime)
         folder = work / f"{runtime}-b{batch}"
-        options = {"batch": batch} if runtime == "litert" else {}
+        # batch 1 of ExecuTorch: its dynamic-batch file; batch 32 of either: a static batch-32 file
+        options = {"batch": batch} if runtime == "litert" or batch > 1 else {}
         return cached(folder / f"model.{plugin.file_format}",
                       lambda: plugin.convert(source, folder, task=task, **options),
-                      lambda path: source.derive(framework=runtime, path=path, module=None))
+                      lambda path: source.derive(framework=runtime, path=path, module=None,
+                                                 metadata={runtime: {"batch": options.get("batch", "dynamic")}}))
 
     add("litert", "fp32", "litert_torch.convert (batch 1 and batch 32 files)",
         lambda: (device("litert", 1), device("litert", BATCH)))
-    add("executorch", "fp32", "to_edge_transform_and_lower(XNNPACK)",
-        lambda: (device("executorch", 1),) * 2)
+    add("executorch", "fp32", "to_edge_transform_and_lower(XNNPACK) (dynamic-batch and batch-32 files)",
+        lambda: (device("executorch", 1), device("executorch", BATCH)))
     return candidates, {"source": source, "task": task}
 
 

@@ -29,8 +29,9 @@ def export(
                                      "calibration and parity inputs."),
     hf_task: str | None = typer.Option(None, "--hf-task", help="Hugging Face directory: load as embedding, "
                                        "sequence-classification, token-classification or causal-lm."),
-    batch: int | None = typer.Option(None, "--batch", min=1, help="tflite only: the batch size the .tflite is "
-                                     "converted for (LiteRT fixes shapes; default 1; larger inputs run in chunks)."),
+    batch: int | None = typer.Option(None, "--batch", min=1, help="tflite/pte: the static batch size the file "
+                                     "is converted for (.tflite default 1, LiteRT fixes shapes; .pte default a dynamic "
+                                     "batch); larger inputs run in chunks."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Write the model and results.json here."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
@@ -48,8 +49,9 @@ def export(
         raise UnknownNameError(f"--quantize must be int8 (or left out for float); got {quantize!r}.")
     if min_quality is not None and quantize is None:
         raise ParameterError("--min-quality applies to --quantize int8; add --quantize int8 or drop it.")
-    if batch is not None and fmt != "tflite":
-        raise ParameterError(f"--batch applies to --format tflite (static shapes); --format {fmt} keeps a dynamic batch.")
+    if batch is not None and fmt not in ("tflite", "pte"):
+        raise ParameterError(f"--batch applies to --format tflite or pte (a static batch); --format {fmt} keeps a "
+                             "dynamic batch.")
     plugin = runtime_plugin(FORMATS[fmt])
     plugin.require()  # before the model is loaded: a missing extra says so at once
     check_output_dir(out_dir)

@@ -11,7 +11,9 @@ converted file and answers run/time requests over a pipe (timed inside the worke
 
 Shapes: a ``.tflite`` has static shapes (LiteRT's converter fixes them; the XNNPACK delegate
 cannot resize it), so it is converted for one batch size (``batch``, default 1) and the runner
-runs larger inputs in chunks of it. A ``.pte`` keeps a dynamic batch up to ``MAX_BATCH``.
+runs larger inputs in chunks of it. A ``.pte`` keeps a dynamic batch up to ``MAX_BATCH`` (torch.export
+may narrow it: the digits CNN's comes out as 1..15; larger inputs run in chunks), or a static one
+with ``batch``.
 Other dimensions (e.g. MiniLM's sequence length) are fixed to those of the parity inputs.
 """
 
@@ -105,7 +107,7 @@ class _DevicePlugin(RuntimePlugin):
 
     @classmethod
     def convert(cls, handle: ModelHandle, out_dir: Path, *, quantize: str | None = None,
-                task: Any = None, min_quality: float | None = None, batch: int = 1) -> ModelHandle:
+                task: Any = None, min_quality: float | None = None, batch: int | None = None) -> ModelHandle:
         """``handle`` (a torch model) as a .tflite/.pte under ``out_dir``: torch.export here, the
         official converter in the runtime's venv, then parity against the source in that runtime."""
         cls.require()
@@ -118,14 +120,15 @@ class _DevicePlugin(RuntimePlugin):
                 f"({handle.path}); give the torch model (a .pt2 file, a Hugging Face directory or --example).")
         out_dir.mkdir(parents=True, exist_ok=True)
         feeds = parity_feeds(handle, task)
-        rows = batch if cls.static_batch else 2  # 2: an example batch of 1 would be specialized to 1
+        static = batch or (1 if cls.static_batch else None)  # None: a dynamic batch (ExecuTorch without --batch)
+        rows = static or 2  # 2: an example batch of 1 would be specialized to 1
         sample = {name: np.repeat(value[:1], rows, axis=0) if len(value) < rows else value[:rows]
                   for name, value in feeds.items()}
         out = out_dir / f"model.{cls.suffix}"
         with tempfile.TemporaryDirectory(prefix=f"compactai-{cls.name}-") as work:  # the .pt2: MiniLM's is 90 MB
-            cls._lower(handle, sample, Path(work), out)
+            cls._lower(handle, sample, Path(work), out, dynamic=static is None)
         details = {"converter": cls.converter, "python": str(cls.venv_python()), "precision": "fp32",
-                   "batch": batch if cls.static_batch else f"1..{MAX_BATCH}",
+                   "batch": static or f"1..{MAX_BATCH}",
                    "input_shapes": {name: list(sample[name].shape[1:]) for name in handle.input_names}}
         converted = handle.derive(framework=cls.name, path=out, module=None,
                                   metadata={**handle.metadata, "runtime": cls.name, cls.name: details})
@@ -135,12 +138,14 @@ class _DevicePlugin(RuntimePlugin):
 
 
     @classmethod
-    def _lower(cls, handle: ModelHandle, sample: dict[str, np.ndarray], work: Path, out: Path) -> None:
+    def _lower(cls, handle: ModelHandle, sample: dict[str, np.ndarray], work: Path, out: Path, *,
+               dynamic: bool) -> None:
         """torch.export ``handle`` on ``sample`` here, then the official converter in the venv writes ``out``."""
         import torch
 
+        assert handle.module is not None  # convert() refused module-less handles
         args = tuple(torch.from_numpy(np.ascontiguousarray(sample[name])) for name in handle.input_names)
-        shapes = None if cls.static_batch else tuple(
+        shapes = None if not dynamic else tuple(
             {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)} for _ in args)
         try:
             program = torch.export.export(handle.module, args, dynamic_shapes=shapes, strict=False)
@@ -174,7 +179,8 @@ class DeviceRunner:
         self.runtime = plugin.name
         self.handle = handle
         self.threads = threads or default_threads()
-        self.static_batch = plugin.static_batch
+        # a .tflite always has one batch size; a .pte has one when converted with --batch
+        self.static_batch = plugin.static_batch or isinstance(handle.metadata.get(plugin.name, {}).get("batch"), int)
         self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the worker; closed with it)
         self.process = subprocess.Popen(
             [str(plugin.venv_python()), worker.__file__, "serve", plugin.name, str(handle.path), str(self.threads)],
