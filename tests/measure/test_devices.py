@@ -141,3 +141,14 @@ def test_a_converter_that_overruns_its_time_is_stopped(small_handle, tmp_path, m
     monkeypatch.setenv("COMPACTAI_CONVERT_TIMEOUT", "0.001")  # no python starts, let alone converts, in 1 ms
     with pytest.raises(RuntimeError, match=r"did not finish within 0\.001 s; raise COMPACTAI_CONVERT_TIMEOUT"):
         runtime_plugin("litert").convert(small_handle, tmp_path / "o")
+
+
+@needs("executorch")
+@pytest.mark.slow
+def test_executorch_with_a_static_batch_runs_other_sizes_in_padded_chunks(small_handle, tmp_path):
+    converted = runtime_plugin("executorch").convert(small_handle, tmp_path / "o", batch=3)
+    assert converted.metadata["executorch"]["batch"] == 3 and converted.metadata["parity"]["ok"]
+    runner = make_runner(converted, "executorch", threads=1)
+    images = np.random.default_rng(1).standard_normal((5, 1, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(runner.run({"image": images})[0], small_handle.run_torch({"image": images})[0], atol=1e-4)
+    runner.close()
