@@ -125,9 +125,13 @@ def build(name: str, fresh: bool) -> tuple[list[Candidate], dict[str, Any]]:
 
         add("openvino", precision, "ov.convert_model" if quantize is None else "NNCF quantize (plain PTQ)", ov)
 
+    # a .tflite/.pte fixes every dimension but the batch to the evaluation rows' (MiniLM's padded
+    # length), and those rows have differed between processes on this machine: key the files by it
+    shape = "x".join(str(d) for d in next(iter(parity_feeds(source, task).values())).shape[1:])
+
     def device(runtime: str, batch: int) -> ModelHandle:
         plugin = runtime_plugin(runtime)
-        folder = work / f"{runtime}-b{batch}"
+        folder = work / f"{runtime}-b{batch}-{shape}"
         # batch 1 of ExecuTorch: its dynamic-batch file; batch 32 of either: a static batch-32 file
         options = {"batch": batch} if runtime == "litert" or batch > 1 else {}
         return cached(folder / f"model.{plugin.file_format}",
