@@ -83,11 +83,13 @@ lint: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# LiteRT's and ExecuTorch's converters in their own venvs (docs/runtimes.md): their dependency
-# trees would change packages of the shared environment
-RUNTIME_VENVS ?= /work/venvs
+# LiteRT's and ExecuTorch's converters and runtimes in their own venvs (docs/runtimes.md): their
+# dependency trees would change packages of the shared environment. compactai finds them at
+# build/litert-venv and build/executorch-venv (or $COMPACTAI_LITERT_PYTHON / $COMPACTAI_EXECUTORCH_PYTHON).
+LITERT_VENV ?= build/litert-venv
+EXECUTORCH_VENV ?= build/executorch-venv
 runtime-venvs:
-	$(PYTHON) -m venv $(RUNTIME_VENVS)/litert
-	$(RUNTIME_VENVS)/litert/bin/pip install -c constraints.txt litert-torch ai-edge-litert
-	$(PYTHON) -m venv $(RUNTIME_VENVS)/executorch
-	$(RUNTIME_VENVS)/executorch/bin/pip install -c constraints.txt executorch torch==2.13.0
+	$(PYTHON) -m venv $(LITERT_VENV)
+	$(LITERT_VENV)/bin/pip install -c constraints.txt litert-torch ai-edge-litert
+	$(PYTHON) -m venv $(EXECUTORCH_VENV)
+	$(EXECUTORCH_VENV)/bin/pip install -c constraints.txt executorch torch==2.13.0

@@ -38,6 +38,9 @@ def export(
     data: Path | None = typer.Option(None, "--data", help="Task data for PATH (.npz as for quantize): "
                                      "calibration and parity inputs."),
     hf_task: str | None = HF_TASK_OPTION,
+    batch: int | None = typer.Option(None, "--batch", min=1, help="tflite/pte: the static batch size the file "
+                                     "is converted for (.tflite default 1, LiteRT fixes shapes; .pte default a dynamic "
+                                     "batch); larger inputs run in chunks."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Write the model and results.json here."),
     json_output: bool = JSON_OPTION,
 ) -> None:
@@ -55,6 +58,9 @@ def export(
         raise UnknownNameError(f"--quantize must be int8 (or left out for float); got {quantize!r}.")
     if min_quality is not None and quantize is None:
         raise ParameterError("--min-quality applies to --quantize int8; add --quantize int8 or drop it.")
+    if batch is not None and fmt not in ("tflite", "pte"):
+        raise ParameterError(f"--batch applies to --format tflite or pte (a static batch); --format {fmt} keeps a "
+                             "dynamic batch.")
     plugin = runtime_plugin(FORMATS[fmt])
     plugin.require()  # before the model is loaded: a missing extra says so at once
     check_output_dir(out_dir)
@@ -65,8 +71,13 @@ def export(
         )
         if data is not None:
             task = task_from_data(data, handle)
+        if fmt in ("tflite", "pte") and handle.module is None:
+            say("onnx2torch: the ONNX model as a torch module (LiteRT and ExecuTorch convert from torch.export)")
+            handle = torch_from_onnx(handle, fmt)
         say(f"converting to {fmt}" + (" int8" if quantize else ""))
-        converted = plugin.convert(handle, Path(out_dir), quantize=quantize, task=task, min_quality=min_quality)
+        options = {"batch": batch} if batch is not None else {}
+        converted = plugin.convert(handle, Path(out_dir), quantize=quantize, task=task, min_quality=min_quality,
+                                   **options)
     files = sorted(str(p) for p in Path(out_dir).iterdir() if p.is_file() and p.suffix != ".json")
     result: dict[str, Any] = {
         "command": "export", "format": fmt, "runtime": plugin.name, "quantize": quantize, "source": info,
@@ -78,6 +89,20 @@ def export(
                        "results": str(write_results(out_dir, "export", converted, **sections))}
     print_export(out, result)
     out.emit(result)
+
+
+def torch_from_onnx(handle: Any, fmt: str) -> Any:
+    """The ONNX model as an nn.Module (onnx2torch, parity-checked: the path `compactai prune` uses),
+    since the LiteRT and ExecuTorch converters start from torch.export."""
+    from compactai.errors import UnsupportedFormatError
+    from compactai.techniques.prune.convert import onnx_to_module
+
+    try:
+        return onnx_to_module(handle)
+    except UnsupportedFormatError as exc:
+        reason = str(exc).split(": ", 1)[-1]  # drop onnx_to_module's "Cannot prune 'name'" lead
+        raise UnsupportedFormatError(f"--format {fmt} converts from torch, and '{handle.name}' is ONNX that "
+                                     f"onnx2torch cannot turn into torch: {reason}") from exc
 
 
 def print_export(out: Output, result: dict[str, Any]) -> None:

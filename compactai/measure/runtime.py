@@ -58,6 +58,9 @@ class RuntimePlugin:
     extra: str | None = None
     formats: tuple[str, ...] = ("onnx",)
     file_format: str = "onnx"  # what `compactai export --format` calls its files
+    # measured by `--runtime auto`: device runtimes (LiteRT, ExecuTorch) are not, since each
+    # candidate would first need a minutes-long conversion in another venv (benchmarks/runtimes.py measures them)
+    in_auto: bool = True
 
     @classmethod
     def install_line(cls) -> str:
@@ -114,8 +117,10 @@ def runtime_plugin(name: str) -> type[RuntimePlugin]:
 
 
 def installed_runtimes() -> list[str]:
-    """Registered runtimes (other than torch eager) whose packages are installed here."""
-    return [name for name, plugin in RUNTIME_PLUGINS.items() if name != "torch" and plugin.available()]
+    """Registered runtimes (other than torch eager and the device runtimes) installed here: what
+    `--runtime auto` measures."""
+    return [name for name, plugin in RUNTIME_PLUGINS.items()
+            if name != "torch" and plugin.in_auto and plugin.available()]
 
 
 def thread_settings(runner: Runner) -> dict[str, Any]:

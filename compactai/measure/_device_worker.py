@@ -1,0 +1,166 @@
+"""Runs inside a device runtime's own venv (LiteRT or ExecuTorch), started by ``measure/devices.py``.
+
+Those venvs hold the official converters and runtimes, whose dependency trees must not enter
+compactai's environment, and compactai is not installed in them: this file is executed by path
+and imports only the standard library, numpy and the venv's own packages.
+
+``convert RUNTIME PROGRAM.pt2 FEEDS.npz OUT`` lowers a torch.export program with the runtime's
+official tool (LiteRT: ``litert_torch.convert``; ExecuTorch: ``to_edge_transform_and_lower`` with
+the XNNPACK partitioner). ``serve RUNTIME MODEL THREADS`` then answers requests on stdin/stdout:
+each frame is an 8-byte length and a ``.npz`` archive (no pickle) whose ``__request__`` entry is
+JSON: ``run`` (the arrays in, the outputs back) or ``time`` (the call timed here, so the pipe
+between the processes is not part of a measured latency). A failure prints one line starting
+with ``ERROR_MARK`` to stderr: the converter's or runtime's own error.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+ERROR_MARK = "compactai-device-error: "
+
+
+def one_line(exc: BaseException) -> str:
+    """The converter's own error, first line: where it names the operator (``Lowering not found:
+    aten.cumprod.default``); torch's FX interpreter appends the graph context below it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:600]
+
+
+def convert(runtime: str, program_path: str, feeds_path: str, out: str) -> None:
+    import torch
+
+    program = torch.export.load(program_path)
+    with np.load(feeds_path, allow_pickle=False) as archive:
+        args = tuple(torch.from_numpy(archive[name]) for name in sorted(archive.files))  # named 000_x, 001_y
+    if runtime == "litert":
+        import litert_torch
+
+        litert_torch.convert(program.module(), args).export(out)
+    else:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+
+        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+        with open(out, "wb") as file:
+            file.write(lowered.buffer)
+
+
+class LiteRtModel:
+    """ai-edge-litert's Interpreter (XNNPACK delegate); inputs in the order of the program."""
+
+    def __init__(self, path: str, threads: int) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=path, num_threads=threads)
+        self.interpreter.allocate_tensors()
+        self.inputs = self.interpreter.get_input_details()
+        self.outputs = self.interpreter.get_output_details()
+
+    def shapes(self) -> list[list[int]]:
+        return [[int(d) for d in detail["shape"]] for detail in self.inputs]
+
+    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        for detail, array in zip(self.inputs, arrays):
+            self.interpreter.set_tensor(detail["index"], np.ascontiguousarray(array, dtype=detail["dtype"]))
+        self.interpreter.invoke()
+        return [np.array(self.interpreter.get_tensor(detail["index"])) for detail in self.outputs]
+
+
+class ExecuTorchModel:
+    """ExecuTorch's runtime (the pybind of its C++ runtime) running a .pte's ``forward``."""
+
+    def __init__(self, path: str, threads: int) -> None:
+        from executorch.extension.pybindings import portable_lib
+        from executorch.runtime import Runtime
+
+        # the XNNPACK threadpool is process-wide and sized to the cores by default
+        portable_lib._unsafe_reset_threadpool(threads)
+        self.method = Runtime.get().load_program(path).load_method("forward")
+
+    def shapes(self) -> list[list[int]]:
+        meta = self.method.metadata
+        return [list(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())]
+
+    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        import torch
+
+        outputs = self.method.execute([torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])
+        return [o.detach().numpy().copy() for o in outputs]
+
+
+def read_frame(stream: Any) -> dict[str, np.ndarray] | None:
+    head = stream.read(8)
+    if len(head) < 8:
+        return None
+    (size,) = struct.unpack("<Q", head)
+    with np.load(io.BytesIO(stream.read(size)), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+def write_frame(stream: Any, arrays: dict[str, np.ndarray]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, allow_pickle=False, **arrays)
+    stream.write(struct.pack("<Q", buffer.tell()))
+    stream.write(buffer.getvalue())
+    stream.flush()
+
+
+def pack_json(value: Any) -> np.ndarray:
+    return np.frombuffer(json.dumps(value).encode(), dtype=np.uint8)
+
+
+def serve(runtime: str, path: str, threads: int) -> None:
+    model = LiteRtModel(path, threads) if runtime == "litert" else ExecuTorchModel(path, threads)
+    # frames go to a copy of stdout; fd 1 itself now points at stderr, so whatever the runtime's
+    # C++ code prints cannot corrupt the protocol
+    stdin, stdout = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    write_frame(stdout, {"__reply__": pack_json({"shapes": model.shapes()})})
+    while (frame := read_frame(stdin)) is not None:
+        request = json.loads(bytes(frame.pop("__request__")).decode())
+        arrays = [frame[f"input_{i}"] for i in range(len(frame))]
+        if request["command"] == "run":
+            outputs = model.run(arrays)
+            write_frame(stdout, {"__reply__": pack_json({}), **{f"output_{i}": o for i, o in enumerate(outputs)}})
+            continue
+        for _ in range(request["warmup"]):  # "time": the same call back to back, timed here
+            model.run(arrays)
+        samples: list[float] = []
+        cpu_start = time.process_time()
+        start = time.perf_counter()
+        while len(samples) < request["queries"] or time.perf_counter() - start < request["seconds"]:
+            t0 = time.perf_counter()
+            model.run(arrays)
+            samples.append(time.perf_counter() - t0)
+            if time.perf_counter() - start > request["max_seconds"] and len(samples) >= 10:
+                break
+        write_frame(stdout, {"__reply__": pack_json({}), "samples": np.array(samples),
+                             "cpu_seconds": np.array(time.process_time() - cpu_start)})
+
+
+def main(argv: list[str]) -> int:
+    try:
+        if argv[0] == "convert":
+            convert(*argv[1:5])
+        else:
+            serve(argv[1], argv[2], int(argv[3]))
+    except Exception as exc:  # noqa: BLE001 (any converter/runtime failure becomes the one line the parent shows; the traceback stays in the log)
+        import traceback
+
+        traceback.print_exc()
+        print(ERROR_MARK + one_line(exc), file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
