@@ -125,8 +125,13 @@ def digits_contenders(threads: int, work: Path, minutes: float) -> tuple[list[bu
             return contender
         chosen["handle"] = load_onnx(path)
         contender = build.ort("compactai optimize (demo budget)", chosen["handle"], threads, ours=True)
-        recipe = json.loads((path.parent / "results.json").read_text()).get("recipe", [])
-        contender.notes.append("recipe: " + " -> ".join(step["technique"] for step in recipe))
+        run = json.loads((path.parent / "results.json").read_text())
+        if run.get("budget_met") is False:  # exit 3: model.onnx is the closest candidate, not a chosen one
+            recipe = (run.get("closest") or {}).get("recipe", [])
+            contender.notes.append("optimize met no candidate within the demo budget (exit 3); this is its closest")
+        else:
+            recipe = run.get("recipe", [])
+        contender.notes.append("recipe: " + (" -> ".join(step["technique"] for step in recipe) or "the original"))
         return contender
 
     attempt(out, "compactai optimize (demo budget)", "onnxruntime", ours)
