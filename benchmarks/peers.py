@@ -126,6 +126,8 @@ def digits_contenders(threads: int, work: Path, minutes: float) -> tuple[list[bu
         chosen["handle"] = load_onnx(path)
         contender = build.ort("compactai optimize (demo budget)", chosen["handle"], threads, ours=True)
         run = json.loads((path.parent / "results.json").read_text())
+        # its own count, from the float graph it came from (an int8 QOperator graph's shapes do not infer)
+        chosen["macs"] = ((run.get("measurements") or {}).get("onnxruntime") or {}).get("macs")
         if run.get("budget_met") is False:  # exit 3: model.onnx is the closest candidate, not a chosen one
             recipe = (run.get("closest") or {}).get("recipe", [])
             contender.notes.append("optimize met no candidate within the demo budget (exit 3); this is its closest")
@@ -137,7 +139,8 @@ def digits_contenders(threads: int, work: Path, minutes: float) -> tuple[list[bu
     attempt(out, "compactai optimize (demo budget)", "onnxruntime", ours)
     peer_contenders(out, handle, task, float_onnx, work, threads, transformer=False)
     original_macs = count_macs(float_onnx) or 1
-    ratio = (count_macs(chosen["handle"]) or original_macs) / original_macs if "handle" in chosen else 0.5
+    ratio = ((chosen.get("macs") or count_macs(chosen["handle"]) or original_macs) / original_macs
+             if "handle" in chosen else 0.5)
     target = ratio if ratio < 0.95 else 0.5
 
     def magnitude() -> build.Contender:
