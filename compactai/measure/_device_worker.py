@@ -38,6 +38,8 @@ def one_line(exc: BaseException) -> str:
 def convert(runtime: str, program_path: str, feeds_path: str, out: str) -> None:
     import torch
 
+    # safe: the file is the .pt2 compactai just saved in a private temporary directory and passed
+    # through check_pt2_archive (devices.py) before starting this process
     program = torch.export.load(program_path)
     with np.load(feeds_path, allow_pickle=False) as archive:
         args = tuple(torch.from_numpy(archive[name]) for name in sorted(archive.files))  # named 000_x, 001_y

@@ -153,6 +153,10 @@ class _DevicePlugin(RuntimePlugin):
             raise UnsupportedFormatError(f"torch.export cannot capture '{handle.name}' for {cls.name}: "
                                          f"{worker.one_line(exc)}") from exc
         torch.export.save(program, str(work / "program.pt2"))
+        # the worker runs torch.export.load on this file: check it as any .pt2 (no pickled members)
+        from compactai.models.pt2_archive import check_pt2_archive
+
+        check_pt2_archive(work / "program.pt2")
         np.savez(work / "inputs.npz", allow_pickle=False,
                  **{f"{i:03d}_{name}": sample[name] for i, name in enumerate(handle.input_names)})
         log_path = out.parent / f"{cls.name}-convert.log"
