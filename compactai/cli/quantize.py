@@ -59,6 +59,9 @@ def quantize(
     reduce_range: str = typer.Option("auto", "--reduce-range", help="7-bit int8 weights: auto (on where this CPU "
                                      "lacks VNNI, whose absence makes 8-bit u8s8 kernels saturate), on or off."),
     weight_bits: int = typer.Option(8, "--weight-bits", help="8, or 4 (static QDQ / QAT only)."),
+    weight_type: str = typer.Option("int8", "--weight-type", help="int8 or uint8 weights for dynamic/static int8. "
+                                    "uint8 runs on u8u8 kernels, which keep all 8 bits on CPUs without VNNI "
+                                    "(auto tries it there by itself)."),
     block_size: int = typer.Option(
         32, "--block-size", help="int4 weight-only block size: 16, 32, 64 or 128."
     ),
@@ -118,6 +121,8 @@ def quantize(
         raise UnknownNameError(f"--reduce-range must be auto, on or off. Got {reduce_range!r} instead.")
     common = {"per_channel": not per_tensor, "format": fmt, "calibration": calibration,
                   "calibration_samples": calibration_samples, "reduce_range": reduce_choices[reduce_range], "weight_bits": weight_bits}
+    if mode == "qat" and weight_type != "int8":
+        raise ParameterError("--weight-type applies to dynamic/static int8; QAT exports int8 weights. Drop --weight-type.")
     if mode == "qat":
         technique = create_technique("qat", epochs=epochs, lr=lr, max_batches=max_batches, **common)
     else:
@@ -134,6 +139,7 @@ def quantize(
             outlier_scaling=outlier_scaling,
             outlier_threshold=outlier_threshold,
             preprocess=preprocess,
+            weight_type=weight_type,
             **common,
         )
     technique.validate()  # bad parameters fail before any model is loaded

@@ -121,6 +121,40 @@ def test_int8_modes_on_a_transformer_like_mlp(tiny, tmp_path, params):
     assert agreement(handle.to_onnx(), result, feeds) >= 0.85
 
 
+@pytest.mark.parametrize("weight_type", ["int8", "uint8"])
+def test_weight_type_sets_the_stored_weights_and_uint8_keeps_all_8_bits(tiny, tmp_path, weight_type):
+    handle, task = tiny
+    result = create_technique(
+        "quantize", mode="dynamic", weight_type=weight_type, latency_probe=quantized_wins
+    ).apply(handle, context(task, tmp_path))
+    graph = onnx.load(str(result.path)).graph
+    weights = {i.name: i for i in graph.initializer}
+    stored = {
+        onnx.helper.tensor_dtype_to_np_dtype(weights[n.input[1]].data_type)
+        for n in graph.node if n.op_type == "MatMulInteger" and n.input[1] in weights
+    }
+    assert stored == {np.dtype(weight_type)}
+    config = result.metadata["history"][-1]["decisions"]["config"]
+    assert config["weight_type"] == weight_type
+    if weight_type == "uint8":  # u8u8 kernels do not saturate: "auto" never drops the 8th bit
+        assert config["reduce_range"] is False
+    feeds = {"x": task.split("test").inputs["x"]}
+    assert agreement(handle.to_onnx(), result, feeds) >= 0.85
+
+
+@pytest.mark.parametrize("saturate", [True, False])
+def test_auto_tries_uint8_weights_exactly_where_int8_kernels_saturate(monkeypatch, saturate):
+    from compactai.techniques.quantize import technique
+    from compactai.techniques.quantize.ort_ptq import Int8Config
+
+    monkeypatch.setattr(technique, "int8_kernels_saturate", lambda: saturate)
+    configs = technique.default_configs("transformer", True, Int8Config(reduce_range=True))
+    uint8 = [c for c in configs if c.weight_type == "uint8"]
+    assert len(uint8) == (1 if saturate else 0)
+    assert all(c.mode == "dynamic" and not c.reduce_range and c.per_channel for c in uint8)
+    assert configs[0].weight_type == "int8"  # the ranking configuration stays the int8 one
+
+
 def test_guard_rail_keeps_float_when_int8_is_slower(tiny, tmp_path):
     handle, task = tiny
     def slower(h):

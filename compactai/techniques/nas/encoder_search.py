@@ -50,9 +50,9 @@ from compactai.techniques.nas.search import (
     Candidate,
     NasConfig,
     NasOutcome,
+    propose_distinct,
     rungs_of,
 )
-from compactai.techniques.nas.space import sample_spec, spec_key
 
 log = logging.getLogger(__name__)
 NOT_TRAINED = "not_trained"  # measured within the budget, but the time limit came before its turn
@@ -175,25 +175,9 @@ def _propose(space: dict[str, Any], teacher: ModelHandle, shape: dict[str, int],
     """Propose up to ``max_trials`` distinct students, build and measure each; the ones within the
     budget form the cohort that trains at the first rung."""
     cohort: list[_Member] = []
-    seen: set[str] = set()
-    repeats = 0
     task_shape = {"input": {"names": list(teacher.input_names)}, "teacher": shape}
-    while len(outcome.candidates) < config.max_trials:
-        if deadline is not None and time.monotonic() > deadline:
-            outcome.stopped_by = "time"
-            break
-        trial = study.ask()
-        spec = sample_spec(space, trial.suggest_categorical, task_shape)
-        if spec_key(spec) in seen:
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            repeats += 1
-            if repeats > 20 * config.max_trials:
-                outcome.stopped_by = "exhausted"
-                break
-            continue
-        seen.add(spec_key(spec))
-        candidate = Candidate(len(outcome.candidates), spec)
-        outcome.candidates.append(candidate)
+    for trial, candidate in propose_distinct(study, space, task_shape, config.max_trials, outcome, deadline):
+        spec = candidate.spec
         began = time.monotonic()
         try:
             model = build_encoder(spec, teacher, seed=config.train.seed)

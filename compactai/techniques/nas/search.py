@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -160,24 +160,8 @@ def run_search(
         min_resource=config.min_epochs, reduction_factor=config.reduction_factor, min_early_stopping_rate=0)
     fidelity = optuna.create_study(direction="maximize", pruner=pruner)
     outcome = NasOutcome([], "max_trials", rungs, {}, 0.0)
-    seen: set[str] = set()
-    audited, repeats = 0, 0
-    while len(outcome.candidates) < config.max_trials:
-        if deadline is not None and time.monotonic() > deadline:
-            outcome.stopped_by = "time"
-            break
-        trial = study.ask()
-        spec = sample_spec(space, trial.suggest_categorical, shape)
-        if spec_key(spec) in seen:  # NSGA-II may propose an architecture again: nothing new to learn
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            repeats += 1
-            if repeats > 20 * config.max_trials:
-                outcome.stopped_by = "exhausted"
-                break
-            continue
-        seen.add(spec_key(spec))
-        candidate = Candidate(len(outcome.candidates), spec)
-        outcome.candidates.append(candidate)
+    audited = 0
+    for trial, candidate in propose_distinct(study, space, shape, config.max_trials, outcome, deadline):
         began = time.monotonic()
         try:
             _evaluate(candidate, trial, study, fidelity, config, table, example, input_name, train, validation, views,
@@ -197,6 +181,33 @@ def run_search(
                          "table": str(table.path), "reject_margin": config.reject_margin}
     outcome.seconds = round(time.monotonic() - started, 1)
     return outcome
+
+
+def propose_distinct(study: optuna.Study, space: dict[str, Any], shape: dict[str, Any], max_trials: int,
+                     outcome: NasOutcome, deadline: float | None) -> Iterator[tuple[optuna.trial.Trial, Candidate]]:
+    """Ask ``study`` for architectures of ``space`` until ``max_trials`` distinct ones are in
+    ``outcome.candidates``; yields each new one with its trial. NSGA-II may propose an architecture
+    again (nothing new to learn): a repeat is told PRUNED and skipped, and too many repeats end the
+    search as ``exhausted``; the deadline ends it as ``time``."""
+    seen: set[str] = set()
+    repeats = 0
+    while len(outcome.candidates) < max_trials:
+        if deadline is not None and time.monotonic() > deadline:
+            outcome.stopped_by = "time"
+            return
+        trial = study.ask()
+        spec = sample_spec(space, trial.suggest_categorical, shape)
+        if spec_key(spec) in seen:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            repeats += 1
+            if repeats > 20 * max_trials:
+                outcome.stopped_by = "exhausted"
+                return
+            continue
+        seen.add(spec_key(spec))
+        candidate = Candidate(len(outcome.candidates), spec)
+        outcome.candidates.append(candidate)
+        yield trial, candidate
 
 
 def _evaluate(candidate: Candidate, trial: optuna.Trial, study: optuna.Study, fidelity: optuna.Study,

@@ -52,6 +52,9 @@ class Int8Config:
     calibration: str = "minmax"  # static only: "minmax" | "entropy" | "percentile"
     calibration_samples: int = 128
     weight_bits: int = 8  # 4 = int4 weights (static QDQ only; ONNX opset 21)
+    # "uint8": u8 x u8 kernels, which do not saturate on x86 without VNNI, so weights keep all
+    # 8 bits there (the alternative on such CPUs is 7-bit int8 weights: reduce_range)
+    weight_type: str = "int8"
     const_weights_only: bool = True  # MatMuls of two activations (attention scores) stay float
     nodes_to_exclude: tuple[str, ...] = ()
     op_types: tuple[str, ...] | None = None
@@ -63,6 +66,8 @@ class Int8Config:
             parts += [self.format, self.calibration]
         if self.weight_bits != 8:
             parts.append(f"int{self.weight_bits} weights")
+        elif self.weight_type != "int8":
+            parts.append(f"{self.weight_type} weights")
         if self.reduce_range:
             parts.append("reduce-range")
         if self.nodes_to_exclude:
@@ -81,8 +86,11 @@ class Int8Config:
 def int8_config(params: dict[str, Any], mode: str, **more: Any) -> Int8Config:
     """The :class:`Int8Config` of a technique's ``INT8_SPACE`` parameters, in ``mode``
     (``more``: the other fields, e.g. ``nodes_to_exclude``)."""
+    # reduce_range "auto" guards the u8s8 kernels; u8u8 ones (uint8 weights) need all 8 bits kept
+    unsaturating = more.get("weight_type") == "uint8" and params["reduce_range"] == "auto"
     return Int8Config(mode=mode, per_channel=params["per_channel"],
-                      reduce_range=resolve_reduce_range(params["reduce_range"]), format=params["format"],
+                      reduce_range=False if unsaturating else resolve_reduce_range(params["reduce_range"]),
+                      format=params["format"],
                       calibration=params["calibration"], calibration_samples=params["calibration_samples"],
                       weight_bits=params["weight_bits"], **more)
 
@@ -310,13 +318,14 @@ def _quantize_once(
         "op_types_to_quantize": list(config.op_types) if config.op_types else None,
         "extra_options": extra,
     }
+    weight_type = QuantType.QUInt8 if config.weight_type == "uint8" else QuantType.QInt8
     try:
         if config.mode == "dynamic":
             if config.weight_bits != 8:
                 raise TechniqueError(
                     "Dynamic quantization stores int8 weights only; use mode='static' with format='qdq' for int4."
                 )
-            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, **common)
+            quantize_dynamic(str(source), str(target), weight_type=weight_type, **common)
         elif config.mode == "static":
             if calibration is None or input_names is None:
                 raise TechniqueError(
@@ -335,7 +344,7 @@ def _quantize_once(
                     reader,
                     quant_format=QuantFormat.QDQ if config.format == "qdq" else QuantFormat.QOperator,
                     activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt4 if config.weight_bits == 4 else QuantType.QInt8,
+                    weight_type=QuantType.QInt4 if config.weight_bits == 4 else weight_type,
                     calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[config.calibration]),
                     **common,
                 )
