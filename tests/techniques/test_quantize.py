@@ -263,6 +263,21 @@ def test_auto_meets_the_target_with_sensitivity_table_and_plot(tiny, tmp_path):
     assert set(summary["float_ops"]) == {op["node"] for op in ranking[: len(summary["float_ops"])]}
 
 
+def test_auto_picks_on_quality_among_equally_fast_candidates_and_on_speed_otherwise(tmp_path):
+    from compactai.techniques.quantize.auto import Trial, pick
+    from compactai.techniques.quantize.ort_ptq import Int8Config
+
+    def trial(floats: int, quality: float, ms: float) -> Trial:
+        return Trial(Int8Config(), floats, quality, {}, tmp_path / "m.onnx", True, ms)
+
+    int8, uint8 = trial(0, 0.9942, 22.68), trial(0, 0.9961, 23.62)  # 4% apart: the same speed
+    assert pick([int8, uint8]) is uint8
+    fewer_floats = trial(0, 0.9905, 23.0)
+    assert pick([trial(2, 0.999, 22.5), fewer_floats]) is fewer_floats
+    faster = trial(0, 0.9905, 10.0)
+    assert pick([uint8, faster]) is faster
+
+
 def test_auto_unreachable_target_raises_with_best_model_written(tiny, tmp_path):
     handle, task = tiny
     technique = create_technique(
