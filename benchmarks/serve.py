@@ -52,6 +52,7 @@ from _serve_client import (
     Server,
     histogram_mean,
     interleaved,
+    lean_p50_ms,
     load_summary,
     merge_rounds,
     sequential_p50_ms,
@@ -277,62 +278,65 @@ def print_table(console: Console, title: str, rows: list[tuple[str, Any]]) -> No
     console.print(table)
 
 
+def batch1(args: argparse.Namespace, models: dict[str, Path], image: np.ndarray) -> dict[str, Any]:
+    """Batch-1 p50 (ms) of a bare ONNX Runtime call and of a server request per model, client and body
+    kind, plus the echo floor: all servers up at once, in interleaved rounds (medians of the rounds)."""
+    requests = bodies(image, 64)
+    kinds = {"json": requests[0::2], "binary": requests[1::2]}
+    clients = {"http.client": sequential_p50_ms, "lean": lean_p50_ms}
+    servers = {"echo": Server([sys.executable, __file__, "--echo-server"])}
+    servers.update({name: Server.serve(path, "digits", THREADS) for name, path in models.items()})
+    rounds: dict[str, list[float]] = {}
+    per_round = max(100, args.queries // args.rounds)
+    try:
+        for _ in range(args.rounds):
+            for name, path in models.items():
+                rounds.setdefault(f"{name} bare", []).append(bare_p50_ms(path, {"image": image}, per_round))
+            for name, server in servers.items():
+                for client, measure in clients.items():
+                    for kind, reqs in kinds.items():
+                        rounds.setdefault(f"{name} {client} {kind}", []).append(measure(server, reqs, per_round))
+        text = servers["digits"].metrics()
+    finally:
+        for server in servers.values():
+            server.stop()
+    p50 = {key: float(np.median(values)) for key, values in rounds.items()}
+    out: dict[str, Any] = {"p50_ms": p50, "rounds": rounds}
+    for name in models:
+        out[f"{name}_added_p50_ms"] = {f"{client} {kind}": p50[f"{name} {client} {kind}"] - p50[f"{name} bare"]
+                                       for client in clients for kind in kinds}
+    out["floor_echo_p50_ms"] = {f"{client} {kind}": p50[f"echo {client} {kind}"] for client in clients for kind in kinds}
+    in_server = histogram_mean(text, "compactai_request_duration_seconds")
+    compute = histogram_mean(text, "compactai_compute_duration_seconds")
+    out["digits_in_server_mean_ms"] = in_server and in_server * 1e3
+    out["digits_compute_mean_ms"] = compute and compute * 1e3
+    return out
+
+
 def digits(args: argparse.Namespace, work: Path, console: Console) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
     console.print("building the int8 digits model...")
     model, what = build_model(work)
     image = np.random.default_rng(1).standard_normal((1, 1, 32, 32)).astype(np.float32)
-    requests = bodies(image, 64)
-    json_requests, binary_requests = requests[0::2], requests[1::2]
-    bare = bare_p50_ms(model, {"image": image}, args.queries)
     per_row = ort_cpu_per_row_ms(model, {"image": np.repeat(image, 32, axis=0)})
-    echo = Server([sys.executable, __file__, "--echo-server"])
-    try:
-        floor_json = sequential_p50_ms(echo, json_requests, args.queries)
-        floor_binary = sequential_p50_ms(echo, binary_requests, args.queries)
-    finally:
-        echo.stop()
-    trivial = trivial_model(work)
-    trivial_bare = bare_p50_ms(trivial, {"image": image}, args.queries)
-    server = Server.serve(trivial, "digits", THREADS)
-    try:
-        trivial_json = sequential_p50_ms(server, json_requests, args.queries)
-        trivial_binary = sequential_p50_ms(server, binary_requests, args.queries)
-    finally:
-        server.stop()
-    server = Server.serve(model, "digits", THREADS)
-    try:
-        json_p50 = sequential_p50_ms(server, json_requests, args.queries)
-        binary_p50 = sequential_p50_ms(server, binary_requests, args.queries)
-        text = server.metrics()
-        in_server = histogram_mean(text, "compactai_request_duration_seconds")
-        compute = histogram_mean(text, "compactai_compute_duration_seconds")
-    finally:
-        server.stop()
-    section = concurrency_runs(model, "digits", json_requests, args, per_row)
-    report: dict[str, Any] = {
-        "model": what, "threads": THREADS, "queries": args.queries,
-        "batch1": {"bare_ort_p50_ms": bare, "server_json_p50_ms": json_p50, "server_binary_p50_ms": binary_p50,
-                   "added_json_p50_ms": json_p50 - bare, "added_binary_p50_ms": binary_p50 - bare,
-                   "floor_echo_json_p50_ms": floor_json, "floor_echo_binary_p50_ms": floor_binary,
-                   "in_server_mean_ms": in_server and in_server * 1e3, "compute_mean_ms": compute and compute * 1e3},
-        "batch1_trivial_model": {"bare_ort_p50_ms": trivial_bare, "server_json_p50_ms": trivial_json,
-                                 "server_binary_p50_ms": trivial_binary,
-                                 "added_json_p50_ms": trivial_json - trivial_bare,
-                                 "added_binary_p50_ms": trivial_binary - trivial_bare},
-        "ort_cpu_ms_per_row_by_batch": per_row,
-        f"concurrency_{args.concurrency}": section,
-    }
-    b1 = report["batch1"]
-    rows: list[tuple[str, Any]] = [
-        ("bare ONNX Runtime p50 (ms)", bare), ("server JSON p50 (ms)", json_p50),
-        ("server binary p50 (ms)", binary_p50), ("added p50, JSON (ms)", b1["added_json_p50_ms"]),
-        ("added p50, binary (ms)", b1["added_binary_p50_ms"]),
-        ("floor: bare uvicorn echo p50, JSON / binary body (ms)", f"{floor_json:.3f} / {floor_binary:.3f}"),
-        ("trivial model (same signature): added p50, JSON / binary (ms)",
-         f"{trivial_json - trivial_bare:.3f} / {trivial_binary - trivial_bare:.3f}"),
-        ("in-server mean, body read to response (ms)", b1["in_server_mean_ms"]),
-        ("compute mean in server (ms)", b1["compute_mean_ms"]),
-        ("ORT CPU ms per row at batch " + ", ".join(per_row), " / ".join(f"{v:.2f}" for v in per_row.values()))]
+    b1 = batch1(args, {"digits": model, "trivial": trivial_model(work)}, image)
+    section = concurrency_runs(model, "digits", bodies(image, 64)[0::2], args, per_row)
+    report: dict[str, Any] = {"model": what, "threads": THREADS, "queries": args.queries, "batch1": b1,
+                              "ort_cpu_ms_per_row_by_batch": per_row, f"concurrency_{args.concurrency}": section}
+    p50 = b1["p50_ms"]
+    rows: list[tuple[str, Any]] = [("bare ONNX Runtime p50, digits / trivial (ms)",
+                                    f"{p50['digits bare']:.3f} / {p50['trivial bare']:.3f}")]
+    for client in ("lean", "http.client"):
+        for label, key in (("floor: bare uvicorn echo p50", "echo"), ("digits server p50", "digits"),
+                           ("trivial-model server p50", "trivial")):
+            rows.append((f"{label}, {client} client, JSON / binary (ms)",
+                         f"{p50[f'{key} {client} json']:.3f} / {p50[f'{key} {client} binary']:.3f}"))
+        for name in ("digits", "trivial"):
+            added = b1[f"{name}_added_p50_ms"]
+            rows.append((f"{name}: added p50 over bare ORT, {client} client, JSON / binary (ms)",
+                         f"{added[f'{client} json']:.3f} / {added[f'{client} binary']:.3f}"))
+    rows += [("digits in-server mean, body read to response / compute (ms)",
+              f"{b1['digits_in_server_mean_ms']:.3f} / {b1['digits_compute_mean_ms']:.3f}"),
+             ("ORT CPU ms per row at batch " + ", ".join(per_row), " / ".join(f"{v:.2f}" for v in per_row.values()))]
     return report, rows + concurrency_rows(args.concurrency, section)
 
 
@@ -345,15 +349,17 @@ def minilm(args: argparse.Namespace, work: Path, console: Console) -> tuple[dict
     server = Server.serve(model, "minilm", THREADS)
     try:
         server_p50 = sequential_p50_ms(server, requests, args.queries // 4)
+        lean_p50 = lean_p50_ms(server, requests, args.queries // 4)
     finally:
         server.stop()
     section = concurrency_runs(model, "minilm", requests, args, per_row)
     report = {"model": f"all-MiniLM-L6-v2, dynamic int8, {SEQUENCE} tokens per request", "threads": THREADS,
               "sequence": SEQUENCE, "sentences": len(next(iter(feeds.values()))),
-              "batch1": {"bare_ort_p50_ms": bare, "server_json_p50_ms": server_p50, "added_p50_ms": server_p50 - bare},
+              "batch1": {"bare_ort_p50_ms": bare, "server_p50_ms": {"http.client": server_p50, "lean": lean_p50},
+                         "added_p50_ms": {"http.client": server_p50 - bare, "lean": lean_p50 - bare}},
               "ort_cpu_ms_per_row_by_batch": per_row, f"concurrency_{args.concurrency}": section}
     rows: list[tuple[str, Any]] = [
-        ("bare ONNX Runtime p50 (ms)", bare), ("server p50, JSON in / binary out (ms)", server_p50),
+        ("bare ONNX Runtime p50 (ms)", bare), ("server p50, JSON in / binary out, http.client / lean client (ms)", f"{server_p50:.3f} / {lean_p50:.3f}"),
         ("ORT CPU ms per row at batch " + ", ".join(per_row), " / ".join(f"{v:.2f}" for v in per_row.values()))]
     return report, rows + concurrency_rows(args.concurrency, section)
 
