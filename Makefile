@@ -57,6 +57,7 @@ test: $(STAMP) $(FED_VENV)/.installed
 
 bench: $(STAMP)
 	for f in $(filter-out benchmarks/peers.py,$(wildcard benchmarks/[!_]*.py)); do $(PY) $$f || exit 1; done
+	$(PY) benchmarks/serve.py --model minilm
 
 # compactai against its peers (BENCHMARKS.md). The peers pin other versions of shared libraries,
 # so they get their own venv (build/ is git-ignored); each peer installs separately and one that

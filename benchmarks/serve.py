@@ -16,40 +16,51 @@ weights; the table says which). Calibration uses the digits calibration split ei
 2. ONNX Runtime CPU time per row by batch size (thread CPU time, so other processes on the
    machine do not inflate it): what micro-batching can save in compute.
 3. throughput and p50/p99 at concurrency 32, without and with micro-batching, with the CPU
-   used by the client and by the server over the run (they share the machine's cores).
+   used by the client and by the server over the run (they share the machine's cores). Both
+   servers run --threads 1 with --workers = CPUs (one ONNX Runtime call per core at once).
+
+``--model minilm``: the same 2. and 3. (and the batch-1 p50) on all-MiniLM-L6-v2 quantized to
+dynamic int8 (``create_technique("quantize", mode="dynamic")``), test sentences padded to
+SEQUENCE tokens, JSON requests with binary outputs; its per-row cost falls with the batch size,
+so it shows what micro-batching gives where the model allows it (section "server_minilm").
 
 The server runs as its own process (``compactai serve``); the client is a thread pool of
 ``http.client`` connections with pre-encoded bodies, so client work stays small. Run it under
 the benchmark lock, alone if possible (the client and server share the machine's cores):
 
-    flock /tmp/compactai-bench.lock .venv/bin/python benchmarks/serve.py [--seconds 5]
+    flock /tmp/compactai-bench.lock .venv/bin/python benchmarks/serve.py [--model minilm] [--seconds 5]
 
-Prints a table and writes the "server" section of benchmarks/results/serve.json (other sections,
-e.g. "drift", are kept).
+Prints a table and writes the "server" (or "server_minilm") section of
+benchmarks/results/serve.json (other sections, e.g. "drift", are kept).
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from _results import write_section
+from _serve_client import (
+    Request,
+    Server,
+    histogram_mean,
+    interleaved,
+    lean_p50_ms,
+    load_summary,
+    merge_rounds,
+    sequential_p50_ms,
+)
 from rich.console import Console
 from rich.table import Table
 
 RESULTS = Path(__file__).parent / "results" / "serve.json"
-REPO = Path(__file__).resolve().parents[1]
 THREADS = 1  # ONNX Runtime intra-op threads, the same for the bare session and the server
 
 
@@ -102,19 +113,23 @@ def trivial_model(work: Path) -> Path:
     return work / "trivial.onnx"
 
 
-def bare_p50_ms(model: Path, image: np.ndarray, queries: int) -> float:
+def session(model: Path) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = THREADS, 1, 3
-    session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
+    return ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def bare_p50_ms(model: Path, feeds: dict[str, np.ndarray], queries: int) -> float:
+    run = session(model)
+    names = [o.name for o in run.get_outputs()]
     for _ in range(50):
-        session.run(names, {"image": image})
+        run.run(names, feeds)
     times = []
     for _ in range(queries):
         start = time.perf_counter()
-        session.run(names, {"image": image})
+        run.run(names, feeds)
         times.append(time.perf_counter() - start)
     return float(np.percentile(times, 50) * 1e3)
 
@@ -149,57 +164,27 @@ def echo_server() -> None:
                                   loop="uvloop")).run(sockets=[sock])
 
 
-def ort_cpu_per_row_ms(model: Path, image: np.ndarray, batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> dict[str, float]:
-    """Median thread CPU time per row of one ``InferenceSession.run`` at each batch size (1 intra-op
-    thread: ONNX Runtime computes on the calling thread, so its CPU time is the call's)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = THREADS, 1, 3
-    session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+def ort_cpu_per_row_ms(model: Path, feeds: dict[str, np.ndarray],
+                       batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> dict[str, float]:
+    """Median thread CPU time per row of one ``InferenceSession.run`` on the first rows of ``feeds``
+    at each batch size (1 intra-op thread: ONNX Runtime computes on the calling thread, so its CPU
+    time is the call's)."""
+    run = session(model)
     out: dict[str, float] = {}
     for batch in batches:
-        x = np.repeat(image, batch, axis=0)
+        x = {name: np.ascontiguousarray(a[:batch]) for name, a in feeds.items()}
         for _ in range(5):
-            session.run(None, {"image": x})
+            run.run(None, x)
         times = []
         for _ in range(max(20, 320 // batch)):
             start = time.thread_time()
-            session.run(None, {"image": x})
+            run.run(None, x)
             times.append(time.thread_time() - start)
         out[str(batch)] = float(np.median(times) * 1e3 / batch)
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class Server:
-    """`compactai serve MODEL --port 0 --json ...` as a subprocess."""
-
-    def __init__(self, model: Path | None, *args: str) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        command = [sys.executable, __file__, "--echo-server"] if model is None else [
-            sys.executable, "-m", "compactai.cli", "serve", str(model), "--name", "digits", "--threads", str(THREADS),
-            "--port", "0", "--json", *args]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
-        assert self.process.stdout is not None
-        self.port = int(json.loads(self.process.stdout.readline())["port"])
-
-    def metrics(self) -> str:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        connection.request("GET", "/metrics")
-        return connection.getresponse().read().decode()
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(30)
-
-
-def bodies(image: np.ndarray, count: int) -> list[tuple[bytes, dict[str, str]]]:
+def bodies(image: np.ndarray, count: int) -> list[Request]:
     """Pre-encoded JSON and binary request bodies (different images, so no cache can help)."""
     rng = np.random.default_rng(0)
     out = []
@@ -215,95 +200,179 @@ def bodies(image: np.ndarray, count: int) -> list[tuple[bytes, dict[str, str]]]:
     return out
 
 
-def post(connection: http.client.HTTPConnection, body: bytes, headers: dict[str, str]) -> None:
-    connection.request("POST", "/v2/models/digits/infer", body=body, headers=headers)
-    response = connection.getresponse()
-    data = response.read()
-    if response.status != 200:
-        raise RuntimeError(f"HTTP {response.status}: {data[:200]!r}")
+SEQUENCE = 32  # MiniLM requests: test sentences of at most this many tokens, padded to it (batches need one shape)
 
 
-def sequential_p50_ms(port: int, requests: list[tuple[bytes, dict[str, str]]], queries: int) -> float:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    for body, headers in requests[:20]:
-        post(connection, body, headers)
-    times = []
-    for i in range(queries):
-        body, headers = requests[i % len(requests)]
-        start = time.perf_counter()
-        post(connection, body, headers)
-        times.append(time.perf_counter() - start)
-    return float(np.percentile(times, 50) * 1e3)
+def build_minilm(work: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """(dynamic int8 MiniLM ONNX file, test-sentence feeds padded to SEQUENCE tokens)."""
+    from compactai import load_example
+    from compactai.techniques.base import Context, create_technique
+
+    example = load_example("minilm")
+    quantized = create_technique("quantize", mode="dynamic").apply(example.handle,
+                                                                    Context(task=example.task, work_dir=work))
+    test = example.task.splits["test"].inputs
+    keep = test["attention_mask"].sum(axis=1) <= SEQUENCE
+    return Path(quantized.path), {name: np.ascontiguousarray(a[keep][:, :SEQUENCE]) for name, a in test.items()}
 
 
-def closed_loop(port: int, requests: list[tuple[bytes, dict[str, str]]], concurrency: int,
-                seconds: float, server_pid: int) -> dict[str, float]:
-    """``concurrency`` clients, each sending its next request when the last answer is back."""
-    latencies: list[float] = []
-    failures = [0]
-    lock = threading.Lock()
-    go = threading.Event()
-    deadline = [0.0]
-
-    def client(index: int) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        post(connection, *requests[index % len(requests)])  # connect and warm up before the clock starts
-        go.wait()
-        mine, i = [], index
-        while time.perf_counter() < deadline[0]:
-            body, headers = requests[i % len(requests)]
-            i += concurrency
-            start = time.perf_counter()
-            try:
-                post(connection, body, headers)
-                mine.append(time.perf_counter() - start)
-            except Exception:  # noqa: BLE001 (counted: a benchmark reports failures, it does not stop)
-                with lock:
-                    failures[0] += 1
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        with lock:
-            latencies.extend(mine)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    time.sleep(1.0)
-    start = time.perf_counter()
-    client_cpu, server_cpu = time.process_time(), cpu_seconds(server_pid)
-    deadline[0] = start + seconds
-    go.set()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - start
-    client_cpu, server_cpu = time.process_time() - client_cpu, cpu_seconds(server_pid) - server_cpu
-    return {"requests": len(latencies), "failed": failures[0], "throughput_rps": len(latencies) / elapsed,
-            "p50_ms": float(np.percentile(latencies, 50) * 1e3), "p99_ms": float(np.percentile(latencies, 99) * 1e3),
-            # CPU cores busy on average (1.0 = one core) over the run, of the 2 the machine has
-            "client_cpu_cores": client_cpu / elapsed, "server_cpu_cores": server_cpu / elapsed, "seconds": elapsed}
+def minilm_bodies(feeds: dict[str, np.ndarray], count: int) -> list[Request]:
+    """JSON requests of one sentence each (INT64 token ids and mask), outputs asked for in binary
+    (a 32 x 384 float tensor written as JSON text would cost more than the model's call)."""
+    out = []
+    for i in range(count):
+        inputs = [{"name": name, "shape": [1, SEQUENCE], "datatype": "INT64", "data": a[i % len(a)].tolist()}
+                  for name, a in feeds.items()]
+        out.append((json.dumps({"inputs": inputs, "parameters": {"binary_data_output": True}}).encode(),
+                    {"content-type": "application/json"}))
+    return out
 
 
-def merge_rounds(runs: list[dict[str, float]]) -> dict[str, float]:
-    """Totals over rounds; p50/p99 and throughput as the median of the rounds'."""
-    total_cpu = sum(r["server_cpu_cores"] * r["seconds"] for r in runs)
-    merged = {"requests": sum(r["requests"] for r in runs), "failed": sum(r["failed"] for r in runs)}
-    for key in ("throughput_rps", "p50_ms", "p99_ms", "client_cpu_cores", "server_cpu_cores"):
-        merged[key] = float(np.median([r[key] for r in runs]))
-    merged["requests_per_server_cpu_s"] = merged["requests"] / total_cpu if total_cpu else float("nan")
-    return merged
+def concurrency_runs(model: Path, name: str, requests: list[Request], args: argparse.Namespace,
+                     per_row: dict[str, float]) -> dict[str, Any]:
+    """Unbatched vs micro-batched servers (both up, interleaved rounds) at args.concurrency."""
+    workers = str(args.workers)
+    servers = {"unbatched": Server.serve(model, name, THREADS, "--workers", workers),
+               "batched": Server.serve(model, name, THREADS, "--workers", workers, "--max-batch",
+                                       str(args.concurrency), "--max-delay-ms", "2")}
+    try:
+        runs = interleaved(servers, requests, args.concurrency, args.seconds, args.rounds)
+        batch_mean = histogram_mean(servers["batched"].metrics(), "compactai_batch_size")
+    finally:
+        for server in servers.values():
+            server.stop()
+    unbatched, batched = merge_rounds(runs["unbatched"]), merge_rounds(runs["batched"])
+    speedups = [b["throughput_rps"] / u["throughput_rps"] for u, b in zip(runs["unbatched"], runs["batched"])]
+    # the bound: when the server is CPU-bound on the cores it gets, throughput = cores / CPU per request,
+    # so batching can raise throughput by at most the ratio of CPU per request (unbatched / batched)
+    cpu_ratio = unbatched["server_cpu_ms_per_request"] / batched["server_cpu_ms_per_request"]
+    return {"seconds": args.seconds, "rounds": args.rounds, "workers": args.workers, "threads": THREADS,
+            "unbatched": unbatched, "batched": {**batched, "mean_batch_rows": batch_mean},
+            "rounds_detail": runs, "speedup_by_round": speedups, "speedup": float(np.median(speedups)),
+            "cpu_per_request_ratio": cpu_ratio,
+            "ort_cpu_ms_per_row_batch1": per_row["1"],
+            "overhead_cpu_ms_per_request": {"unbatched": unbatched["server_cpu_ms_per_request"] - per_row["1"]}}
 
 
-def histogram_mean(text: str, name: str) -> float | None:
-    total = sum(float(v) for v in re.findall(rf"^{name}_sum{{[^}}]*}} (\S+)$", text, re.M))
-    count = sum(float(v) for v in re.findall(rf"^{name}_count{{[^}}]*}} (\S+)$", text, re.M))
-    return total / count if count else None
+def concurrency_rows(c: int, section: dict[str, Any]) -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for label in ("unbatched", "batched"):
+        run = section[label]
+        rows += [(f"c{c} {label} throughput (req/s)", run["throughput_rps"]),
+                 (f"c{c} {label} p50 / p99 (ms)", f"{run['p50_ms']:.2f} / {run['p99_ms']:.2f}"),
+                 (f"c{c} {label} failed", run["failed"]),
+                 (f"c{c} {label} CPU cores busy, client / server",
+                  f"{run['client_cpu_cores']:.2f} / {run['server_cpu_cores']:.2f}"),
+                 (f"c{c} {label} server CPU per request (ms)", run["server_cpu_ms_per_request"])]
+    return [*rows, ("mean rows per batch", section["batched"]["mean_batch_rows"]),
+            ("throughput with / without batching (median of rounds)", section["speedup"]),
+            ("bound: server CPU per request, unbatched / batched", section["cpu_per_request_ratio"])]
+
+
+def print_table(console: Console, title: str, rows: list[tuple[str, Any]]) -> None:
+    table = Table(title=title, title_justify="left")
+    table.add_column("figure", justify="left")
+    table.add_column("value", justify="right")
+    for label, value in rows:
+        table.add_row(label, f"{value:.3f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+def batch1(args: argparse.Namespace, models: dict[str, Path], image: np.ndarray) -> dict[str, Any]:
+    """Batch-1 p50 (ms) of a bare ONNX Runtime call and of a server request per model, client and body
+    kind, plus the echo floor: all servers up at once, in interleaved rounds (medians of the rounds)."""
+    requests = bodies(image, 64)
+    kinds = {"json": requests[0::2], "binary": requests[1::2]}
+    clients = {"http.client": sequential_p50_ms, "lean": lean_p50_ms}
+    servers = {"echo": Server([sys.executable, __file__, "--echo-server"])}
+    servers.update({name: Server.serve(path, "digits", THREADS) for name, path in models.items()})
+    rounds: dict[str, list[float]] = {}
+    per_round = max(100, args.queries // args.rounds)
+    try:
+        for _ in range(args.rounds):
+            for name, path in models.items():
+                rounds.setdefault(f"{name} bare", []).append(bare_p50_ms(path, {"image": image}, per_round))
+            for name, server in servers.items():
+                for client, measure in clients.items():
+                    for kind, reqs in kinds.items():
+                        rounds.setdefault(f"{name} {client} {kind}", []).append(measure(server, reqs, per_round))
+        text = servers["digits"].metrics()
+    finally:
+        for server in servers.values():
+            server.stop()
+    p50 = {key: float(np.median(values)) for key, values in rounds.items()}
+    out: dict[str, Any] = {"p50_ms": p50, "rounds": rounds}
+    for name in models:
+        out[f"{name}_added_p50_ms"] = {f"{client} {kind}": p50[f"{name} {client} {kind}"] - p50[f"{name} bare"]
+                                       for client in clients for kind in kinds}
+    out["floor_echo_p50_ms"] = {f"{client} {kind}": p50[f"echo {client} {kind}"] for client in clients for kind in kinds}
+    in_server = histogram_mean(text, "compactai_request_duration_seconds")
+    compute = histogram_mean(text, "compactai_compute_duration_seconds")
+    out["digits_in_server_mean_ms"] = in_server and in_server * 1e3
+    out["digits_compute_mean_ms"] = compute and compute * 1e3
+    return out
+
+
+def digits(args: argparse.Namespace, work: Path, console: Console) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
+    console.print("building the int8 digits model...")
+    model, what = build_model(work)
+    image = np.random.default_rng(1).standard_normal((1, 1, 32, 32)).astype(np.float32)
+    per_row = ort_cpu_per_row_ms(model, {"image": np.repeat(image, 32, axis=0)})
+    b1 = batch1(args, {"digits": model, "trivial": trivial_model(work)}, image)
+    section = concurrency_runs(model, "digits", bodies(image, 64)[0::2], args, per_row)
+    report: dict[str, Any] = {"model": what, "threads": THREADS, "queries": args.queries, "batch1": b1,
+                              "ort_cpu_ms_per_row_by_batch": per_row, f"concurrency_{args.concurrency}": section}
+    p50 = b1["p50_ms"]
+    rows: list[tuple[str, Any]] = [("bare ONNX Runtime p50, digits / trivial (ms)",
+                                    f"{p50['digits bare']:.3f} / {p50['trivial bare']:.3f}")]
+    for client in ("lean", "http.client"):
+        for label, key in (("floor: bare uvicorn echo p50", "echo"), ("digits server p50", "digits"),
+                           ("trivial-model server p50", "trivial")):
+            rows.append((f"{label}, {client} client, JSON / binary (ms)",
+                         f"{p50[f'{key} {client} json']:.3f} / {p50[f'{key} {client} binary']:.3f}"))
+        for name in ("digits", "trivial"):
+            added = b1[f"{name}_added_p50_ms"]
+            rows.append((f"{name}: added p50 over bare ORT, {client} client, JSON / binary (ms)",
+                         f"{added[f'{client} json']:.3f} / {added[f'{client} binary']:.3f}"))
+    rows += [("digits in-server mean, body read to response / compute (ms)",
+              f"{b1['digits_in_server_mean_ms']:.3f} / {b1['digits_compute_mean_ms']:.3f}"),
+             ("ORT CPU ms per row at batch " + ", ".join(per_row), " / ".join(f"{v:.2f}" for v in per_row.values()))]
+    return report, rows + concurrency_rows(args.concurrency, section)
+
+
+def minilm(args: argparse.Namespace, work: Path, console: Console) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
+    console.print("quantizing MiniLM to dynamic int8...")
+    model, feeds = build_minilm(work)
+    requests = minilm_bodies(feeds, 64)
+    per_row = ort_cpu_per_row_ms(model, feeds)
+    bare = bare_p50_ms(model, {name: a[:1] for name, a in feeds.items()}, args.queries // 4)
+    server = Server.serve(model, "minilm", THREADS)
+    try:
+        server_p50 = sequential_p50_ms(server, requests, args.queries // 4)
+        lean_p50 = lean_p50_ms(server, requests, args.queries // 4)
+    finally:
+        server.stop()
+    section = concurrency_runs(model, "minilm", requests, args, per_row)
+    report = {"model": f"all-MiniLM-L6-v2, dynamic int8, {SEQUENCE} tokens per request", "threads": THREADS,
+              "sequence": SEQUENCE, "sentences": len(next(iter(feeds.values()))),
+              "batch1": {"bare_ort_p50_ms": bare, "server_p50_ms": {"http.client": server_p50, "lean": lean_p50},
+                         "added_p50_ms": {"http.client": server_p50 - bare, "lean": lean_p50 - bare}},
+              "ort_cpu_ms_per_row_by_batch": per_row, f"concurrency_{args.concurrency}": section}
+    rows: list[tuple[str, Any]] = [
+        ("bare ONNX Runtime p50 (ms)", bare), ("server p50, JSON in / binary out, http.client / lean client (ms)", f"{server_p50:.3f} / {lean_p50:.3f}"),
+        ("ORT CPU ms per row at batch " + ", ".join(per_row), " / ".join(f"{v:.2f}" for v in per_row.values()))]
+    return report, rows + concurrency_rows(args.concurrency, section)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("digits", "minilm"), default="digits")
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of each throughput run (all rounds)")
     parser.add_argument("--queries", type=int, default=2000, help="batch-1 queries for the p50 figures")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=4, help="interleaved unbatched/batched rounds")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) // THREADS),
+                        help="inference threads of both servers at concurrency (default: CPUs // threads)")
     parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)  # the floor, run as a subprocess
     args = parser.parse_args()
     if args.echo_server:
@@ -312,103 +381,14 @@ def main() -> None:
     load_start = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="compactai-bench-serve-"))
     console = Console()
-    console.print("building the int8 digits model...")
-    model, what = build_model(work)
-    image = np.random.default_rng(1).standard_normal((1, 1, 32, 32)).astype(np.float32)
-    requests = bodies(image, 64)
-    json_requests, binary_requests = requests[0::2], requests[1::2]
-
-    bare = bare_p50_ms(model, image, args.queries)
-    per_row = ort_cpu_per_row_ms(model, image)
-    echo = Server(None)
-    try:
-        floor_json = sequential_p50_ms(echo.port, json_requests, args.queries)
-        floor_binary = sequential_p50_ms(echo.port, binary_requests, args.queries)
-    finally:
-        echo.stop()
-    trivial = trivial_model(work)
-    trivial_bare = bare_p50_ms(trivial, image, args.queries)
-    server = Server(trivial)
-    try:
-        trivial_json = sequential_p50_ms(server.port, json_requests, args.queries)
-        trivial_binary = sequential_p50_ms(server.port, binary_requests, args.queries)
-    finally:
-        server.stop()
-    server = Server(model)
-    try:
-        json_p50 = sequential_p50_ms(server.port, json_requests, args.queries)
-        binary_p50 = sequential_p50_ms(server.port, binary_requests, args.queries)
-        text = server.metrics()
-        in_server = histogram_mean(text, "compactai_request_duration_seconds")
-        compute = histogram_mean(text, "compactai_compute_duration_seconds")
-        # both servers up at once, loaded in turn: interleaved rounds see the same machine load
-        batching = Server(model, "--max-batch", str(args.concurrency), "--max-delay-ms", "2")
-        try:
-            runs: dict[str, list[dict[str, float]]] = {"unbatched": [], "batched": []}
-            for _ in range(args.rounds):
-                for label, target in (("unbatched", server), ("batched", batching)):
-                    runs[label].append(closed_loop(target.port, json_requests, args.concurrency,
-                                                   args.seconds / args.rounds, target.process.pid))
-            batch_mean = histogram_mean(batching.metrics(), "compactai_batch_size")
-        finally:
-            batching.stop()
-    finally:
-        server.stop()
-    unbatched, batched = merge_rounds(runs["unbatched"]), merge_rounds(runs["batched"])
-    speedups = [b["throughput_rps"] / u["throughput_rps"] for u, b in zip(runs["unbatched"], runs["batched"])]
-
-    report: dict[str, Any] = {
-        "model": what, "threads": THREADS, "queries": args.queries, "cpus": os.cpu_count(),
-        "load_average": os.getloadavg()[0], "load_average_start": load_start, "load_average_end": os.getloadavg(),
-        "batch1": {"bare_ort_p50_ms": bare, "server_json_p50_ms": json_p50, "server_binary_p50_ms": binary_p50,
-                   "added_json_p50_ms": json_p50 - bare, "added_binary_p50_ms": binary_p50 - bare,
-                   "floor_echo_json_p50_ms": floor_json, "floor_echo_binary_p50_ms": floor_binary,
-                   "in_server_mean_ms": in_server and in_server * 1e3, "compute_mean_ms": compute and compute * 1e3},
-        "batch1_trivial_model": {"bare_ort_p50_ms": trivial_bare, "server_json_p50_ms": trivial_json,
-                                 "server_binary_p50_ms": trivial_binary,
-                                 "added_json_p50_ms": trivial_json - trivial_bare,
-                                 "added_binary_p50_ms": trivial_binary - trivial_bare},
-        "ort_cpu_ms_per_row_by_batch": per_row,
-        f"concurrency_{args.concurrency}": {"seconds": args.seconds, "unbatched": unbatched,
-                                            "batched": {**batched, "mean_batch_rows": batch_mean},
-                                            "rounds": args.rounds, "rounds_detail": runs,
-                                            "speedup_by_round": speedups,
-                                            "speedup": float(np.median(speedups)),
-                                            # requests per CPU-second of the server: what batching saves in work,
-                                            # whatever share of the cores the server got from a busy machine
-                                            "efficiency_ratio": batched["requests_per_server_cpu_s"]
-                                            / unbatched["requests_per_server_cpu_s"]},
-    }
-    table = Table(title=f"compactai serve: {what}, {THREADS} intra-op thread, load average "
-                        f"{load_start[0]:.1f} at the start, {report['load_average']:.1f} at the end, on "
-                        f"{report['cpus']} CPUs", title_justify="left")
-    for column in ("figure", "value"):
-        table.add_column(column, justify="left" if column == "figure" else "right")
-    b1 = report["batch1"]
-    rows = [("bare ONNX Runtime p50 (ms)", b1["bare_ort_p50_ms"]), ("server JSON p50 (ms)", json_p50),
-            ("server binary p50 (ms)", binary_p50), ("added p50, JSON (ms)", b1["added_json_p50_ms"]),
-            ("added p50, binary (ms)", b1["added_binary_p50_ms"]),
-            ("floor: bare uvicorn echo p50, JSON / binary body (ms)", f"{floor_json:.3f} / {floor_binary:.3f}"),
-            ("trivial model (same signature): added p50, JSON / binary (ms)",
-             f"{trivial_json - trivial_bare:.3f} / {trivial_binary - trivial_bare:.3f}"),
-            ("in-server mean, body read to response (ms)", b1["in_server_mean_ms"]),
-            ("compute mean in server (ms)", b1["compute_mean_ms"])]
-    for label, run in (("unbatched", unbatched), ("micro-batched", batched)):
-        rows += [(f"c{args.concurrency} {label} throughput (req/s)", run["throughput_rps"]),
-                 (f"c{args.concurrency} {label} p50 / p99 (ms)", f"{run['p50_ms']:.2f} / {run['p99_ms']:.2f}"),
-                 (f"c{args.concurrency} {label} failed", run["failed"]),
-                 (f"c{args.concurrency} {label} CPU cores busy, client / server",
-                  f"{run['client_cpu_cores']:.2f} / {run['server_cpu_cores']:.2f}")]
-    rows += [("requests per server CPU-second, unbatched / batched",
-              f"{unbatched['requests_per_server_cpu_s']:.0f} / {batched['requests_per_server_cpu_s']:.0f}"),
-             ("ORT CPU ms per row at batch " + ", ".join(per_row), " / ".join(f"{v:.2f}" for v in per_row.values())),
-             ("mean rows per batch", batch_mean), ("throughput with / without batching",
-                                                   report[f"concurrency_{args.concurrency}"]["speedup"])]
-    for label, value in rows:
-        table.add_row(label, f"{value:.3f}" if isinstance(value, float) else str(value))
-    console.print(table)
-    write_section(RESULTS, "server", report)  # other sections (e.g. "drift") belong to other benchmarks
-    console.print(f"wrote the 'server' section of {RESULTS}")
+    report, rows = (digits if args.model == "digits" else minilm)(args, work, console)
+    report.update(load_summary(load_start))
+    print_table(console, f"compactai serve: {report['model']}, {THREADS} intra-op thread, {args.workers} workers, "
+                         f"load average {load_start[0]:.1f} at the start, {report['load_average']:.1f} at the end, "
+                         f"on {report['cpus']} CPUs", rows)
+    section = "server" if args.model == "digits" else "server_minilm"
+    write_section(RESULTS, section, report)  # other sections (e.g. "drift") belong to other benchmarks
+    console.print(f"wrote the {section!r} section of {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ def serve(
     port: int = typer.Option(8000, "--port", "-p", help="Port (0 picks a free one; see the start log line)."),
     threads: int | None = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads per session "
                                                                "(default: the CPUs of this process)."),
-    workers: int = typer.Option(1, "--workers", help="Inference threads: concurrent ONNX Runtime calls."),
+    workers: int | None = typer.Option(None, "--workers", help="Inference threads: concurrent ONNX Runtime calls "
+                                                               "(default: the CPUs of this process // --threads)."),
     name: str | None = typer.Option(None, "--name", help="Model name on the wire (default: the bundle's)."),
     trusted_key: list[str] = typer.Option([], "--trusted-key", "-t", help="Public key that signs bundles and "
                                                                           "updates (repeatable)."),
@@ -98,7 +99,7 @@ def serve(
     slot = server.model.slot()
     start = server.log("start", url=f"http://{host}:{bound}", model=server.model.name,
                        version=slot.version if slot else None, source=str(source), kind=server.kind,
-                       threads=server.threads, workers=workers, max_batch=max_batch, auth=token is not None,
+                       threads=server.threads, workers=server.workers, max_batch=max_batch, auth=token is not None,
                        fallback=fallback_url, update_source=update_source or repo_url, **http_stack())
     if json_output:
         out = sys.__stdout__ or sys.stdout

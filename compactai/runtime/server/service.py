@@ -42,7 +42,9 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     threads: int | None = None  # ONNX Runtime intra-op threads per session (default: the CPUs we may use)
-    workers: int = 1  # inference threads (concurrent ONNX Runtime calls)
+    # inference threads (concurrent ONNX Runtime calls); default: CPUs // threads, so that the calls can
+    # use every core (with --threads 1 on 2 cores, one thread left a core idle at concurrency 32)
+    workers: int | None = None
     name: str | None = None
     token: str | None = None
     max_body_bytes: int = 16 * MIB
@@ -82,7 +84,7 @@ class ServeConfig:
             raise BadInputError("--repo-url and --trusted-root go together: the server trusts the repository "
                                 "through the root.json it was given.")
         checks = [
-            (self.workers >= 1, f"--workers must be >= 1. Got {self.workers} instead."),
+            (self.workers is None or self.workers >= 1, f"--workers must be >= 1. Got {self.workers} instead."),
             (self.threads is None or self.threads >= 1, f"--threads must be >= 1. Got {self.threads} instead."),
             (self.max_body_bytes >= 1024, f"--max-body-mb must allow at least 1 KiB. Got {self.max_body_bytes} B."),
             (self.batching.max_batch >= 1, f"--max-batch must be >= 1. Got {self.batching.max_batch} instead."),
@@ -108,7 +110,8 @@ class ModelServer:
         self.threads = config.threads or default_threads()
         self.log = log or EventLog()
         self.metrics = ServerMetrics()
-        self.dispatcher = Dispatcher(config.workers)
+        self.workers = config.workers or max(1, default_threads() // self.threads)
+        self.dispatcher = Dispatcher(self.workers)
         self.agent: UpdateAgent | None = None
         self.kind = self._kind()
         if self.kind == "install":

@@ -156,3 +156,14 @@ def test_a_lone_short_request_runs_on_the_event_loop_thread(tmp_path) -> None:
     loop_thread = asyncio.run(scenario())
     assert [name == loop_thread for name in threads] == [False, True, False, False, False]
     assert all(name.startswith("compactai-infer") for name in threads if name != loop_thread)
+
+
+def test_default_workers_fill_the_cpus_the_threads_leave(tmp_path) -> None:
+    from compactai.measure.runtime import default_threads
+    from compactai.runtime.server import ModelServer, ServeConfig
+
+    model = tiny_model(tmp_path / "m.onnx")
+    one_thread = ModelServer(model, ServeConfig(threads=1))
+    assert one_thread.workers == one_thread.dispatcher.workers == default_threads()
+    assert ModelServer(model, ServeConfig()).workers == 1  # intra-op threads already use every CPU
+    assert ModelServer(model, ServeConfig(threads=1, workers=3)).dispatcher.workers == 3

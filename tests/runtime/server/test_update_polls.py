@@ -61,8 +61,10 @@ def slow_model(path: Path, width: int = 512, layers: int = 8) -> Path:
     return path
 
 
-@pytest.mark.skip(reason="order-dependent: passes on its own (3 s), but after another server test in the same "
-                  "process v2 is not rolled back within 60 s; not diagnosed yet (issue 17)")
+# seen (serve3 branch): passed alone and in two full runs of tests/runtime/server at load 6 to 9, failed in a
+# third run at load 9, so it looks load-dependent rather than order-dependent; the failure was not captured
+@pytest.mark.skip(reason="flaky: passes on its own (3 s), but in some runs with other server tests v2 is not "
+                  "rolled back within 60 s; not diagnosed yet (issue 17)")
 def test_a_version_much_slower_on_live_requests_fails_probation(serve, make_bundle, keys, tmp_path: Path) -> None:
     from compactai.bundle import build_bundle
     from tests.runtime.server.test_updates import publish
