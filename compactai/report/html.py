@@ -46,6 +46,14 @@ Test-split quality: original {{ fmt(r.task.baseline_test) }}{% if chosen_fig %},
 {% if r.split %}<h2>Where to split it</h2>
 <p id="split-choice">On {{ fmt(r.split.network.bandwidth_mbps) }} Mbit/s with a {{ fmt(r.split.network.rtt_ms) }} ms RTT (server {{ fmt(r.split.network.server_speedup) }}x this machine, {{ fmt(r.split.network.server_overhead_ms) }} ms per request), the slicing cost model chooses <b>{{ r.split.choice.cut }}</b>: {{ fmt(r.split.choice.end_to_end_ms) }} ms end-to-end predicted (head {{ fmt(r.split.choice.head_ms) }} + transfer {{ fmt(r.split.choice.transfer_ms) }} + server {{ fmt(r.split.choice.overhead_ms) }} + tail {{ fmt(r.split.choice.tail_ms) }}).
 By bandwidth: {% for bw, c in r.split.choice_by_bandwidth.items() %}{{ bw }} Mbit/s: {{ c.cut }} ({{ fmt(c.end_to_end_ms) }} ms){% if not loop.last %}; {% endif %}{% endfor %}. {{ r.split.how }}.</p>{% endif %}
+{% if r.runtime_choice %}<h2>Runtime choice</h2>
+{% set rc = r.runtime_choice %}<p id="runtime-choice-verdict">{% if rc.winner %}Winner: <b>{{ rc.winner.label }}</b> ({{ rc.winner.made_by }}){% if rc.winner.runtime != 'onnxruntime' %}, written to <code>{{ rc.winner.path }}</code>; model.onnx stays the ONNX Runtime pipeline result{% endif %}.{% else %}{{ rc.note }}.{% endif %}
+{% if rc.candidates %}Every candidate judged against the quality floor {{ fmt(rc.quality_floor_validation) }} on the validation split{% for c in rc.constraints[1:] %} and {{ c }}{% endfor %}, timed in {{ rc.rounds }} interleaved rounds; the fastest at batch 1 wins. Float ancestor for each runtime's own int8: {{ rc.float_ancestor }}.{% endif %}</p>
+{% if rc.candidates %}<table id="runtime-choice"><tr><th>runtime</th><th>candidate</th><th>precision</th><th>size MB</th><th>quality (val)</th><th>quality (test)</th><th>p50 ms @1</th><th>p90 ms @1</th><th>items/s @batch</th><th>status</th></tr>
+{% for c in rc.candidates %}<tr><td>{{ c.runtime }}</td><td style="text-align:left">{{ c.label }}<br><span class="muted">{{ c.made_by }}</span></td><td>{{ c.precision }}</td>
+<td>{{ fmt(c.size_bytes / 1e6) if c.size_bytes else '-' }}</td><td>{{ fmt(c.quality_validation) }}</td><td>{{ fmt((c.quality or {}).get('value')) }}</td>
+<td>{{ fmt(c.latency_p50_ms) }}</td><td>{{ fmt(c.latency_p90_ms) }}</td><td>{{ fmt(c.throughput_items_per_s) }}{% if c.throughput_batch %} @{{ c.throughput_batch }}{% endif %}</td>
+<td class="{{ 'bad' if c.error or not c.meets_floor or c.meets_size == false else 'ok' }}">{% if c.error %}failed: {{ c.error }}{% elif not c.meets_floor %}below the quality floor{% elif c.meets_size == false %}over the size limit{% elif rc.winner and rc.winner.label == c.label %}winner{% else %}ok{% endif %}</td></tr>{% endfor %}</table>{% endif %}{% endif %}
 <h2>Latency distribution</h2><figure id="latency-plot">{{ latency | safe }}</figure>
 
 <h2>Recipe to reproduce</h2>

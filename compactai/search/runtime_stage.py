@@ -1,0 +1,138 @@
+"""`optimize --runtime NAME|auto`: after the search has chosen its model on ONNX Runtime, the
+runtime is chosen by measurement too (docs/optimize.md, "Choosing the runtime").
+
+Candidates: the chosen model on every requested runtime (a runtime that cannot read it, e.g.
+OpenVINO on ONNX Runtime's QOperator int8 ops, stays a row with its error), plus the float
+ancestor (see :func:`float_ancestor`) in fp32 on each non-ONNX runtime and in that runtime's own
+int8 (OpenVINO: NNCF, accuracy-aware against the quality floor). They are built and measured by
+:mod:`compactai.search.runtimes` (quality on the validation split, interleaved timing), and the
+winner is the fastest at batch 1 that meets the budget's quality floor and its size limit.
+Latency limits need no second check: the ONNX Runtime row is the model the search found within
+them, and the winner is at least as fast as it in the same interleaved rounds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from compactai.bench import is_int8
+from compactai.budget import Budget
+from compactai.measure import MeasureConfig
+from compactai.models.handle import ModelHandle
+from compactai.results import describe, recipe_of
+from compactai.search.runtimes import (
+    RuntimeCandidate,
+    build_candidates,
+    candidate_rows,
+    measure_candidates,
+    winners,
+    write_candidate,
+)
+from compactai.search.trial import TrialResult
+from compactai.tasks import Task
+from compactai.techniques.base import TECHNIQUES
+
+
+def quality_floor(budget: Budget, selection_baseline: float | None) -> float | None:
+    """The budget's quality limits as one absolute floor on the selection split (None: no limit)."""
+    floors = []
+    for constraint in budget.constraints:
+        if constraint.key == "quality":
+            floors.append(constraint.value)
+        elif constraint.key == "quality_relative" and selection_baseline is not None:
+            floors.append(constraint.value * selection_baseline)
+    return max(floors, default=None)
+
+
+def float_ancestor(original: ModelHandle, chosen: TrialResult, trials: list[TrialResult],
+                   load: Callable[[TrialResult], ModelHandle]) -> tuple[ModelHandle | None, str]:
+    """The float model each runtime quantizes its own way, and how it was found: the chosen model
+    itself when its recipe does not end in a quantize step (returned as None: no separate ancestor);
+    else the finished trial that ran the chosen recipe without that step (its model is on disk);
+    else the original model (re-running the prefix could mean minutes of training)."""
+    recipe = chosen.recipe
+    last = recipe[-1]["technique"] if recipe else None
+    if last is None or last not in TECHNIQUES or TECHNIQUES.get(last).family != "quantize":
+        return None, "the chosen model (its recipe does not end with a quantize step)"
+    prefix = json.dumps(recipe[:-1], sort_keys=True)
+    if not recipe[:-1]:
+        return original, "the original model (the chosen recipe is a single quantize step)"
+    for trial in trials:
+        if trial.status == "ok" and trial.artifact and Path(trial.artifact).is_file() \
+                and json.dumps(trial.recipe, sort_keys=True) == prefix:
+            return load(trial), (f"trial {trial.number}: the chosen recipe without its final quantize step "
+                                 f"({describe(trial.recipe)})")
+    return original, ("the original model (no finished trial ran the chosen recipe without its final quantize "
+                      "step, and re-running it could mean retraining)")
+
+
+def choose_runtime_after_search(
+    original: ModelHandle,
+    chosen_handle: ModelHandle,
+    chosen: TrialResult,
+    trials: list[TrialResult],
+    load: Callable[[TrialResult], ModelHandle],
+    task: Task,
+    budget: Budget,
+    runtimes: list[str],
+    out: Path,
+    config: MeasureConfig,
+    *,
+    selection_baseline: float | None,
+    rounds: int = 3,
+    seed: int = 0,
+    progress: Callable[[str], None] = lambda message: None,
+) -> tuple[dict[str, Any], RuntimeCandidate | None, RuntimeCandidate | None]:
+    """Measure the runtime candidates and pick the winner; writes a non-ONNX-Runtime winner to
+    ``out/<runtime>/``. Returns (the ``runtime_choice`` section of results.json, the winner or
+    None, the ONNX Runtime row of the chosen model or None)."""
+    floor = quality_floor(budget, selection_baseline)
+    ancestor, ancestor_how = float_ancestor(original, chosen, trials, load)
+    progress(f"runtime choice on {', '.join(runtimes)}; float ancestor: {ancestor_how}")
+    built = build_candidates(ancestor or chosen_handle, chosen_handle if ancestor is not None else None, runtimes,
+                             task, out / "work" / "runtimes", min_quality=floor, progress=progress)
+    precision = "int8" if is_int8(chosen_handle) else "float"
+    pipeline = f"trial {chosen.number}: {describe(chosen.recipe)}"
+    candidates = []
+    for candidate in built:
+        if candidate.handle is chosen_handle and candidate.made_by in ("source", "compactai quantize"):
+            candidate.label = f"{candidate.runtime} optimize's model ({precision})"
+            candidate.precision, candidate.made_by = precision, f"optimize {pipeline}"
+        elif candidate.made_by == "source":
+            if candidate.runtime == "onnxruntime":
+                continue  # the float ancestor on ONNX Runtime is a model the search measured and passed over
+            candidate.made_by = f"float ancestor: {ancestor_how}"
+        candidates.append(candidate)
+    measure_candidates(candidates, task, config, rounds=rounds, min_quality=floor, progress=progress)
+    size_limits = [c for c in budget.constraints if c.key == "size_mb"]
+    for candidate in candidates:
+        size = candidate.figures.get("size_bytes")
+        candidate.figures["meets_size"] = all(size is not None and size / 1e6 <= c.value for c in size_limits)
+    best = winners([c for c in candidates if c.figures.get("meets_size")])
+    winner = best["batch_1"]
+    ort_row = next((c for c in candidates if c.runtime == "onnxruntime" and c.handle is chosen_handle), None)
+    section: dict[str, Any] = {
+        "runtimes": runtimes, "quality_floor_validation": floor,
+        "constraints": ["quality floor (validation split)"] + [str(c) for c in size_limits],
+        "float_ancestor": ancestor_how, "rounds": rounds,
+        "candidates": candidate_rows(candidates),
+        "winners": {regime: None if c is None else c.label for regime, c in best.items()},
+        "winner": None,
+    }
+    if winner is None:
+        section["note"] = ("no runtime candidate met the quality floor and the size limit in this measurement; "
+                           "model.onnx (ONNX Runtime) stays the result")
+        return section, None, ort_row
+    section["winner"] = {"label": winner.label, "runtime": winner.runtime, "precision": winner.precision,
+                         "made_by": winner.made_by, "recipe": [*recipe_of(winner.handle), winner.recipe_step()],
+                         "path": None}
+    if winner.runtime != "onnxruntime":
+        sections = {"runtime_choice": section, "budget": budget.to_dict(), "quality": winner.figures.get("quality")}
+        paths = write_candidate(winner, out / winner.runtime, sections, seed, command="optimize")
+        section["winner"]["path"] = str(Path(paths["model"]).relative_to(out))
+    else:
+        section["winner"]["path"] = "model.onnx" if winner is ort_row else None
+    return section, winner, ort_row
