@@ -22,7 +22,7 @@ from compactai.bench import is_int8
 from compactai.budget import Budget
 from compactai.measure import MeasureConfig
 from compactai.models.handle import ModelHandle
-from compactai.results import describe, recipe_of
+from compactai.results import describe
 from compactai.search.runtimes import (
     RuntimeCandidate,
     build_candidates,
@@ -48,25 +48,25 @@ def quality_floor(budget: Budget, selection_baseline: float | None) -> float | N
 
 
 def float_ancestor(original: ModelHandle, chosen: TrialResult, trials: list[TrialResult],
-                   load: Callable[[TrialResult], ModelHandle]) -> tuple[ModelHandle | None, str]:
+                   load: Callable[[TrialResult], ModelHandle]) -> tuple[ModelHandle | None, str, list[dict[str, Any]]]:
     """The float model each runtime quantizes its own way, and how it was found: the chosen model
     itself when its recipe does not end in a quantize step (returned as None: no separate ancestor);
     else the finished trial that ran the chosen recipe without that step (its model is on disk);
-    else the original model (re-running the prefix could mean minutes of training)."""
+    else the original model (re-running the prefix could mean minutes of training). Third: its recipe."""
     recipe = chosen.recipe
     last = recipe[-1]["technique"] if recipe else None
     if last is None or last not in TECHNIQUES or TECHNIQUES.get(last).family != "quantize":
-        return None, "the chosen model (its recipe does not end with a quantize step)"
+        return None, "the chosen model (its recipe does not end with a quantize step)", recipe
     prefix = json.dumps(recipe[:-1], sort_keys=True)
     if not recipe[:-1]:
-        return original, "the original model (the chosen recipe is a single quantize step)"
+        return original, "the original model (the chosen recipe is a single quantize step)", []
     for trial in trials:
         if trial.status == "ok" and trial.artifact and Path(trial.artifact).is_file() \
                 and json.dumps(trial.recipe, sort_keys=True) == prefix:
             return load(trial), (f"trial {trial.number}: the chosen recipe without its final quantize step "
-                                 f"({describe(trial.recipe)})")
+                                 f"({describe(trial.recipe)})"), trial.recipe
     return original, ("the original model (no finished trial ran the chosen recipe without its final quantize "
-                      "step, and re-running it could mean retraining)")
+                      "step, and re-running it could mean retraining)"), []
 
 
 def choose_runtime_after_search(
@@ -90,7 +90,7 @@ def choose_runtime_after_search(
     ``out/<runtime>/``. Returns (the ``runtime_choice`` section of results.json, the winner or
     None, the ONNX Runtime row of the chosen model or None)."""
     floor = quality_floor(budget, selection_baseline)
-    ancestor, ancestor_how = float_ancestor(original, chosen, trials, load)
+    ancestor, ancestor_how, ancestor_recipe = float_ancestor(original, chosen, trials, load)
     progress(f"runtime choice on {', '.join(runtimes)}; float ancestor: {ancestor_how}")
     built = build_candidates(ancestor or chosen_handle, chosen_handle if ancestor is not None else None, runtimes,
                              task, out / "work" / "runtimes", min_quality=floor, progress=progress)
@@ -127,7 +127,9 @@ def choose_runtime_after_search(
                            "model.onnx (ONNX Runtime) stays the result")
         return section, None, ort_row
     section["winner"] = {"label": winner.label, "runtime": winner.runtime, "precision": winner.precision,
-                         "made_by": winner.made_by, "recipe": [*recipe_of(winner.handle), winner.recipe_step()],
+                         "made_by": winner.made_by,
+                         "recipe": [*(chosen.recipe if winner.handle is chosen_handle else ancestor_recipe),
+                                    winner.recipe_step()],
                          "path": None}
     if winner.runtime != "onnxruntime":
         sections = {"runtime_choice": section, "budget": budget.to_dict(), "quality": winner.figures.get("quality")}
