@@ -94,8 +94,8 @@ def print_candidates(out: Output, rows_data: list[dict[str, Any]], floor: float 
             status = "failed (below)"
         elif not row.get("meets_floor"):
             status = "below the floor"
-        elif row.get("meets_size") is False:
-            status = "over the size limit"
+        elif row.get("meets_budget") is False:
+            status = "misses the budget"
         else:
             status = " ".join(w for w, label in (("fastest@1", winner_labels.get("batch_1")),
                                                  (f"fastest@{batch}", winner_labels.get("throughput")))
@@ -112,3 +112,5 @@ def print_candidates(out: Output, rows_data: list[dict[str, Any]], floor: float 
     for row in rows_data:
         if row["error"]:
             out.console.print(f"[yellow]{row['label']} failed:[/yellow] {row['error']}")
+        elif row.get("budget_misses"):
+            out.console.print(f"[yellow]{row['label']} misses the budget:[/yellow] {'; '.join(row['budget_misses'])}")

@@ -1,14 +1,15 @@
 """`optimize --runtime NAME|auto`: after the search has chosen its model on ONNX Runtime, the
 runtime is chosen by measurement too (docs/optimize.md, "Choosing the runtime").
 
-Candidates: the chosen model on every requested runtime (a runtime that cannot read it, e.g.
-OpenVINO on ONNX Runtime's QOperator int8 ops, stays a row with its error), plus the float
-ancestor (see :func:`float_ancestor`) in fp32 on each non-ONNX runtime and in that runtime's own
-int8 (OpenVINO: NNCF, accuracy-aware against the quality floor). They are built and measured by
-:mod:`compactai.search.runtimes` (quality on the validation split, interleaved timing), and the
-winner is the fastest at batch 1 that meets the budget's quality floor and its size limit.
-Latency limits need no second check: the ONNX Runtime row is the model the search found within
-them, and the winner is at least as fast as it in the same interleaved rounds.
+Candidates: the chosen model on every requested runtime and on ONNX Runtime (the search's result,
+measured in the same rounds for reference; a runtime that cannot read the file, e.g. OpenVINO on
+ONNX Runtime's QOperator int8 ops, stays a row with its error), plus the float ancestor (see
+:func:`float_ancestor`) in fp32 on each other runtime and in that runtime's own int8 (OpenVINO:
+NNCF, accuracy-aware against the quality floor). They are built and measured by
+:mod:`compactai.search.runtimes` (quality on the validation split, interleaved timing). The
+winner is the fastest at batch 1, among the candidates on the requested runtimes, that keeps the
+budget's quality floor and the limits measured again here (``RECHECKED``: size and the batch-1
+latency and throughput figures, from the same interleaved rounds).
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ from compactai.search.runtimes import (
 )
 from compactai.search.trial import TrialResult
 from compactai.tasks import Task
-from compactai.techniques.base import TECHNIQUES
+from compactai.techniques.base import available_techniques
+
+# budget keys the runtime stage measures again for every candidate (memory, energy and p99 it does not)
+RECHECKED = ("size_mb", "latency_p50_ms", "latency_p90_ms", "throughput")
 
 
 def quality_floor(budget: Budget, selection_baseline: float | None) -> float | None:
@@ -54,8 +58,8 @@ def float_ancestor(original: ModelHandle, chosen: TrialResult, trials: list[Tria
     else the finished trial that ran the chosen recipe without that step (its model is on disk);
     else the original model (re-running the prefix could mean minutes of training). Third: its recipe."""
     recipe = chosen.recipe
-    last = recipe[-1]["technique"] if recipe else None
-    if last is None or last not in TECHNIQUES or TECHNIQUES.get(last).family != "quantize":
+    families = {name: technique.family for name, technique in available_techniques().items()}
+    if not recipe or families.get(recipe[-1]["technique"]) != "quantize":
         return None, "the chosen model (its recipe does not end with a quantize step)", recipe
     prefix = json.dumps(recipe[:-1], sort_keys=True)
     if not recipe[:-1]:
@@ -92,7 +96,8 @@ def choose_runtime_after_search(
     floor = quality_floor(budget, selection_baseline)
     ancestor, ancestor_how, ancestor_recipe = float_ancestor(original, chosen, trials, load)
     progress(f"runtime choice on {', '.join(runtimes)}; float ancestor: {ancestor_how}")
-    built = build_candidates(ancestor or chosen_handle, chosen_handle if ancestor is not None else None, runtimes,
+    measured = list(dict.fromkeys(["onnxruntime", *runtimes]))  # ONNX Runtime's row: the search's result, for reference
+    built = build_candidates(ancestor or chosen_handle, chosen_handle if ancestor is not None else None, measured,
                              task, out / "work" / "runtimes", min_quality=floor, progress=progress)
     precision = "int8" if is_int8(chosen_handle) else "float"
     pipeline = f"trial {chosen.number}: {describe(chosen.recipe)}"
@@ -107,24 +112,28 @@ def choose_runtime_after_search(
             candidate.made_by = f"float ancestor: {ancestor_how}"
         candidates.append(candidate)
     measure_candidates(candidates, task, config, rounds=rounds, min_quality=floor, progress=progress)
-    size_limits = [c for c in budget.constraints if c.key == "size_mb"]
+    limits = Budget([c for c in budget.constraints if c.key in RECHECKED])
     for candidate in candidates:
-        size = candidate.figures.get("size_bytes")
-        candidate.figures["meets_size"] = all(size is not None and size / 1e6 <= c.value for c in size_limits)
-    best = winners([c for c in candidates if c.figures.get("meets_size")])
+        figures = candidate.figures
+        size = figures.get("size_bytes")
+        checks = limits.check({**figures, "size_mb": None if size is None else size / 1e6})
+        figures["budget_misses"] = [check.describe() for check in checks if not check.ok]
+        figures["meets_budget"] = not figures["budget_misses"]
+    best = winners([c for c in candidates if c.runtime in runtimes and c.figures.get("meets_budget")])
     winner = best["batch_1"]
     ort_row = next((c for c in candidates if c.runtime == "onnxruntime" and c.handle is chosen_handle), None)
     section: dict[str, Any] = {
-        "runtimes": runtimes, "quality_floor_validation": floor,
-        "constraints": ["quality floor (validation split)"] + [str(c) for c in size_limits],
+        "runtimes": runtimes, "measured_runtimes": measured, "quality_floor_validation": floor,
+        "constraints": ["quality floor (validation split)"] + [str(c) for c in limits.constraints],
+        "not_rechecked": [str(c) for c in budget.constraints if c.key not in RECHECKED and not c.key.startswith("quality")],
         "float_ancestor": ancestor_how, "rounds": rounds,
         "candidates": candidate_rows(candidates),
         "winners": {regime: None if c is None else c.label for regime, c in best.items()},
         "winner": None,
     }
     if winner is None:
-        section["note"] = ("no runtime candidate met the quality floor and the size limit in this measurement; "
-                           "model.onnx (ONNX Runtime) stays the result")
+        section["note"] = (f"no candidate on {', '.join(runtimes)} met the quality floor and the budget's limits in "
+                           "this measurement; model.onnx (ONNX Runtime) stays the result")
         return section, None, ort_row
     section["winner"] = {"label": winner.label, "runtime": winner.runtime, "precision": winner.precision,
                          "made_by": winner.made_by,
