@@ -23,7 +23,7 @@ from compactai.bench import is_int8
 from compactai.budget import Budget
 from compactai.measure import MeasureConfig
 from compactai.models.handle import ModelHandle
-from compactai.results import describe
+from compactai.results import describe, model_file
 from compactai.search.runtimes import (
     RuntimeCandidate,
     build_candidates,
@@ -139,11 +139,9 @@ def choose_runtime_after_search(
                          "made_by": winner.made_by,
                          "recipe": [*(chosen.recipe if winner.handle is chosen_handle else ancestor_recipe),
                                     winner.recipe_step()],
-                         "path": None}
+                         "path": "model.onnx"}  # ONNX Runtime's candidates are all the search's model
     if winner.runtime != "onnxruntime":
+        section["winner"]["path"] = f"{winner.runtime}/{model_file(winner.handle)}"
         sections = {"runtime_choice": section, "budget": budget.to_dict(), "quality": winner.figures.get("quality")}
-        paths = write_candidate(winner, out / winner.runtime, sections, seed, command="optimize")
-        section["winner"]["path"] = str(Path(paths["model"]).relative_to(out))
-    else:
-        section["winner"]["path"] = "model.onnx" if winner is ort_row else None
+        write_candidate(winner, out / winner.runtime, sections, seed, command="optimize")
     return section, winner, ort_row
