@@ -96,6 +96,8 @@ def print_candidates(out: Output, rows_data: list[dict[str, Any]], floor: float 
             status = "below the floor"
         elif row.get("meets_budget") is False:
             status = "misses the budget"
+        elif row.get("contender") is False:
+            status = "reference"
         else:
             status = " ".join(w for w, label in (("fastest@1", winner_labels.get("batch_1")),
                                                  (f"fastest@{batch}", winner_labels.get("throughput")))

@@ -53,7 +53,7 @@ By bandwidth: {% for bw, c in r.split.choice_by_bandwidth.items() %}{{ bw }} Mbi
 {% for c in rc.candidates %}<tr><td>{{ c.runtime }}</td><td style="text-align:left">{{ c.label }}<br><span class="muted">{{ c.made_by }}</span></td><td>{{ c.precision }}</td>
 <td>{{ fmt(c.size_bytes / 1e6) if c.size_bytes else '-' }}</td><td>{{ fmt(c.quality_validation) }}</td><td>{{ fmt((c.quality or {}).get('value')) }}</td>
 <td>{{ fmt(c.latency_p50_ms) }}</td><td>{{ fmt(c.latency_p90_ms) }}</td><td>{{ fmt(c.throughput_items_per_s) }}{% if c.throughput_batch %} @{{ c.throughput_batch }}{% endif %}</td>
-<td class="{{ 'bad' if c.error or not c.meets_floor or c.meets_budget == false else 'ok' }}">{% if c.error %}failed: {{ c.error }}{% elif not c.meets_floor %}below the quality floor{% elif c.meets_budget == false %}misses the budget: {{ c.budget_misses | join('; ') }}{% elif rc.winner and rc.winner.label == c.label %}winner{% else %}ok{% endif %}</td></tr>{% endfor %}</table>{% endif %}{% endif %}
+<td class="{{ 'bad' if c.error or not c.meets_floor or c.meets_budget == false else 'ok' }}">{% if c.error %}failed: {{ c.error }}{% elif not c.meets_floor %}below the quality floor{% elif c.meets_budget == false %}misses the budget: {{ c.budget_misses | join('; ') }}{% elif c.contender == false %}reference (not a requested runtime){% elif rc.winner and rc.winner.label == c.label %}winner{% else %}ok{% endif %}</td></tr>{% endfor %}</table>{% endif %}{% endif %}
 <h2>Latency distribution</h2><figure id="latency-plot">{{ latency | safe }}</figure>
 
 <h2>Recipe to reproduce</h2>

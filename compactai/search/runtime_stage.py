@@ -119,7 +119,8 @@ def choose_runtime_after_search(
         checks = limits.check({**figures, "size_mb": None if size is None else size / 1e6})
         figures["budget_misses"] = [check.describe() for check in checks if not check.ok]
         figures["meets_budget"] = not figures["budget_misses"]
-    best = winners([c for c in candidates if c.runtime in runtimes and c.figures.get("meets_budget")])
+        figures["contender"] = candidate.runtime in runtimes  # else measured for reference only
+    best = winners([c for c in candidates if c.figures["contender"] and c.figures["meets_budget"]])
     winner = best["batch_1"]
     ort_row = next((c for c in candidates if c.runtime == "onnxruntime" and c.handle is chosen_handle), None)
     section: dict[str, Any] = {
