@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from compactai.budget import parse_budget
-from compactai.measure import MeasureConfig, runtime_plugin
+from compactai.measure import MeasureConfig, make_runner, runtime_plugin
 from compactai.search import SearchConfig, default_space, optimize
-from compactai.search.runtime_stage import float_ancestor, quality_floor
+from compactai.search.runtime_stage import choose_runtime_after_search, float_ancestor, quality_floor
 from compactai.search.trial import TrialResult
+from compactai.tasks import Split, Task, fidelity_metric
 from tests.cli.test_bad_input import refused, run_cli
 
 needs_openvino = pytest.mark.skipif(not runtime_plugin("openvino").available(),
@@ -44,6 +46,38 @@ def test_float_ancestor_is_the_trial_without_the_final_quantize_step(small_onnx,
         "model of trial 1", [prune])
     assert float_ancestor(original, chosen, [trial(1, [prune], tmp_path / "gone.onnx")], load)[0] is original
     assert float_ancestor(original, chosen, [trial(1, [prune, prune], small_onnx)], load)[0] is original
+
+
+@needs_openvino
+def test_a_named_runtime_is_chosen_against_the_budget_with_onnx_runtime_as_reference(small_handle, tmp_path):
+    quick = MeasureConfig(min_queries=5, min_seconds=0.02, warmup=1, throughput_batch=4, throughput_min_batches=1,
+                          memory=False, energy=False, threads=1)
+    name = small_handle.input_names[0]
+    reference = make_runner(small_handle, "onnxruntime", threads=1).run
+    rng = np.random.default_rng(0)
+    splits = {split: Split({name: rng.standard_normal((24, 1, 16, 16)).astype(np.float32)})
+              for split in ("calibration", "validation", "test")}
+    task = Task("random-images", fidelity_metric(reference, "logits"), splits)
+    chosen_handle = small_handle.to_onnx(tmp_path / "chosen.onnx")
+    chosen = TrialResult(0, [], "ok", artifact=str(chosen_handle.path))
+
+    def choose(budget, out):
+        return choose_runtime_after_search(small_handle, chosen_handle, chosen, [chosen], lambda t: chosen_handle,
+                                           task, parse_budget(budget, "0.5"), ["openvino"], out, quick,
+                                           selection_baseline=1.0, rounds=2)
+
+    section, winner, ort_row = choose("size_mb<=100", tmp_path / "out")
+    assert section["measured_runtimes"] == ["onnxruntime", "openvino"]
+    rows = {row["label"]: row for row in section["candidates"]}
+    assert rows["onnxruntime optimize's model (float)"]["contender"] is False and ort_row is not None
+    assert winner is not None and winner.runtime == "openvino" and section["winner"]["runtime"] == "openvino"
+    assert (tmp_path / "out" / section["winner"]["path"]).is_file()
+    # a size limit no file meets: every row says so, nothing is chosen and nothing is written
+    section, winner, _ = choose("size_mb<=0.0001", tmp_path / "small")
+    assert winner is None and section["winner"] is None and "model.onnx" in section["note"]
+    assert all(row["budget_misses"] and "size_mb" in row["budget_misses"][0]
+               for row in section["candidates"] if not row["error"])
+    assert not (tmp_path / "small" / "openvino").exists()
 
 
 @needs_openvino
