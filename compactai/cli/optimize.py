@@ -145,14 +145,11 @@ def optimize(
             results_path = target / "results.json"
             if results_path.exists():
                 saved: dict[str, Any] = json.loads(results_path.read_text())
-                saved["paths"] = _paths(target, chosen=bool(saved["model"].get("path")))
+                saved["paths"] = _paths(target, chosen=bool(saved["model"].get("path")), results=saved)
                 print_summary(out, saved)
                 out.emit(saved)
             raise
-    results["paths"] = _paths(target, chosen=True)
-    winner = (results.get("runtime_choice") or {}).get("winner") or {}
-    if winner.get("runtime") not in (None, "onnxruntime") and winner.get("path"):
-        results["paths"]["runtime_winner"] = str(target / winner["path"])
+    results["paths"] = _paths(target, chosen=True, results=results)
     print_summary(out, results)
     out.emit({k: v for k, v in results.items() if k != "latency_samples_ms"})
 
@@ -187,13 +184,16 @@ def _measured_overhead(say: Any) -> float:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _paths(target: Path, chosen: bool) -> dict[str, str]:
+def _paths(target: Path, chosen: bool, results: dict[str, Any]) -> dict[str, str]:
     paths = {"output_dir": str(target), "results": str(target / "results.json"), "report": str(target / "report.html"),
              "study": str(target / "study.db")}
     if chosen:
         paths["model"] = str(target / "model.onnx")
     if (target / "candidates").is_dir():
         paths["candidates"] = str(target / "candidates")
+    winner = (results.get("runtime_choice") or {}).get("winner") or {}
+    if winner.get("runtime") not in (None, "onnxruntime"):
+        paths["runtime_winner"] = str(target / winner["path"])
     return paths
 
 
