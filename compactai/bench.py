@@ -4,11 +4,13 @@ roofline, for one model on one runtime. Returns plain data (the JSON the command
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from compactai.measure import default_threads, environment, make_runner
+from compactai.measure import default_threads, environment, make_runner, runtime_plugin
 from compactai.measure.mlperf import (
     MLPERF_MINIMUMS,
     Feeds,
@@ -21,7 +23,7 @@ from compactai.measure.mlperf import (
     stack_samples,
 )
 from compactai.measure.roofline import roofline
-from compactai.measure.stats import count_macs, fixed_batch, size_on_disk
+from compactai.measure.stats import count_macs, fixed_batch
 from compactai.models.handle import ModelHandle
 from compactai.tasks import Task, trim_padding
 
@@ -41,9 +43,13 @@ def query_samples(handle: ModelHandle, task: Task | None, limit: int = MAX_SAMPL
 
 
 def is_int8(handle: ModelHandle) -> bool:
-    """True when the ONNX graph computes with integer kernels (quantized Conv/MatMul)."""
+    """True when the ONNX graph computes with integer kernels (quantized Conv/MatMul), or a
+    runtime's own file was converted to int8 (its converter's record in the metadata)."""
+    if handle.framework == "openvino" and handle.path is not None:  # NNCF's int8 IR: FakeQuantize ahead of int8 ops
+        return 'type="FakeQuantize"' in Path(handle.path).read_text(encoding="utf-8", errors="replace")
     if handle.framework != "onnx" or handle.path is None:
-        return False
+        return (handle.metadata.get(handle.framework) or {}).get("precision") == "int8" \
+            if handle.framework != "torch" else False
     import onnx
 
     graph = onnx.load(str(handle.path), load_external_data=False).graph
@@ -66,7 +72,34 @@ def run_bench(
     ``settings.target_qps`` and searches for the highest rate within ``settings.latency_bound_ms``."""
     settings.check()
     threads = threads or default_threads()
-    runner = make_runner(handle, runtime, threads)
+    with tempfile.TemporaryDirectory(prefix=f"compactai-bench-{runtime}-") as work:
+        handle = for_runtime(handle, runtime, task, Path(work), progress)
+        runner = make_runner(handle, runtime, threads)
+        try:
+            return _run(handle, runner, task, scenarios, settings, runtime=runtime, threads=threads, quality=quality,
+                        progress=progress)
+        finally:
+            close = getattr(runner, "close", None)  # a device runtime's worker process
+            if callable(close):
+                close()
+
+
+def for_runtime(handle: ModelHandle, runtime: str, task: Task | None, work: Path,
+                progress: Callable[[str], None] = lambda message: None) -> ModelHandle:
+    """``handle`` as ``runtime`` runs it: as it is when the runtime reads its format (ONNX Runtime
+    and OpenVINO read ONNX, exported from torch on demand), else converted by the runtime's own
+    tool with its parity check (LiteRT .tflite, ExecuTorch .pte: from a torch model)."""
+    plugin = runtime_plugin(runtime)
+    plugin.require()
+    readable = handle.framework in plugin.formats or (handle.framework == "torch" and "onnx" in plugin.formats)
+    if readable or runtime == "torch":  # torch eager runs only torch modules: its runner says so
+        return handle
+    progress(f"converting to {plugin.file_format} for {runtime}")
+    return plugin.convert(handle, work / runtime, task=task)
+
+
+def _run(handle: ModelHandle, runner: Any, task: Task | None, scenarios: Sequence[str], settings: ScenarioSettings,
+         *, runtime: str, threads: int, quality: bool, progress: Callable[[str], None]) -> dict[str, Any]:
     samples = query_samples(handle, task)
     result: dict[str, Any] = {
         "model": {"name": handle.name, "framework": handle.framework, "inputs": [s.name for s in handle.inputs]},
@@ -77,9 +110,11 @@ def run_bench(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "note": "engineering measurement with short runs; not an MLPerf submission (see mlperf_minimums)",
     }
-    onnx_handle = handle if handle.framework == "onnx" else handle.to_onnx()
-    result["size_mb"] = size_on_disk(onnx_handle.path) / 1e6 if onnx_handle.path else None
-    result["macs_per_item"] = count_macs(handle)
+    # torch eager has no file: the size of its ONNX export, as before runtimes were plug-ins
+    size = runtime_plugin("onnxruntime" if runtime == "torch" else runtime).model_size(handle)
+    result["size_mb"] = None if size is None else size / 1e6
+    result["macs_per_item"] = count_macs(handle) if handle.framework in ("onnx", "torch") \
+        else handle.metadata.get("macs")
     figures = result["scenarios"]
     if "single-stream" in scenarios:
         progress("single-stream")
@@ -92,7 +127,7 @@ def run_bench(
     if "server" in scenarios:
         figures["server"] = _server(runner, samples, settings, figures["offline"], progress)
     throughput = figures["offline"]["throughput_samples_per_s"] if "offline" in figures else None
-    int8 = is_int8(onnx_handle)
+    int8 = is_int8(handle if handle.framework != "torch" else handle.to_onnx())
     result["roofline"] = roofline(result["macs_per_item"], throughput, threads, int8)
     if task is not None and quality:
         progress(f"quality on the {task.eval_split} split")
@@ -120,4 +155,4 @@ def _server(runner: Any, samples: list[Feeds], settings: ScenarioSettings, offli
     return run
 
 
-__all__ = ["MAX_SAMPLES", "is_int8", "query_samples", "run_bench"]
+__all__ = ["MAX_SAMPLES", "for_runtime", "is_int8", "query_samples", "run_bench"]

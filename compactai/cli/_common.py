@@ -260,12 +260,12 @@ def check_time_limit(seconds: float | None, flag: str = "--time-limit") -> None:
 
 def task_from_data(path: Path, handle: Any) -> Any:
     """The task of ``--data FILE.npz`` for ``handle`` (see ``Task.from_npz``), judged against the
-    model as ONNX Runtime runs it."""
+    model as ONNX Runtime runs it (a runtime's own file, e.g. OpenVINO IR: as that runtime runs it)."""
     from compactai.measure import make_runner
     from compactai.tasks import Task, output_kind
 
-    return Task.from_npz(path, handle.inputs, make_runner(handle, "onnxruntime").run,
-                         kind=output_kind(handle))
+    runtime = "onnxruntime" if handle.framework in ("onnx", "torch") else handle.framework
+    return Task.from_npz(path, handle.inputs, make_runner(handle, runtime).run, kind=output_kind(handle))
 
 
 @app.callback()

@@ -11,13 +11,12 @@ from compactai.cli._common import Output, table
 from compactai.errors import BudgetNotMetError, ParameterError
 from compactai.measure import MeasureConfig, make_runner
 from compactai.models.handle import ModelHandle
-from compactai.results import save_model, write_results
 from compactai.search.runtimes import (
-    RuntimeCandidate,
     build_candidates,
     candidate_rows,
     measure_candidates,
     winners,
+    write_candidate,
 )
 from compactai.techniques import Context, Technique
 from compactai.techniques.quantize import QualityTargetNotMetError
@@ -64,7 +63,7 @@ def choose_runtime(
     result["runtimes"] = candidate_rows(candidates)
     result["winners"] = {regime: None if c is None else c.label for regime, c in best.items()}
     chosen = best["throughput" if objective == "throughput" else "batch_1"]
-    print_candidates(out, result, best)
+    print_candidates(out, result["runtimes"], floor, result["winners"])
     if chosen is None:
         result["status"] = "target_not_met"
         raise BudgetNotMetError(f"No candidate on {', '.join(runtimes)} keeps quality >= {floor:.4f} on the "
@@ -82,39 +81,38 @@ def choose_runtime(
         out.console.print("wrote " + ", ".join(str(v) for v in result["paths"].values()))
 
 
-def write_candidate(candidate: RuntimeCandidate, out_dir: Path, result: dict[str, Any], seed: int) -> dict[str, str]:
-    """The candidate's model file(s) and a results.json whose recipe ends with its runtime step."""
-    history = [*candidate.handle.metadata.get("history", []), candidate.recipe_step()]
-    handle = candidate.handle.derive(metadata={**candidate.handle.metadata, "history": history,
-                                               "runtime": candidate.runtime})
-    model = save_model(handle, out_dir)
-    sections = {k: v for k, v in result.items() if k not in ("command", "paths")}
-    sections["measurement"] = {"runtime": candidate.runtime, **candidate.figures}
-    return {"model": str(model), "results": str(write_results(out_dir, "quantize", handle, seed=seed, **sections))}
-
-
-def print_candidates(out: Output, result: dict[str, Any], best: dict[str, RuntimeCandidate | None]) -> None:
-    """One row per candidate with its runtime, quality, size, batch-1 p50 and throughput."""
+def print_candidates(out: Output, rows_data: list[dict[str, Any]], floor: float | None,
+                     winner_labels: dict[str, str | None]) -> None:
+    """One row per candidate (results.json's rows) with its runtime, quality, size, batch-1 p50,
+    throughput and status; ``winner_labels``: the label of each batch regime's winner."""
     rows: list[list[Any]] = []
-    batch = next((r.get("throughput_batch") for r in result["runtimes"] if r.get("throughput_batch")), "B")
-    for row in result["runtimes"]:
+    batch = next((r.get("throughput_batch") for r in rows_data if r.get("throughput_batch")), "B")
+    for row in rows_data:
         quality = row.get("quality") or {}
         details = quality.get("details", {})
         if row["error"]:
             status = "failed (below)"
         elif not row.get("meets_floor"):
             status = "below the floor"
+        elif row.get("meets_budget") is False:
+            status = "misses the budget"
+        elif row.get("contender") is False:
+            status = "reference"
         else:
-            status = " ".join(w for w, c in (("fastest@1", best["batch_1"]), (f"fastest@{batch}", best["throughput"]))
-                              if c is not None and c.label == row["label"]) or "ok"
+            status = " ".join(w for w, label in (("fastest@1", winner_labels.get("batch_1")),
+                                                 (f"fastest@{batch}", winner_labels.get("throughput")))
+                              if label == row["label"]) or "ok"
         rows.append([row["label"], None if row.get("size_bytes") is None else row["size_bytes"] / 1e6,
                      row.get("quality_validation"), quality.get("value"), details.get("cosine_mean"),
                      row.get("latency_p50_ms"), row.get("throughput_items_per_s"), status])
-    floor = result["runtime_choice"]["quality_floor_validation"]
+    rounds = next((r.get("rounds") for r in rows_data if r.get("rounds")), 0)
+    floor_text = "none" if floor is None else f"{floor:.4f}"
     out.console.print(table(
-        f"Candidates: quality floor {floor:.4f} (val), quality on val and test, batch-1 p50, "
-        f"throughput; {next((r.get('rounds') for r in result['runtimes'] if r.get('rounds')), 0)} interleaved rounds",
+        f"Candidates: quality floor {floor_text} (val), quality on val and test, batch-1 p50, "
+        f"throughput; {rounds} interleaved rounds",
         ["runtime, precision", "MB", "val", "test", "cos mean", "p50 ms", f"/s @{batch}", "status"], rows))
-    for row in result["runtimes"]:
+    for row in rows_data:
         if row["error"]:
             out.console.print(f"[yellow]{row['label']} failed:[/yellow] {row['error']}")
+        elif row.get("budget_misses"):
+            out.console.print(f"[yellow]{row['label']} misses the budget:[/yellow] {'; '.join(row['budget_misses'])}")

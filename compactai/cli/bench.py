@@ -15,14 +15,16 @@ from compactai.errors import BadInputError, ModelNotFoundError, UnknownNameError
 
 @app.command()
 def bench(
-    path: str | None = typer.Argument(None, help="Model (.onnx, .pt2, Hugging Face directory) or a bundle "
-                                      "directory (manifest.json + model.onnx)."),
+    path: str | None = typer.Argument(None, help="Model (.onnx, .pt2, Hugging Face directory, OpenVINO "
+                                      "model.xml) or a bundle directory (manifest.json + model)."),
     example: str | None = typer.Option(None, "--example", "-e", help="Built-in example (digits, minilm): its "
                                        "model, or with PATH its task and fp32 reference for PATH's quality."),
     data: Path | None = typer.Option(None, "--data", help="Task data (.npz as for quantize): quality on its test split."),
     scenario: list[str] = typer.Option(["all"], "--scenario", "-s", help="single-stream, offline, server or all "
                                        "(repeat the option for several)."),
-    runtime: str = typer.Option("onnxruntime", "--runtime", "-r", help="onnxruntime or torch."),
+    runtime: str = typer.Option("onnxruntime", "--runtime", "-r", help="onnxruntime (default), torch (eager), or "
+                                "another installed runtime: openvino (runs ONNX or its IR, model.xml), litert or "
+                                "executorch (a torch model, .pt2 or --example, is converted first with parity)."),
     duration: float = typer.Option(10.0, "--duration", help="Seconds per scenario run (MLPerf's minimum: 600)."),
     min_queries: int = typer.Option(1024, "--min-queries", help="Queries (offline: samples) per run, at least "
                                     "(MLPerf: 1024 single-stream, 270,336 server, 24,576 offline)."),
@@ -51,6 +53,7 @@ def bench(
     (about a minute) and printed next to MLPerf's minimums: not a submission. Exit 3 when quality
     is below 99% of the reference."""
     from compactai.bench import run_bench
+    from compactai.measure import RUNTIME_PLUGINS, runtime_plugin
     from compactai.measure.mlperf import SCENARIOS, ScenarioSettings
 
     out = Output(json_output)
@@ -58,8 +61,9 @@ def bench(
     for name in wanted:
         if name not in SCENARIOS:
             raise UnknownNameError(f"Unknown scenario '{name}'; choose single-stream, offline, server or all.")
-    if runtime not in ("onnxruntime", "torch"):
-        raise UnknownNameError(f"Unknown runtime '{runtime}'; choose onnxruntime or torch.")
+    if runtime not in RUNTIME_PLUGINS:
+        raise UnknownNameError(f"Unknown runtime '{runtime}'; choose one of: {', '.join(RUNTIME_PLUGINS.names())}.")
+    runtime_plugin(runtime).require()  # not installed: exit 2 with the install line, before any work
     settings = ScenarioSettings(duration_s=duration, min_queries=min_queries, offline_batch=batch,
                                 target_qps=target_qps, latency_bound_ms=latency_bound_ms,
                                 search_steps=search_steps, search_duration_s=search_duration, seed=seed)
@@ -103,7 +107,12 @@ def _resolve(path: str | None, example: str | None, data: Path | None, keys: lis
         raise ModelNotFoundError(f"Not found: {path}. Pass an .onnx file, a model directory or a bundle directory.")
     if target.is_dir() and (target / "manifest.json").is_file():
         target, source["bundle"] = _bundle_model(target, keys)
-    handle = load_model(str(target))
+    if target.suffix.lower() == ".xml":  # OpenVINO IR (e.g. optimize's OUT/openvino/model.xml)
+        from compactai.measure.openvino import load_openvino
+
+        handle = load_openvino(target)
+    else:
+        handle = load_model(str(target))
     task = None
     if loaded is not None:
         missing = set(handle.input_names) - set(loaded.task.split(loaded.task.eval_split).inputs)

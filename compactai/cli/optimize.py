@@ -60,17 +60,24 @@ def optimize(
     server_overhead_ms: float | None = typer.Option(None, "--server-overhead-ms", help="With --bandwidth-mbps: "
                                                     "per-request server cost, ms (default: measured here on a real "
                                                     "`compactai serve`)."),
+    runtime: str = typer.Option(
+        "onnxruntime", "--runtime", "-r",
+        help="onnxruntime (default: the search's runtime, nothing more), another installed runtime (openvino), or "
+             "auto (every installed one): after the search, the chosen model is measured on those runtimes next to "
+             "each runtime's own int8 of its float ancestor (OpenVINO: NNCF), and the fastest at batch 1 that keeps "
+             "the quality floor and size limit wins; a non-ONNX Runtime winner is written to OUT/<runtime>/."),
     json_output: bool = JSON_OPTION,
 ) -> None:
     """Search pipelines of the registered techniques (prune -> distill -> quantize) for the best model
     within the budget: every trial measured on ONNX Runtime, Pareto front, resumable, report.html.
-    Exit code 3 when no candidate fits (the closest ones are written)."""
+    With --runtime auto|NAME the runtime is chosen by measurement too (docs/optimize.md). Exit code 3 when no candidate fits (the closest ones are written)."""
     from compactai.budget import DEFAULT_BUDGET, DEFAULT_MIN_QUALITY, parse_budget
     from compactai.errors import BudgetNotMetError
     from compactai.measure import MeasureConfig
     from compactai.search import SearchConfig
     from compactai.search.optimize import optimize as run_optimize
     from compactai.search.recipe import load_recipe
+    from compactai.search.runtimes import resolve_runtimes
     from compactai.search.space import space_for_model, space_from_config
 
     out = Output(json_output)
@@ -97,6 +104,7 @@ def optimize(
 
         raise BadInputError(f"Unknown executor '{config.executor}'; choose local or ray.")
     config.check()  # bad limits fail here, before the model is loaded or the output directory made
+    resolve_runtimes(runtime)  # an unknown or uninstalled runtime fails here too
     check_output_dir(output)
     with out.progress("Optimizing") as say:
         if config.network is not None and server_overhead_ms is None:
@@ -130,18 +138,18 @@ def optimize(
 
         try:
             results = run_optimize(handle, task, parsed, target, config, space=space, source=info,
-                                   progress=say, on_trial=on_trial)
+                                   progress=say, on_trial=on_trial, runtime=runtime)
         except BudgetNotMetError:
             import json
 
             results_path = target / "results.json"
             if results_path.exists():
                 saved: dict[str, Any] = json.loads(results_path.read_text())
-                saved["paths"] = _paths(target, chosen=bool(saved["model"].get("path")))
+                saved["paths"] = _paths(target, chosen=bool(saved["model"].get("path")), results=saved)
                 print_summary(out, saved)
                 out.emit(saved)
             raise
-    results["paths"] = _paths(target, chosen=True)
+    results["paths"] = _paths(target, chosen=True, results=results)
     print_summary(out, results)
     out.emit({k: v for k, v in results.items() if k != "latency_samples_ms"})
 
@@ -176,13 +184,16 @@ def _measured_overhead(say: Any) -> float:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _paths(target: Path, chosen: bool) -> dict[str, str]:
+def _paths(target: Path, chosen: bool, results: dict[str, Any]) -> dict[str, str]:
     paths = {"output_dir": str(target), "results": str(target / "results.json"), "report": str(target / "report.html"),
              "study": str(target / "study.db")}
     if chosen:
         paths["model"] = str(target / "model.onnx")
     if (target / "candidates").is_dir():
         paths["candidates"] = str(target / "candidates")
+    winner = (results.get("runtime_choice") or {}).get("winner") or {}
+    if winner.get("runtime") not in (None, "onnxruntime"):
+        paths["runtime_winner"] = str(target / winner["path"])
     return paths
 
 
@@ -218,6 +229,8 @@ def print_summary(out: Output, results: dict[str, Any]) -> None:
     if results["selection"].get("stop_reason") and not results.get("chosen"):
         out.console.print(results["selection"]["stop_reason"])
     split = results.get("split")
+    if results.get("runtime_choice"):
+        print_runtime_choice(out, results)
     if split:
         c, net = split["choice"], split["network"]
         out.console.print(f"split at {net['bandwidth_mbps']:g} Mbit/s, RTT {net['rtt_ms']:g} ms: {c['cut']} "
@@ -227,3 +240,22 @@ def print_summary(out: Output, results: dict[str, Any]) -> None:
     out.console.print(f"trials: {results['search']['trials_finished']} (stopped by {results['search']['stopped_by']})"
                       f"; report: {results['paths']['report']}")
     _ = fmt
+
+
+def print_runtime_choice(out: Output, results: dict[str, Any]) -> None:
+    """The runtime candidates' table and what was written for the winner."""
+    from compactai.cli._runtime_choice import print_candidates
+
+    choice = results["runtime_choice"]
+    if choice.get("candidates"):
+        print_candidates(out, choice["candidates"], choice.get("quality_floor_validation"), choice["winners"])
+        out.console.print(f"float ancestor for the runtimes' own int8: {choice['float_ancestor']}", highlight=False)
+    winner = choice.get("winner")
+    if winner is None:
+        out.console.print(f"runtime choice: {choice.get('note')}")
+    elif winner["runtime"] == "onnxruntime":
+        out.console.print(f"runtime choice: {winner['label']} wins; model.onnx is it")
+    else:
+        out.console.print(f"runtime choice: {winner['label']} wins; written to "
+                          f"{Path(results['paths']['output_dir']) / winner['path']} (model.onnx stays the ONNX "
+                          "Runtime pipeline result)", highlight=False)

@@ -18,6 +18,8 @@ from compactai.results import describe, save_model, to_jsonable
 from compactai.search.deployment import split_choice
 from compactai.search.engine import SearchConfig, run_search
 from compactai.search.remeasure import interleave_final, interleaved_selection_figures
+from compactai.search.runtime_stage import choose_runtime_after_search
+from compactai.search.runtimes import resolve_runtimes
 from compactai.search.select import Selection, select
 from compactai.search.space import SearchSpace, space_for_model
 from compactai.search.trial import StepCache, TrialResult, apply_recipe, figures_for
@@ -53,14 +55,20 @@ def optimize(
     progress: Callable[[str], None] | None = None,
     on_trial: Callable[[TrialResult], None] | None = None,
     write_report: bool = True,
+    runtime: str = "onnxruntime",
 ) -> dict[str, Any]:
     """Find the best model within ``budget``; writes the output directory and returns results.json's data.
+
+    ``runtime``: ``onnxruntime`` (the search's runtime; nothing more), another installed runtime or
+    ``auto`` (every installed one): the chosen model is then measured on those runtimes next to
+    their own int8 conversions, and the fastest that keeps the budget wins (search/runtime_stage.py).
 
     Raises BudgetNotMetError (after writing results, report and the closest candidates) when no
     candidate fits.
     """
     config = config or SearchConfig()
     config.check()  # before the output directory is made: a refused run leaves nothing behind
+    runtimes = None if runtime == "onnxruntime" else resolve_runtimes(runtime)  # unknown/uninstalled: fails here
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda message: None)
@@ -99,6 +107,16 @@ def optimize(
     baseline_final = measure_candidate(baseline_handle, task, FINAL_MEASURE_with(config), selection_split,
                                        selection_baseline)
     chosen_final = None
+    runtime_choice: dict[str, Any] | None = None
+    chosen_recipe = selection.chosen.recipe if selection.chosen else []
+
+    def runtime_stage(trial: TrialResult, model: ModelHandle) -> Any:
+        assert runtimes is not None
+        return choose_runtime_after_search(
+            handle, model, trial, outcome.trials, lambda result: _load_artifact(handle, result), task, budget,
+            runtimes, out, FINAL_MEASURE_with(config), selection_baseline=selection_baseline,
+            rounds=max(1, config.remeasure_rounds), seed=config.seed, progress=say)
+    chosen_lineage = selection.chosen.lineage if selection.chosen else []
     waterfall: list[dict[str, Any]] = []
     if selection.chosen is not None:
         chosen_handle = _load_artifact(handle, selection.chosen)
@@ -110,6 +128,14 @@ def optimize(
         say("per-technique contribution of the chosen pipeline")
         waterfall = build_waterfall(handle, task, selection.chosen, outcome.trials, baseline_quick, out, config,
                                     selection_baseline)
+        if runtimes is not None:
+            runtime_choice, winner, ort_row = runtime_stage(selection.chosen, chosen_handle)
+            runtime_choice["for"] = "the chosen model"
+            if ort_row is not None:  # model.onnx's own recipe ends with the runtime that runs it
+                runtime_step = {**ort_row.recipe_step(), "decisions": {"winner": None if winner is None
+                                                                       else winner.label}}
+                chosen_recipe = [*selection.chosen.recipe, ort_row.recipe_step()]
+                chosen_lineage = [*selection.chosen.lineage, runtime_step]
     else:
         _write_closest(out, selection)
         if selection.closest:  # the closest model is the output, marked as not meeting the budget
@@ -117,6 +143,9 @@ def optimize(
             chosen_final = measure_candidate(closest_handle, task, FINAL_MEASURE_with(config), selection_split,
                                              selection_baseline)
             save_model(closest_handle, out)
+            if runtimes is not None:  # another runtime may bring the closest model within the budget
+                runtime_choice = runtime_stage(selection.closest[0], closest_handle)[0]
+                runtime_choice["for"] = "the closest model (no model met the budget on ONNX Runtime)"
     closest = selection.closest[0] if selection.chosen is None and selection.closest else None
     split = None
     if config.network is not None and selection.chosen is not None:
@@ -124,6 +153,9 @@ def optimize(
         samples = trim_padding({k: v[:64] for k, v in task.splits[selection_split].inputs.items()})
         split = split_choice(out / "model.onnx", samples, config.network, threads=config.measure.threads,
                              progress=say)
+    if runtimes is not None and runtime_choice is None:
+        runtime_choice = {"runtimes": runtimes, "winner": None,
+                          "note": "no model was written, so no runtime was chosen"}
     results = {
         "command": "optimize",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -144,15 +176,15 @@ def optimize(
                    "trials_finished": len(outcome.trials), "remeasured": remeasured},
         "baseline": _strip(baseline_final),
         "chosen": None if selection.chosen is None else {
-            "trial": selection.chosen.number, "recipe": selection.chosen.recipe,
-            "label": describe(selection.chosen.recipe), "lineage": selection.chosen.lineage,
+            "trial": selection.chosen.number, "recipe": chosen_recipe,
+            "label": describe(chosen_recipe), "lineage": chosen_lineage,
             "figures": _strip(chosen_final), "search_figures": selection.chosen.figures},
         "closest": None if closest is None else {
             "trial": closest.number, "recipe": closest.recipe, "label": describe(closest.recipe),
             "lineage": closest.lineage, "figures": _strip(chosen_final), "search_figures": closest.figures,
             "note": "written as model.onnx; it does NOT meet the budget (see selection.checks)"},
-        "recipe": selection.chosen.recipe if selection.chosen else [],
-        "lineage": selection.chosen.lineage if selection.chosen else [],
+        "recipe": chosen_recipe,
+        "lineage": chosen_lineage,
         "measurements": {"onnxruntime": _strip(chosen_final)} if chosen_final else {},
         "quality": chosen_final["test_quality"] if chosen_final else None,
         "selection": {"explanation": selection.explain(budget), "pareto_front": [r.number for r in selection.front],
@@ -163,6 +195,7 @@ def optimize(
                       "stop_reason": stop_reason(outcome.stopped_by, space)},
         "waterfall": waterfall,
         "split": split,
+        **({"runtime_choice": runtime_choice} if runtimes is not None else {}),
         "trials": [r.to_dict() for r in outcome.trials],
         "latency_samples_ms": {"original": baseline_final.get("latency_samples_ms", []),
                                "chosen": (chosen_final or {}).get("latency_samples_ms", [])},
@@ -176,6 +209,10 @@ def optimize(
     if selection.chosen is None:
         wrote = (f"The closest model is written to {out / 'model.onnx'} (it does not meet the budget), the "
                  f"closest candidates to {out / 'candidates'}" if closest else "No model is written")
+        found = (runtime_choice or {}).get("winner")
+        if found:  # exit 3 stays: the budget was checked on ONNX Runtime; this is the runtime stage's finding
+            wrote += (f". On {found['runtime']}, {found['label']} keeps the quality floor and the limits measured "
+                      f"again in the runtime stage: written to {out / found['path']}")
         raise BudgetNotMetError(
             f"{selection.explain(budget)}. {wrote}; report: {out / 'report.html'}. "
             f"{stop_reason(outcome.stopped_by, space)}"

@@ -31,6 +31,7 @@ from compactai.measure import (
     turn_order,
 )
 from compactai.models.handle import ModelHandle
+from compactai.results import save_model, write_results
 from compactai.tasks import Task
 
 
@@ -163,3 +164,16 @@ def candidate_rows(candidates: list[RuntimeCandidate]) -> list[dict[str, Any]]:
     """Plain data for results.json: one row per candidate."""
     return [{"label": c.label, "runtime": c.runtime, "precision": c.precision, "made_by": c.made_by,
              "error": c.error, **c.figures} for c in candidates]
+
+
+def write_candidate(candidate: RuntimeCandidate, out_dir: Path, result: dict[str, Any], seed: int,
+                    command: str = "quantize") -> dict[str, str]:
+    """The candidate's model file(s) (save_model: model.onnx, or model.xml + model.bin for OpenVINO
+    IR) and a results.json whose recipe ends with its runtime step; ``result``'s sections go with it."""
+    history = [*candidate.handle.metadata.get("history", []), candidate.recipe_step()]
+    handle = candidate.handle.derive(metadata={**candidate.handle.metadata, "history": history,
+                                               "runtime": candidate.runtime})
+    model = save_model(handle, out_dir)
+    sections = {k: v for k, v in result.items() if k not in ("command", "paths")}
+    sections["measurement"] = {"runtime": candidate.runtime, **candidate.figures}
+    return {"model": str(model), "results": str(write_results(out_dir, command, handle, seed=seed, **sections))}
