@@ -72,6 +72,7 @@ class Payload:
 
 
 def main() -> None:
+    load_start = os.getloadavg()  # recorded so the latency noise of a shared machine is visible
     work = Path(tempfile.mkdtemp(prefix="compactai-bench-bundle-"))
     config = MeasureConfig.quick()
     example = load_example("digits")
@@ -217,6 +218,7 @@ def main() -> None:
         "install_with_probation_ms": install_ms, "golden_max_abs_diff": verified.validation["max_abs_diff"],
         "manifest_carries_figures": carried, "attacks": rows, "crashes": crash_rows,
         "source_measurement": figures.to_dict(), "installed_measurement": installed_figures.to_dict(),
+        "load_average_start": load_start, "load_average_end": os.getloadavg(),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2, default=str))

@@ -232,10 +232,15 @@ def main() -> None:
     path: Path = args.results
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}  # a section not run is kept
     with tempfile.TemporaryDirectory(prefix="compactai-distill-bench-") as tmp:
+        # each section records the load around its run, so that latency noise on a shared machine is visible
         if args.only in (None, "digits"):
+            start = os.getloadavg()
             results["digits"] = bench_digits(args, Path(tmp) / "digits")
+            results["digits"]["load_average"] = {"start": start, "end": os.getloadavg()}
         if args.only in (None, "minilm"):
+            start = os.getloadavg()
             results["minilm"] = bench_minilm(args, Path(tmp) / "minilm")
+            results["minilm"]["load_average"] = {"start": start, "end": os.getloadavg()}
     results.pop("settings", None)  # each section keeps the settings of its own run
     if "digits" in results:
         print_table("digits: test accuracy (ONNX Runtime, batch-1 latency)", results["digits"]["rows"], [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -29,10 +30,12 @@ def run(name: str, minutes: float | None) -> dict:
     out = Path("/tmp") / f"compactai-bench-optimize-{name}"
     shutil.rmtree(out, ignore_errors=True)
     args = list(RUNS[name]) + (["--max-minutes", str(minutes)] if minutes and name != "digits" else [])
+    load_start = os.getloadavg()  # the load around the run, so that latency noise on a shared machine is visible
     proc = subprocess.run([sys.executable, "-m", "compactai.cli", "optimize", *args, "-o", str(out), "--json"],
                           capture_output=True, text=True, check=False)
     data = json.loads((out / "results.json").read_text())
     data["exit_code"] = proc.returncode
+    data["load_average"] = {"start": load_start, "end": os.getloadavg()}
     return data
 
 

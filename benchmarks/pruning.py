@@ -345,7 +345,9 @@ def main() -> int:
     wanted = args.only.split(",")
     cases = {"digits": digits_structured, "sparse": digits_unstructured, "minilm": minilm_ffn,
              "reconstruct": minilm_reconstruct, "second_stage": minilm_second_stage}
-    results: dict[str, Any] = {"environment": environment(), "quick": args.quick, "cases": {}}
+    # the load when this run started and ended, so that latency noise on a shared machine is visible
+    results: dict[str, Any] = {"environment": environment(), "quick": args.quick, "cases": {},
+                               "load_average_start": os.getloadavg()}
     if RESULTS.exists():  # cases not re-run keep their earlier figures
         results["cases"] = json.loads(RESULTS.read_text()).get("cases", {})
     for name, run in cases.items():
@@ -405,6 +407,7 @@ def main() -> int:
     for line in summary:
         print(f"- {line}")
     results["summary"] = summary
+    results["load_average_end"] = os.getloadavg()
     save(results)
     print(f"\nwrote {RESULTS}")
     return 0
