@@ -4,12 +4,13 @@ Those venvs hold the official converters and runtimes, whose dependency trees mu
 compactai's environment, and compactai is not installed in them: this file is executed by path
 and imports only the standard library, numpy and the venv's own packages.
 
-``convert RUNTIME PROGRAM.pt2 FEEDS.npz OUT [CALIBRATION.npz]`` lowers a torch.export program with
+``convert RUNTIME PROGRAM.pt2 FEEDS.npz OUT [CALIBRATION.npz [static|dynamic]]`` lowers a torch.export program with
 the runtime's official tool (LiteRT: ``litert_torch.convert``; ExecuTorch: ``to_edge_transform_and_lower``
 with the XNNPACK partitioner). With calibration rows it is int8 through the PT2E flow first, with
 the runtime's own quantizer (LiteRT: litert-torch's ``PT2EQuantizer``, passed on as its
-``quant_config``; ExecuTorch: ``XNNPACKQuantizer``), symmetric and per-channel: ``prepare_pt2e``,
-the rows run through the prepared program, ``convert_pt2e``. ``serve RUNTIME MODEL THREADS`` then answers requests on stdin/stdout:
+``quant_config``; ExecuTorch: ``XNNPACKQuantizer``), symmetric and per-channel, activations static
+(calibrated) or dynamic (quantized at run time: weights int8): ``prepare_pt2e``, the rows run
+through the prepared program, ``convert_pt2e``. ``serve RUNTIME MODEL THREADS`` then answers requests on stdin/stdout:
 each frame is an 8-byte length and a ``.npz`` archive (no pickle) whose ``__request__`` entry is
 JSON: ``run`` (the arrays in, the outputs back) or ``time`` (the call timed here, so the pipe
 between the processes is not part of a measured latency). A failure prints one line starting
@@ -38,7 +39,8 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:600]
 
 
-def convert(runtime: str, program_path: str, feeds_path: str, out: str, calibration_path: str | None = None) -> None:
+def convert(runtime: str, program_path: str, feeds_path: str, out: str, calibration_path: str | None = None,
+            mode: str = "static") -> None:
     import torch
 
     # safe: the file is the .pt2 compactai just saved in a private temporary directory and passed
@@ -55,7 +57,8 @@ def convert(runtime: str, program_path: str, feeds_path: str, out: str, calibrat
         from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
         from litert_torch.quantize.quant_config import QuantConfig
 
-        quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        quantizer = PT2EQuantizer().set_global(
+            get_symmetric_quantization_config(is_per_channel=True, is_dynamic=mode == "dynamic"))
         # fold_quantize=False: litert-torch's converter folds the QDQ pairs itself (its PT2E tests do this)
         module = _pt2e_int8(program, quantizer, calibration, len(args[0]), fold_quantize=False)
         litert_torch.convert(module, args, quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(out)
@@ -69,8 +72,12 @@ def convert(runtime: str, program_path: str, feeds_path: str, out: str, calibrat
             get_symmetric_quantization_config,
         )
 
-        quantizer = XNNPACKQuantizer()
-        quantizer.set_global(get_symmetric_quantization_config(is_per_channel=True))
+        class Quantizer(XNNPACKQuantizer):
+            def transform_for_annotation(self, model: Any) -> Any:
+                return _integer_scalars_kept(super().transform_for_annotation(model))
+
+        quantizer = Quantizer()
+        quantizer.set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=mode == "dynamic"))
         module = _pt2e_int8(program, quantizer, calibration, len(args[0]))
         # the quantized graph is exported again, keeping the source program's batch range
         program = torch.export.export(module, args, dynamic_shapes=_batch_shapes(program), strict=False)
@@ -100,6 +107,27 @@ def _pt2e_int8(program: Any, quantizer: Any, calibration: tuple[Any, ...], batch
             indices = torch.arange(start, start + batch) % rows
             prepared(*(array[indices] for array in calibration))
     return convert_pt2e(prepared, **options)
+
+
+def _integer_scalars_kept(model: Any) -> Any:
+    """XNNPACKQuantizer's transform_for_annotation turns the scalar of every add/mul into a float32
+    buffer, integer arithmetic included, so integer results turn float: MiniLM's attention-mask
+    positions (``arange(n) + 0``) then fail as indices ("IndexError: tensors used as indices must be
+    long, int, byte or bool tensors"). Those buffers get the dtype of the integer op they feed."""
+    import torch
+
+    for node in model.graph.nodes:
+        value = node.meta.get("val")
+        if node.op != "call_function" or node.target not in (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor) \
+                or value is None or value.dtype.is_floating_point or value.dtype == torch.bool:
+            continue
+        for arg in node.args:
+            if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and str(arg.target).startswith("_tensor_constant_"):
+                constant = getattr(model, str(arg.target)).to(value.dtype)
+                model.register_buffer(str(arg.target), constant)
+                arg.meta["val"] = value.fake_mode.from_tensor(constant, static_shapes=True)
+    model.recompile()
+    return model
 
 
 def _batch_shapes(program: Any) -> tuple[Any, ...] | None:
@@ -236,7 +264,7 @@ def serve(runtime: str, path: str, threads: int) -> None:
 def main(argv: list[str]) -> int:
     try:
         if argv[0] == "convert":
-            convert(*argv[1:6])
+            convert(*argv[1:7])
         else:
             serve(argv[1], argv[2], int(argv[3]))
     except Exception as exc:  # noqa: BLE001 (any converter/runtime failure becomes the one line the parent shows; the traceback stays in the log)

@@ -131,14 +131,16 @@ class _DevicePlugin(RuntimePlugin):
                   for name, value in feeds.items()}
         shapes = {name: tuple(sample[name].shape[1:]) for name in handle.input_names}
         calibration = None if quantize is None else calibration_rows(handle, task, shapes, cls.file_format)
+        # transformers: dynamic activations (weights int8), as compactai's ONNX int8 does for them
+        mode = "dynamic" if handle.kind == "transformer" else "static"
         out = out_dir / f"model.{cls.suffix}"
         with tempfile.TemporaryDirectory(prefix=f"compactai-{cls.name}-") as work:  # the .pt2: MiniLM's is 90 MB
-            cls._lower(handle, sample, Path(work), out, dynamic=static is None, calibration=calibration)
+            cls._lower(handle, sample, Path(work), out, dynamic=static is None, calibration=calibration, mode=mode)
         details: dict[str, Any] = {"converter": cls.converter, "python": str(cls.venv_python()), "precision": "fp32",
                                    "batch": static or f"1..{MAX_BATCH}",
                                    "input_shapes": {name: list(shape) for name, shape in shapes.items()}}
         if calibration is not None:
-            details.update(precision="int8", quantizer=cls.quantizer,
+            details.update(precision="int8", quantizer=cls.quantizer, activations=mode,
                            calibration_rows=len(next(iter(calibration.values()))))
         converted = handle.derive(framework=cls.name, path=out, module=None,
                                   metadata={**handle.metadata, "runtime": cls.name, cls.name: details})
@@ -150,7 +152,7 @@ class _DevicePlugin(RuntimePlugin):
 
     @classmethod
     def _lower(cls, handle: ModelHandle, sample: dict[str, np.ndarray], work: Path, out: Path, *,
-               dynamic: bool, calibration: dict[str, np.ndarray] | None = None) -> None:
+               dynamic: bool, calibration: dict[str, np.ndarray] | None = None, mode: str = "static") -> None:
         """torch.export ``handle`` on ``sample`` here, then the official converter in the venv writes
         ``out`` (int8 when given ``calibration`` rows: the PT2E flow with the runtime's quantizer)."""
         import torch
@@ -178,7 +180,7 @@ class _DevicePlugin(RuntimePlugin):
         if calibration is not None:  # arrays, as the inputs: the worker unpickles nothing
             np.savez(work / "calibration.npz", allow_pickle=False,
                      **{f"{i:03d}_{name}": calibration[name] for i, name in enumerate(handle.input_names)})
-            command.append(str(work / "calibration.npz"))
+            command += [str(work / "calibration.npz"), mode]
         try:
             done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
