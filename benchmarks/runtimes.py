@@ -1,6 +1,7 @@
 """Runtimes on this machine (issue 18): the digits CNN and MiniLM on ONNX Runtime, OpenVINO, LiteRT
 and ExecuTorch, fp32 and the int8 each runtime's tool makes (compactai's ONNX int8 on ONNX Runtime,
-NNCF's on OpenVINO): size, batch-1 p50 and batch-32 throughput, all measured in ONE run in
+NNCF's on OpenVINO, the PT2E flow with litert-torch's quantizer / XNNPACKQuantizer on LiteRT /
+ExecuTorch): size, quality, batch-1 p50 and batch-32 throughput, all measured in ONE run in
 interleaved rounds (compactai.measure's turn_order), so load that comes and goes on a shared
 machine hits every candidate alike. Run it under the benchmark lock:
 
@@ -9,7 +10,8 @@ machine hits every candidate alike. Run it under the benchmark lock:
 Inputs are real: the first 64 rows of each task's evaluation split (MiniLM padded to their
 longest sentence, the sequence length the .tflite/.pte are converted for); batch 1 is its first
 row, batch 32 its first 32 rows. Parity of each candidate against the torch source is computed
-on the same 64 rows. A runtime whose venv or extra is missing is listed as skipped with the reason.
+on the same 64 rows; quality is the task's metric on its evaluation split (digits: test accuracy)
+or, for MiniLM, the sentence-embedding cosine min to torch on those 64 rows. A runtime whose venv or extra is missing is listed as skipped with the reason.
 Conversions are cached under the system temp dir (--fresh converts again; --convert-only fills the
 cache without timing, outside the lock). LiteRT and ExecuTorch
 run in a worker process in their venv and are timed inside it (docs/runtimes.md). Prints a table
@@ -45,6 +47,7 @@ from compactai.measure import (
 )
 from compactai.measure.openvino import load_openvino, parity_feeds, parity_figures, reference_outputs
 from compactai.models.handle import ModelHandle
+from compactai.tasks import mean_pool, normalize
 from compactai.techniques import create_technique
 
 RESULTS = Path(__file__).parent / "results" / "runtimes.json"
@@ -129,13 +132,13 @@ def build(name: str, fresh: bool) -> tuple[list[Candidate], dict[str, Any]]:
     # length), and those rows have differed between processes on this machine: key the files by it
     shape = "x".join(str(d) for d in next(iter(parity_feeds(source, task).values())).shape[1:])
 
-    def device(runtime: str, batch: int) -> ModelHandle:
+    def device(runtime: str, batch: int, quantize: str | None = None) -> ModelHandle:
         plugin = runtime_plugin(runtime)
-        folder = work / f"{runtime}-b{batch}-{shape}"
+        folder = work / f"{runtime}{'-' + quantize if quantize else ''}-b{batch}-{shape}"
         # batch 1 of ExecuTorch: its dynamic-batch file; batch 32 of either: a static batch-32 file
         options = {"batch": batch} if runtime == "litert" or batch > 1 else {}
         return cached(folder / f"model.{plugin.file_format}",
-                      lambda: plugin.convert(source, folder, task=task, **options),
+                      lambda: plugin.convert(source, folder, task=task, quantize=quantize, **options),
                       lambda path: source.derive(framework=runtime, path=path, module=None,
                                                  metadata={runtime: {"batch": options.get("batch", "dynamic")}}))
 
@@ -143,6 +146,15 @@ def build(name: str, fresh: bool) -> tuple[list[Candidate], dict[str, Any]]:
         lambda: (device("litert", 1), device("litert", BATCH)))
     add("executorch", "fp32", "to_edge_transform_and_lower(XNNPACK) (dynamic-batch and batch-32 files)",
         lambda: (device("executorch", 1), device("executorch", BATCH)))
+    activations = "dynamic" if source.kind == "transformer" else "static"  # as devices.py chooses
+    add("litert", "int8", f"litert-torch PT2EQuantizer, {activations} (batch 1 and batch 32 files)",
+        lambda: (device("litert", 1, "int8"), device("litert", BATCH, "int8")))
+    # MiniLM's dynamic-batch .pte keeps 1..64 and its int8 conversion took 18 min on the loaded machine:
+    # that one file is timed at both batches; the digits CNN's narrows to 1..15, so it gets a batch-32 file
+    wide = "the dynamic-batch file at both batches" if source.kind == "transformer" else "dynamic-batch and batch-32 files"
+    add("executorch", "int8", f"PT2E XNNPACKQuantizer, {activations} ({wide})",
+        lambda: (device("executorch", 1, "int8"), device("executorch", 1, "int8") if source.kind == "transformer"
+                 else device("executorch", BATCH, "int8")))
     return candidates, {"source": source, "task": task}
 
 
@@ -159,10 +171,18 @@ def judge(candidates: list[Candidate], source: ModelHandle, task: Any) -> dict[s
         except CompactAIError as exc:
             candidate.error = str(exc)
             continue
-        figures = parity_figures(expected, got, source.output_names, feeds.get("attention_mask"))
+        mask = feeds.get("attention_mask")
+        figures = parity_figures(expected, got, source.output_names, mask)
         candidate.figures.update(
             size_mb=runtime_plugin(candidate.runtime).model_size(candidate.single) / 1e6,
             max_abs_diff=max(figures["max_abs_diff"].values()), mean_cosine=min(figures["mean_cosine"].values()))
+        if mask is None:  # the task's metric on its evaluation split (digits: test accuracy)
+            quality = task.evaluate(runner)
+            candidate.figures["quality"] = {"metric": f"{quality.metric} ({task.eval_split})", "value": quality.value}
+        else:  # the embedding metric (cosine_min to torch) on the 64 rows: the split's other lengths do not fit a .pte
+            cosines = (normalize(mean_pool(expected[0], mask)) * normalize(mean_pool(got[0], mask))).sum(axis=1)
+            candidate.figures["quality"] = {"metric": "sentence cosine min (64 rows)", "value": float(cosines.min()),
+                                            "mean": float(cosines.mean())}
     return feeds
 
 
@@ -192,7 +212,7 @@ def time_all(candidates: list[Candidate], feeds: dict[str, Any], rounds: int, qu
 
 def print_table(candidates: list[Candidate]) -> None:
     table = Table(title=f"Runtimes: size, batch-1 p50, batch-{BATCH} throughput (median of interleaved rounds)")
-    for column in ("model", "runtime", "precision", "MB", "max abs diff", "min mean cos", "p50 @1 ms",
+    for column in ("model", "runtime", "precision", "MB", "max abs diff", "min mean cos", "quality", "p50 @1 ms",
                    f"items/s @{BATCH}", "note"):
         table.add_column(column)
     def num(figures: dict[str, Any], key: str, fmt: str) -> str:
@@ -201,7 +221,8 @@ def print_table(candidates: list[Candidate]) -> None:
     for c in candidates:
         f = c.figures
         table.add_row(c.model, c.runtime, c.precision, num(f, "size_mb", ".2f"), num(f, "max_abs_diff", ".2g"),
-                      num(f, "mean_cosine", ".4f"), num(f, "p50_ms_batch1", ".2f"),
+                      num(f, "mean_cosine", ".4f"), format(f["quality"]["value"], ".4f") if "quality" in f else "-",
+                      num(f, "p50_ms_batch1", ".2f"),
                       num(f, "items_per_s_batch32", ".0f"), (c.error or "")[:70])
     console.print(table)
 

@@ -32,9 +32,12 @@ def export(
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx, openvino (IR: model.xml + model.bin), tflite "
                             "(LiteRT) or pte (ExecuTorch)."),
     quantize: str | None = typer.Option(None, "--quantize", "-q", help="int8: the runtime's own post-training "
-                                        "int8 (OpenVINO: NNCF), calibrated on the task's calibration split."),
-    min_quality: float | None = typer.Option(None, "--min-quality", help="With --quantize: quality floor on the "
-                                             "validation split; OpenVINO then uses NNCF's accuracy-aware int8."),
+                                        "int8 (OpenVINO: NNCF; tflite: litert-torch's PT2E quantizer; pte: "
+                                        "XNNPACKQuantizer), calibrated on the task's calibration split (--example "
+                                        "or --data)."),
+    min_quality: float | None = typer.Option(None, "--min-quality", help="With --quantize: quality floor; OpenVINO "
+                                             "then uses NNCF's accuracy-aware int8 (validation split); tflite/pte: "
+                                             "the int8 file's quality in its runtime must reach it (exit 3)."),
     data: Path | None = typer.Option(None, "--data", help="Task data for PATH (.npz as for quantize): "
                                      "calibration and parity inputs."),
     hf_task: str | None = HF_TASK_OPTION,
@@ -47,8 +50,10 @@ def export(
     """Convert a model to a runtime's format with that runtime's official tool (OpenVINO:
     ov.convert_model and NNCF; LiteRT: litert-torch; ExecuTorch: torch.export + XNNPACK), then run
     the result in that runtime next to the source on real inputs: fp32 must match within 1e-3
-    (max abs diff), int8 within a mean output cosine of 0.99 (docs/runtimes.md). A runtime that is
-    not installed exits 2 with the pip line that installs it."""
+    (max abs diff), int8 within a mean output cosine of 0.99 (tflite/pte int8 also: argmax
+    agreement >= 0.95 for a classifier; docs/runtimes.md). int8 needs calibration data: --example
+    or --data (exit 2 without). A runtime that is not installed exits 2 with the pip line that
+    installs it."""
     from compactai.measure import runtime_plugin
     from compactai.results import write_results
 
@@ -113,6 +118,14 @@ def print_export(out: Output, result: dict[str, Any]) -> None:
         rows.append([f"parity {name}: max abs diff", diff])
     for name, cosine in (parity.get("mean_cosine") or {}).items():
         rows.append([f"parity {name}: mean cosine", cosine])
+    for name, agreement in (parity.get("argmax_agreement") or {}).items():
+        rows.append([f"parity {name}: argmax agreement", agreement])
+    if parity.get("sentence_cosine"):
+        rows.append(["sentence cosine min / mean", "{min:.4f} / {mean:.4f}".format(**parity["sentence_cosine"])])
+    if parity.get("quality"):
+        quality = parity["quality"]
+        source = "" if quality["source"] is None else f" (source {quality['source']:.4f})"
+        rows.append([f"{quality['metric']} ({quality['split']})", f"{quality['value']:.4f}{source}"])
     if parity:
         rows.append(["parity tolerance", ", ".join(f"{k} {v:g}" for k, v in parity["tolerance"].items())])
         rows.append(["parity samples", parity.get("samples")])

@@ -15,6 +15,10 @@ runs larger inputs in chunks of it. A ``.pte`` keeps a dynamic batch up to ``MAX
 may narrow it: the digits CNN's comes out as 1..15; larger inputs run in chunks), or a static one
 with ``batch``.
 Other dimensions (e.g. MiniLM's sequence length) are fixed to those of the parity inputs.
+
+int8 (``quantize="int8"``): the PT2E flow with each runtime's own quantizer, in the worker,
+calibrated on the task's calibration split sent as arrays (``device_int8.py``: the rows and the
+int8 parity tolerances).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from compactai.errors import (
     UnsupportedFormatError,
 )
 from compactai.measure import _device_worker as worker
+from compactai.measure.device_int8 import calibration_rows, check_int8
 from compactai.measure.openvino import check_converted, parity_feeds
 from compactai.measure.runtime import Runner, RuntimePlugin, default_threads, register_runtime
 from compactai.measure.stats import count_macs, parameter_count
@@ -62,6 +67,7 @@ class _DevicePlugin(RuntimePlugin):
     env_var: ClassVar[str] = ""
     packages: ClassVar[str] = ""
     converter: ClassVar[str] = ""
+    quantizer: ClassVar[str] = ""
     static_batch: ClassVar[bool] = False
     suffix: ClassVar[str] = ""
 
@@ -111,9 +117,8 @@ class _DevicePlugin(RuntimePlugin):
         """``handle`` (a torch model) as a .tflite/.pte under ``out_dir``: torch.export here, the
         official converter in the runtime's venv, then parity against the source in that runtime."""
         cls.require()
-        if quantize is not None:
-            raise UnknownNameError(f"int8 for --format {cls.file_format} is not wired yet; export float, or use "
-                                   "--format openvino --quantize int8 (NNCF) or `compactai quantize` (ONNX int8).")
+        if quantize not in (None, "int8"):
+            raise UnknownNameError(f"quantize must be 'int8' (or None for float); got {quantize!r}.")
         if handle.module is None:
             raise UnsupportedFormatError(
                 f"The {cls.name} converter takes a torch model and '{handle.name}' is {handle.framework} "
@@ -124,23 +129,32 @@ class _DevicePlugin(RuntimePlugin):
         rows = static or 2  # 2: an example batch of 1 would be specialized to 1
         sample = {name: np.repeat(value[:1], rows, axis=0) if len(value) < rows else value[:rows]
                   for name, value in feeds.items()}
+        shapes = {name: tuple(sample[name].shape[1:]) for name in handle.input_names}
+        calibration = None if quantize is None else calibration_rows(handle, task, shapes, cls.file_format)
+        # transformers: dynamic activations (weights int8), as compactai's ONNX int8 does for them
+        mode = "dynamic" if handle.kind == "transformer" else "static"
         out = out_dir / f"model.{cls.suffix}"
         with tempfile.TemporaryDirectory(prefix=f"compactai-{cls.name}-") as work:  # the .pt2: MiniLM's is 90 MB
-            cls._lower(handle, sample, Path(work), out, dynamic=static is None)
-        details = {"converter": cls.converter, "python": str(cls.venv_python()), "precision": "fp32",
-                   "batch": static or f"1..{MAX_BATCH}",
-                   "input_shapes": {name: list(sample[name].shape[1:]) for name in handle.input_names}}
+            cls._lower(handle, sample, Path(work), out, dynamic=static is None, calibration=calibration, mode=mode)
+        details: dict[str, Any] = {"converter": cls.converter, "python": str(cls.venv_python()), "precision": "fp32",
+                                   "batch": static or f"1..{MAX_BATCH}",
+                                   "input_shapes": {name: list(shape) for name, shape in shapes.items()}}
+        if calibration is not None:
+            details.update(precision="int8", quantizer=cls.quantizer, activations=mode,
+                           calibration_rows=len(next(iter(calibration.values()))))
         converted = handle.derive(framework=cls.name, path=out, module=None,
                                   metadata={**handle.metadata, "runtime": cls.name, cls.name: details})
         converted.metadata.update(params=parameter_count(handle), macs=handle.metadata.get("macs") or count_macs(handle))
-        converted.metadata["parity"] = check_converted(handle, converted, task, runtime=cls.name)
+        converted.metadata["parity"] = check_converted(handle, converted, task, runtime=cls.name) if quantize is None \
+            else check_int8(handle, converted, task, cls.name, cls.file_format, min_quality)
         return converted
 
 
     @classmethod
     def _lower(cls, handle: ModelHandle, sample: dict[str, np.ndarray], work: Path, out: Path, *,
-               dynamic: bool) -> None:
-        """torch.export ``handle`` on ``sample`` here, then the official converter in the venv writes ``out``."""
+               dynamic: bool, calibration: dict[str, np.ndarray] | None = None, mode: str = "static") -> None:
+        """torch.export ``handle`` on ``sample`` here, then the official converter in the venv writes
+        ``out`` (int8 when given ``calibration`` rows: the PT2E flow with the runtime's quantizer)."""
         import torch
 
         assert handle.module is not None  # convert() refused module-less handles
@@ -163,6 +177,10 @@ class _DevicePlugin(RuntimePlugin):
         timeout = float(os.environ.get("COMPACTAI_CONVERT_TIMEOUT", CONVERT_TIMEOUT))
         command = [str(cls.venv_python()), worker.__file__, "convert", cls.name, str(work / "program.pt2"),
                    str(work / "inputs.npz"), str(out)]
+        if calibration is not None:  # arrays, as the inputs: the worker unpickles nothing
+            np.savez(work / "calibration.npz", allow_pickle=False,
+                     **{f"{i:03d}_{name}": calibration[name] for i, name in enumerate(handle.input_names)})
+            command += [str(work / "calibration.npz"), mode]
         try:
             done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
@@ -279,6 +297,7 @@ class LiteRtPlugin(_DevicePlugin):
     env_var = "COMPACTAI_LITERT_PYTHON"
     packages = "litert-torch ai-edge-litert"
     converter = "litert_torch.convert"
+    quantizer = "litert_torch PT2EQuantizer (PT2E, symmetric per-channel int8) as quant_config"
     static_batch = True
 
 
@@ -294,3 +313,4 @@ class ExecuTorchPlugin(_DevicePlugin):
     env_var = "COMPACTAI_EXECUTORCH_PYTHON"
     packages = "executorch torch==2.13.0"
     converter = "executorch to_edge_transform_and_lower(XnnpackPartitioner).to_executorch"
+    quantizer = "XNNPACKQuantizer (PT2E, symmetric per-channel int8)"

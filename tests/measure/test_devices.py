@@ -15,8 +15,14 @@ import pytest
 import torch
 
 from compactai import load_model
-from compactai.errors import InputSignatureError, MissingDependencyError, UnsupportedFormatError
+from compactai.errors import (
+    InputSignatureError,
+    MissingDependencyError,
+    ParameterError,
+    UnsupportedFormatError,
+)
 from compactai.measure import installed_runtimes, make_runner, measure_latency, runtime_plugin
+from compactai.measure.device_int8 import INT8_MIN_AGREEMENT, calibration_rows
 
 
 def needs(runtime: str) -> pytest.MarkDecorator:
@@ -67,10 +73,28 @@ def test_a_converter_failure_is_one_line_with_the_converters_own_error(small_han
     assert "\n" not in str(info.value) and (tmp_path / "o" / "litert-convert.log").is_file()
 
 
-def test_int8_for_device_formats_is_refused_with_the_alternatives(small_handle, tmp_path, monkeypatch):
+def test_int8_without_calibration_data_says_what_to_pass(small_handle, small_onnx, tmp_path, monkeypatch):
+    # any existing python passes the venv check; the refusal comes before the worker starts
     monkeypatch.setenv("COMPACTAI_EXECUTORCH_PYTHON", sys.executable)
-    with pytest.raises(KeyError, match="--format openvino --quantize int8"):
+    with pytest.raises(ParameterError, match=r"calibration split .* pass --data TASK\.npz .* or use --example NAME"):
         runtime_plugin("executorch").convert(small_handle, tmp_path / "o", quantize="int8")
+    assert not (tmp_path / "o" / "model.pte").exists()
+    result = run_cli("export", str(small_onnx), "--format", "pte", "--quantize", "int8", "-o", str(tmp_path / "c"),
+                     env={"COMPACTAI_EXECUTORCH_PYTHON": sys.executable})
+    assert result.returncode == 2 and "--data TASK.npz" in result.stderr, result.stderr[-2000:]
+
+
+def test_int8_calibration_rows_fit_the_converted_sequence_length(minilm):
+    handle, task = minilm.handle, minilm.task
+    length = 12
+    rows = calibration_rows(handle, task, dict.fromkeys(handle.input_names, (length,)), "pte")
+    mask = rows["attention_mask"]
+    assert set(rows) == set(handle.input_names) and 0 < len(mask) <= 64
+    assert all(value.shape == (len(mask), length) for value in rows.values())
+    # whole sentences only: a kept row never lost a token, the rest of the row is padding
+    source_mask = task.split("calibration").inputs["attention_mask"]
+    assert int(mask.sum()) == int(source_mask[source_mask.sum(axis=1) <= length][:64].sum())
+    assert (rows["input_ids"][mask == 0] == 0).all()
 
 
 def test_device_runtimes_are_not_measured_by_runtime_auto():
@@ -152,3 +176,22 @@ def test_executorch_with_a_static_batch_runs_other_sizes_in_padded_chunks(small_
     images = np.random.default_rng(1).standard_normal((5, 1, 16, 16)).astype(np.float32)
     np.testing.assert_allclose(runner.run({"image": images})[0], small_handle.run_torch({"image": images})[0], atol=1e-4)
     runner.close()
+
+
+@pytest.mark.parametrize("fmt", [pytest.param("pte", marks=needs("executorch")),
+                                 pytest.param("tflite", marks=needs("litert"))])
+@pytest.mark.slow  # two conversions in the runtime's venv: a few minutes on 2 loaded cores
+def test_digits_int8_converts_runs_in_its_runtime_within_tolerance_and_is_smaller(fmt, digits, tmp_path):
+    result = run_cli("export", "--example", "digits", "--format", fmt, "--quantize", "int8", "-o",
+                     str(tmp_path / "int8"), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(result.stdout)
+    parity, conversion = data["parity"], data["conversion"]
+    assert conversion["precision"] == "int8" and conversion["calibration_rows"] == 64
+    assert parity["ok"] and parity["mean_cosine"]["logits"] >= 0.99 and parity["samples"] == 64
+    assert parity["argmax_agreement"]["logits"] >= INT8_MIN_AGREEMENT
+    # the test accuracy of the int8 file in its own runtime, next to the float source's
+    assert parity["quality"]["metric"] == "accuracy" and parity["quality"]["value"] >= parity["quality"]["source"] - 0.02
+    plugin = runtime_plugin(data["runtime"])
+    fp32 = plugin.convert(digits.handle, tmp_path / "fp32", task=digits.task)
+    assert data["size_bytes"] < 0.5 * plugin.model_size(fp32)
