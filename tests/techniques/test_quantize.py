@@ -142,6 +142,18 @@ def test_weight_type_sets_the_stored_weights_and_uint8_keeps_all_8_bits(tiny, tm
     assert agreement(handle.to_onnx(), result, feeds) >= 0.85
 
 
+def test_reduce_range_auto_drops_a_bit_only_from_8_bit_int8_weights(monkeypatch):
+    from compactai.techniques.quantize import _common
+
+    monkeypatch.setattr(_common, "int8_kernels_saturate", lambda: True)
+    assert _common.resolve_reduce_range("auto") is True
+    assert _common.resolve_reduce_range("auto", weight_bits=4) is False  # int4 is dequantized: no saturation
+    assert _common.resolve_reduce_range("auto", weight_type="uint8") is False
+    assert _common.resolve_reduce_range(True, weight_bits=4) is True  # asked for: kept
+    monkeypatch.setattr(_common, "int8_kernels_saturate", lambda: False)
+    assert _common.resolve_reduce_range("auto") is False
+
+
 @pytest.mark.parametrize("saturate", [True, False])
 def test_auto_tries_uint8_weights_exactly_where_int8_kernels_saturate(monkeypatch, saturate):
     from compactai.techniques.quantize import technique

@@ -131,11 +131,13 @@ class Evaluator:
         return Quality(self.task.metric.name, value, None, details)
 
 
-def resolve_reduce_range(value: Any) -> bool:
+def resolve_reduce_range(value: Any, weight_bits: int = 8, weight_type: str = "int8") -> bool:
     """``reduce_range`` as the int8 kernels need it: "auto" means 7-bit weights exactly where this
-    CPU's u8s8 kernels saturate (x86 without VNNI), full 8-bit weights elsewhere."""
+    CPU's u8s8 kernels saturate (x86 without VNNI), full 8-bit weights elsewhere. Only 8-bit int8
+    weights run on those kernels: uint8 weights run on u8u8 ones and int4 weights are dequantized
+    to float, so "auto" keeps all their bits (reducing int4 would leave 3-bit weights)."""
     if value == "auto":
-        return int8_kernels_saturate()
+        return weight_bits == 8 and weight_type == "int8" and int8_kernels_saturate()
     return bool(value)
 
 

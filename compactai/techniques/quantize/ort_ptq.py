@@ -86,11 +86,8 @@ class Int8Config:
 def int8_config(params: dict[str, Any], mode: str, **more: Any) -> Int8Config:
     """The :class:`Int8Config` of a technique's ``INT8_SPACE`` parameters, in ``mode``
     (``more``: the other fields, e.g. ``nodes_to_exclude``)."""
-    # reduce_range "auto" guards the u8s8 kernels; u8u8 ones (uint8 weights) need all 8 bits kept
-    unsaturating = more.get("weight_type") == "uint8" and params["reduce_range"] == "auto"
-    return Int8Config(mode=mode, per_channel=params["per_channel"],
-                      reduce_range=False if unsaturating else resolve_reduce_range(params["reduce_range"]),
-                      format=params["format"],
+    reduce_range = resolve_reduce_range(params["reduce_range"], params["weight_bits"], more.get("weight_type", "int8"))
+    return Int8Config(mode=mode, per_channel=params["per_channel"], reduce_range=reduce_range, format=params["format"],
                       calibration=params["calibration"], calibration_samples=params["calibration_samples"],
                       weight_bits=params["weight_bits"], **more)
 

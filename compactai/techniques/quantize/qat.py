@@ -161,7 +161,7 @@ class QAT(Technique):
             model,
             lambda m: (
                 make_fake_quant(m, params["per_channel"], params["weight_bits"],
-                                resolve_reduce_range(params["reduce_range"]))
+                                resolve_reduce_range(params["reduce_range"], params["weight_bits"]))
                 if isinstance(m, fake)
                 else m
             ),
