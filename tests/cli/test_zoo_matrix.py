@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from compactai.measure.environment import int8_kernels_saturate
 from tests.cli.test_bad_input import run_cli
 
 FAST = ("--queries", "5", "--seconds", "0.02")
@@ -28,7 +29,10 @@ EXPECTED: dict[tuple[str, str], int] = {
     ("mobilenet.pt2", "bundle + verify"): 2,  # a bundle ships ONNX: export first
     ("bert-dir", "bundle + verify"): 2,
     ("gpt2-dir", "bundle + verify"): 2,
-    ("gpt2-dir", "quantize auto"): 3,  # no int8 configuration kept next-token agreement within 1 point
+    # no int8-weight configuration keeps next-token agreement within 1 point; where the u8s8 kernels
+    # saturate (x86 without VNNI, where int8 weights lose their 8th bit) auto also tries uint8 weights,
+    # which keep it
+    ("gpt2-dir", "quantize auto"): 0 if int8_kernels_saturate() else 3,
     # Torch-Pruning cannot follow the graph onnx2torch makes of the program's ONNX export: refused,
     # naming the layer to --protect
     ("mobilenet.pt2", "prune"): 2,
