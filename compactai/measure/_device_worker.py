@@ -44,8 +44,15 @@ def convert(runtime: str, program_path: str, feeds_path: str, out: str, calibrat
     import torch
 
     # safe: the file is the .pt2 compactai just saved in a private temporary directory and passed
-    # through check_pt2_archive (devices.py) before starting this process
-    program = torch.export.load(program_path)
+    # through check_pt2_archive (devices.py) before starting this process; compactai is not
+    # installed in this venv, so its load_checked_program is not importable: force weights-only
+    # torch.load here as it does
+    original = torch.load
+    torch.load = lambda *a, **k: original(*a, **{**k, "weights_only": True})
+    try:
+        program = torch.export.load(program_path)
+    finally:
+        torch.load = original
     args = _arrays(feeds_path)
     calibration = _arrays(calibration_path) if calibration_path else None
     if runtime == "litert":

@@ -54,19 +54,10 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         base = rss_mb()
-        original = torch.load
+        from compactai.models.pt2_archive import load_checked_program
 
-        def weights_only_load(*a, **k):  # never unpickle code, whatever torch.export asks for
-            k["weights_only"] = True
-            return original(*a, **k)
-
-        from compactai.models.pt2_archive import check_pt2_archive
-
-        # the same checks as load_model: no pickled objects, compiled code or exec-ed strings reach torch
-        check_pt2_archive(Path(args.model))
-        torch.load = weights_only_load
-        module = torch.export.load(args.model).module()
-        torch.load = original
+        # the same loader as load_model: archive checked, every torch.load weights-only
+        module = load_checked_program(Path(args.model)).module()
         tensors = [torch.from_numpy(v) for v in feeds.values()]
         with torch.inference_mode():
             for _ in range(args.runs):

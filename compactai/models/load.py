@@ -7,9 +7,7 @@ bytes): unpickling runs arbitrary code. ``.pt2`` archives are inspected before t
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from compactai.errors import (
 )
 from compactai.models.handle import ModelHandle, TensorSpec, output_specs, set_eval
 from compactai.models.hf import TEXT_PROBES, SentenceEncoder, build_hf_model  # noqa: F401 (re-exported: callers import them from here)
-from compactai.models.pt2_archive import check_pt2_archive
+from compactai.models.pt2_archive import check_pt2_archive, load_checked_program
 from compactai.models.safety import pickle_reason
 
 SAFE_ALTERNATIVES = (
@@ -312,33 +310,12 @@ def load_hf_directory(path: Path, *, name: str | None = None, hf_task: str | Non
     return handle
 
 
-@contextlib.contextmanager
-def _weights_only_torch_load() -> Iterator[None]:
-    """Force every torch.load inside the block to weights_only=True (torch.export.load
-    otherwise falls back to full unpickling when weights_only loading fails)."""
-    import torch
-
-    original = torch.load
-
-    def safe_load(*args: Any, **kwargs: Any) -> Any:
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
-
-    torch.load = safe_load
-    try:
-        yield
-    finally:
-        torch.load = original
-
-
 def load_pt2(path: Path, example_inputs: Any = None, *, name: str | None = None, kind: str | None = None) -> ModelHandle:
     """A torch.export program, loaded with every tensor read as weights only (no unpickling of code)."""
-    import torch
 
     check_pt2_archive(path)  # refuses pickled objects, compiled code and exec-ed strings before torch reads it
     try:
-        with _weights_only_torch_load():
-            program = torch.export.load(str(path))
+        program = load_checked_program(path, checked=True)
     except Exception as exc:
         raise CorruptModelError(
             f"Cannot load {path} as a torch.export program without unpickling ({str(exc).splitlines()[0][:200]}). "

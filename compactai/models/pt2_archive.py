@@ -63,6 +63,27 @@ GUARD_ATTRIBUTES = {"size", "stride", "storage_offset", "dim", "numel", "isnan",
 _OPERATOR_NODES = (ast.operator, ast.boolop, ast.cmpop, ast.unaryop, ast.expr_context)
 
 
+def load_checked_program(path: Path, *, checked: bool = False) -> Any:
+    """``torch.export.load`` of ``path`` after :func:`check_pt2_archive` (skipped when the caller
+    has just run it: ``checked``), with every ``torch.load`` inside forced to ``weights_only=True``
+    (torch.export.load otherwise falls back to full unpickling when a weights-only load fails)."""
+    import torch
+
+    if not checked:
+        check_pt2_archive(path)
+    original = torch.load
+
+    def weights_only_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = weights_only_load
+    try:
+        return torch.export.load(str(path))
+    finally:
+        torch.load = original
+
+
 def check_pt2_archive(path: Path) -> None:
     """Refuse (UnsafeFormatError) a .pt2 that would run code or unpickle when loaded; CorruptModelError
     for one that is not a torch.export archive. Reads the zip directly; torch never sees a refused file."""
