@@ -60,6 +60,13 @@ def optimize(
     server_overhead_ms: float | None = typer.Option(None, "--server-overhead-ms", help="With --bandwidth-mbps: "
                                                     "per-request server cost, ms (default: measured here on a real "
                                                     "`compactai serve`)."),
+    min_epochs: int = typer.Option(1, "--min-epochs", help="Multi-fidelity schedule: training trials (distill, nas) "
+                                   "first train this many epochs; the best 1/--reduction-factor of those at a rung "
+                                   "continue from their checkpoint to factor x more epochs, the rest stop (pruned)."),
+    reduction_factor: int = typer.Option(3, "--reduction-factor", help="Multi-fidelity schedule: continue the best "
+                                         "1/this of the training trials at each rung (successive halving)."),
+    no_fidelity: bool = typer.Option(False, "--no-multi-fidelity", help="Train every training trial for its full "
+                                     "epochs at once (no rungs)."),
     runtime: str = typer.Option(
         "onnxruntime", "--runtime", "-r",
         help="onnxruntime (default: the search's runtime, nothing more), another installed runtime (openvino), or "
@@ -68,13 +75,15 @@ def optimize(
              "the quality floor and size limit wins; a non-ONNX Runtime winner is written to OUT/<runtime>/."),
     json_output: bool = JSON_OPTION,
 ) -> None:
-    """Search pipelines of the registered techniques (prune -> distill -> quantize) for the best model
+    """Search pipelines of the registered techniques (prune -> distill|nas -> quantize) for the best model
     within the budget: every trial measured on ONNX Runtime, Pareto front, resumable, report.html.
+    Training trials run on a multi-fidelity schedule (successive halving on epochs).
     With --runtime auto|NAME the runtime is chosen by measurement too (docs/optimize.md). Exit code 3 when no candidate fits (the closest ones are written)."""
     from compactai.budget import DEFAULT_BUDGET, DEFAULT_MIN_QUALITY, parse_budget
     from compactai.errors import BudgetNotMetError
     from compactai.measure import MeasureConfig
     from compactai.search import SearchConfig
+    from compactai.search.fidelity import FidelityConfig
     from compactai.search.optimize import optimize as run_optimize
     from compactai.search.recipe import load_recipe
     from compactai.search.runtimes import resolve_runtimes
@@ -98,6 +107,7 @@ def optimize(
         executor=executor if executor != "local" or spec is None else spec.executor,
         ray_address=ray_address, storage=storage, resume=resume, measure=measure,
         remeasure_rounds=remeasure_rounds, network=_network(bandwidth_mbps, rtt_ms, server_speedup, server_overhead_ms),
+        fidelity=FidelityConfig(enabled=not no_fidelity, min_epochs=min_epochs, reduction_factor=reduction_factor),
     )
     if config.executor not in ("local", "ray"):
         from compactai.errors import BadInputError

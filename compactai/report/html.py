@@ -60,10 +60,15 @@ By bandwidth: {% for bw, c in r.split.choice_by_bandwidth.items() %}{{ bw }} Mbi
 <pre id="recipe">{{ recipe_json }}</pre>
 <pre>{{ command }}</pre>
 
+{% set fid = r.search.get('fidelity') %}{% if fid and fid.schedule %}<h2>Fidelity schedule</h2>
+<p class="muted">Training trials ran in rungs of epochs (successive halving: the best 1/{{ fid.reduction_factor }} at a rung continued from their checkpoint, the rest were stopped and are listed as pruned: {{ fid.pruned }}).</p>
+<table id="fidelity-schedule"><tr><th>epochs</th><th>candidates trained to this rung</th></tr>
+{% for row in fid.schedule %}<tr><td>{{ row.epochs }}</td><td>{{ row.candidates }}</td></tr>{% endfor %}</table>{% endif %}
+
 <h2>All trials</h2>
 <table id="trials"><tr><th>#</th><th>pipeline</th><th>status</th><th>quality</th><th>p90 ms</th><th>size MB</th><th>budget</th><th>seconds</th></tr>
 {% for t in r.trials %}<tr><td>{{ t.number }}</td><td style="text-align:left">{{ label(t.recipe) }}</td>
-<td class="{{ 'ok' if t.status == 'ok' else 'bad' }}">{{ t.status }}{% if t.error %}: {{ t.error }}{% endif %}</td>
+<td class="{{ 'ok' if t.status == 'ok' else 'bad' }}">{{ t.status }}{% if t.fidelity %} ({{ t.fidelity.epochs }} epochs){% endif %}{% if t.error %}: {{ t.error }}{% endif %}</td>
 <td>{{ fmt(t.figures.get('quality')) }}</td><td>{{ fmt(t.figures.get('latency_p90_ms')) }}</td><td>{{ fmt(t.figures.get('size_mb')) }}</td>
 <td class="{{ 'ok' if t.feasible else 'bad' }}">{{ 'within' if t.feasible else ('-' if t.status != 'ok' else 'outside') }}</td><td>{{ '%.1f' % t.seconds }}</td></tr>{% endfor %}</table>
 <p class="muted">compactai {{ r.environment.versions.get('compactai', '') }} · onnxruntime {{ r.environment.versions.get('onnxruntime', '') }} · torch {{ r.environment.versions.get('torch', '') }} · seed {{ r.seed }} · created {{ r.created }}</p>

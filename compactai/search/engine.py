@@ -24,7 +24,8 @@ from compactai.measure import MeasureConfig
 from compactai.models.handle import ModelHandle
 from compactai.results import describe
 from compactai.search.deployment import NetworkSpec
-from compactai.search.executors import make_executor
+from compactai.search.executors import Executor, make_executor
+from compactai.search.fidelity import FidelityConfig, Schedule, rungs_for
 from compactai.search.space import SearchSpace, recipe_key
 from compactai.search.trial import TrialResult
 from compactai.tasks import Task
@@ -49,6 +50,7 @@ class SearchConfig:
     enqueue_singles: bool = True
     remeasure_rounds: int = 3  # interleaved re-measurement of the contenders before selection (remeasure.py)
     network: NetworkSpec | None = None  # when given, results say where to split the chosen model (deployment.py)
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)  # training trials in rungs (fidelity.py)
 
     def check(self) -> None:
         """Raise ParameterError for limits that cannot mean anything (called before any work starts):
@@ -61,6 +63,7 @@ class SearchConfig:
         if not 0 <= self.remeasure_rounds <= 20:
             raise ParameterError(f"--remeasure-rounds must be from 0 to 20; got {self.remeasure_rounds}.")
         self.measure.check()
+        self.fidelity.check()
         if self.network is not None:
             self.network.check()
 
@@ -177,6 +180,7 @@ def run_search(
     deadline = None if config.max_minutes is None else time.monotonic() + config.max_minutes * 60
     executor = make_executor(config, handle, task, budget, out_dir, selection_baseline=selection_baseline)
     seen: dict[str, TrialResult] = {json.dumps(r.recipe, sort_keys=True): r for r in finished_results(study)}
+    schedule = Schedule.from_results(config.fidelity, budget, finished_results(study))
     # a finite space is listed once: the run stops when every recipe in it has run, and a repeat the
     # sampler proposes is followed by a recipe not run yet (instead of guessing exhaustion from repeats)
     listed = space.enumerate()
@@ -235,8 +239,7 @@ def run_search(
                     jobs.append((trial.number, recipe))
                     tried.add(key)
                     repeats_in_a_row = 0
-            for result in executor.run_many(jobs, deadline):
-                results[result.number] = result
+            results.update(run_scheduled(executor, jobs, deadline, schedule, say))
             for trial, recipe in asked:
                 result = results[trial.number]
                 trial.set_user_attr(RESULT_ATTR, json.dumps(result.to_dict()))
@@ -245,6 +248,8 @@ def run_search(
                     seen.setdefault(json.dumps(recipe, sort_keys=True), result)
                     trial.set_constraint("budget_violation", result.violation)
                     study.tell(trial, objective_values(result))
+                elif result.status == "pruned":  # stopped at a rung of the schedule: not a failure
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 else:
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 if on_trial is not None and REPEAT_ATTR not in trial.user_attrs:
@@ -256,3 +261,44 @@ def run_search(
         signal.signal(signal.SIGTERM, previous_handler)
         executor.close()
     return SearchOutcome(finished_results(study), interrupted, stopped_by, storage_url(out_dir, config.storage))
+
+
+def run_scheduled(executor: Executor, jobs: list[tuple[int, list[dict[str, Any]]]], deadline: float | None,
+                  schedule: Schedule, say: Callable[[str], None]) -> dict[int, TrialResult]:
+    """Run ``jobs`` (trial number, recipe); a recipe with a training step runs rung by rung, each
+    rung continuing from the previous one's checkpoint while ``schedule`` promotes it (fidelity.py)."""
+    plans = {number: rungs_for(recipe, schedule.config) for number, recipe in jobs}
+    histories: dict[int, list[dict[str, Any]]] = {number: [] for number, _ in jobs}
+    results: dict[int, TrialResult] = {}
+    active = [(number, recipe, 0) for number, recipe in jobs]
+    while active:
+        ran = {r.number: r for r in executor.run_many([(n, recipe, plans[n][i]) for n, recipe, i in active], deadline)}
+        continuing = []
+        for number, recipe, index in active:
+            result, rungs = ran[number], plans[number]
+            if rungs == [None]:
+                results[number] = result
+                continue
+            rung = rungs[index]
+            assert rung is not None
+            entry = schedule.record(result, rung)
+            history = histories[number]
+            history.append(entry)
+            late = deadline is not None and time.monotonic() >= deadline
+            last = index == len(rungs) - 1
+            if result.status == "ok" and not last and not late and schedule.promote(entry):
+                entry["decision"] = f"continued to {rungs[index + 1]} epochs"
+                say(f"trial {number}: quality {entry['quality']:.4g} after {rung} epochs: {entry['decision']}")
+                continuing.append((number, recipe, index + 1))
+                continue
+            decision = "failed" if result.status != "ok" else (
+                "completed" if last else "time" if late else "pruned")
+            entry["decision"] = decision
+            if decision == "pruned":
+                result.status = "pruned"
+                say(f"trial {number}: quality {entry['quality']} after {rung} epochs: stopped (pruned)")
+            result.seconds = round(sum(e["seconds"] for e in history), 2)
+            result.fidelity = {"rungs": rungs, "epochs": rung, "history": history, "decision": decision}
+            results[number] = result
+        active = continuing
+    return results

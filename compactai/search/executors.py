@@ -16,13 +16,16 @@ from compactai.models.handle import ModelHandle
 from compactai.search.trial import StepCache, TrialResult, run_trial
 from compactai.tasks import Task
 
+Job = tuple[int, list[dict[str, Any]], int | None]  # (trial number, recipe, stop_epoch of its training steps)
+
 
 class Executor(Protocol):
     parallel: int
 
-    def run(self, number: int, recipe: list[dict[str, Any]], deadline: float | None) -> TrialResult: ...
+    def run(self, number: int, recipe: list[dict[str, Any]], deadline: float | None,
+            stop_epoch: int | None = None) -> TrialResult: ...
 
-    def run_many(self, jobs: list[tuple[int, list[dict[str, Any]]]], deadline: float | None) -> list[TrialResult]: ...
+    def run_many(self, jobs: list[Job], deadline: float | None) -> list[TrialResult]: ...
 
     def close(self) -> None: ...
 
@@ -35,19 +38,21 @@ class LocalExecutor:
         self.cache = StepCache()
         self.parallel = 1
 
-    def run(self, number: int, recipe: list[dict[str, Any]], deadline: float | None) -> TrialResult:
+    def run(self, number: int, recipe: list[dict[str, Any]], deadline: float | None,
+            stop_epoch: int | None = None) -> TrialResult:
         return run_trial(number, self.handle, self.task, recipe, self.budget, self.out_dir, self.config.measure,
                          selection_split=self.config.selection_split, selection_baseline=self.selection_baseline,
-                         cache=self.cache, seed=self.config.seed, deadline=deadline)
+                         cache=self.cache, seed=self.config.seed, deadline=deadline, stop_epoch=stop_epoch)
 
-    def run_many(self, jobs: list[tuple[int, list[dict[str, Any]]]], deadline: float | None) -> list[TrialResult]:
-        return [self.run(number, recipe, deadline) for number, recipe in jobs]
+    def run_many(self, jobs: list[Job], deadline: float | None) -> list[TrialResult]:
+        return [self.run(number, recipe, deadline, stop_epoch) for number, recipe, stop_epoch in jobs]
 
     def close(self) -> None:
         self.cache.items.clear()
 
 
-def _ray_trial(number: int, recipe: list[dict[str, Any]], deadline_seconds: float | None, shared: dict[str, Any]) -> dict:
+def _ray_trial(number: int, recipe: list[dict[str, Any]], stop_epoch: int | None, deadline_seconds: float | None,
+               shared: dict[str, Any]) -> dict:
     """Body of the Ray task: rebuild what it needs and run the same trial code."""
     import time
 
@@ -56,7 +61,7 @@ def _ray_trial(number: int, recipe: list[dict[str, Any]], deadline_seconds: floa
     result = run_trial(number, shared["handle"], shared["task"], recipe, shared["budget"], Path(shared["out_dir"]),
                        shared["measure"], selection_split=shared["selection_split"],
                        selection_baseline=shared["selection_baseline"], cache=cache, seed=shared["seed"],
-                       deadline=deadline)
+                       deadline=deadline, stop_epoch=stop_epoch)
     return result.to_dict()
 
 
@@ -97,15 +102,16 @@ class RayExecutor:
             "selection_baseline": selection_baseline, "seed": config.seed,
         })
 
-    def run(self, number: int, recipe: list[dict[str, Any]], deadline: float | None) -> TrialResult:
-        return self.run_many([(number, recipe)], deadline)[0]
+    def run(self, number: int, recipe: list[dict[str, Any]], deadline: float | None,
+            stop_epoch: int | None = None) -> TrialResult:
+        return self.run_many([(number, recipe, stop_epoch)], deadline)[0]
 
-    def run_many(self, jobs: list[tuple[int, list[dict[str, Any]]]], deadline: float | None) -> list[TrialResult]:
+    def run_many(self, jobs: list[Job], deadline: float | None) -> list[TrialResult]:
         """Submit the jobs as Ray tasks (they run in parallel where the cluster has room)."""
         import time
 
         left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        refs = [self.remote.remote(number, recipe, left, self.shared) for number, recipe in jobs]
+        refs = [self.remote.remote(number, recipe, stop_epoch, left, self.shared) for number, recipe, stop_epoch in jobs]
         return [TrialResult.from_dict(data) for data in self.ray.get(refs)]
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from compactai.models.handle import ModelHandle
 from compactai.results import describe, save_model, to_jsonable
 from compactai.search.deployment import split_choice
 from compactai.search.engine import SearchConfig, run_search
+from compactai.search.fidelity import schedule_table
 from compactai.search.remeasure import interleave_final, interleaved_selection_figures
 from compactai.search.runtime_stage import choose_runtime_after_search
 from compactai.search.runtimes import resolve_runtimes
@@ -173,7 +175,9 @@ def optimize(
         "search": {"space": space.to_dict(), "max_trials": config.max_trials, "max_minutes": config.max_minutes,
                    "executor": config.executor, "storage": outcome.storage, "stopped_by": outcome.stopped_by,
                    "interrupted": outcome.interrupted, "seconds": time.monotonic() - started,
-                   "trials_finished": len(outcome.trials), "remeasured": remeasured},
+                   "trials_finished": len(outcome.trials), "remeasured": remeasured,
+                   "fidelity": {**asdict(config.fidelity), "schedule": schedule_table(outcome.trials),
+                                "pruned": sum(t.status == "pruned" for t in outcome.trials)}},
         "baseline": _strip(baseline_final),
         "chosen": None if selection.chosen is None else {
             "trial": selection.chosen.number, "recipe": chosen_recipe,

@@ -1,7 +1,7 @@
 """Search spaces over pipelines: ordered stages, each an optional technique with its parameters.
 
 The default space is built from the registry: one optional stage per family, in family
-order (prune -> distill -> quantize), choosing among that family's registered techniques
+order (prune -> distill|nas -> quantize), choosing among that family's registered techniques
 that accept the model's kind, searching the ranges of its ``search_space`` (and fixing or
 narrowing those its ``search_defaults(kind)`` gives). A recipe file can override
 stages: a list value is a choice, ``{"low", "high", "log"}`` a range, anything else fixed.
@@ -28,6 +28,9 @@ from compactai.techniques.base import (
 )
 
 FAMILY_ORDER = ("prune", "distill", "quantize")
+# families that share another's pipeline position: NAS and distillation both train a new, smaller model
+# from the incoming one, so one stage chooses between them (a recipe never runs both)
+STAGE_OF = {"nas": "distill"}
 
 
 @dataclass
@@ -236,7 +239,8 @@ def _build(names: list[str], defaults: dict[str, dict[str, Any]],
     registry = available_techniques()
     families: dict[str, list[str]] = {}
     for name in names:
-        families.setdefault(registry[name].family, []).append(name)
+        family = registry[name].family
+        families.setdefault(STAGE_OF.get(family, family), []).append(name)
     order = sorted(families, key=lambda f: FAMILY_ORDER.index(f) if f in FAMILY_ORDER else len(FAMILY_ORDER))
     stages = []
     for family in order:

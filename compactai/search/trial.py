@@ -24,7 +24,7 @@ class TrialResult:
 
     number: int
     recipe: list[dict[str, Any]]
-    status: str  # "ok" | "failed"
+    status: str  # "ok" | "failed" | "pruned" (stopped at a rung of the multi-fidelity schedule: its figures are the rung's)
     error: str | None = None
     figures: dict[str, Any] = field(default_factory=dict)  # Measurement dict + quality fields
     test_quality: dict[str, Any] | None = None
@@ -34,6 +34,9 @@ class TrialResult:
     feasible: bool = False
     violation: float = float("inf")
     cached_steps: int = 0
+    # the multi-fidelity schedule of a trial with a training step: {"rungs": [epochs...], "epochs": reached,
+    # "history": [{"epochs", "quality", "seconds"}...], "decision": completed | pruned | time}
+    fidelity: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -86,13 +89,22 @@ def apply_recipe(
     seed: int = 0,
     deadline: float | None = None,
     progress: Any = None,
+    stop_epoch: int | None = None,
 ) -> tuple[ModelHandle, int]:
-    """Apply the recipe's steps in order; returns the final handle and how many steps came from cache."""
+    """Apply the recipe's steps in order; returns the final handle and how many steps came from cache.
+    ``stop_epoch``: training steps (a technique with a ``fidelity_param``) pause at the end of that
+    epoch; their work directory does not depend on it, so a later call with a larger value continues
+    from the checkpoint, while the cache keys of the step and of every later step do."""
+    from compactai.techniques.base import available_techniques
+
+    registry = available_techniques()
     key = handle.fingerprint()
     current = handle
     cached = 0
     for index, step in enumerate(recipe):
-        key = step_key(key, step)
+        trains = stop_epoch is not None and registry[step["technique"]].fidelity_param is not None
+        base_key = step_key(key, step)
+        key = step_key(key, {**step, "params": {**step["params"], "(stop_epoch)": stop_epoch}}) if trains else base_key
         hit = cache.get(key) if cache is not None else None
         if hit is not None:
             current, cached = hit, cached + 1
@@ -103,10 +115,11 @@ def apply_recipe(
             # on a derived handle: the caller's (and a cached step's) metadata stay as they were
             current = current.derive(metadata={**current.metadata, "macs": count_macs(current)})
         technique = create_technique(step["technique"], **step["params"])
-        step_dir = work_dir / f"step{index}-{step['technique']}-{key}"
+        step_dir = work_dir / f"step{index}-{step['technique']}-{base_key}"
         step_dir.mkdir(parents=True, exist_ok=True)
         context = Context(task=task, teacher=handle, seed=seed, work_dir=step_dir,
-                          progress=progress or (lambda message: None), deadline=deadline)
+                          progress=progress or (lambda message: None), deadline=deadline,
+                          stop_epoch=stop_epoch if trains else None)
         current = technique.apply(current, context)
         if cache is not None:
             cache.put(key, current)
@@ -140,6 +153,7 @@ def run_trial(
     seed: int = 0,
     deadline: float | None = None,
     progress: Any = None,
+    stop_epoch: int | None = None,
 ) -> TrialResult:
     """Apply, export, measure on ONNX Runtime, score on the selection split (and the test split).
     Any exception becomes a failed TrialResult carrying the error, never a crash of the search."""
@@ -147,7 +161,7 @@ def run_trial(
     trial_dir = out_dir / "trials" / f"{number:04d}"
     try:
         final, cached = apply_recipe(handle, task, recipe, out_dir / "work", cache=cache, seed=seed,
-                                     deadline=deadline, progress=progress)
+                                     deadline=deadline, progress=progress, stop_epoch=stop_epoch)
         artifact = save_model(final, trial_dir)
         onnx_handle = final.to_onnx() if final.framework == "torch" else final
         onnx_handle = onnx_handle.derive(path=artifact, metadata=dict(final.metadata))

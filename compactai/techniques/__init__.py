@@ -26,6 +26,7 @@ FAMILIES: list[str] = [
     "compactai.techniques.quantize",
     "compactai.techniques.prune",
     "compactai.techniques.distill",
+    "compactai.techniques.nas.technique",
 ]
 
 

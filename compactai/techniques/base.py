@@ -198,6 +198,9 @@ class Context:
     progress: Callable[[str], None] = field(default=lambda message: None)
     deadline: float | None = None
     threads: int | None = None
+    # multi-fidelity scheduling (search/engine.py): a training technique (``fidelity_param`` set) pauses at
+    # the end of this epoch, its checkpoint kept, and a later call with a larger value continues from it
+    stop_epoch: int | None = None
 
     def time_left(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
@@ -227,6 +230,9 @@ class Technique(ABC):
     # Rough cost of one application: 0 seconds-cheap (PTQ), 1 a short fine-tune, 2 training, 3 training a new
     # model. The optimizer tries cheap candidates first so an anytime run has results early.
     cost: ClassVar[int] = 1
+    # The whole-number parameter that is a training technique's resource (its epochs): the optimizer's
+    # multi-fidelity schedule trains such a step in rungs of it (``Context.stop_epoch``). None: not trained.
+    fidelity_param: ClassVar[str | None] = None
 
     @classmethod
     def search_defaults(cls, kind: str) -> dict[str, Any]:

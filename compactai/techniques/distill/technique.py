@@ -203,6 +203,7 @@ class Distill(Technique):
         "resume": ChoiceParam((False, True), False),
     }
     cost = 3
+    fidelity_param = "epochs"
     search_space: ClassVar[dict[str, Range]] = {
         "temperature": FloatParam(1.0, 8.0, 2.0),
         "alpha": FloatParam(0.3, 0.9, 0.5),
@@ -264,11 +265,13 @@ class Distill(Technique):
             for module in student.modules():
                 if isinstance(module, nn.Embedding):
                     module.weight.requires_grad_(False)
+        rung = context.stop_epoch  # a rung of the optimizer's multi-fidelity schedule: pause there, continue later
         config = TrainConfig(
             epochs=params["epochs"], lr=params["lr"], batch_size=params["batch_size"],
-            weight_decay=params["weight_decay"], patience=params["patience"], max_minutes=params["max_minutes"],
-            seed=context.seed, checkpoint_every=params["checkpoint_every"], resume=params["resume"],
-            dropout=params["dropout"] == "keep", final_weights=params["final_weights"],
+            weight_decay=params["weight_decay"], patience=params["patience"],
+            max_minutes=params["max_minutes"] if rung is None else None,
+            seed=context.seed, checkpoint_every=params["checkpoint_every"], resume=params["resume"] or rung is not None,
+            dropout=params["dropout"] == "keep", final_weights=params["final_weights"], stop_epoch=rung,
         )
         work_dir = context.work_dir / f"distill-{self.run_key(teacher, spec, params, context, len(train))}"
         teacher_key = self.targets_key(teacher, objective, train)
@@ -290,7 +293,7 @@ class Distill(Technique):
             "stopped": result.stopped, "best_validation": result.best_metric,
             "validation_metric": task.metric.name, "resumed_from_step": result.resumed_from_step,
             "seconds": result.seconds, "history": result.history, "checkpoint_dir": str(work_dir),
-            "sanity": sanity,
+            "sanity": sanity, "stop_epoch": rung,
         }
 
     def make_objective(self, name: str, teacher: ModelHandle, params: dict[str, Any], train: Any) -> Objective:

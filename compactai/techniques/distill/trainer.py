@@ -58,6 +58,10 @@ class TrainConfig:
     resume: bool = False
     dropout: bool = True  # False: dropout off while training (closer imitation, faster convergence)
     final_weights: str = "best"  # the weights returned: "best" on validation, or "last" (end of the decayed schedule)
+    # pause at the end of this epoch (a rung of a multi-fidelity schedule): the learning-rate schedule stays
+    # planned for ``epochs`` and is not shortened to fit a deadline, so a run continued from its checkpoint
+    # (``resume``) trains exactly as one uninterrupted run would
+    stop_epoch: int | None = None
 
 
 @dataclass
@@ -198,7 +202,8 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------
     def out_of_time(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
+        late = self.deadline is not None and time.monotonic() >= self.deadline
+        return late or (self.config.stop_epoch is not None and self.state.epoch >= self.config.stop_epoch)
 
     def batch(self, index: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         rows = index.numpy()
@@ -284,7 +289,7 @@ class Trainer:
         learning rate still decays to zero (a model cut off at a high learning rate is worse)."""
         step = self.state.global_step
         done = step - started[1]
-        if self.deadline is None or self.total_steps is None or done < every or step % every:
+        if self.config.stop_epoch is not None or self.deadline is None or self.total_steps is None or done < every or step % every:
             return
         seconds_per_step = (time.monotonic() - started[0]) / done
         # keep time for one validation (estimated as a few steps) at the end

@@ -58,20 +58,6 @@ log = logging.getLogger(__name__)
 NOT_TRAINED = "not_trained"  # measured within the budget, but the time limit came before its turn
 
 
-class _RungTrainer(Trainer):
-    """The distillation trainer, stopped at the end of epoch ``stop_epoch`` or at the search's deadline.
-    The deadline is not given to the Trainer itself: it would shorten the learning-rate schedule
-    to fit, and a candidate's schedule must be the same whichever rung it is continued to."""
-
-    def __init__(self, *args: Any, stop_epoch: int, search_deadline: float | None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.stop_epoch, self.search_deadline = stop_epoch, search_deadline
-
-    def out_of_time(self) -> bool:
-        late = self.search_deadline is not None and time.monotonic() >= self.search_deadline
-        return late or self.state.epoch >= self.stop_epoch
-
-
 @dataclass
 class _Member:
     candidate: Candidate
@@ -212,11 +198,14 @@ def _train_to(member: _Member, rung: int, objective: EmbeddingObjective, scorer:
     settings = config.train
     train_config = TrainConfig(epochs=settings.max_epochs, lr=settings.lr, batch_size=settings.batch_size,
                                weight_decay=1e-4, patience=settings.max_epochs + 1, seed=settings.seed,
-                               checkpoint_every=10**9, resume=True, dropout=False, final_weights="best")
+                               checkpoint_every=10**9, resume=True, dropout=False, final_weights="best",
+                               stop_epoch=rung)
     began = time.monotonic()
-    trainer = _RungTrainer(member.model, objective, train, train_config, scorer, member.work_dir,
-                           lambda message: progress(f"candidate {candidate.number}: {message}"),
-                           targets_file=targets, stop_epoch=rung, search_deadline=deadline)
+    # with stop_epoch the deadline cuts the run but does not shorten its schedule: a candidate's schedule
+    # is the same whichever rung it is continued to
+    trainer = Trainer(member.model, objective, train, train_config, scorer, member.work_dir,
+                      lambda message: progress(f"candidate {candidate.number}: {message}"), deadline,
+                      targets_file=targets)
     result = trainer.run()
     candidate.seconds = round(candidate.seconds + time.monotonic() - began, 2)
     candidate.epochs_run, candidate.validation, candidate.history = result.epochs_run, result.best_metric, result.history
