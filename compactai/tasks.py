@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from compactai.errors import BadInputError, ModelNotFoundError, UnknownNameError
+from compactai.errors import BadInputError, ModelNotFoundError, ParameterError, UnknownNameError
 
 SPLITS = ("train", "calibration", "validation", "test")
 Predict = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
@@ -449,6 +449,17 @@ class Task:
         task = cls(name=name or path.stem, metric=metric, splits=splits)
         task.baseline = task.evaluate(reference).value
         return task
+
+    def scored_by(self, figure: str) -> Task:
+        """This task with ``figure`` as its headline quality (what budgets and floors read): for an
+        embedding task cosine_min (default), cosine_mean or knn_overlap; other metrics have one figure."""
+        if not isinstance(self.metric, EmbeddingFidelity):
+            if figure == self.metric.name:
+                return self
+            raise ParameterError(f"--quality-figure {figure}: the task's metric {self.metric.name} has only one "
+                                 "figure; cosine_min, cosine_mean and knn_overlap are for embedding tasks.")
+        metric = EmbeddingFidelity(self.metric.reference, primary=figure, neighbours=self.metric.neighbours)
+        return Task(self.name, metric, self.splits, self.eval_split, self.baseline, self.batch_size)
 
     def split(self, name: str) -> Split:
         if name not in self.splits:

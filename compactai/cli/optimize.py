@@ -60,6 +60,9 @@ def optimize(
     server_overhead_ms: float | None = typer.Option(None, "--server-overhead-ms", help="With --bandwidth-mbps: "
                                                     "per-request server cost, ms (default: measured here on a real "
                                                     "`compactai serve`)."),
+    quality_figure: str | None = typer.Option(
+        None, "--quality-figure", help="For embedding tasks: the figure --min-quality and the budget read, "
+                                       "cosine_min (default, the strictest), cosine_mean or knn_overlap."),
     min_epochs: int = typer.Option(1, "--min-epochs", help="Multi-fidelity schedule: training trials (distill, nas) "
                                    "first train this many epochs; the best 1/--reduction-factor of those at a rung "
                                    "continue from their checkpoint to factor x more epochs, the rest stop (pruned)."),
@@ -114,6 +117,10 @@ def optimize(
 
         raise BadInputError(f"Unknown executor '{config.executor}'; choose local or ray.")
     config.check()  # bad limits fail here, before the model is loaded or the output directory made
+    if quality_figure is not None and quality_figure not in QUALITY_FIGURES:
+        from compactai.errors import ParameterError
+
+        raise ParameterError(f"--quality-figure must be one of {', '.join(QUALITY_FIGURES)}; got '{quality_figure}'.")
     resolve_runtimes(runtime)  # an unknown or uninstalled runtime fails here too
     check_output_dir(output)
     with out.progress("Optimizing") as say:
@@ -128,6 +135,8 @@ def optimize(
 
             raise BadInputError("optimize needs task data to keep quality: pass --data FILE.npz with your model "
                                 "(see the README's 'Your own model' section) or use --example NAME.")
+        if quality_figure is not None:
+            task = task.scored_by(quality_figure)
         if spec is not None and spec.search_space:
             space = space_from_config([s.model_dump() for s in spec.search_space])
         else:
@@ -138,9 +147,11 @@ def optimize(
         def on_trial(result: Any) -> None:
             from compactai.results import describe
 
-            if result.status == "ok":
+            if result.status in ("ok", "pruned"):
                 f = result.figures
                 mark = "within budget" if result.feasible else "outside budget"
+                if result.status == "pruned":
+                    mark = f"stopped after {result.fidelity['epochs']} epochs by the multi-fidelity schedule"
                 say(f"trial {result.number}: {describe(result.recipe)} -> quality {f['quality']:.4f}, "
                     f"p90 {f['latency_p90_ms']:.3f} ms, {f['size_mb']:.2f} MB ({mark})")
             else:
@@ -162,6 +173,9 @@ def optimize(
     results["paths"] = _paths(target, chosen=True, results=results)
     print_summary(out, results)
     out.emit({k: v for k, v in results.items() if k != "latency_samples_ms"})
+
+
+QUALITY_FIGURES = ("cosine_min", "cosine_mean", "knn_overlap")
 
 
 def _network(bandwidth_mbps: float | None, rtt_ms: float | None, server_speedup: float,

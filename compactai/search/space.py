@@ -151,8 +151,9 @@ class SearchSpace:
 
     def seed_trials(self) -> list[dict[str, Any]]:
         """Trials enqueued before the sampler takes over, cheapest first: each technique alone
-        with its defaults (so the report can compare combinations with single techniques), and
-        the stack of every stage's cheapest technique that does not train a new model."""
+        with its defaults (so the report can compare combinations with single techniques), the
+        stack of every stage's cheapest technique that does not train a new model, and each
+        technique that trains a new model followed by the last stage's cheapest (a student, then int8)."""
         registry = available_techniques()
         if not all(s.optional for s in self.stages):
             return []
@@ -166,6 +167,11 @@ class SearchSpace:
                 stack[i] = cheapest
         if len(stack) > 1:
             trials.append((max(registry[n].cost for n in stack.values()) + 0.5, self._pipeline(stack)))
+        last = len(self.stages) - 1
+        final = min(self.stages[last].techniques, key=lambda n: registry[n].cost) if self.stages else None
+        for cost, i, name in singles:
+            if cost >= 3 and i < last and final is not None and registry[final].cost < 3:
+                trials.append((cost + 0.5, self._pipeline({i: name, last: final})))
         return [params for _, params in sorted(trials, key=lambda item: item[0])]
 
 

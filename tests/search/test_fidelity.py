@@ -138,3 +138,22 @@ def test_optimizer_trains_nas_candidates_in_rungs_continuing_from_checkpoints(ti
 
 def history_epochs(trial: TrialResult) -> list[float]:
     return [float(h["epoch"]) for h in trial.lineage[-1]["decisions"]["history"]]
+
+
+def test_quality_figure_switches_the_headline_figure_and_bad_values_exit_2(tiny_bert, tmp_path):
+    from tests.cli.test_bad_input import refused, run_cli
+
+    handle, task = tiny_bert
+    mean = task.scored_by("cosine_mean")
+    assert mean.metric.primary == "cosine_mean" and task.metric.primary == "cosine_min"  # a new task
+    quality = mean.evaluate(lambda feeds: [handle.run_torch(feeds)[0] * 0 + handle.run_torch(feeds)[0]])
+    assert quality.value == pytest.approx(quality.details["cosine_mean"])
+    from compactai.tasks import Accuracy
+
+    with pytest.raises(ParameterError, match="only one figure"):
+        Task("t", Accuracy(), task.splits).scored_by("cosine_mean")
+    line = refused(run_cli("optimize", "--example", "digits", "--quality-figure", "cosine_avg",
+                           "-o", str(tmp_path / "out")))
+    assert "cosine_avg" in line and "cosine_mean" in line and not (tmp_path / "out").exists()
+    line = refused(run_cli("optimize", "--example", "digits", "--reduction-factor", "1", "-o", str(tmp_path / "o2")))
+    assert "--reduction-factor" in line

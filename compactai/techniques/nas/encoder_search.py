@@ -80,8 +80,7 @@ def cosine_task(task: Task) -> Task:
     if not isinstance(task.metric, EmbeddingFidelity):
         raise ParameterError("The encoder space distils sentence encoders: the task's metric must be embedding "
                              f"fidelity; got {task.metric.name}.")
-    return Task(task.name, EmbeddingFidelity(task.metric.reference, primary="cosine_mean"), task.splits,
-                task.eval_split, task.baseline, task.batch_size)
+    return task.scored_by("cosine_mean")
 
 
 def run_encoder_search(
