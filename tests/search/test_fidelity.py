@@ -6,22 +6,20 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-import torch
 
 from compactai.budget import parse_budget
 from compactai.errors import ParameterError
 from compactai.measure import MeasureConfig
-from compactai.models.hf import SentenceEncoder
-from compactai.models.load import load_model
 from compactai.search import SearchConfig
 from compactai.search.engine import run_search
 from compactai.search.fidelity import FidelityConfig, Schedule, rungs_for, schedule_table
 from compactai.search.space import SearchSpace, Stage, space_for_model
 from compactai.search.trial import TrialResult
-from compactai.tasks import EmbeddingFidelity, Split, Task
+from compactai.tasks import Task
 from compactai.techniques.base import ChoiceParam
+from tests.techniques.test_nas_encoder import _task as encoder_task
+from tests.techniques.test_nas_encoder import tiny_bert
 
 
 def test_rungs_follow_the_training_steps_epochs_and_untrained_recipes_run_once():
@@ -60,28 +58,14 @@ def test_schedule_continues_the_best_third_at_each_rung_and_never_a_candidate_to
 
 
 @pytest.fixture(scope="module")
-def tiny_bert():
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=16)
-    ids = torch.randint(1, 60, (1, 6))
-    handle = load_model(SentenceEncoder(BertModel(config)).eval(),
-                        {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, name="tiny-bert")
-    rng = np.random.default_rng(0)
-
-    def split(size: int) -> Split:
-        ids = rng.integers(1, 60, size=(size, 6)).astype(np.int64)
-        return Split({"input_ids": ids, "attention_mask": np.ones_like(ids)})
-
-    task = Task("tiny-text", EmbeddingFidelity(handle.run_torch), {"train": split(64), "validation": split(16),
-                                                                    "test": split(16)}, baseline=1.0, batch_size=16)
-    return handle, task
+def tiny_bert_task():
+    """The tiny BERT of the encoder-NAS tests and a random-token task with 64 training rows."""
+    handle = tiny_bert()
+    return handle, encoder_task(handle, n=64)
 
 
-def test_nas_is_searched_as_a_family_sharing_distillations_stage(tiny_bert):
-    handle, task = tiny_bert
+def test_nas_is_searched_as_a_family_sharing_distillations_stage(tiny_bert_task):
+    handle, task = tiny_bert_task
     space = space_for_model(handle, task)
     stage = next(s for s in space.stages if "nas" in s.techniques)
     assert set(stage.techniques) == {"distill", "nas"}  # one stage: a recipe never runs both
@@ -92,8 +76,8 @@ def test_nas_is_searched_as_a_family_sharing_distillations_stage(tiny_bert):
 
 
 @pytest.mark.slow
-def test_optimizer_trains_nas_candidates_in_rungs_continuing_from_checkpoints(tiny_bert, tmp_path):
-    handle, task = tiny_bert
+def test_optimizer_trains_nas_candidates_in_rungs_continuing_from_checkpoints(tiny_bert_task, tmp_path):
+    handle, task = tiny_bert_task
     fixed = {"epochs": 3, "lr": 3e-3, "batch_size": 16, "max_minutes": 5.0}
     space = SearchSpace([Stage(["nas"], optional=False, fixed={"nas": fixed}, search={"nas": {
         "layers": ChoiceParam((1, 2, 3), 1), "heads": ChoiceParam((2, 4), 2), "ffn": ChoiceParam((16, 32), 16),
@@ -140,10 +124,10 @@ def history_epochs(trial: TrialResult) -> list[float]:
     return [float(h["epoch"]) for h in trial.lineage[-1]["decisions"]["history"]]
 
 
-def test_quality_figure_switches_the_headline_figure_and_bad_values_exit_2(tiny_bert, tmp_path):
+def test_quality_figure_switches_the_headline_figure_and_bad_values_exit_2(tiny_bert_task, tmp_path):
     from tests.cli.test_bad_input import refused, run_cli
 
-    handle, task = tiny_bert
+    handle, task = tiny_bert_task
     mean = task.scored_by("cosine_mean")
     assert mean.metric.primary == "cosine_mean" and task.metric.primary == "cosine_min"  # a new task
     quality = mean.evaluate(lambda feeds: [handle.run_torch(feeds)[0] * 0 + handle.run_torch(feeds)[0]])

@@ -25,8 +25,8 @@ SPACE = validate_space({"family": "encoder", "choices": {
     "layers": [1, 2, 3], "hidden": [32], "heads": [2, 4], "ffn": [16, 32, 64], "init": ["spread", "first", "last"]}})
 
 
-@pytest.fixture(scope="module")
-def teacher():
+def tiny_bert():
+    """A seeded 4-layer BERT sentence encoder with hidden size 32 (random weights), as a handle."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -35,6 +35,11 @@ def teacher():
     ids = torch.randint(1, 60, (1, 6))
     return load_model(SentenceEncoder(BertModel(config)).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
                       name="tiny-bert")
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return tiny_bert()
 
 
 def _task(teacher, n: int = 48, seq: int = 6) -> Task:
