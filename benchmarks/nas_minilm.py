@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--space", type=Path, default=Path(__file__).parent / "nas_minilm_space.json")
     parser.add_argument("--out", type=Path, default=Path("/tmp/compactai-bench-nas-minilm"))
     args = parser.parse_args(argv)
+    shutil.rmtree(args.out, ignore_errors=True)  # a fresh output directory: nothing of an earlier run is resumed
     load_before = os.getloadavg()
     started = time.monotonic()
     budget = reference_budget(3)

@@ -112,3 +112,12 @@ def test_encoder_space_hidden_must_be_the_teachers(teacher, tmp_path) -> None:
     config = NasConfig(budget_ms=10.0, max_trials=2, train=TrainSettings(max_epochs=2))
     with pytest.raises(ParameterError, match=r"'hidden' sizes \[64\] differ from the teacher's 32"):
         run_encoder_search(space, teacher, _task(teacher), config, tmp_path)
+
+
+def test_a_second_search_into_the_same_directory_does_not_resume_the_first_ones_checkpoints(teacher, tmp_path) -> None:
+    first = _search(teacher, tmp_path)
+    assert max(c.epochs_run for c in first.candidates) == 2
+    # same seed, so the same students are proposed; a longer schedule must train them anew to its own end
+    again = _search(teacher, tmp_path, train=TrainSettings(max_epochs=3, lr=1e-3, batch_size=16, seed=0))
+    kept = [c for c in again.candidates if c.status == OK]
+    assert kept and all(c.epochs_run == 3 and [h["epoch"] for h in c.history][0] == 1 for c in kept)

@@ -22,11 +22,13 @@ from their checkpoint* to the next rung, and so on.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -184,10 +186,19 @@ def _propose(space: dict[str, Any], teacher: ModelHandle, shape: dict[str, int],
             for module in model.modules():  # token tables are most of a small encoder's weights: kept as taught
                 if isinstance(module, nn.Embedding):
                     module.weight.requires_grad_(False)
-            cohort.append(_Member(candidate, trial, fidelity.ask(), model, work_dir / f"candidate-{candidate.number}"))
+            cohort.append(_Member(candidate, trial, fidelity.ask(), model,
+                                  work_dir / f"candidate-{candidate.number}-{_run_key(spec, teacher, config)}"))
         progress(f"candidate {candidate.number}: {candidate.status} {spec['layers']} layers ({spec['init']}) "
                  f"{spec['heads']} heads ffn {spec['ffn']}: p90 {candidate.latency_p90_ms:.3f} ms")
     return cohort
+
+
+def _run_key(spec: dict[str, Any], teacher: ModelHandle, config: NasConfig) -> str:
+    """A candidate's checkpoints are resumed only by the same student, teacher and training settings: an
+    earlier run into the same output directory (other epochs, another seed) must not be continued."""
+    text = json.dumps({"spec": spec, "teacher": teacher.fingerprint(), "train": asdict(config.train)},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _train_to(member: _Member, rung: int, objective: EmbeddingObjective, scorer: Any, train: Any,
