@@ -120,4 +120,4 @@ def test_a_second_search_into_the_same_directory_does_not_resume_the_first_ones_
     # same seed, so the same students are proposed; a longer schedule must train them anew to its own end
     again = _search(teacher, tmp_path, train=TrainSettings(max_epochs=3, lr=1e-3, batch_size=16, seed=0))
     kept = [c for c in again.candidates if c.status == OK]
-    assert kept and all(c.epochs_run == 3 and [h["epoch"] for h in c.history][0] == 1 for c in kept)
+    assert kept and all(c.epochs_run == 3 and c.history[0]["epoch"] == 1 for c in kept)
