@@ -1,7 +1,7 @@
 """Multi-fidelity scheduling of the optimizer's training-based trials (successive halving on epochs).
 
-A trial whose recipe has a training step (a technique with a ``fidelity_param``: distillation, NAS)
-does not get its full epochs at once. It trains to the first *rung* (``min_epochs``), is exported,
+A trial whose recipe has a training step (a technique with a ``fidelity_param``: distillation, NAS,
+pruning's fine-tune) does not get its full epochs at once. It trains to the first *rung* (``min_epochs``), is exported,
 measured and scored like any trial, and is then either continued from its checkpoint to the next
 rung (``min_epochs x factor^k``, up to the step's own epochs) or stopped. Most candidates therefore
 cost one short rung, and the promising ones the full schedule: Hyperband's successive halving.

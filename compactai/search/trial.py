@@ -102,7 +102,9 @@ def apply_recipe(
     current = handle
     cached = 0
     for index, step in enumerate(recipe):
-        trains = stop_epoch is not None and registry[step["technique"]].fidelity_param is not None
+        resource = registry[step["technique"]].fidelity_param
+        # a step that trains (a pruning without fine-tuning does not) runs to the rung, keyed by it
+        trains = stop_epoch is not None and resource is not None and step["params"].get(resource, 1) != 0
         base_key = step_key(key, step)
         key = step_key(key, {**step, "params": {**step["params"], "(stop_epoch)": stop_epoch}}) if trains else base_key
         hit = cache.get(key) if cache is not None else None

@@ -15,9 +15,12 @@ trained since the last validation).
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -154,10 +157,41 @@ class TrainingLoop:
         return metric is not None and self.patience is not None and state.bad_validations >= self.patience
 
 
+def optimizer_tensors(optimizer: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A torch optimizer's state as flat safetensors-ready tensors plus its param groups as plain data."""
+    import torch
+
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            tensors[f"{index}.{name}"] = tensor.detach().contiguous().clone()
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, groups
+
+
+def load_optimizer(optimizer: Any, tensors: dict[str, Any], groups: list[dict[str, Any]]) -> None:
+    """Restore what :func:`optimizer_tensors` saved."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        index, _, name = key.partition(".")
+        state.setdefault(int(index), {})[name] = tensor
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def atomic_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON so that a reader never sees half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
 def first_output(result: Any) -> Any:
     """The first output tensor of a model's result (tensor, tuple, dict or HF ModelOutput)."""
     return flatten_outputs(result)[0]
 
 
 __all__ = ["COMPLETED", "EARLY_STOPPING", "TIME_BUDGET", "LoopResult", "LoopState", "ProgressMessage",
-           "TrainingLoop", "first_output"]
+           "TrainingLoop", "atomic_json", "first_output", "load_optimizer", "optimizer_tensors"]

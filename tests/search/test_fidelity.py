@@ -30,6 +30,9 @@ def test_rungs_follow_the_training_steps_epochs_and_untrained_recipes_run_once()
     assert rungs_for([{"technique": "nas", "params": {"epochs": 9}}], config) == [1, 3, 9]
     assert rungs_for([{"technique": "distill", "params": {}}], config) == [1, 3, 9, 10]  # the technique's default
     assert rungs_for([quantize], config) == [None]
+    prune = {"technique": "structured_prune", "params": {"ratio": 0.3, "finetune_epochs": 3}}
+    assert rungs_for([prune, quantize], config) == [1, 3]  # pruning's fine-tune is trained in rungs too
+    assert rungs_for([{**prune, "params": {"finetune_epochs": 0}}, quantize], config) == [None]
     assert rungs_for([distill], FidelityConfig(enabled=False)) == [None]
     assert rungs_for([{"technique": "distill", "params": {"epochs": 1}}], config) == [None]
     with pytest.raises(ParameterError, match="reduction-factor"):

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from compactai import load_model
@@ -147,6 +148,43 @@ def test_unstructured_gradual_with_finetune_keeps_masks(small_handle):
     info = decisions(sparse)
     assert [round(s["sparsity"], 3) for s in info["steps"]] == [0.525, 0.6]
     assert info["zero_fraction"] == pytest.approx(0.6, abs=0.02)
+
+
+@pytest.mark.parametrize("technique", ["structured_prune", "unstructured_prune"])
+def test_finetune_in_rungs_continues_from_its_checkpoint_and_ends_as_one_run(small_handle, tmp_path, technique):
+    """The optimizer's multi-fidelity schedule pauses pruning's fine-tune at a rung (Context.stop_epoch)
+    and continues it later from the checkpoint in the step's work directory: paused at 1 and continued to
+    3, it trains exactly as one 3-epoch run."""
+    rng = np.random.default_rng(0)
+
+    def split(size: int) -> Split:  # learnable: which half of the image is brighter
+        images = rng.standard_normal((size, 1, 16, 16)).astype(np.float32)
+        return Split({"image": images}, (images[:, 0, :8].mean((1, 2)) > images[:, 0, 8:].mean((1, 2))).astype(np.int64))
+
+    task = Task(name="halves", metric=Accuracy(), splits={"train": split(256), "validation": split(128)}, batch_size=32)
+    params = {"ratio": 0.5, "finetune_epochs": 3, "batch_size": 32, "lr": 3e-3}
+    if technique == "structured_prune":
+        params["target"] = "channels"
+
+    def run(work, stop_epoch):
+        context = Context(task=task, work_dir=tmp_path / work, stop_epoch=stop_epoch)
+        return create_technique(technique, **params).apply(small_handle, context)
+
+    def finetune_record(handle):
+        return decisions(handle)["steps"][-1]["finetune"]
+
+    whole = finetune_record(run("whole", 3))  # one uninterrupted 3-epoch run (saving its end state)
+    paused = finetune_record(run("rungs", 1))
+    assert paused["epochs_run"] == 1 and paused["stop_epoch"] == 1 and "resumed_from_epoch" not in paused
+    continued = finetune_record(run("rungs", 3))
+    assert continued["resumed_from_epoch"] == 1 and continued["epochs_run"] == whole["epochs_run"] == 3
+    assert continued["validation"] == pytest.approx(whole["validation"], abs=1e-6)
+    ends = [load_file(str(tmp_path / work / "finetune-step1" / "model.safetensors")) for work in ("whole", "rungs")]
+    assert ends[0].keys() == ends[1].keys()
+    for name, tensor in ends[0].items():  # the last step's weights, not the best ones: they moved at every step
+        torch.testing.assert_close(ends[1][name], tensor, msg=name)
+    again = finetune_record(run("rungs", 3))  # the same rung once more: nothing left to train
+    assert again["resumed_from_epoch"] == continued["epochs_run"] and again["epochs_run"] == continued["epochs_run"]
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0, 1.5, -0.2])

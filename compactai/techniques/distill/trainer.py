@@ -34,7 +34,15 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from compactai.tasks import Split, trim_padding
-from compactai.techniques._training import LoopResult, LoopState, ProgressMessage, TrainingLoop
+from compactai.techniques._training import (
+    LoopResult,
+    LoopState,
+    ProgressMessage,
+    TrainingLoop,
+    atomic_json,
+    load_optimizer,
+    optimizer_tensors,
+)
 from compactai.techniques.distill.objectives import Objective, to_tensors
 
 STATE_FILE = "state.json"
@@ -96,33 +104,6 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int, warmup: int)
     return config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """The optimizer's state as flat safetensors-ready tensors plus its param groups as plain data."""
-    state = optimizer.state_dict()
-    tensors = {}
-    for index, values in state["state"].items():
-        for name, value in values.items():
-            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-            tensors[f"{index}.{name}"] = tensor.detach().contiguous().clone()
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
-    return tensors, groups
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        index, _, name = key.partition(".")
-        state.setdefault(int(index), {})[name] = tensor
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def _atomic_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 class Trainer:
     """Trains ``student`` on ``objective`` over ``train``; ``evaluate(student) -> float`` (higher is
     better) scores it on the validation split after each epoch. The student ends with the best
@@ -156,7 +137,7 @@ class Trainer:
         save_model(self.student, str(self.work_dir / model_file))
         tensors, groups = optimizer_tensors(self.optimizer)
         save_file(tensors, str(self.work_dir / optimizer_file))
-        _atomic_json(self.work_dir / STATE_FILE, {
+        atomic_json(self.work_dir / STATE_FILE, {
             **asdict(self.state), "total_steps": self.total_steps, "config": asdict(self.config),
             "model_file": model_file, "optimizer_file": optimizer_file, "param_groups": groups})
         for old in self.work_dir.glob("*-*.safetensors"):  # earlier steps' files

@@ -11,14 +11,23 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from compactai.errors import BadInputError
 from compactai.tasks import Task, trim_padding
-from compactai.techniques._training import TrainingLoop, first_output
+from compactai.techniques._training import (
+    EARLY_STOPPING,
+    LoopState,
+    TrainingLoop,
+    atomic_json,
+    first_output,
+    load_optimizer,
+    optimizer_tensors,
+)
 from compactai.techniques.base import CallableParam, Context, FloatParam, IntParam, NoneOr, Param
 from compactai.techniques.losses import embedding_loss as pooled_embedding_loss
 from compactai.techniques.losses import hidden_state_loss, logit_distillation_loss, masked_mean_pool
@@ -149,10 +158,17 @@ def finetune(
     after_step: Callable[[Any], None] | None = None,
     out_of_time: Callable[[], bool] = lambda: False,
     progress: Callable[[str], None] = lambda message: None,
+    checkpoint_dir: Path | None = None,
+    stop_epoch: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``module`` in place; keeps the weights with the best validation score (including
     the starting point). ``after_step(module)`` runs after every optimizer step (e.g. re-apply
-    sparsity masks). Returns the run as plain data."""
+    sparsity masks). Returns the run as plain data.
+
+    ``stop_epoch`` pauses the run at the end of that epoch (a rung of the optimizer's multi-fidelity
+    schedule); the learning-rate schedule stays planned for ``config.epochs``. With ``checkpoint_dir``
+    the run saves its state there when it ends and continues from it when called again on a module
+    of the same structure, so a run paused at epoch 1 and continued to 3 trains as one run of 3."""
     import torch
 
     config = config or FinetuneConfig()
@@ -186,25 +202,81 @@ def finetune(
             after_step(module)
         return float(value.detach())
 
+    state, resumed = LoopState(), None
+    if checkpoint_dir is not None:
+        resumed = _load_checkpoint(checkpoint_dir, module, optimizer, scheduler, best)
+        if isinstance(resumed, dict):
+            state = LoopState(**{f.name: resumed["loop"][f.name] for f in fields(LoopState)})
+            progress(f"fine-tune: continuing from epoch {state.epoch} ({checkpoint_dir.name})")
+    record: dict[str, Any] = {"metric": task.metric.name}
+    if isinstance(resumed, dict) and resumed["stopped"] == EARLY_STOPPING:  # its patience ran out: nothing to continue
+        module.load_state_dict(best["weights"])
+        record.update(epochs_run=state.epoch, best_epoch=None, validation=[e["validation"] for e in state.history],
+                      stopped=EARLY_STOPPING, seconds=0.0, resumed_from_epoch=state.epoch)
+        module.eval()
+        return record
     result = TrainingLoop(
         epochs=config.epochs,
         batches=lambda epoch: task_batches(task, "train", config.batch_size, input_names, config.seed + epoch + 1,
                                            config.max_batches),
         step=step, validate=lambda: float(task.evaluate(predict, split="validation").value),
         patience=config.patience, on_best=lambda: best.update(weights=copy.deepcopy(module.state_dict())),
-        out_of_time=out_of_time, progress=progress, name="fine-tune ", validate_first=True,
-        steps_per_epoch=steps_per_epoch,
-    ).run()
+        out_of_time=lambda: out_of_time() or (stop_epoch is not None and state.epoch >= stop_epoch),
+        progress=progress, name="fine-tune ", validate_first=True, steps_per_epoch=steps_per_epoch,
+    ).run(state)
+    if checkpoint_dir is not None:
+        _save_checkpoint(checkpoint_dir, module, optimizer, scheduler, best, state, result.stopped)
     module.load_state_dict(best["weights"])
     module.eval()
-    return {
-        "epochs_run": result.epochs_run,
-        "best_epoch": result.best_epoch,
-        "validation": [entry["validation"] for entry in result.history],
-        "metric": task.metric.name,
-        "stopped": result.stopped,
-        "seconds": result.seconds,
-    }
+    record.update(epochs_run=result.epochs_run, best_epoch=result.best_epoch,
+                  validation=[entry["validation"] for entry in result.history], stopped=result.stopped,
+                  seconds=result.seconds)
+    if stop_epoch is not None:
+        record["stop_epoch"] = stop_epoch
+    if resumed is not None:
+        record["resumed_from_epoch" if isinstance(resumed, dict) else "not_resumed"] = (
+            resumed["loop"]["epoch"] if isinstance(resumed, dict) else resumed)
+    return record
+
+
+def _shapes(module: Any) -> dict[str, list[int]]:
+    return {name: list(tensor.shape) for name, tensor in module.state_dict().items()}
+
+
+def _save_checkpoint(directory: Path, module: Any, optimizer: Any, scheduler: Any, best: dict[str, Any],
+                     state: LoopState, stopped: str) -> None:
+    """Weights, best weights and optimizer state as safetensors; counters and the schedule as JSON."""
+    from safetensors.torch import save_file, save_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(module, str(directory / "model.safetensors"))
+    save_file({k: v.detach().contiguous().clone() for k, v in best["weights"].items()},
+              str(directory / "best.safetensors"))
+    tensors, groups = optimizer_tensors(optimizer)
+    save_file(tensors, str(directory / "optimizer.safetensors"))
+    atomic_json(directory / "state.json", {"loop": asdict(state), "stopped": stopped, "shapes": _shapes(module),
+                                           "scheduler": scheduler.state_dict(), "param_groups": groups})
+
+
+def _load_checkpoint(directory: Path, module: Any, optimizer: Any, scheduler: Any,
+                     best: dict[str, Any]) -> dict[str, Any] | str | None:
+    """Restore a run saved by :func:`_save_checkpoint` into ``module`` and the optimizer; the saved
+    state on success, a reason when there is a checkpoint that does not fit, None when there is none."""
+    import json
+
+    from safetensors.torch import load_file, load_model
+
+    if not (directory / "state.json").exists():
+        return None
+    saved = json.loads((directory / "state.json").read_text())
+    if saved.get("shapes") != _shapes(module):
+        # pruning measured its way to another structure this time (a latency target): start afresh
+        return "the pruned structure differs from the checkpoint's"
+    load_model(module, str(directory / "model.safetensors"))
+    load_optimizer(optimizer, load_file(str(directory / "optimizer.safetensors")), saved["param_groups"])
+    scheduler.load_state_dict(saved["scheduler"])
+    best["weights"] = load_file(str(directory / "best.safetensors"))
+    return dict(saved)
 
 
 def finetune_step(module: Any, input_names: list[str], task: Task, params: dict[str, Any], context: Context,
@@ -214,8 +286,14 @@ def finetune_step(module: Any, input_names: list[str], task: Task, params: dict[
     (the one call structured and unstructured pruning share). Returns :func:`finetune`'s record."""
     config = FinetuneConfig(epochs=params["finetune_epochs"], lr=params["lr"], batch_size=params["batch_size"],
                             max_batches=params["max_batches"], seed=context.seed + step, augment=params["augment"])
+    # a rung of the optimizer's multi-fidelity schedule pauses the last step's fine-tune (earlier steps'
+    # fine-tunes make the model the last step prunes, so they run in full); its checkpoint lives in the
+    # step's work directory, which does not depend on the rung
+    last = step == params["steps"]
+    rung = context.stop_epoch if last else None
     return finetune(module, input_names, task, teacher=teacher, loss=loss, after_step=after_step, config=config,
-                    out_of_time=context.out_of_time, progress=context.progress)
+                    out_of_time=context.out_of_time, progress=context.progress, stop_epoch=rung,
+                    checkpoint_dir=context.work_dir / f"finetune-step{step}" if rung is not None else None)
 
 
 __all__ = ["FinetuneConfig", "Loss", "classification_loss", "default_loss", "embedding_loss", "finetune",

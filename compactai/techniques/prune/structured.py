@@ -175,6 +175,7 @@ class StructuredPrune(Technique):
         "ranking": ChoiceParam(("layer", "global"), "layer"),
     }
     quick: ClassVar[dict[str, Any]] = {"ratio": 0.3, "target": "channels", "finetune_epochs": 0}
+    fidelity_param = "finetune_epochs"  # the optimizer's multi-fidelity schedule pauses the last fine-tune
 
     @classmethod
     def search_defaults(cls, kind: str) -> dict[str, Any]:

@@ -101,6 +101,7 @@ class UnstructuredPrune(Technique):
     }
     in_default_search = False  # a dense runtime gains no speed from zeros; searched only when named
     quick: ClassVar[dict[str, Any]] = {"ratio": 0.5, "finetune_epochs": 0}
+    fidelity_param = "finetune_epochs"  # the optimizer's multi-fidelity schedule pauses the last fine-tune
 
     @classmethod
     def why_not(cls, handle: ModelHandle, task: Task | None) -> str | None:
