@@ -64,7 +64,10 @@ def _copy_files(source: Path, target: Path, suffixes: dict[str, str]) -> Path:
 
 
 def model_file(handle: ModelHandle) -> str:
-    """The name ``save_model`` gives this model's main file (model.onnx, or model.xml for OpenVINO IR)."""
+    """The name ``save_model`` gives this model's main file (model.onnx, model.xml for OpenVINO IR, or
+    the converted file of a device runtime: model.tflite, model.pte)."""
+    if handle.framework in ("litert", "executorch") and handle.path is not None:
+        return handle.path.name
     return "model.xml" if handle.framework == "openvino" else MODEL_FILE
 
 

@@ -39,6 +39,9 @@ from compactai.bundle.manifest import (
 from compactai.bundle.signing import Ed25519PrivateKey, key_id, sign
 from compactai.errors import BadInputError, CorruptModelError, ModelNotFoundError, ParameterError
 
+DEVICE_SUFFIXES = {".tflite": "litert", ".pte": "executorch"}  # as measure.devices (not imported: it loads numpy+)
+DEVICE_MODEL_FILES = ("model.tflite", "model.pte")
+
 RESULTS_FILE = "results.json"
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # results.json sections that describe the model and travel into the manifest as they are
@@ -52,8 +55,9 @@ def find_source(source: str | Path) -> tuple[Path, dict[str, Any] | None]:
         raise ModelNotFoundError(f"Not found: {path}. Pass an .onnx file or a compactai output directory.")
     if path.is_dir():
         model = path / MODEL_FILE
-        if not model.is_file() and (path / OPENVINO_MODEL_FILE).is_file():
-            model = path / OPENVINO_MODEL_FILE  # an output directory whose chosen model runs in OpenVINO
+        for other in (OPENVINO_MODEL_FILE, *DEVICE_MODEL_FILES):
+            if not model.is_file() and (path / other).is_file():
+                model = path / other  # an output directory whose model runs in OpenVINO, LiteRT or ExecuTorch
         if not model.is_file():
             raise BadInputError(f"{path} has no {MODEL_FILE}; pass an .onnx file or the output directory of "
                                 "compactai quantize/prune/distill/optimize.")
@@ -62,9 +66,13 @@ def find_source(source: str | Path) -> tuple[Path, dict[str, Any] | None]:
         return model, results
     if path.suffix.lower() == ".xml":
         return path, None  # OpenVINO IR; read and checked by OpenVINO in _openvino_files
+    if path.suffix.lower() in DEVICE_SUFFIXES:  # its signature is in the export's results.json beside it
+        beside = path.parent / RESULTS_FILE
+        return path, json.loads(beside.read_text()) if beside.is_file() else None
     if path.suffix.lower() != ".onnx":
-        raise BadInputError(f"{path.name} is not an ONNX file. Bundles hold ONNX models: export yours first "
-                            "(compactai profile exports with a parity check), or pass an output directory.")
+        raise BadInputError(f"{path.name} is not a model file a bundle can hold: bundles hold ONNX, OpenVINO IR "
+                            "(.xml), .tflite or .pte models. Export yours first (compactai export --format ...), "
+                            "or pass an output directory.")
     from compactai.models.load import refuse_pickle
 
     refuse_pickle(path)  # a pickle named .onnx: say so, rather than "not a valid ONNX file"
@@ -144,18 +152,43 @@ def _openvino_files(model: Path, work: Path) -> None:
             shutil.copyfileobj(source, out, 1 << 20)
 
 
-def golden_pair(model: Path, inputs: dict[str, np.ndarray] | None, samples: int = 2) -> tuple[dict, dict]:
+def _device_file(model: Path, work: Path) -> Path:
+    """Copy a .tflite/.pte (a regular file reached without symlinks) into the bundle as model.<suffix>."""
+    try:
+        fd = open_beneath(model.parent, model.name)
+    except BundleRefused as refusal:
+        raise BadInputError(f"{model} cannot be bundled: {_UNREADABLE.get(refusal.reason, str(refusal))}.") from refusal
+    target = work / f"model{model.suffix.lower()}"
+    with os.fdopen(fd, "rb") as source, target.open("xb") as out:
+        shutil.copyfileobj(source, out, 1 << 20)
+    return target
+
+
+def device_handle(model: Path, results: dict[str, Any] | None) -> Any:
+    """The handle of a .tflite/.pte for its runtime's runner, from the export's results.json."""
+    from compactai.measure.devices import load_device_model
+
+    return load_device_model(model, (results or {}).get("model") or {}, (results or {}).get("conversion") or {})
+
+
+def golden_pair(model: Path, inputs: dict[str, np.ndarray] | None, samples: int = 2,
+                handle: Any = None) -> tuple[dict, dict]:
     """Golden inputs (given, or synthesized from the signature) and the model's outputs on them in
-    ONNX Runtime (or OpenVINO, for an IR)."""
-    if model.suffix == ".xml":
+    ONNX Runtime, or in the runtime that runs it: OpenVINO for an IR, the device runtime for the
+    .tflite/.pte ``handle``."""
+    if model.suffix == ".xml" or handle is not None:
         from compactai.measure import make_runner
         from compactai.measure.openvino import load_openvino
         from compactai.models.load import synthesize_inputs as synthesize
 
-        handle = load_openvino(model)
+        handle = handle if handle is not None else load_openvino(model)
         feeds = inputs if inputs is not None else synthesize(handle.inputs, batch=samples, seed=0)
         handle.check_feeds(feeds)
-        outputs = dict(zip(handle.output_names, make_runner(handle, "openvino", threads=1).run(feeds)))
+        runner = make_runner(handle, handle.framework, threads=1)
+        try:
+            outputs = dict(zip(handle.output_names, runner.run(feeds)))
+        finally:
+            getattr(runner, "close", lambda: None)()
         _check_finite(outputs)
         return {n: np.asarray(feeds[n]) for n in handle.input_names}, outputs
     import onnxruntime as ort
@@ -235,20 +268,26 @@ def build_bundle(
         raise BadInputError(f"{out_path} already exists; bundles are never overwritten. Choose a new -o path.")
     archive = out_path.name.endswith(ARCHIVE_SUFFIXES)
     openvino = model.suffix.lower() == ".xml"
-    external = [] if openvino else _model_files(model)  # before anything is written
+    device = DEVICE_SUFFIXES.get(model.suffix.lower())  # litert | executorch | None
+    external = [] if openvino or device else _model_files(model)  # before anything is written
+    handle = device_handle(model, results) if device else None  # BadInputError without the export's record
     out_path.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out_path.parent))
     try:
         model_file = OPENVINO_MODEL_FILE if openvino else MODEL_FILE
         if openvino:
             _openvino_files(model, work)
+        elif handle is not None:
+            model_file = _device_file(model, work).name
+            handle = handle.derive(path=work / model_file)
         else:
             shutil.copyfile(model, work / MODEL_FILE)
         for location in external:
             _copy_external_data(model, location, work)
         _copy_extra_files(work, extra_files or {})
-        inputs, outputs = golden_pair(work / model_file, golden_inputs)
-        signature = _signature(work / model_file)
+        inputs, outputs = golden_pair(work / model_file, golden_inputs, handle=handle)
+        signature = _signature(work / model_file) if handle is None else (
+            [s.to_dict() for s in handle.inputs], [s.to_dict() for s in handle.outputs])
         save_arrays(work / GOLDEN_INPUTS_FILE, inputs)
         save_arrays(work / GOLDEN_OUTPUTS_FILE, outputs)
         created = time.time() if now is None else now
@@ -260,7 +299,10 @@ def build_bundle(
             "created": format_time(created),
             "expires": format_time(created + expires_days * 86400),
             "model": model_file,
-            "runtime": "openvino" if openvino else "onnxruntime",  # the runtime that runs it (and its self-test)
+            # the runtime that runs it (and its self-test)
+            "runtime": "openvino" if openvino else device or "onnxruntime",
+            # a device model's conversion (input shapes, static batch): what its runner needs besides the file
+            **({"conversion": (results or {}).get("conversion")} if device else {}),
             "inputs": signature[0],
             "outputs": signature[1],
             "golden": {"inputs": GOLDEN_INPUTS_FILE, "outputs": GOLDEN_OUTPUTS_FILE, "rtol": rtol, "atol": atol},

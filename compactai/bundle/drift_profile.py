@@ -139,6 +139,9 @@ def drift_profile_files(
     (e.g. ``compactai.load_example``) loads a named example's data."""
     if data is not None and example is not None:
         raise BadInputError("Give the drift reference as --data FILE.npz or --example NAME, not both.")
+    if Path(model).suffix.lower() in (".tflite", ".pte"):
+        return {}, ("none: a .tflite/.pte model runs on its device, and drift is detected by compactai serve, "
+                    "which serves ONNX and OpenVINO models")
     example = example or (example_of(results) if data is None else None)
     if data is not None:
         inputs, inferred = reference_from_npz(data, _load(Path(model)).input_names)

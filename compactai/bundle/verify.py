@@ -135,6 +135,11 @@ def check_external_data(root: Path, manifest: dict[str, Any]) -> None:
             raise BundleRefused("invalid-model", f"An OpenVINO bundle's model must be an IR .xml with its .bin listed "
                                                  f"beside it; got {model!r}.")
         model_set: set[str] = set()
+    elif manifest.get("runtime") in ("litert", "executorch"):
+        if not model.endswith((".tflite", ".pte")):
+            raise BundleRefused("invalid-model", f"A {manifest['runtime']} bundle's model must be a .tflite or .pte "
+                                                 f"file; got {model!r}.")
+        model_set = set()  # a flatbuffer with its weights inside: it references no other file
     else:
         model_set = {model}
     for onnx_file in sorted({p for p in listed if p.endswith(".onnx")} | model_set):
@@ -160,7 +165,8 @@ def check_no_pickle(root: Path, manifest: dict[str, Any]) -> None:
         reason = pickle_reason(root / entry["path"])
         if reason:
             raise BundleRefused("pickle", f"{entry['path']} is pickle-based ({reason}); unpickling runs code, "
-                                          "so bundles may hold only ONNX, safetensors and numeric .npy/.npz arrays.")
+                                          "so bundles may hold only models (ONNX, OpenVINO IR, .tflite, "
+                                          ".pte), safetensors and numeric .npy/.npz arrays.")
 
 
 FILE_CHECKS: list[tuple[str, Callable[[Path, dict[str, Any]], None]]] = [
@@ -225,6 +231,8 @@ def validate_model(root: Path, manifest: dict[str, Any], threads: int = 1) -> di
     runtime = manifest.get("runtime", "onnxruntime")
     if runtime == "openvino":
         return _validate_openvino(root, manifest, threads)
+    if runtime in ("litert", "executorch"):
+        return _validate_device(root, manifest, runtime, threads)
     if runtime != "onnxruntime":
         raise BundleRefused("invalid-model", f"The bundle's model runs on {runtime!r}, which this verifier cannot "
                                              "run; verify it on a device with that runtime.")
@@ -272,6 +280,38 @@ def _validate_openvino(root: Path, manifest: dict[str, Any], threads: int) -> di
                                                f"({str(exc).splitlines()[0][:200]}).") from exc
     result = compare_golden(root, manifest, inputs, actual)
     result["runtime"] = "openvino"
+    return result
+
+
+def _validate_device(root: Path, manifest: dict[str, Any], runtime: str, threads: int) -> dict[str, Any]:
+    """The self-test of a .tflite/.pte bundle, run in LiteRT or ExecuTorch (the runtime it ships for),
+    with the signature and conversion record the manifest carries."""
+    from compactai.errors import CompactAIError
+    from compactai.measure import make_runner, runtime_plugin
+    from compactai.measure.devices import load_device_model
+
+    plugin = runtime_plugin(runtime)
+    if not plugin.available():
+        raise BundleRefused("runtime-unavailable", f"The bundle's model runs on {runtime}, which is not installed "
+                                                   f"here, so its self-test cannot run; install it "
+                                                   f"({plugin.install_line()}) or verify on the device.")
+    try:
+        handle = load_device_model(root / manifest["model"], {"inputs": manifest["inputs"],
+                                                              "outputs": manifest["outputs"]},
+                                   manifest.get("conversion") or {})
+        runner = make_runner(handle, runtime, threads)
+    except CompactAIError as exc:
+        raise BundleRefused("invalid-model", f"{runtime} cannot run {manifest['model']}: {exc}") from exc
+    inputs = load_arrays(root / manifest["golden"]["inputs"])
+    try:
+        actual = dict(zip(handle.output_names, runner.run(inputs)))
+    except Exception as exc:  # any failure on the golden inputs refuses the bundle
+        raise BundleRefused("golden-mismatch", f"The model fails on its golden inputs "
+                                               f"({str(exc).splitlines()[0][:200]}).") from exc
+    finally:
+        getattr(runner, "close", lambda: None)()
+    result = compare_golden(root, manifest, inputs, actual)
+    result["runtime"] = runtime
     return result
 
 

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from compactai.errors import (
+    BadInputError,
     CorruptModelError,
     InputSignatureError,
     MissingDependencyError,
@@ -47,7 +48,7 @@ from compactai.measure.device_int8 import calibration_rows, check_int8
 from compactai.measure.openvino import check_converted, parity_feeds
 from compactai.measure.runtime import Runner, RuntimePlugin, default_threads, register_runtime
 from compactai.measure.stats import count_macs, parameter_count
-from compactai.models.handle import ModelHandle
+from compactai.models.handle import ModelHandle, TensorSpec
 
 MAX_BATCH = 64  # a .pte's batch upper bound (its memory is planned for it)
 CONVERT_TIMEOUT = 1800.0  # seconds; MiniLM takes ~1 min (LiteRT) to a few (ExecuTorch) on 2 loaded cores
@@ -314,3 +315,31 @@ class ExecuTorchPlugin(_DevicePlugin):
     packages = "executorch torch==2.13.0"
     converter = "executorch to_edge_transform_and_lower(XnnpackPartitioner).to_executorch"
     quantizer = "XNNPACKQuantizer (PT2E, symmetric per-channel int8)"
+
+
+DEVICE_SUFFIXES = {".tflite": "litert", ".pte": "executorch"}
+
+
+def load_device_model(path: Path, model: dict[str, Any], conversion: dict[str, Any]) -> ModelHandle:
+    """A converted ``.tflite`` / ``.pte`` as a handle for its runtime's runner. The file does not name
+    its inputs the way compactai feeds them, so the signature comes from what ``compactai export``
+    recorded beside it (results.json: ``model`` and ``conversion``), or from a bundle's manifest."""
+    runtime = DEVICE_SUFFIXES.get(path.suffix.lower())
+    if runtime is None:
+        raise UnsupportedFormatError(f"{path.name} is not a .tflite or .pte file.")
+    shapes = conversion.get("input_shapes") if isinstance(conversion, dict) else None
+    specs = model.get("inputs") if isinstance(model, dict) else None
+    if not isinstance(shapes, dict) or not isinstance(specs, list) or not specs \
+            or any(not isinstance(s, dict) or s.get("name") not in shapes for s in specs):
+        raise BadInputError(f"{path} comes without the record of its inputs (the results.json that compactai export "
+                            f"writes beside it); pass the export's output directory, or re-export the model: "
+                            f"compactai export MODEL --format {path.suffix.lstrip('.')} -o OUT.")
+    batch = conversion.get("batch")
+    first: int | str = batch if isinstance(batch, int) else "batch"
+    inputs = [TensorSpec(s["name"], (first, *[int(d) for d in shapes[s["name"]]]), str(s["dtype"])) for s in specs]
+    outputs = [TensorSpec.from_dict(s) for s in model.get("outputs") or []]
+    from compactai.models.load import synthesize_inputs
+
+    return ModelHandle(framework=runtime, name=str(model.get("name") or path.stem), inputs=inputs, outputs=outputs,
+                       example_inputs=synthesize_inputs(inputs, batch=1), path=path,
+                       kind=str(model.get("kind") or "generic"), metadata={"runtime": runtime, runtime: conversion})

@@ -45,6 +45,13 @@ class LoadedVersion:
     root: Path | None = None  # the bundle directory (None for a plain .onnx)
 
     def __post_init__(self) -> None:
+        if self.model_path.suffix.lower() in (".tflite", ".pte"):
+            from compactai.errors import UnsupportedFormatError
+
+            raise UnsupportedFormatError(
+                f"{self.model_path.name} is a {self.manifest.get('runtime') or 'device'} model for devices; compactai "
+                "serve serves ONNX and OpenVINO models. Run it with its runtime on the device, or bundle the ONNX "
+                "model (compactai export --format onnx) to serve it here.")
         self.runtime = "openvino" if self.model_path.suffix == ".xml" else "onnxruntime"
         if self.runtime == "openvino":
             self._open_openvino()
