@@ -72,7 +72,7 @@ __all__ = [
 ]
 
 # runtimes whose peak memory the subprocess probe (_memprobe.py) knows how to measure
-_MEMORY_PROBE_RUNTIMES = ("onnxruntime", "torch")
+_MEMORY_PROBE_RUNTIMES = ("onnxruntime", "openvino", "torch")
 
 
 # (field, CLI flag, lowest, highest): bounds that keep a typo from hanging or exhausting the machine
@@ -279,7 +279,7 @@ def measure(
         result.energy_mj, result.energy_method, result.energy_formula = (
             energy.millijoules_per_inference, energy.method, energy.formula)
     if config.memory and runtime not in _MEMORY_PROBE_RUNTIMES:
-        result.notes.append(f"peak memory not measured on {runtime}: the memory probe runs onnxruntime and torch only")
+        result.notes.append(f"peak memory not measured on {runtime}: the memory probe runs onnxruntime, openvino and torch only")
     elif config.memory:
         say(f"{runtime}: peak memory in a subprocess")
         memory = measure_peak_memory(handle, runtime, threads)

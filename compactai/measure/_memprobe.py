@@ -1,6 +1,6 @@
 """Subprocess half of the peak-memory measurement. Imports only numpy and one runtime.
 
-usage: python _memprobe.py onnxruntime|torch MODEL INPUTS.npz --threads N --runs R
+usage: python _memprobe.py onnxruntime|openvino|torch MODEL INPUTS.npz --threads N --runs R
 Prints {"peak_mb": ..., "base_mb": ...}: peak RSS (VmHWM), and RSS after importing the runtime.
 """
 
@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import resource
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,22 @@ def main() -> None:
         session = ort.InferenceSession(args.model, options, providers=["CPUExecutionProvider"])
         for _ in range(args.runs):
             session.run(None, feeds)
+    elif args.runtime == "openvino":
+        # run as a script, this file's directory is first on sys.path, and it holds compactai's own
+        # openvino.py: import the package, not that module
+        here = Path(__file__).resolve().parent
+        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+        import openvino as ov
+
+        base = rss_mb()
+        core = ov.Core()
+        # the settings of compactai's OpenVINO runner (measure/openvino.py), so the figure is the served model's
+        compiled = core.compile_model(core.read_model(args.model), "CPU", {
+            "INFERENCE_NUM_THREADS": args.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32"})
+        request = compiled.create_infer_request()
+        for _ in range(args.runs):
+            request.infer(feeds)
     else:
         import torch
 

@@ -35,6 +35,8 @@ def measure_peak_memory(handle: ModelHandle, runtime: str, threads: int, runs: i
         np.savez(inputs, allow_pickle=False, **handle.example_inputs)
         if runtime == "onnxruntime":
             model_path = handle.to_onnx().path
+        elif runtime == "openvino":  # its IR, or the ONNX file OpenVINO reads (as its runner does)
+            model_path = handle.path if handle.framework == "openvino" else handle.to_onnx().path
         else:
             model_path = Path(tmp) / "model.pt2"
             try:
