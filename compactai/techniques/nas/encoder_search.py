@@ -7,7 +7,11 @@ from their checkpoint* to the next rung, and so on.
 - Measured: each proposed student is built (``encoder.build_encoder``: teacher layers, narrowed)
   and measured whole at batch 1 on ONNX Runtime before any training; above the budget it is
   ``over_budget``. The per-part latency table is not used here: exporting and timing a whole
-  student takes seconds where training it takes minutes, so every candidate is measured.
+  student takes seconds where training it takes minutes, so every candidate is measured. It is
+  timed in interleaved rounds with the teacher, and its figure is its ratio to the teacher in those
+  rounds times the teacher's figure at the start of the search: load that comes and goes on a shared
+  machine (a burst during one candidate's timing) then changes both sides of the ratio alike, instead
+  of admitting or rejecting that candidate by chance.
 - Training: the distillation technique's ``Trainer`` and ``EmbeddingObjective`` (mean-pooled
   embeddings, cosine + MSE), token embeddings frozen, dropout off; the teacher's targets are
   computed once and shared by every candidate. The learning-rate schedule is planned for the
@@ -36,7 +40,7 @@ import optuna
 from torch import nn
 
 from compactai.errors import ParameterError
-from compactai.measure import make_runner, measure_latency
+from compactai.measure import MeasureConfig, interleaved_latency
 from compactai.models.handle import ModelHandle
 from compactai.tasks import EmbeddingFidelity, Task
 from compactai.techniques.distill.objectives import EmbeddingObjective
@@ -69,12 +73,34 @@ class _Member:
     work_dir: Path
 
 
-def measure_student(student: nn.Module, teacher: ModelHandle, threads: int, queries: int) -> tuple[float, float]:
-    """(p50, p90) ms of ``student`` at batch 1 on ONNX Runtime, on the teacher's probe inputs."""
-    handle = teacher.derive(module=student.eval(), name="nas-encoder-candidate")
-    runner = make_runner(handle.to_onnx(parity=False), "onnxruntime", threads)
-    stats = measure_latency(runner, dict(teacher.example_inputs), min_queries=queries, min_seconds=0.2, warmup=10)
-    return stats.p50_ms, stats.p90_ms
+@dataclass
+class Reference:
+    """The teacher as every candidate's timing reference: its ONNX form and batch-1 p50/p90 (ms),
+    measured at the start of the search."""
+
+    handle: ModelHandle
+    p50_ms: float
+    p90_ms: float
+
+    @classmethod
+    def measure(cls, teacher: ModelHandle, threads: int, queries: int, rounds: int = 3) -> Reference:
+        handle = teacher.to_onnx(parity=False)
+        row = interleaved_latency([handle], MeasureConfig(min_queries=queries, min_seconds=0.5, threads=threads),
+                                  rounds)[0]
+        return cls(handle, row["latency_p50_ms"], row["latency_p90_ms"])
+
+
+def measure_student(student: nn.Module, teacher: ModelHandle, threads: int, queries: int,
+                    reference: Reference | None = None, rounds: int = 3) -> tuple[float, float]:
+    """(p50, p90) ms of ``student`` at batch 1 on ONNX Runtime, on the teacher's probe inputs: timed in
+    ``rounds`` interleaved with the teacher, and scaled by the teacher's figures in ``reference``
+    (measured once at the start), so that a candidate's figure is its speed relative to the teacher."""
+    reference = reference or Reference.measure(teacher, threads, queries)
+    handle = teacher.derive(module=student.eval(), name="nas-encoder-candidate").to_onnx(parity=False)
+    teacher_row, row = interleaved_latency([reference.handle, handle], MeasureConfig(
+        min_queries=queries, min_seconds=0.2, threads=threads), rounds)
+    return (row["latency_p50_ms"] / teacher_row["latency_p50_ms"] * reference.p50_ms,
+            row["latency_p90_ms"] / teacher_row["latency_p90_ms"] * reference.p90_ms)
 
 
 def cosine_task(task: Task) -> Task:
@@ -92,9 +118,11 @@ def run_encoder_search(
     config: NasConfig,
     work_dir: Path,
     progress: Callable[[str], None] = lambda message: None,
+    reference: Reference | None = None,
 ) -> NasOutcome:
     """Search ``space`` (family ``encoder``) for the student of ``teacher`` with the best validation
-    mean cosine within ``config.budget_ms``; checkpoints and the teacher's targets go in ``work_dir``."""
+    mean cosine within ``config.budget_ms``; checkpoints and the teacher's targets go in ``work_dir``.
+    ``reference``: the teacher's figures a relative budget was made from (measured here without it)."""
     config.check()
     started = time.monotonic()
     deadline = None if config.max_minutes is None else started + config.max_minutes * 60
@@ -115,8 +143,9 @@ def run_encoder_search(
     rungs = rungs_of(config)
     outcome = NasOutcome([], "max_trials", rungs, {"candidates": 0, "spearman": None, "mean_relative_error": None,
                                                    "note": "not used for the encoder space: every candidate is "
-                                                           "measured whole before it is trained"}, 0.0)
-    cohort = _propose(space, teacher, shape, config, study, fidelity, deadline, work_dir, outcome, progress)
+                                                           "measured whole before it is trained, interleaved "
+                                                           "with the teacher"}, 0.0)
+    cohort = _propose(space, teacher, shape, config, study, fidelity, deadline, work_dir, outcome, progress, reference)
     objective = EmbeddingObjective(teacher.module, teacher.input_names, "cosine+mse")
     targets = work_dir / f"teacher-targets-{Distill.targets_key(teacher, objective, train)}.safetensors"
     scorer = validation_scorer(scored, teacher.input_names)
@@ -158,11 +187,15 @@ def run_encoder_search(
 
 def _propose(space: dict[str, Any], teacher: ModelHandle, shape: dict[str, int], config: NasConfig,
              study: optuna.Study, fidelity: optuna.Study, deadline: float | None, work_dir: Path,
-             outcome: NasOutcome, progress: Callable[[str], None]) -> list[_Member]:
+             outcome: NasOutcome, progress: Callable[[str], None], reference: Reference | None) -> list[_Member]:
     """Propose up to ``max_trials`` distinct students, build and measure each; the ones within the
     budget form the cohort that trains at the first rung."""
     cohort: list[_Member] = []
     task_shape = {"input": {"names": list(teacher.input_names)}, "teacher": shape}
+    if reference is None:
+        progress("timing the teacher: every candidate is timed interleaved with it")
+        reference = Reference.measure(teacher, config.threads, max(config.measure_queries, 200))
+    outcome.predictor["teacher_reference_ms"] = {"p50": round(reference.p50_ms, 4), "p90": round(reference.p90_ms, 4)}
     for trial, candidate in propose_distinct(study, space, task_shape, config.max_trials, outcome, deadline):
         spec = candidate.spec
         began = time.monotonic()
@@ -170,7 +203,7 @@ def _propose(space: dict[str, Any], teacher: ModelHandle, shape: dict[str, int],
             model = build_encoder(spec, teacher, seed=config.train.seed)
             candidate.params = sum(p.numel() for p in model.parameters())
             candidate.latency_p50_ms, candidate.latency_p90_ms = measure_student(
-                model, teacher, config.threads, config.measure_queries)
+                model, teacher, config.threads, config.measure_queries, reference)
         except Exception as exc:  # noqa: BLE001 (one student that cannot be built or exported must not end the search; it is recorded as failed)
             log.warning("NAS encoder candidate %d failed: %s", candidate.number, exc)
             candidate.status, candidate.error = FAILED, f"{type(exc).__name__}: {exc}"[:500]
@@ -223,4 +256,4 @@ def _train_to(member: _Member, rung: int, objective: EmbeddingObjective, scorer:
         member.rung_trial.report(result.best_metric, rung)
 
 
-__all__ = ["NOT_TRAINED", "cosine_task", "measure_student", "run_encoder_search"]
+__all__ = ["NOT_TRAINED", "Reference", "cosine_task", "measure_student", "run_encoder_search"]
