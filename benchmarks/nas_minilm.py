@@ -3,10 +3,11 @@ candidate distilled from all-MiniLM-L6-v2) must beat the hand-picked 3-layer stu
 distillation benchmark (layers 0,2,5: test mean cosine 0.927 in benchmarks/results/distillation.json)
 with a higher test mean cosine at equal or lower measured batch-1 latency, within 30 minutes.
 
-The latency budget is 0.9 of the hand-picked student's own p90, measured here first (interleaved with
-the teacher) and given as a fraction of the teacher's p90 (``--budget latency_p90_ms<=Fx``): the search
-times each candidate interleaved with the teacher too, so a machine that is slower or faster during
-the run changes both sides alike. The search runs as the real CLI in a subprocess with ``--compare-student layers:0,2,5``, so
+The latency budget is 0.9 of the hand-picked student's own p90 (``--budget latency_p90_ms<=0.9x
+--relative-to student``): the CLI measures that student interleaved with the teacher, and times each
+candidate interleaved with it, so a machine that is slower or faster during the run changes both
+sides alike (a ratio to the teacher was tried first: the teacher's p90 moved from 1.5x to 1.9x the
+student's within one run). The search runs as the real CLI in a subprocess with ``--compare-student layers:0,2,5``, so
 its final interleaved re-measurement puts the chosen student and the hand-picked one side by side.
 The 30 minutes are wall time on a shared 2-core machine: the load average is recorded.
 
@@ -40,21 +41,6 @@ def reference_cosine() -> float:
     return float(next(r for r in rows if r["model"] == "distilled layers 0,2,5")["cosine_mean"])
 
 
-def reference_budget(rounds: int) -> dict[str, float]:
-    """p50/p90 of the hand-picked student (weights do not change dense fp32 latency), interleaved with the teacher."""
-    sys.path.insert(0, str(ROOT))
-    from compactai.examples import load_example
-    from compactai.measure import MeasureConfig, default_threads, interleaved_latency
-    from compactai.techniques.distill.students import drop_layers
-
-    handle = load_example("minilm").handle
-    student = handle.derive(module=drop_layers(REFERENCE.partition(":")[2], handle, None).eval(), name="reference")
-    rows = interleaved_latency([handle.to_onnx(parity=False), student.to_onnx(parity=False)],
-                               MeasureConfig(min_queries=200, min_seconds=1.0, threads=default_threads()), rounds)
-    return {"teacher_p90_ms": rows[0]["latency_p90_ms"], "reference_p50_ms": rows[1]["latency_p50_ms"],
-            "reference_p90_ms": rows[1]["latency_p90_ms"]}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-minutes", type=float, default=24.0, help="the search's own limit (the bar is 30)")
@@ -70,11 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.out, ignore_errors=True)  # a fresh output directory: nothing of an earlier run is resumed
     load_before = os.getloadavg()
     started = time.monotonic()
-    budget = reference_budget(3)
     command = [sys.executable, "-m", "compactai.cli", "nas", "--example", "minilm", "--space", str(args.space),
-               # relative to the teacher: the hand-picked student's p90 as a fraction of the teacher's, measured in
-               # the same interleaved rounds here; the search times every candidate relative to the teacher too
-               "--budget", f"latency_p90_ms<={args.budget_factor * budget['reference_p90_ms'] / budget['teacher_p90_ms']:.4f}x",
+               # relative to the hand-picked student: the search times every candidate interleaved with it
+               "--budget", f"latency_p90_ms<={args.budget_factor:g}x", "--relative-to", "student",
                "--compare-student", REFERENCE,
                "--max-minutes", str(args.max_minutes), "--max-trials", str(args.max_trials), "--epochs",
                str(args.epochs), "--reduction-factor", str(args.reduction_factor), "-o", str(args.out), "--json"]
@@ -110,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
     write_section(RESULTS, "minilm", {
         "benchmark": "nas-minilm", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command,
-        "wall_seconds": round(wall, 1), "exit_code": done.returncode, "bars": bars, "reference_budget": budget,
+        "wall_seconds": round(wall, 1), "exit_code": done.returncode, "bars": bars,
         "hand_picked_cosine_mean": target, "budget_factor": args.budget_factor, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "summary": {k: v for k, v in summary.items() if k != "candidates"}, "candidates": summary["candidates"],
     })

@@ -45,6 +45,10 @@ def nas(
                                                help="Encoder space: a distillation student spec (e.g. layers:0,2,5) "
                                                     "re-measured interleaved with the teacher and the chosen student, "
                                                     "for a latency comparison in results.json."),
+    relative_to: str = typer.Option("teacher", "--relative-to",
+                                    help="Encoder space: what a relative budget ('0.9x') multiplies and what each "
+                                         "candidate is timed against in interleaved rounds: teacher (default), or "
+                                         "student (the --compare-student, for 'faster than this student')."),
     reduction_factor: int = typer.Option(3, "--reduction-factor",
                                          help="Successive halving: 1 in this many continues past each rung."),
     threads: int | None = typer.Option(None, "--threads", help="ONNX Runtime threads (default: the CPUs available)."),
@@ -77,6 +81,11 @@ def nas(
                             "(--data has no teacher).")
     if compare_student is not None and not encoder:
         raise BadInputError("--compare-student is for the encoder space (--space encoder).")
+    if relative_to not in ("teacher", "student"):
+        raise BadInputError(f"--relative-to must be teacher or student; got {relative_to!r}.")
+    if relative_to == "student" and compare_student is None:
+        raise BadInputError("--relative-to student times candidates against the --compare-student: give one, "
+                            "e.g. --compare-student layers:0,2,5.")
     if compare_student is not None:
         from compactai.techniques.distill.students import parse_student_spec
 
@@ -116,10 +125,14 @@ def nas(
             teacher_figures = {"latency_p50_ms": measured.latency_p50_ms, "latency_p90_ms": measured.latency_p90_ms,
                                "params": measured.params, "quality_test": task.baseline, "handle": handle.to_onnx()}
             teacher = handle.module.eval() if distill else None
+            if relative_to == "student":
+                teacher_figures["timing"] = student_reference(handle, teacher_figures, compare_student, threads, say)
         else:
             task = labelled_task(data)  # type: ignore[arg-type]
     if latency[0].relative:
-        config.budget_ms = latency[0].value * teacher_figures["latency_p90_ms"]  # type: ignore[index]
+        timing = teacher_figures.get("timing")  # type: ignore[union-attr]  # the student with --relative-to student
+        config.budget_ms = latency[0].value * (timing.p90_ms if timing is not None
+                                               else teacher_figures["latency_p90_ms"])  # type: ignore[index]
     if train_samples:
         task = replace(task, splits={**task.splits, "train": task.split("train").take(min(train_samples,
                                                                                          len(task.split("train"))))})
@@ -153,3 +166,19 @@ def _print(out: Output, summary: dict[str, Any], label: Any) -> None:
         f"fidelity {[(r['epochs'], r['candidates']) for r in summary['fidelity_schedule']]}; predictor Spearman "
         f"{predictor.get('spearman')} MRE {predictor.get('mean_relative_error')}; report: {summary['report']}",
         highlight=False)
+
+
+def student_reference(handle: Any, teacher_figures: dict[str, Any], spec: str | None, threads: int,
+                      say: Any) -> Any:
+    """The --compare-student as the timing reference: built from the teacher, its ONNX form and its
+    batch-1 p50/p90 from 3 rounds interleaved with the teacher."""
+    from compactai.measure import MeasureConfig, interleaved_latency
+    from compactai.techniques.distill.students import build_student, parse_student_spec
+    from compactai.techniques.nas.encoder_search import Reference
+
+    say(f"measuring the comparison student {spec} (interleaved with the teacher)")
+    student = build_student(parse_student_spec(spec or ""), handle, None).eval()
+    onnx = handle.derive(module=student, name="reference").to_onnx(parity=False)
+    rows = interleaved_latency([teacher_figures["handle"], onnx],
+                               MeasureConfig(min_queries=200, min_seconds=0.5, threads=threads), 3)
+    return Reference(onnx, rows[1]["latency_p50_ms"], rows[1]["latency_p90_ms"])

@@ -67,6 +67,8 @@ def test_nas_exits_3_and_writes_the_closest_when_nothing_fits(tmp_path: Path) ->
     (["--budget", "latency_p90_ms<=0.5x"], "relative budget"),
     (["--space", "encoder"], "use --example minilm"),
     (["--compare-student", "layers:0,2"], "--compare-student is for the encoder space"),
+    (["--relative-to", "student"], "--relative-to student times candidates against the --compare-student"),
+    (["--relative-to", "median"], "--relative-to must be teacher or student"),
 ])
 def test_nas_bad_input_exits_2(tmp_path: Path, args: list[str], message: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COMPACTAI_CACHE_DIR": str(tmp_path / "cache")}

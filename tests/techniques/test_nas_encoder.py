@@ -17,7 +17,7 @@ from compactai.tasks import EmbeddingFidelity, Split, Task
 from compactai.techniques.distill.students import find_layer_stack
 from compactai.techniques.nas._train import TrainSettings
 from compactai.techniques.nas.encoder import build_encoder, kept_layers, teacher_shape
-from compactai.techniques.nas.encoder_search import run_encoder_search
+from compactai.techniques.nas.encoder_search import Reference, measure_student, run_encoder_search
 from compactai.techniques.nas.search import OK, PRUNED, NasConfig
 from compactai.techniques.nas.space import validate_space
 
@@ -121,3 +121,16 @@ def test_a_second_search_into_the_same_directory_does_not_resume_the_first_ones_
     again = _search(teacher, tmp_path, train=TrainSettings(max_epochs=3, lr=1e-3, batch_size=16, seed=0))
     kept = [c for c in again.candidates if c.status == OK]
     assert kept and all(c.epochs_run == 3 and c.history[0]["epoch"] == 1 for c in kept)
+
+
+def test_a_candidate_is_timed_relative_to_the_reference_and_scaled_by_its_figures(teacher) -> None:
+    """measure_student times the student interleaved with the reference and reports its ratio to the
+    reference times the reference's figures: the teacher's own copy, against a reference said to take
+    100 / 1000 ms, comes out near 100 / 1000 ms (a ratio near 1), not near its own few milliseconds."""
+    import copy
+
+    measured = Reference.measure(teacher, threads=1, queries=50)
+    assert 0 < measured.p50_ms <= measured.p90_ms
+    scaled = Reference(measured.handle, 100.0, 1000.0)
+    p50, p90 = measure_student(copy.deepcopy(teacher.module), teacher, threads=1, queries=50, reference=scaled)
+    assert 50 < p50 < 200 and 500 < p90 < 2000
