@@ -263,31 +263,15 @@ def validate_model(root: Path, manifest: dict[str, Any], threads: int = 1) -> di
 
 def _validate_openvino(root: Path, manifest: dict[str, Any], threads: int) -> dict[str, Any]:
     """The self-test of an OpenVINO IR bundle, run in OpenVINO (the runtime it ships for)."""
-    from compactai.errors import CompactAIError
-    from compactai.measure import make_runner
     from compactai.measure.openvino import load_openvino
 
-    try:
-        handle = load_openvino(root / manifest["model"])
-        runner = make_runner(handle, "openvino", threads)
-    except CompactAIError as exc:  # not installed, or an IR OpenVINO cannot read
-        raise BundleRefused("invalid-model", f"OpenVINO cannot run {manifest['model']}: {exc}") from exc
-    inputs = load_arrays(root / manifest["golden"]["inputs"])
-    try:
-        actual = dict(zip(handle.output_names, runner.run(inputs)))
-    except Exception as exc:  # any failure on the golden inputs refuses the bundle
-        raise BundleRefused("golden-mismatch", f"The model fails on its golden inputs "
-                                               f"({str(exc).splitlines()[0][:200]}).") from exc
-    result = compare_golden(root, manifest, inputs, actual)
-    result["runtime"] = "openvino"
-    return result
+    return _self_test(root, manifest, "openvino", threads, lambda: load_openvino(root / manifest["model"]))
 
 
 def _validate_device(root: Path, manifest: dict[str, Any], runtime: str, threads: int) -> dict[str, Any]:
     """The self-test of a .tflite/.pte bundle, run in LiteRT or ExecuTorch (the runtime it ships for),
     with the signature and conversion record the manifest carries."""
-    from compactai.errors import CompactAIError
-    from compactai.measure import make_runner, runtime_plugin
+    from compactai.measure import runtime_plugin
     from compactai.measure.devices import load_device_model
 
     plugin = runtime_plugin(runtime)
@@ -295,12 +279,21 @@ def _validate_device(root: Path, manifest: dict[str, Any], runtime: str, threads
         raise BundleRefused("runtime-unavailable", f"The bundle's model runs on {runtime}, which is not installed "
                                                    f"here, so its self-test cannot run; install it "
                                                    f"({plugin.install_line()}) or verify on the device.")
+    signature = {"inputs": manifest["inputs"], "outputs": manifest["outputs"]}
+    return _self_test(root, manifest, runtime, threads, lambda: load_device_model(
+        root / manifest["model"], signature, manifest.get("conversion") or {}))
+
+
+def _self_test(root: Path, manifest: dict[str, Any], runtime: str, threads: int,
+               load: Callable[[], Any]) -> dict[str, Any]:
+    """Run the golden inputs through ``load()``'s model in ``runtime`` and compare with the golden outputs."""
+    from compactai.errors import CompactAIError
+    from compactai.measure import make_runner
+
     try:
-        handle = load_device_model(root / manifest["model"], {"inputs": manifest["inputs"],
-                                                              "outputs": manifest["outputs"]},
-                                   manifest.get("conversion") or {})
+        handle = load()
         runner = make_runner(handle, runtime, threads)
-    except CompactAIError as exc:
+    except CompactAIError as exc:  # not installed, or a file the runtime cannot read
         raise BundleRefused("invalid-model", f"{runtime} cannot run {manifest['model']}: {exc}") from exc
     inputs = load_arrays(root / manifest["golden"]["inputs"])
     try:
@@ -309,7 +302,7 @@ def _validate_device(root: Path, manifest: dict[str, Any], runtime: str, threads
         raise BundleRefused("golden-mismatch", f"The model fails on its golden inputs "
                                                f"({str(exc).splitlines()[0][:200]}).") from exc
     finally:
-        getattr(runner, "close", lambda: None)()
+        getattr(runner, "close", lambda: None)()  # a device runtime's worker process
     result = compare_golden(root, manifest, inputs, actual)
     result["runtime"] = runtime
     return result
