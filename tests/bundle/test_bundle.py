@@ -71,7 +71,7 @@ def test_build_rejects_bad_parameters_and_pickle_sources(keypair, small_onnx, tm
     with pytest.raises(ParameterError, match="semver"):
         build_bundle(small_onnx, tmp_path / "x", key, 1, semver="one")
     (tmp_path / "model.pt").write_bytes(b"\x80\x04junk")
-    with pytest.raises(BadInputError, match="not an ONNX file"):
+    with pytest.raises(BadInputError, match="not a model file a bundle can hold"):
         build_bundle(tmp_path / "model.pt", tmp_path / "x", key, 1)
     build_bundle(small_onnx, tmp_path / "b", key, 1)
     with pytest.raises(BadInputError, match="never overwritten"):
