@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             "quantize", mode="auto", min_quality=floor, rank_by="cosine_mean", configs=[config]).apply(
             source, Context(task=task.scored_by("cosine_mean"), work_dir=work / name, progress=say))
         decisions = candidates[name].metadata["history"][-1]["decisions"]
-        floats[name] = list((decisions.get("search") or {}).get("chosen_float_ops") or [])
+        floats[name] = list(decisions.get("float_ops") or [])  # the ops mode auto kept in float
     say("test-split quality")
     quality = {name: task.evaluate(make_runner(handle), split="test").details for name, handle in candidates.items()}
     say(f"batch-1 latency, {args.rounds} interleaved rounds")
