@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from compactai.measure.environment import environment
-from compactai.models.handle import ModelHandle
+from compactai.models.handle import DEVICE_RUNTIMES, ModelHandle
 
 MODEL_FILE = "model.onnx"
 RESULTS_FILE = "results.json"
@@ -66,7 +66,7 @@ def _copy_files(source: Path, target: Path, suffixes: dict[str, str]) -> Path:
 def model_file(handle: ModelHandle) -> str:
     """The name ``save_model`` gives this model's main file (model.onnx, model.xml for OpenVINO IR, or
     the converted file of a device runtime: model.tflite, model.pte)."""
-    if handle.framework in ("litert", "executorch") and handle.path is not None:
+    if handle.framework in DEVICE_RUNTIMES and handle.path is not None:
         return handle.path.name
     return "model.xml" if handle.framework == "openvino" else MODEL_FILE
 

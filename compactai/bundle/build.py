@@ -38,9 +38,9 @@ from compactai.bundle.manifest import (
 )
 from compactai.bundle.signing import Ed25519PrivateKey, key_id, sign
 from compactai.errors import BadInputError, CorruptModelError, ModelNotFoundError, ParameterError
+from compactai.models.handle import DEVICE_SUFFIXES
 
-DEVICE_SUFFIXES = {".tflite": "litert", ".pte": "executorch"}  # as measure.devices (not imported: it loads numpy+)
-DEVICE_MODEL_FILES = ("model.tflite", "model.pte")
+DEVICE_MODEL_FILES = tuple(f"model{suffix}" for suffix in DEVICE_SUFFIXES)
 
 RESULTS_FILE = "results.json"
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")

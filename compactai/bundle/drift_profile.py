@@ -19,6 +19,7 @@ import numpy as np
 
 from compactai.errors import BadInputError, ModelNotFoundError
 from compactai.measure.drift import build_profile, save_profile
+from compactai.models.handle import DEVICE_SUFFIXES
 
 REFERENCE_SPLITS = ("calibration", "validation")
 
@@ -139,7 +140,7 @@ def drift_profile_files(
     (e.g. ``compactai.load_example``) loads a named example's data."""
     if data is not None and example is not None:
         raise BadInputError("Give the drift reference as --data FILE.npz or --example NAME, not both.")
-    if Path(model).suffix.lower() in (".tflite", ".pte"):
+    if Path(model).suffix.lower() in DEVICE_SUFFIXES:
         return {}, ("none: a .tflite/.pte model runs on its device, and drift is detected by compactai serve, "
                     "which serves ONNX and OpenVINO models")
     example = example or (example_of(results) if data is None else None)

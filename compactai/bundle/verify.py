@@ -39,6 +39,7 @@ from compactai.bundle.stage import (  # checks 1-4 live in stage.py, which runs 
     stage_bundle,
     verify_metadata,
 )
+from compactai.models.handle import DEVICE_RUNTIMES, DEVICE_SUFFIXES
 from compactai.models.safety import pickle_reason
 
 
@@ -135,8 +136,8 @@ def check_external_data(root: Path, manifest: dict[str, Any]) -> None:
             raise BundleRefused("invalid-model", f"An OpenVINO bundle's model must be an IR .xml with its .bin listed "
                                                  f"beside it; got {model!r}.")
         model_set: set[str] = set()
-    elif manifest.get("runtime") in ("litert", "executorch"):
-        if not model.endswith((".tflite", ".pte")):
+    elif manifest.get("runtime") in DEVICE_RUNTIMES:
+        if not model.endswith(tuple(DEVICE_SUFFIXES)):
             raise BundleRefused("invalid-model", f"A {manifest['runtime']} bundle's model must be a .tflite or .pte "
                                                  f"file; got {model!r}.")
         model_set = set()  # a flatbuffer with its weights inside: it references no other file
@@ -231,7 +232,7 @@ def validate_model(root: Path, manifest: dict[str, Any], threads: int = 1) -> di
     runtime = manifest.get("runtime", "onnxruntime")
     if runtime == "openvino":
         return _validate_openvino(root, manifest, threads)
-    if runtime in ("litert", "executorch"):
+    if runtime in DEVICE_RUNTIMES:
         return _validate_device(root, manifest, runtime, threads)
     if runtime != "onnxruntime":
         raise BundleRefused("invalid-model", f"The bundle's model runs on {runtime!r}, which this verifier cannot "

@@ -65,8 +65,11 @@ def run_encoder_nas(
     test = cosine_task(task).evaluate(make_runner(onnx_handle, "onnxruntime", config.threads))
     handles, names = [teacher_figures["handle"], onnx_handle], ["teacher", "chosen"]
     if compare:
-        reference = build_student(parse_student_spec(compare), teacher, None).eval()
-        handles.append(teacher.derive(module=reference, name="reference").to_onnx(parity=False))
+        if "timing" in teacher_figures:  # --relative-to student: the compare student is already built and exported
+            handles.append(timing.handle)
+        else:
+            reference = build_student(parse_student_spec(compare), teacher, None).eval()
+            handles.append(teacher.derive(module=reference, name="reference").to_onnx(parity=False))
         names.append("reference")
     remeasured: dict[str, Any] = {}
     chosen_p90 = chosen.latency_p90_ms

@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("inputs")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--config", default="{}", help="openvino: compile settings as JSON")
     args = parser.parse_args()
     with np.load(args.inputs, allow_pickle=False) as data:
         feeds = {k: data[k] for k in data.files}
@@ -59,10 +60,9 @@ def main() -> None:
 
         base = rss_mb()
         core = ov.Core()
-        # the settings of compactai's OpenVINO runner (measure/openvino.py), so the figure is the served model's
-        compiled = core.compile_model(core.read_model(args.model), "CPU", {
-            "INFERENCE_NUM_THREADS": args.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "f32"})
+        # the settings of compactai's OpenVINO runner (measure/openvino.py, passed by the parent as JSON),
+        # so the figure is the served model's
+        compiled = core.compile_model(core.read_model(args.model), "CPU", json.loads(args.config))
         request = compiled.create_infer_request()
         for _ in range(args.runs):
             request.infer(feeds)

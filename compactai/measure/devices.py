@@ -48,7 +48,7 @@ from compactai.measure.device_int8 import calibration_rows, check_int8
 from compactai.measure.openvino import check_converted, parity_feeds
 from compactai.measure.runtime import Runner, RuntimePlugin, default_threads, register_runtime
 from compactai.measure.stats import count_macs, parameter_count
-from compactai.models.handle import ModelHandle, TensorSpec
+from compactai.models.handle import DEVICE_SUFFIXES, ModelHandle, TensorSpec
 
 MAX_BATCH = 64  # a .pte's batch upper bound (its memory is planned for it)
 CONVERT_TIMEOUT = 1800.0  # seconds; MiniLM takes ~1 min (LiteRT) to a few (ExecuTorch) on 2 loaded cores
@@ -316,8 +316,6 @@ class ExecuTorchPlugin(_DevicePlugin):
     converter = "executorch to_edge_transform_and_lower(XnnpackPartitioner).to_executorch"
     quantizer = "XNNPACKQuantizer (PT2E, symmetric per-channel int8)"
 
-
-DEVICE_SUFFIXES = {".tflite": "litert", ".pte": "executorch"}
 
 
 def load_device_model(path: Path, model: dict[str, Any], conversion: dict[str, Any]) -> ModelHandle:

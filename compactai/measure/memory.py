@@ -45,6 +45,10 @@ def measure_peak_memory(handle: ModelHandle, runtime: str, threads: int, runs: i
                 return None
         command = [sys.executable, str(PROBE), runtime, str(model_path), str(inputs),
                    "--threads", str(threads), "--runs", str(runs)]
+        if runtime == "openvino":
+            from compactai.measure.openvino import runner_config
+
+            command += ["--config", json.dumps(runner_config(threads))]
         proc = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
         if proc.returncode != 0:
             return None

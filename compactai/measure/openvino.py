@@ -53,8 +53,7 @@ class OpenVinoRunner:
                 model = core.read_model(str(handle.path))
             else:  # ONNX (torch models are exported first, with ONNX parity checked)
                 model = core.read_model(str(handle.to_onnx().path))
-            self.config = {"INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1,
-                           "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+            self.config = runner_config(self.threads)
             self.compiled = core.compile_model(model, "CPU", self.config)
         except RuntimeError as exc:  # OpenVINO raises RuntimeError (or subclasses) for unreadable models
             raise CorruptModelError(f"OpenVINO cannot load {handle.path}: {converter_message(exc)}") from exc
@@ -70,6 +69,12 @@ class OpenVinoRunner:
     def thread_settings(self) -> dict[str, Any]:
         return {"inference_num_threads": self.threads, "num_streams": 1, "performance_hint": "LATENCY",
                 "inference_precision": "f32"}
+
+
+def runner_config(threads: int) -> dict[str, Any]:
+    """The compile settings of compactai's OpenVINO runner (also used by the memory probe)."""
+    return {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32"}
 
 
 def converter_message(exc: BaseException, limit: int = 400) -> str:

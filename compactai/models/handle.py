@@ -14,6 +14,11 @@ import numpy as np
 
 from compactai.errors import CompactAIError, InputSignatureError, UnsupportedFormatError
 
+# the file formats of the device runtimes (measure/devices.py), by suffix: what a bundle, the verifier,
+# the server and results.json recognise them by
+DEVICE_SUFFIXES = {".tflite": "litert", ".pte": "executorch"}
+DEVICE_RUNTIMES = tuple(DEVICE_SUFFIXES.values())
+
 if TYPE_CHECKING:
     import torch
 

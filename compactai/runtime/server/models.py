@@ -24,6 +24,7 @@ import numpy as np
 from compactai.bundle import VerifyPolicy, parse_manifest, read_metadata, verify_bundle
 from compactai.bundle.verify import load_arrays
 from compactai.errors import BadInputError, ModelNotFoundError
+from compactai.models.handle import DEVICE_SUFFIXES
 from compactai.models.load import load_onnx, synthesize_inputs
 from compactai.runtime.server.protocol import TensorMeta, tensor_meta
 
@@ -45,7 +46,7 @@ class LoadedVersion:
     root: Path | None = None  # the bundle directory (None for a plain .onnx)
 
     def __post_init__(self) -> None:
-        if self.model_path.suffix.lower() in (".tflite", ".pte"):
+        if self.model_path.suffix.lower() in DEVICE_SUFFIXES:
             from compactai.errors import UnsupportedFormatError
 
             raise UnsupportedFormatError(
