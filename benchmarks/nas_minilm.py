@@ -3,7 +3,7 @@ candidate distilled from all-MiniLM-L6-v2) must beat the hand-picked 3-layer stu
 distillation benchmark (layers 0,2,5: test mean cosine 0.927 in benchmarks/results/distillation.json)
 with a higher test mean cosine at equal or lower measured batch-1 latency, within 30 minutes.
 
-The latency budget is 0.9 of the hand-picked student's own p90 (``--budget latency_p90_ms<=0.9x
+The latency budget is 0.95 of the hand-picked student's own p90 (``--budget latency_p90_ms<=0.9x
 --relative-to student``): the CLI measures that student interleaved with the teacher, and times each
 candidate interleaved with it, so a machine that is slower or faster during the run changes both
 sides alike (a ratio to the teacher was tried first: the teacher's p90 moved from 1.5x to 1.9x the
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-trials", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--reduction-factor", type=int, default=3)
-    parser.add_argument("--budget-factor", type=float, default=0.9,
+    parser.add_argument("--budget-factor", type=float, default=0.95,
                         help="the search's p90 budget as a fraction of the hand-picked student's p90: below 1 so that "
                              "the chosen student is faster than it beyond measurement noise, not equal to it")
     parser.add_argument("--space", type=Path, default=Path(__file__).parent / "nas_minilm_space.json")
