@@ -3,7 +3,7 @@ candidate distilled from all-MiniLM-L6-v2) must beat the hand-picked 3-layer stu
 distillation benchmark (layers 0,2,5: test mean cosine 0.927 in benchmarks/results/distillation.json)
 with a higher test mean cosine at equal or lower measured batch-1 latency, within 30 minutes.
 
-The latency budget is 0.95 of the hand-picked student's own p90 (``--budget latency_p90_ms<=0.9x
+The latency budget is 0.95 of the hand-picked student's own p90 (``--budget latency_p90_ms<=0.95x
 --relative-to student``): the CLI measures that student interleaved with the teacher, and times each
 candidate interleaved with it, so a machine that is slower or faster during the run changes both
 sides alike (a ratio to the teacher was tried first: the teacher's p90 moved from 1.5x to 1.9x the

@@ -6,7 +6,9 @@ Candidates, all dynamic per-channel int8 made by compactai's quantize technique:
   saturate);
 - ``uint8``: 8-bit uint8 weights (u8 x u8 kernels, which do not saturate);
 - ``mixed F``: accuracy-aware mixed precision (mode auto) with the floor F on the validation mean
-  cosine: the ops most sensitive by mean cosine kept in float, the fewest that meet F.
+  cosine: the ops most sensitive by mean cosine kept in float, the fewest that meet F;
+- ``ffn-out float``: every layer's FFN output MatMul (``layer.N/output/dense``, whose input is the
+  GELU output with its long tail) kept in float, the rest int8 as ``int8`` (``--no-ffn-out`` skips it).
 Quality is the task's embedding fidelity on the test split (500 sentences); latency is batch-1
 p50/p90 on ONNX Runtime in interleaved rounds (compactai.measure.interleaved_latency), all candidates
 in one run. Run it under the benchmark lock:
@@ -30,7 +32,7 @@ from _results import write_section
 from compactai import Context, load_example
 from compactai.measure import MeasureConfig, default_threads, interleaved_latency, make_runner
 from compactai.techniques import create_technique
-from compactai.techniques.quantize._common import resolve_reduce_range
+from compactai.techniques.quantize._common import resolve_reduce_range, weight_nodes
 from compactai.techniques.quantize.ort_ptq import Int8Config
 
 RESULTS = Path(__file__).parent / "results" / "quantization.json"
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--floors", type=float, nargs="+", default=[0.997], help="validation mean-cosine floors")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-ffn-out", dest="ffn_out", action="store_false", help="skip the ffn-out float candidate")
     args = parser.parse_args(argv)
     started, load_before = time.monotonic(), os.getloadavg()
     example = load_example("minilm")
@@ -54,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         source, Context(task=task, work_dir=work / "int8"))
     candidates["uint8"] = create_technique("quantize", mode="dynamic", weight_type="uint8", reduce_range=False).apply(
         source, Context(task=task, work_dir=work / "uint8"))
+    if args.ffn_out:
+        ffn_out = [n for n in weight_nodes(source.to_onnx().path) if n.endswith("/output/dense/MatMul")
+                   and "/attention/" not in n]
+        floats["ffn-out float"] = ffn_out
+        candidates["ffn-out float"] = create_technique("quantize", mode="dynamic", nodes_to_exclude=ffn_out).apply(
+            source, Context(task=task, work_dir=work / "ffn-out"))
     config = Int8Config(mode="dynamic", per_channel=True, reduce_range=resolve_reduce_range("auto"))
     floats: dict[str, list[str]] = {}
     for floor in args.floors:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compactai.errors import MissingDependencyError, ParityError, UnknownNameError, UnsupportedFormatError
+from compactai.errors import BudgetNotMetError, MissingDependencyError, ParityError, UnknownNameError, UnsupportedFormatError
 from compactai.measure import (
     RUNTIME_PLUGINS,
     MeasureConfig,
@@ -134,6 +134,18 @@ def test_nncf_int8_of_digits_keeps_the_quality_floor(digits, tmp_path):
     assert quality.value >= floor
     # int8 weights: well under half the fp32 ONNX file
     assert size_on_disk(converted.path) < 0.5 * size_on_disk(handle.to_onnx().path)
+
+
+@needs_openvino
+@pytest.mark.slow
+def test_accuracy_aware_int8_stops_at_its_revert_cap_with_a_clear_error(digits, tmp_path, monkeypatch):
+    import compactai.measure.openvino as ov_plugin
+
+    # a floor no int8 model reaches (every test digit right) and room for one layer back in float
+    monkeypatch.setattr(ov_plugin, "ACCURACY_AWARE_MAX_REVERTS", 1)
+    with pytest.raises(BudgetNotMetError, match="after putting up to 1 layers back in float"):
+        runtime_plugin("openvino").convert(digits.handle, tmp_path / "int8", quantize="int8", task=digits.task,
+                                           min_quality=1.0)
 
 
 @needs_openvino
