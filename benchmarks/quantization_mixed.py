@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         source, Context(task=task, work_dir=work / "int8"))
     candidates["uint8"] = create_technique("quantize", mode="dynamic", weight_type="uint8", reduce_range=False).apply(
         source, Context(task=task, work_dir=work / "uint8"))
+    floats: dict[str, list[str]] = {}
     if args.ffn_out:
         ffn_out = [n for n in weight_nodes(source.to_onnx().path) if n.endswith("/output/dense/MatMul")
                    and "/attention/" not in n]
@@ -64,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         candidates["ffn-out float"] = create_technique("quantize", mode="dynamic", nodes_to_exclude=ffn_out).apply(
             source, Context(task=task, work_dir=work / "ffn-out"))
     config = Int8Config(mode="dynamic", per_channel=True, reduce_range=resolve_reduce_range("auto"))
-    floats: dict[str, list[str]] = {}
     for floor in args.floors:
         name = f"mixed {floor:g}"
         candidates[name] = create_technique(

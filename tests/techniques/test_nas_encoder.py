@@ -134,3 +134,21 @@ def test_a_candidate_is_timed_relative_to_the_reference_and_scaled_by_its_figure
     scaled = Reference(measured.handle, 100.0, 1000.0)
     p50, p90 = measure_student(copy.deepcopy(teacher.module), teacher, threads=1, queries=50, reference=scaled)
     assert 50 < p50 < 200 and 500 < p90 < 2000
+
+
+def test_students_of_one_shape_are_timed_once_and_share_the_figure(teacher, tmp_path, monkeypatch) -> None:
+    """Which teacher layers a student copies does not change its graph, so three students that differ
+    only in their init are timed once: the same shape cannot be admitted once and refused once by noise."""
+    import compactai.techniques.nas.encoder_search as encoder_search
+
+    timed = []
+    real = encoder_search.measure_student
+    monkeypatch.setattr(encoder_search, "measure_student", lambda *a, **k: timed.append(1) or real(*a, **k))
+    space = validate_space({"family": "encoder", "choices": {
+        "layers": [2], "hidden": [32], "heads": [2], "ffn": [16], "init": ["spread", "first", "last"]}})
+    config = NasConfig(budget_ms=1000.0, max_trials=3, min_epochs=1, reduction_factor=3, threads=1,
+                       measure_queries=10, train=TrainSettings(max_epochs=1, lr=1e-3, batch_size=16))
+    result = run_encoder_search(space, teacher, _task(teacher), config, tmp_path)
+    assert sorted(c.spec["init"] for c in result.candidates) == ["first", "last", "spread"]
+    assert len(timed) == 1
+    assert len({(c.latency_p50_ms, c.latency_p90_ms) for c in result.candidates}) == 1
