@@ -8,7 +8,10 @@ Candidates, all dynamic per-channel int8 made by compactai's quantize technique:
 - ``mixed F``: accuracy-aware mixed precision (mode auto) with the floor F on the validation mean
   cosine: the ops most sensitive by mean cosine kept in float, the fewest that meet F;
 - ``ffn-out float``: every layer's FFN output MatMul (``layer.N/output/dense``, whose input is the
-  GELU output with its long tail) kept in float, the rest int8 as ``int8`` (``--no-ffn-out`` skips it).
+  GELU output with its long tail) kept in float, the rest int8 as ``int8`` (``--no-ffn-out`` skips it);
+- ``qat``: quantization-aware fine-tuning for dynamic int8 (``--qat-epochs``, 0 skips it): the
+  model learns weights that tolerate 7-bit weights and per-row uint8 activations, distilled from the
+  float model on the train split, then made dynamic int8 like ``int8`` (the same graph).
 Quality is the task's embedding fidelity on the test split (500 sentences); latency is batch-1
 p50/p90 on ONNX Runtime in interleaved rounds (compactai.measure.interleaved_latency), all candidates
 in one run. Run it under the benchmark lock:
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--floors", type=float, nargs="+", default=[0.997], help="validation mean-cosine floors")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--qat-epochs", type=int, default=2, help="epochs of the qat candidate (0: skip it)")
+    parser.add_argument("--qat-lr", type=float, default=2e-5)
     parser.add_argument("--no-ffn-out", dest="ffn_out", action="store_false", help="skip the ffn-out float candidate")
     args = parser.parse_args(argv)
     started, load_before = time.monotonic(), os.getloadavg()
@@ -64,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         floats["ffn-out float"] = ffn_out
         candidates["ffn-out float"] = create_technique("quantize", mode="dynamic", nodes_to_exclude=ffn_out).apply(
             source, Context(task=task, work_dir=work / "ffn-out"))
+    if args.qat_epochs:
+        candidates["qat"] = create_technique("qat", activations="dynamic", epochs=args.qat_epochs, lr=args.qat_lr,
+                                             batch_size=32).apply(
+            source, Context(task=task, work_dir=work / "qat", progress=say))
     config = Int8Config(mode="dynamic", per_channel=True, reduce_range=resolve_reduce_range("auto"))
     for floor in args.floors:
         name = f"mixed {floor:g}"

@@ -144,3 +144,66 @@ def test_head_pruned_encoder_still_gets_fused_attention(tmp_path):
     graph = onnx.load(str(quantized.path)).graph
     assert sum(n.op_type == "QAttention" for n in graph.node) == 2
     assert task.evaluate(make_runner(quantized)).details["cosine_min"] > 0.99
+
+
+def test_dynamic_fake_quant_is_what_ort_dynamic_quantize_linear_computes():
+    """QAT for dynamic int8 trains through the rounding ORT applies at run time: each row's own
+    uint8 range (DynamicQuantizeLinear, then back to float), with a straight-through gradient."""
+    from onnx import TensorProto, helper
+
+    from compactai.techniques.quantize.qat import dynamic_fake_quant
+
+    x = outlier_inputs(1, 3)[0:1]  # one input, as at batch 1
+    graph = helper.make_graph(
+        [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "dq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))])
+    import onnxruntime as ort
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    tensor = torch.from_numpy(x).requires_grad_(True)
+    got = dynamic_fake_quant(tensor)
+    step = float(x.max() - min(x.min(), 0.0)) / 255.0
+    assert np.abs(got.detach().numpy() - expected).max() <= 1e-3 * step  # the same grid and rounding
+    assert np.abs(got.detach().numpy() - x).max() > 0.1 * step  # and it did round
+    got.sum().backward()
+    assert torch.equal(tensor.grad, torch.ones_like(tensor))
+    # two rows of one batch keep their own ranges, as two batch-1 calls would
+    pair = torch.from_numpy(np.concatenate([x, x / 100.0]))
+    assert torch.allclose(dynamic_fake_quant(pair)[1], dynamic_fake_quant(pair[1:])[0])
+
+
+def test_dynamic_qat_fine_tunes_and_keeps_the_dynamic_int8_graph(tmp_path):
+    """QAT with activations='auto' on a transformer trains for dynamic int8 and ends as plain dynamic
+    int8 of the fine-tuned weights: the same ops as dynamic int8 of the original, so the same speed."""
+    from transformers import BertConfig, BertModel
+
+    from compactai.models.load import SentenceEncoder
+    from compactai.tasks import EmbeddingFidelity, Task
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 100, (64, 12))
+    data = Split({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    handle = load_model(SentenceEncoder(BertModel(config).eval()).eval(), {k: v[:2] for k, v in data.inputs.items()},
+                        name="tiny-bert")
+    task = Task("tiny", EmbeddingFidelity(handle.run_torch), {"train": data, "calibration": data, "validation": data},
+                eval_split="validation")
+    plain = create_technique("quantize", mode="dynamic").apply(handle, Context(task=task, work_dir=tmp_path / "ptq"))
+    qat = create_technique("qat", epochs=2, lr=1e-4, batch_size=16).apply(
+        handle, Context(task=task, work_dir=tmp_path / "qat"))
+    decisions = qat.metadata["quantize"]
+    assert decisions["mode"] == "qat" and decisions["activations"] == "dynamic" and decisions["epochs_done"] == 2
+    assert decisions["fake_quant_layers"] == 2 * 6 + 1  # q, k, v, out, ffn in/out per layer, and the pooler
+
+    def op_types(model_handle) -> list[str]:
+        return sorted(n.op_type for n in onnx.load(str(model_handle.path), load_external_data=False).graph.node)
+
+    assert op_types(qat) == op_types(plain)
+    assert any(op in op_types(qat) for op in ("MatMulInteger", "DynamicQuantizeMatMul", "QAttention"))
+    quality = task.evaluate(make_runner(qat), split="validation").details
+    assert quality["cosine_mean"] > 0.95, quality  # judged against the original float model

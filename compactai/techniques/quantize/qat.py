@@ -1,6 +1,14 @@
 """Quantization-aware training: fake-quant fine-tuning in PyTorch, then a real int8 ONNX
 model for ONNX Runtime.
 
+``activations="static"`` (the default, "auto", for all but transformers) mimics static int8 (activation ranges learned as running
+min-max, the model then calibrated and quantized statically); ``activations="dynamic"`` mimics
+dynamic int8 (each row's activations quantized with their own min-max at run time, as ORT's
+DynamicQuantizeLinear does for one input at batch 1), and the fine-tuned model then goes through
+``quantize(mode="dynamic")`` unchanged, so its ONNX graph is the one plain dynamic int8 makes:
+same ops, same kernels, only the weights differ. This is "auto"'s choice for transformers (MiniLM),
+whose int8 is dynamic.
+
 BatchNorm is first folded into the convolutions (as ONNX Runtime does before it
 quantizes), then every Conv/Linear sees its weight and its input through fake quantizers
 that mimic ORT's scheme (int8 symmetric weights, per-tensor or per-channel; uint8
@@ -14,6 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +32,7 @@ from compactai.errors import ParameterError
 from compactai.models.handle import ModelHandle
 from compactai.techniques._training import TrainingLoop, first_output
 from compactai.techniques.base import (
+    ChoiceParam,
     Context,
     FloatParam,
     IntParam,
@@ -43,10 +53,27 @@ def weight_range(bits: int, reduce_range: bool) -> tuple[int, int]:
     return (-127, 127) if bits == 8 else (-8, 7)
 
 
+def dynamic_fake_quant(x: Any) -> Any:
+    """``x`` through uint8 quantization with each row's own range (min with 0 to max with 0, as
+    DynamicQuantizeLinear computes it for one input), with a straight-through gradient."""
+    import torch
+
+    dims = tuple(range(1, x.dim()))
+    with torch.no_grad():
+        low = x.amin(dim=dims, keepdim=True).clamp(max=0.0)
+        high = x.amax(dim=dims, keepdim=True).clamp(min=0.0)
+        scale = ((high - low) / 255.0).clamp(min=1e-8)
+        zero = torch.round(-low / scale).clamp(0, 255)
+        dequantized = (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
+    return x + (dequantized - x).detach()
+
+
 def make_fake_quant(
-    module: Any, per_channel: bool, bits: int = 8, reduce_range: bool = False, momentum: float = 0.1
+    module: Any, per_channel: bool, bits: int = 8, reduce_range: bool = False, momentum: float = 0.1,
+    dynamic: bool = False,
 ) -> Any:
-    """Wrap a Conv/Linear so that its weight and input pass through fake quantizers."""
+    """Wrap a Conv/Linear so that its weight and input pass through fake quantizers (``dynamic``:
+    the input per row at run time, else with a learned running range)."""
     qmin, qmax = weight_range(bits, reduce_range)
     import torch
     from torch import nn
@@ -65,6 +92,8 @@ def make_fake_quant(
             self.register_buffer("seen", torch.tensor(False))
 
         def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+            if dynamic:
+                return dynamic_fake_quant(x)
             if self.training:
                 with torch.no_grad():
                     low, high = x.min().clamp(max=0.0), x.max().clamp(min=0.0)
@@ -133,8 +162,9 @@ class QAT(Technique):
     name = "qat"
     family = "quantize"
     accepts = ("torch",)
-    kinds = ("cnn", "mlp", "generic")
+    kinds = ("cnn", "mlp", "transformer", "generic")
     space = {
+        "activations": ChoiceParam(("auto", "static", "dynamic"), "auto"),
         "epochs": IntParam(1, 1000, 3),
         "lr": FloatParam(0.0, 1.0, 1e-4, log=True, open_low=True),
         "batch_size": IntParam(1, 65_536, 64),
@@ -155,13 +185,20 @@ class QAT(Technique):
             raise ParameterError("QAT needs a task with a train split to fine-tune on.")
         say = context.progress
         torch.manual_seed(context.seed)
-        model, folded = fold_batchnorm(copy.deepcopy(handle.module))
+        if params["activations"] == "auto":
+            params = {**params, "activations": "dynamic" if handle.kind == "transformer" else "static"}
+        dynamic = params["activations"] == "dynamic"
+        if dynamic and (params["format"] != "qoperator" or params["weight_bits"] != 8):
+            raise ParameterError("QAT with activations='dynamic' makes dynamic int8 (QOperator, 8-bit weights); "
+                                 "drop format/weight_bits or use activations='static'.")
+        model, folded = fold_batchnorm(copy.deepcopy(handle.module)) if not dynamic \
+            else (copy.deepcopy(handle.module), False)
         fake = quantizable_types()
         wrapped = swap_modules(
             model,
             lambda m: (
                 make_fake_quant(m, params["per_channel"], params["weight_bits"],
-                                resolve_reduce_range(params["reduce_range"], params["weight_bits"]))
+                                resolve_reduce_range(params["reduce_range"], params["weight_bits"]), dynamic=dynamic)
                 if isinstance(m, fake)
                 else m
             ),
@@ -204,6 +241,11 @@ class QAT(Technique):
         model.eval()
         swap_modules(model, lambda m: m.inner if hasattr(m, "inner") and hasattr(m, "quantize_weight") else m)
         context.work_dir.mkdir(parents=True, exist_ok=True)
+        trained_run = {"batchnorm_folded": folded, "fake_quant_layers": wrapped, "epochs_done": run.epochs_run,
+                       "stopped": run.stopped, "final_loss": float(np.mean(losses[-20:])) if losses else None,
+                       "activations": params["activations"]}
+        if dynamic:
+            return self._dynamic_int8(handle.derive(module=model), context, params, trained_run)
         work = Path(tempfile.mkdtemp(prefix="qat-", dir=context.work_dir))
         say("exporting the fine-tuned model to ONNX")
         trained = handle.derive(module=model).to_onnx(work / "qat-float.onnx")
@@ -221,14 +263,27 @@ class QAT(Technique):
         result = trained.as_onnx(target)
         result.metadata.pop("parity", None)
         decisions = {
-            "batchnorm_folded": folded,
-            "fake_quant_layers": wrapped,
-            "epochs_done": run.epochs_run,
-            "stopped": run.stopped,
-            "final_loss": float(np.mean(losses[-20:])) if losses else None,
+            **trained_run,
             "config": config.to_dict(),
             "float_size_bytes": file_size(Path(str(trained.path))),
             "quantized_size_bytes": file_size(target),
         }
+        result.metadata["quantize"] = {"mode": "qat", **decisions}
+        return result, decisions
+
+    @staticmethod
+    def _dynamic_int8(trained: ModelHandle, context: Context, params: dict[str, Any],
+                      trained_run: dict[str, Any]) -> tuple[ModelHandle, dict[str, Any]]:
+        """The fine-tuned model through plain dynamic int8 (``quantize(mode="dynamic")``), so that
+        its graph is the one dynamic int8 of the original model has."""
+        from compactai.techniques import create_technique
+
+        context.progress("dynamic int8 of the fine-tuned model with ONNX Runtime")
+        quantize = create_technique("quantize", mode="dynamic", per_channel=params["per_channel"],
+                                    reduce_range=params["reduce_range"])
+        result = quantize.apply(trained, replace(context, work_dir=context.work_dir / "dynamic-int8"))
+        inner = dict(result.metadata.get("quantize", {}))
+        decisions = {**trained_run, "config": inner.get("config"),
+                     "quantized_size_bytes": inner.get("quantized_size_bytes")}
         result.metadata["quantize"] = {"mode": "qat", **decisions}
         return result, decisions
