@@ -3,8 +3,8 @@ model for ONNX Runtime.
 
 ``activations="static"`` (the default, "auto", for all but transformers) mimics static int8 (activation ranges learned as running
 min-max, the model then calibrated and quantized statically); ``activations="dynamic"`` mimics
-dynamic int8 (each row's activations quantized with their own min-max at run time, as ORT's
-DynamicQuantizeLinear does for one input at batch 1), and the fine-tuned model then goes through
+dynamic int8 (each input's activations quantized with their own min-max at run time, as ORT's
+DynamicQuantizeLinear does), and the fine-tuned model then goes through
 ``quantize(mode="dynamic")`` unchanged, so its ONNX graph is the one plain dynamic int8 makes:
 same ops, same kernels, only the weights differ. This is "auto"'s choice for transformers (MiniLM),
 whose int8 is dynamic.
@@ -30,6 +30,7 @@ import numpy as np
 
 from compactai.errors import ParameterError
 from compactai.models.handle import ModelHandle
+from compactai.tasks import trim_padding
 from compactai.techniques._training import TrainingLoop, first_output
 from compactai.techniques.base import (
     ChoiceParam,
@@ -54,14 +55,12 @@ def weight_range(bits: int, reduce_range: bool) -> tuple[int, int]:
 
 
 def dynamic_fake_quant(x: Any) -> Any:
-    """``x`` through uint8 quantization with each row's own range (min with 0 to max with 0, as
-    DynamicQuantizeLinear computes it for one input), with a straight-through gradient."""
+    """``x`` through uint8 quantization with its own range (min with 0 to max with 0, over the whole
+    tensor, as ORT's DynamicQuantizeLinear computes it at run time), with a straight-through gradient."""
     import torch
 
-    dims = tuple(range(1, x.dim()))
     with torch.no_grad():
-        low = x.amin(dim=dims, keepdim=True).clamp(max=0.0)
-        high = x.amax(dim=dims, keepdim=True).clamp(min=0.0)
+        low, high = x.min().clamp(max=0.0), x.max().clamp(min=0.0)
         scale = ((high - low) / 255.0).clamp(min=1e-8)
         zero = torch.round(-low / scale).clamp(0, 255)
         dequantized = (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
@@ -221,7 +220,8 @@ class QAT(Technique):
                 yield train.take(order[start : start + params["batch_size"]])
 
         def step(part: Any) -> float:
-            args = [torch.from_numpy(np.ascontiguousarray(part.inputs[n])) for n in handle.input_names]
+            feeds = trim_padding(part.inputs)  # as the task's batches: no column that is padding in every row
+            args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in handle.input_names]
             output = first_output(model(*args))
             if part.labels is not None and output.dim() == 2:
                 loss = nn.functional.cross_entropy(output, torch.from_numpy(part.labels))
