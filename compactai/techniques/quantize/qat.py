@@ -229,13 +229,18 @@ class QAT(Technique):
                 with torch.no_grad():
                     reference = first_output(teacher(*args))
                 loss = nn.functional.mse_loss(output, reference)
+                if dynamic:  # and the direction of each output row, which embedding fidelity judges
+                    cosine = nn.functional.cosine_similarity(output.flatten(1), reference.flatten(1), dim=1)
+                    loss = loss + (1.0 - cosine).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
             return losses[-1]
 
-        model.train()
+        # dynamic: dropout off (the model must stay the float model's function, rounding aside); its
+        # fake quantizers have no running state, so eval mode changes nothing else
+        model.train(not dynamic)
         run = TrainingLoop(epochs=params["epochs"], batches=batches, step=step, out_of_time=context.out_of_time,
                            progress=say, name="QAT ", steps_per_epoch=len(starts)).run()
         model.eval()
