@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--floors", type=float, nargs="+", default=[0.997], help="validation mean-cosine floors")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--qat-epochs", type=int, default=2, help="epochs of the qat candidate (0: skip it)")
+    parser.add_argument("--qat-epochs", type=int, default=0, help="epochs of the qat candidate (0, the default: skip it)")
     parser.add_argument("--qat-lr", type=float, default=2e-5)
     parser.add_argument("--no-ffn-out", dest="ffn_out", action="store_false", help="skip the ffn-out float candidate")
     args = parser.parse_args(argv)
