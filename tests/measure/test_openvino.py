@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compactai.errors import BudgetNotMetError, MissingDependencyError, ParityError, UnknownNameError, UnsupportedFormatError
+from compactai.errors import (
+    BudgetNotMetError,
+    MissingDependencyError,
+    ParityError,
+    UnknownNameError,
+    UnsupportedFormatError,
+)
 from compactai.measure import (
     RUNTIME_PLUGINS,
     MeasureConfig,

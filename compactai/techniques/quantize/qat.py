@@ -24,7 +24,7 @@ import logging
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -190,8 +190,9 @@ class QAT(Technique):
         if dynamic and (params["format"] != "qoperator" or params["weight_bits"] != 8):
             raise ParameterError("QAT with activations='dynamic' makes dynamic int8 (QOperator, 8-bit weights); "
                                  "drop format/weight_bits or use activations='static'.")
-        model, folded = fold_batchnorm(copy.deepcopy(handle.module)) if not dynamic \
-            else (copy.deepcopy(handle.module), False)
+        model, folded = (copy.deepcopy(handle.module), False) if dynamic \
+            else fold_batchnorm(copy.deepcopy(handle.module))  # dynamic: transformers, no BatchNorm
+        model = cast(Any, model)
         fake = quantizable_types()
         wrapped = swap_modules(
             model,
