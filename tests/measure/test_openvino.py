@@ -3,6 +3,7 @@ the `export` command. OpenVINO tests skip with the reason when the extra is not 
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -145,10 +146,9 @@ def test_nncf_int8_of_digits_keeps_the_quality_floor(digits, tmp_path):
 @needs_openvino
 @pytest.mark.slow
 def test_accuracy_aware_int8_stops_at_its_revert_cap_with_a_clear_error(digits, tmp_path, monkeypatch):
-    import compactai.measure.openvino as ov_plugin
-
     # a floor no int8 model reaches (every test digit right) and room for one layer back in float
-    monkeypatch.setattr(ov_plugin, "ACCURACY_AWARE_MAX_REVERTS", 1)
+    plugin = importlib.import_module("compactai.measure.openvino")  # the package exports a function of that name
+    monkeypatch.setattr(plugin, "ACCURACY_AWARE_MAX_REVERTS", 1)
     with pytest.raises(BudgetNotMetError, match="after putting up to 1 layers back in float"):
         runtime_plugin("openvino").convert(digits.handle, tmp_path / "int8", quantize="int8", task=digits.task,
                                            min_quality=1.0)
