@@ -1,8 +1,9 @@
 """Quantization-aware training: fake-quant fine-tuning in PyTorch, then a real int8 ONNX
 model for ONNX Runtime.
 
-``activations="static"`` (the default, "auto", for all but transformers) mimics static int8 (activation ranges learned as running
-min-max, the model then calibrated and quantized statically); ``activations="dynamic"`` mimics
+``activations="static"`` ("auto"'s choice for all but transformers) mimics static int8 (activation
+ranges learned as running min-max, the model then calibrated and quantized statically);
+``activations="dynamic"`` mimics
 dynamic int8 (each input's activations quantized with their own min-max at run time, as ORT's
 DynamicQuantizeLinear does), and the fine-tuned model then goes through
 ``quantize(mode="dynamic")`` unchanged, so its ONNX graph is the one plain dynamic int8 makes:
@@ -54,17 +55,20 @@ def weight_range(bits: int, reduce_range: bool) -> tuple[int, int]:
     return (-127, 127) if bits == 8 else (-8, 7)
 
 
-def dynamic_fake_quant(x: Any) -> Any:
-    """``x`` through uint8 quantization with its own range (min with 0 to max with 0, over the whole
-    tensor, as ORT's DynamicQuantizeLinear computes it at run time), with a straight-through gradient."""
+def uint8_fake_quant(x: Any, low: Any, high: Any) -> Any:
+    """``x`` through ORT's uint8 activation quantization for the range [low, high] (which holds 0),
+    with a straight-through gradient."""
     import torch
 
-    with torch.no_grad():
-        low, high = x.min().clamp(max=0.0), x.max().clamp(min=0.0)
-        scale = ((high - low) / 255.0).clamp(min=1e-8)
-        zero = torch.round(-low / scale).clamp(0, 255)
-        dequantized = (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
-    return x + (dequantized - x).detach()
+    scale = float((high - low).clamp(min=1e-8)) / 255.0
+    zero = round(-float(low) / scale)
+    return torch.fake_quantize_per_tensor_affine(x, scale, min(max(zero, 0), 255), 0, 255)
+
+
+def dynamic_fake_quant(x: Any) -> Any:
+    """``x`` quantized with its own range (min with 0 to max with 0, over the whole tensor, as ORT's
+    DynamicQuantizeLinear computes it at run time)."""
+    return uint8_fake_quant(x, x.detach().min().clamp(max=0.0), x.detach().max().clamp(min=0.0))
 
 
 def make_fake_quant(
@@ -72,7 +76,7 @@ def make_fake_quant(
     dynamic: bool = False,
 ) -> Any:
     """Wrap a Conv/Linear so that its weight and input pass through fake quantizers (``dynamic``:
-    the input per row at run time, else with a learned running range)."""
+    the input with its own range at run time, else with a learned running range)."""
     qmin, qmax = weight_range(bits, reduce_range)
     import torch
     from torch import nn
@@ -100,9 +104,7 @@ def make_fake_quant(
                         self.low.copy_(low), self.high.copy_(high), self.seen.fill_(True)
                     else:
                         self.low.lerp_(low, momentum), self.high.lerp_(high, momentum)
-            scale = float((self.high - self.low).clamp(min=1e-8)) / 255.0
-            zero = round(-float(self.low) / scale)
-            return torch.fake_quantize_per_tensor_affine(x, scale, min(max(zero, 0), 255), 0, 255)
+            return uint8_fake_quant(x, self.low, self.high)
 
         def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
             if per_channel:
